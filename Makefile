@@ -1,0 +1,47 @@
+# mqvmm: two commands matter — `make run` and `make test`. Everything else is a step of those.
+SHELL := /bin/bash
+BUILD ?= $(CURDIR)/build
+CARGO ?= cargo
+export MQVMM_BUILD := $(BUILD)
+
+.PHONY: all run test test-unit test-component test-boot test-soak deps resources build lint bench fuzz clean
+
+all: build
+
+# Debian packages the project needs (idempotent; installs only what is missing).
+deps:
+	@resources/install-deps.sh
+
+# Guest kernel, guest initramfs, nested-rig (L1) image: all from Debian packages, cached under $(BUILD).
+resources: deps
+	@resources/build-all.sh "$(BUILD)"
+
+build:
+	$(CARGO) build --release --workspace --bins
+
+# Boot the default guest (2 vCPUs, 512 MiB, 2-pair multiqueue net, shell on the console),
+# directly on KVM or in the nested rig when /dev/kvm cannot run an ordinary guest.
+run: resources build
+	$(CARGO) run --release -q -p mqvmm-tests --bin mqvmm-rig -- run
+
+test: deps lint test-unit test-component test-boot
+
+test-unit:
+	$(CARGO) test --workspace --lib --bins
+
+test-component: deps build
+	$(CARGO) test --release -p mqvmm-tests --test 'component_*'
+
+test-boot: resources build
+	$(CARGO) test --release -p mqvmm-tests --test 'boot_*' -- --test-threads=1
+
+test-soak: resources build
+	$(CARGO) test --release -p mqvmm-tests --test 'soak_*' -- --ignored --test-threads=1
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf "$(BUILD)"

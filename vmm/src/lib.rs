@@ -1,0 +1,1 @@
+//! mqvmm library
