@@ -1,1 +1,57 @@
-pub fn x(){}
+//! Linux multiqueue tap for mqvmm.
+//!
+//! Two sides:
+//! - privileged: [`MultiQueueTap::create`] makes (or joins) a tap with
+//!   IFF_TAP|IFF_NO_PI|IFF_VNET_HDR|IFF_MULTI_QUEUE and opens one fd per queue (CAP_NET_ADMIN);
+//! - unprivileged: [`adopt_queues`] / [`TapQueue::from_raw_fd`] validate fds passed in by a
+//!   launcher, after which [`TapQueue::detach`] and [`TapQueue::attach`] (TUNSETQUEUE) switch
+//!   queues off and on with no capability at all.
+//!
+//! Kernel facts this crate relies on: detaching a queue purges its pending frames and the kernel
+//! renumbers the remaining queues; a detached fd cannot read or write; attaching an attached queue
+//! (or detaching a detached one) fails with EINVAL; TUNSETIFF needs CAP_NET_ADMIN unless the caller
+//! owns the tap.
+
+mod create;
+mod error;
+mod iface;
+mod queue;
+mod sys;
+
+pub use create::{MultiQueueTap, TapConfig};
+pub use error::Error;
+pub use iface::{interface_mtu, link_state, LinkState};
+pub use queue::{adopt_queues, TapQueue};
+
+/// Most queues a tap can have (MAX_TAP_QUEUES in drivers/net/tun.c).
+pub const MAX_QUEUES: u16 = 256;
+
+// TUNSETOFFLOAD flags, from linux/if_tun.h.
+/// The reader handles partial checksums (VIRTIO_NET_HDR_F_NEEDS_CSUM).
+pub const TUN_F_CSUM: u32 = 0x01;
+/// TCPv4 segmentation offload (needs TUN_F_CSUM).
+pub const TUN_F_TSO4: u32 = 0x02;
+/// TCPv6 segmentation offload (needs TUN_F_CSUM).
+pub const TUN_F_TSO6: u32 = 0x04;
+/// TSO with the ECN bit (needs TUN_F_TSO4 or TUN_F_TSO6).
+pub const TUN_F_TSO_ECN: u32 = 0x08;
+/// UDP fragmentation offload.
+pub const TUN_F_UFO: u32 = 0x10;
+/// UDP segmentation offload over IPv4 (kernel 6.2+, only together with TUN_F_USO6).
+pub const TUN_F_USO4: u32 = 0x20;
+/// UDP segmentation offload over IPv6 (kernel 6.2+, only together with TUN_F_USO4).
+pub const TUN_F_USO6: u32 = 0x40;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn offload_flags_match_linux_headers() {
+        assert_eq!(super::TUN_F_CSUM, libc::TUN_F_CSUM);
+        assert_eq!(super::TUN_F_TSO4, libc::TUN_F_TSO4);
+        assert_eq!(super::TUN_F_TSO6, libc::TUN_F_TSO6);
+        assert_eq!(super::TUN_F_TSO_ECN, libc::TUN_F_TSO_ECN);
+        assert_eq!(super::TUN_F_UFO, libc::TUN_F_UFO);
+        assert_eq!(super::TUN_F_USO4, libc::TUN_F_USO4);
+        assert_eq!(super::TUN_F_USO6, libc::TUN_F_USO6);
+    }
+}
