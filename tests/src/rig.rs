@@ -1,1 +1,539 @@
-//! TODO
+//! The test rig: run KVM tests directly where /dev/kvm runs an ordinary guest, and inside a
+//! nested "test host" (L1) otherwise.
+//!
+//! Tests are written once:
+//!
+//! ```ignore
+//! #[test]
+//! fn guest_boots() {
+//!     if !skip::require_kvm_env() { return; }
+//!     rig::in_kvm_env("guest_boots", || {
+//!         // here /dev/kvm works: start mqvmm, assert on the guest's output
+//!     });
+//! }
+//! ```
+//!
+//! In [`Mode::Direct`] (or when already inside L1, `MQVMM_IN_L1=1`) the body runs in-process. In
+//! [`Mode::Nested`] the test process boots L1 once (QEMU TCG with emulated SVM, Debian's generic
+//! kernel, kvm_amd loaded, the host's root shared read-only over 9p) and re-runs this very test
+//! executable inside it with `--exact <test_name>`; its output is streamed to the test's stdout and
+//! the outer test fails when the inner one does. The L1 is shared by all tests of the process.
+//!
+//! Environment: `MQVMM_RIG=direct|nested` forces the mode; `MQVMM_BUILD` is the build directory
+//! (default `<workspace>/build`); `MQVMM_BIN_DIR` where mqvmm binaries are (default: next to
+//! the running executable); `MQVMM_RIG_TEST_TIMEOUT` / `MQVMM_RIG_BOOT_TIMEOUT` (seconds) bound a
+//! nested test run and an L1 boot; `MQVMM_RIG_L1_CPUS` / `MQVMM_RIG_L1_MEM_MIB` size L1.
+
+mod l1;
+pub mod probe;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub use l1::{L1Config, RigError, L1};
+
+/// Where KVM tests run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// On this host's /dev/kvm.
+    Direct,
+    /// Inside L1, a Linux test host under QEMU TCG with emulated SVM.
+    Nested,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Direct => "direct",
+            Mode::Nested => "nested",
+        })
+    }
+}
+
+/// The mode and why it was chosen.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    pub mode: Mode,
+    pub reason: String,
+}
+
+/// Decide the mode once per process (probe /dev/kvm unless `MQVMM_RIG` forces it) and print the
+/// decision once.
+pub fn decision() -> &'static Decision {
+    static DECISION: OnceLock<Decision> = OnceLock::new();
+    DECISION.get_or_init(|| {
+        let decision = decide();
+        eprintln!("rig: {} mode: {}", decision.mode, decision.reason);
+        decision
+    })
+}
+
+fn decide() -> Decision {
+    match std::env::var("MQVMM_RIG").as_deref() {
+        Ok("direct") => {
+            return Decision {
+                mode: Mode::Direct,
+                reason: "forced by MQVMM_RIG=direct".into(),
+            }
+        }
+        Ok("nested") => {
+            return Decision {
+                mode: Mode::Nested,
+                reason: "forced by MQVMM_RIG=nested".into(),
+            }
+        }
+        Ok(other) if !other.is_empty() => eprintln!(
+            "rig: ignoring MQVMM_RIG={other:?} (expected direct or nested); probing /dev/kvm"
+        ),
+        _ => {}
+    }
+    let started = Instant::now();
+    match probe::probe("/dev/kvm") {
+        Ok(()) => Decision {
+            mode: Mode::Direct,
+            reason: format!(
+                "/dev/kvm ran the probe guest (cmpxchg16b, xsave/xrstor, int3, out) in {} ms",
+                started.elapsed().as_millis()
+            ),
+        },
+        Err(why) => Decision {
+            mode: Mode::Nested,
+            reason: format!("/dev/kvm cannot run an ordinary guest: {why}"),
+        },
+    }
+}
+
+/// The mode KVM tests run in (see [`decision`]).
+pub fn mode() -> Mode {
+    decision().mode
+}
+
+/// True inside the rig's L1 (the agent sets `MQVMM_IN_L1=1`).
+pub fn in_l1() -> bool {
+    std::env::var_os("MQVMM_IN_L1").is_some_and(|v| v == "1")
+}
+
+/// The workspace root (parent of this crate).
+pub fn workspace_dir() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// The build directory of `make resources` (`MQVMM_BUILD`, default `<workspace>/build`).
+pub fn build_dir() -> PathBuf {
+    match std::env::var_os("MQVMM_BUILD") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => workspace_dir().join("build"),
+    }
+}
+
+/// A writable directory that is the same path on the host and inside L1 (a 9p share there).
+pub fn scratch_dir() -> PathBuf {
+    build_dir().join("rig").join("scratch")
+}
+
+/// The L2 guest images built by `resources/build-all.sh`.
+#[derive(Clone, Debug)]
+pub struct GuestImages {
+    /// ELF vmlinux extracted from the cloud kernel's bzImage.
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+    /// The default kernel command line (console, panic, eth0 address); see resources/README.md.
+    pub cmdline: String,
+}
+
+pub fn guest_images() -> GuestImages {
+    let dir = build_dir().join("guest");
+    let cmdline = std::fs::read_to_string(dir.join("cmdline"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| {
+            "console=ttyS0 reboot=k panic=-1 mqvmm.ip=10.0.2.15/24 mqvmm.gw=10.0.2.1".to_string()
+        });
+    GuestImages {
+        vmlinux: dir.join("vmlinux"),
+        bzimage: dir.join("bzImage"),
+        initramfs: dir.join("initramfs.cpio.gz"),
+        cmdline,
+    }
+}
+
+/// The nested rig's L1 images.
+#[derive(Clone, Debug)]
+pub struct L1Images {
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+pub fn l1_images() -> L1Images {
+    let dir = build_dir().join("l1");
+    L1Images {
+        bzimage: dir.join("bzImage"),
+        initramfs: dir.join("initramfs.cpio.gz"),
+    }
+}
+
+/// Path of a binary of this workspace (`mqvmm`, `mqvmm-launch`): `MQVMM_BIN_DIR`, else the
+/// directory of the running executable (`target/<profile>/`, also for tests in `.../deps/`).
+pub fn bin_path(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("MQVMM_BIN_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join(name);
+    }
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| workspace_dir().join("target").join("release"));
+    if exe_dir.file_name().is_some_and(|n| n == "deps") {
+        if let Some(profile_dir) = exe_dir.parent() {
+            return profile_dir.join(name);
+        }
+    }
+    exe_dir.join(name)
+}
+
+/// Quote a string for POSIX sh.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"@%+=:,./_-".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// What a command printed and how it ended.
+#[derive(Clone, Debug)]
+pub struct Output {
+    /// Exit code; `None` when it was killed by a signal or by the time bound.
+    pub code: Option<i32>,
+    /// stdout and stderr, interleaved as they came.
+    pub output: String,
+    pub elapsed: Duration,
+    pub timed_out: bool,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// Environment passed from the test process to commands run in L1.
+fn forwarded_env() -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| {
+            (k.starts_with("MQVMM_") || k.starts_with("CARGO_") || k.starts_with("RUST_"))
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && k != "MQVMM_RIG"
+                && k != "MQVMM_IN_L1"
+        })
+        .collect();
+    for k in ["CI", "TERM"] {
+        if let Ok(v) = std::env::var(k) {
+            vars.push((k.to_string(), v));
+        }
+    }
+    if std::env::var_os("MQVMM_BUILD").is_none() {
+        vars.push((
+            "MQVMM_BUILD".to_string(),
+            build_dir().to_string_lossy().into_owned(),
+        ));
+    }
+    vars.push((
+        "MQVMM_RIG_SCRATCH".to_string(),
+        scratch_dir().to_string_lossy().into_owned(),
+    ));
+    vars
+}
+
+/// The script the agent runs for `cmd`: forwarded environment, the current directory, and an
+/// in-L1 time bound (exit code 124 when it expires).
+fn l1_script(cmd: &str, timeout: Duration) -> String {
+    let mut script = String::new();
+    for (k, v) in forwarded_env() {
+        script.push_str(&format!("export {k}={}\n", shell_quote(&v)));
+    }
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    script.push_str(&format!(
+        "cd {} 2>/dev/null || cd /\n",
+        shell_quote(&cwd.to_string_lossy())
+    ));
+    script.push_str(&format!(
+        "exec timeout --kill-after=10 {} /bin/sh -c {}\n",
+        timeout.as_secs().max(1),
+        shell_quote(cmd)
+    ));
+    script
+}
+
+fn shared_l1() -> &'static Mutex<Option<L1>> {
+    static SHARED: Mutex<Option<L1>> = Mutex::new(None);
+    &SHARED
+}
+
+/// Run `cmd` (a shell snippet) in the shared L1, booting it if needed; `sink` receives the output
+/// as it arrives. An L1 crash (kernel panic, QEMU gone) is reported and the command is retried
+/// once on a fresh L1; a second crash is an error.
+pub fn try_exec_in_l1_streaming(
+    cmd: &str,
+    timeout: Duration,
+    sink: &mut dyn FnMut(&str),
+) -> Result<Output, RigError> {
+    let script = l1_script(cmd, timeout);
+    let mut guard = shared_l1().lock().unwrap_or_else(|e| e.into_inner());
+    for attempt in 1..=2 {
+        if guard.is_none() {
+            *guard = Some(L1::boot(&L1Config::from_env())?);
+        }
+        let Some(l1) = guard.as_mut() else {
+            continue;
+        };
+        // Grace beyond the in-L1 `timeout`, which reports 124 itself.
+        match l1.exec(&script, timeout + Duration::from_secs(30), sink) {
+            Ok(out) => return Ok(out),
+            Err(RigError::Crashed { reason, console }) if attempt == 1 => {
+                eprintln!(
+                    "rig: L1 crashed ({reason}); console log {}; retrying once on a fresh L1",
+                    console.display()
+                );
+                *guard = None;
+            }
+            Err(e) => {
+                *guard = None;
+                return Err(e);
+            }
+        }
+    }
+    Err(RigError::CrashedTwice)
+}
+
+/// Run `cmd` (a shell snippet, run by /bin/sh in the host's root inside L1, as root, in the
+/// current directory, with MQVMM_*/CARGO_*/RUST_* forwarded) and return its output.
+/// Panics when the rig itself fails (L1 does not boot, crashes twice, or the time bound expires).
+pub fn exec_in_l1(cmd: &str, timeout: Duration) -> Output {
+    try_exec_in_l1_streaming(cmd, timeout, &mut |_| {})
+        .unwrap_or_else(|e| panic!("rig: cannot run {cmd:?} in L1: {e}"))
+}
+
+/// Run `cmd` where KVM works: directly (`sh -c`) in direct mode or inside L1, else in L1.
+pub fn exec_in_kvm_env(cmd: &str, timeout: Duration) -> Output {
+    if in_l1() || mode() == Mode::Direct {
+        exec_here(cmd, timeout)
+    } else {
+        exec_in_l1(cmd, timeout)
+    }
+}
+
+/// Run `cmd` with /bin/sh here, bounded by `timeout` (killed with its process group on expiry).
+pub fn exec_here(cmd: &str, timeout: Duration) -> Output {
+    let started = Instant::now();
+    let full = format!(
+        "exec timeout --kill-after=10 {} /bin/sh -c {} 2>&1",
+        timeout.as_secs().max(1),
+        shell_quote(cmd)
+    );
+    match Command::new("/bin/sh")
+        .arg("-c")
+        .arg(full)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(out) => {
+            let code = out.status.code();
+            Output {
+                code,
+                output: String::from_utf8_lossy(&out.stdout).into_owned(),
+                elapsed: started.elapsed(),
+                timed_out: code == Some(124),
+            }
+        }
+        Err(e) => Output {
+            code: None,
+            output: format!("cannot run /bin/sh: {e}"),
+            elapsed: started.elapsed(),
+            timed_out: false,
+        },
+    }
+}
+
+fn test_timeout() -> Duration {
+    let secs = std::env::var("MQVMM_RIG_TEST_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1200);
+    Duration::from_secs(secs)
+}
+
+/// Run a KVM test body where KVM works. `test_name` is the test's name as libtest knows it
+/// (the function name for a top-level test in `tests/*.rs`, `module::name` otherwise).
+///
+/// Direct mode, or inside L1: `body()` runs here. Nested mode: this test executable is run inside
+/// L1 with `--exact <test_name>`; the outer test panics, with the inner output, unless exactly
+/// that one test ran and passed.
+pub fn in_kvm_env(test_name: &str, body: impl FnOnce()) {
+    if in_l1() || mode() == Mode::Direct {
+        body();
+        return;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => panic!("rig: cannot find the running test executable: {e}"),
+    };
+    let cmd = format!(
+        "{} --exact {} --nocapture --test-threads=1 --include-ignored",
+        shell_quote(&exe.to_string_lossy()),
+        shell_quote(test_name)
+    );
+    eprintln!("rig: running {test_name} inside L1");
+    let out = try_exec_in_l1_streaming(&cmd, test_timeout(), &mut |chunk| print!("{chunk}"))
+        .unwrap_or_else(|e| panic!("rig: cannot run {test_name} inside L1: {e}"));
+    let ran_one = out.output.contains("running 1 test");
+    let passed = out.output.contains("test result: ok. 1 passed");
+    if !(out.success() && ran_one && passed) {
+        let why = if out.timed_out {
+            format!("timed out after {} s", test_timeout().as_secs())
+        } else if !ran_one {
+            format!("the inner run did not run exactly one test named {test_name:?}")
+        } else {
+            format!("exit code {:?}", out.code)
+        };
+        panic!(
+            "{test_name} failed inside L1 ({why}); its output:\n{}",
+            out.output
+        );
+    }
+    eprintln!(
+        "rig: {test_name} passed inside L1 in {:.1} s",
+        out.elapsed.as_secs_f64()
+    );
+}
+
+/// One line a guest (or any child) printed, with when it arrived.
+#[derive(Clone, Debug)]
+pub struct TimedLine {
+    pub at: Duration,
+    pub line: String,
+}
+
+/// The result of [`run_guest`].
+#[derive(Debug)]
+pub struct GuestRun {
+    /// stdout and stderr lines, in arrival order, timestamped from the spawn.
+    pub lines: Vec<TimedLine>,
+    /// Exit code; `None` if killed (by a signal or the time bound).
+    pub code: Option<i32>,
+    pub elapsed: Duration,
+    pub timed_out: bool,
+}
+
+impl GuestRun {
+    /// When the first line containing `marker` arrived.
+    pub fn time_of(&self, marker: &str) -> Option<Duration> {
+        self.lines
+            .iter()
+            .find(|l| l.line.contains(marker))
+            .map(|l| l.at)
+    }
+
+    /// The value after `KEY=` on the first line that starts with it (e.g. `MQVMM-NPROC`).
+    pub fn value_of(&self, key: &str) -> Option<String> {
+        let prefix = format!("{key}=");
+        self.lines.iter().find_map(|l| {
+            l.line
+                .trim()
+                .strip_prefix(&prefix)
+                .map(|v| v.trim().to_string())
+        })
+    }
+
+    /// Everything printed, for failure messages.
+    pub fn transcript(&self) -> String {
+        self.lines
+            .iter()
+            .map(|l| format!("[{:7.3}] {}\n", l.at.as_secs_f64(), l.line))
+            .collect()
+    }
+}
+
+/// Run a VMM (or any program printing a guest console) to completion, bounded by `timeout`
+/// (killed on expiry), collecting its stdout and stderr line by line with arrival times.
+/// Lines are also echoed to the test's stdout as they arrive when `echo` is set.
+pub fn run_guest(mut cmd: Command, timeout: Duration, echo: bool) -> std::io::Result<GuestRun> {
+    use std::io::BufRead;
+    use std::sync::mpsc;
+
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let (tx, rx) = mpsc::channel::<TimedLine>();
+    let mut readers = Vec::new();
+    let streams: [Option<Box<dyn std::io::Read + Send>>; 2] = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ];
+    for stream in streams.into_iter().flatten() {
+        let tx = tx.clone();
+        readers.push(std::thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(stream);
+            let mut buf = Vec::new();
+            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+                let line = String::from_utf8_lossy(&buf)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string();
+                buf.clear();
+                if tx
+                    .send(TimedLine {
+                        at: started.elapsed(),
+                        line,
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let mut lines = Vec::new();
+    let mut timed_out = false;
+    let deadline = started + timeout;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                if echo {
+                    println!("{}", line.line);
+                }
+                lines.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if !timed_out && Instant::now() > deadline {
+            timed_out = true;
+            let _ = child.kill();
+        }
+    }
+    let status = child.wait()?;
+    for reader in readers {
+        let _ = reader.join();
+    }
+    Ok(GuestRun {
+        lines,
+        code: status.code(),
+        elapsed: started.elapsed(),
+        timed_out,
+    })
+}
