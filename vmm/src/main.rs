@@ -1,1 +1,439 @@
-fn main(){}
+//! mqvmm: boots a Linux guest on KVM with a multiqueue virtio-net device. Runs unprivileged when
+//! given its /dev/kvm and tap queue fds (see `mqvmm-launch`).
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use log::LevelFilter;
+
+use vmm::exit::VmExit;
+use vmm::signals::SignalFd;
+use vmm::terminal::RawTerminal;
+use vmm::vm::{self, KvmSource, NetSetup, Vm, VmConfig};
+
+const DEFAULT_CMDLINE: &str = "console=ttyS0 pci=off";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mqvmm",
+    version,
+    about = "A minimal KVM VMM with a multiqueue virtio-net device backed by a multiqueue tap",
+    after_help = "Unprivileged use: let mqvmm-launch create the tap and open /dev/kvm, e.g.\n  \
+        mqvmm-launch --tap mq0 --queues 4 --user nobody -- --kernel vmlinux --initramfs initramfs.cpio.gz --cpus 4\n\
+        Exit codes: 0 guest powered off or rebooted, 1 VM error, 2 bad arguments, 128+N signal N.\n\
+        SIGUSR1 prints the network device counters as one JSON line on stderr."
+)]
+struct Args {
+    /// Guest kernel: ELF vmlinux or bzImage (64-bit boot protocol).
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs (cpio archive, optionally compressed).
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    cpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MiB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=1 << 20))]
+    memory: u64,
+    /// Use this already-open /dev/kvm file descriptor instead of opening /dev/kvm.
+    #[arg(long, value_name = "N")]
+    kvm_fd: Option<RawFd>,
+    /// Network device: `fds=A,B,...[,mac=MAC][,mtu=N][,mq=off]` (one tap queue fd per queue pair,
+    /// passed in by mqvmm-launch or a manager) or `tap=NAME,queues=N[,mac=..][,mtu=..][,mq=off]`
+    /// (opens the tap itself, which needs CAP_NET_ADMIN).
+    #[arg(long, value_name = "SPEC", value_parser = parse_net_spec)]
+    net: Option<NetSpec>,
+    /// Log level: error, warn, info, debug, trace, off.
+    #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
+    log_level: LevelFilter,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum NetSource {
+    Fds(Vec<RawFd>),
+    Tap { name: String, queues: u16 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NetSpec {
+    source: NetSource,
+    mac: Option<[u8; 6]>,
+    mtu: Option<u16>,
+    mq: bool,
+}
+
+fn parse_log_level(s: &str) -> Result<LevelFilter, String> {
+    vmm::logger::parse_level(s)
+        .ok_or_else(|| format!("unknown log level {s:?} (error, warn, info, debug, trace, off)"))
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(format!("mac={s} is not six colon-separated hex bytes"));
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(&parts) {
+        *byte = u8::from_str_radix(part, 16)
+            .map_err(|_| format!("mac={s}: {part:?} is not a hex byte"))?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("mac={s} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
+    let mut fds = None;
+    let mut tap = None;
+    let mut queues = None;
+    let mut mac = None;
+    let mut mtu = None;
+    let mut mq = true;
+    // Options are comma-separated `key=value`; only `fds=` takes a list, so a bare number
+    // continues the `fds=` list before it.
+    let mut pairs: Vec<(&str, String)> = Vec::new();
+    for token in s.split(',') {
+        match token.split_once('=') {
+            Some((key, value)) => pairs.push((key, value.to_string())),
+            None => match pairs.last_mut() {
+                Some((key, value)) if *key == "fds" => {
+                    value.push(',');
+                    value.push_str(token);
+                }
+                _ => return Err(format!("expected key=value, got {token:?}")),
+            },
+        }
+    }
+    for (key, value) in pairs {
+        let value = value.as_str();
+        match key {
+            "fds" => {
+                let list = value
+                    .split(',')
+                    .map(|f| {
+                        f.parse::<RawFd>()
+                            .ok()
+                            .filter(|fd| *fd >= 0)
+                            .ok_or_else(|| format!("fds: {f:?} is not a file descriptor number"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                fds = Some(list);
+            }
+            "tap" => {
+                if value.is_empty() || value.len() > 15 {
+                    return Err(format!("tap={value:?}: interface names have 1 to 15 bytes"));
+                }
+                tap = Some(value.to_string());
+            }
+            "queues" => {
+                queues = Some(
+                    value
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|q| (1..=256).contains(q))
+                        .ok_or_else(|| format!("queues={value} is not a number from 1 to 256"))?,
+                )
+            }
+            "mac" => mac = Some(parse_mac(value)?),
+            "mtu" => {
+                mtu = Some(
+                    value
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|m| *m >= 68)
+                        .ok_or_else(|| format!("mtu={value} is not a number from 68 to 65535"))?,
+                )
+            }
+            "mq" => {
+                mq = match value {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("mq={value}: expected on or off")),
+                }
+            }
+            _ => return Err(format!("unknown --net option {key:?}")),
+        }
+    }
+    let source = match (fds, tap) {
+        (Some(_), Some(_)) => return Err("give either fds= or tap=, not both".into()),
+        (Some(fds), None) => {
+            if queues.is_some() {
+                return Err(
+                    "queues= goes with tap=; with fds= there is one queue pair per fd".into(),
+                );
+            }
+            if fds.is_empty() || fds.len() > 256 {
+                return Err("fds= needs 1 to 256 file descriptors".into());
+            }
+            NetSource::Fds(fds)
+        }
+        (None, Some(name)) => NetSource::Tap {
+            name,
+            queues: queues.unwrap_or(1),
+        },
+        (None, None) => return Err("--net needs fds=A,B,... or tap=NAME".into()),
+    };
+    Ok(NetSpec {
+        source,
+        mac,
+        mtu,
+        mq,
+    })
+}
+
+/// A stable, locally administered MAC derived from the tap name.
+fn default_mac(if_name: &str) -> [u8; 6] {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in if_name.bytes() {
+        hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let h = hash.to_be_bytes();
+    [0x02, 0x6d, h[0], h[1], h[2], h[3]]
+}
+
+enum Failure {
+    /// Bad arguments or unusable inputs: exit code 2.
+    Usage(String),
+    /// The VM could not be built or failed: exit code 1.
+    Runtime(String),
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+fn capabilities_line() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| "?".to_string())
+    };
+    format!(
+        "uid {} euid {}, CapEff {}",
+        // SAFETY: getuid/geteuid cannot fail.
+        unsafe { libc::getuid() },
+        // SAFETY: as above.
+        unsafe { libc::geteuid() },
+        field("CapEff:")
+    )
+}
+
+fn holds_capabilities() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps != 0)
+}
+
+fn open_net(spec: NetSpec) -> Result<NetSetup, Failure> {
+    let queues = match spec.source {
+        NetSource::Fds(fds) => tap::adopt_queues(&fds)
+            .map_err(|e| Failure::Usage(format!("--net: {}", error_chain(&e))))?,
+        NetSource::Tap { name, queues } => {
+            let config = tap::TapConfig {
+                name: Some(name.clone()),
+                queues,
+                owner: None,
+                group: None,
+                persist: false,
+            };
+            match tap::MultiQueueTap::create(&config) {
+                Ok(tap) => tap.into_queues(),
+                Err(e) => {
+                    let mut message = format!("--net tap={name}: {}", error_chain(&e));
+                    if !holds_capabilities() {
+                        message.push_str(
+                            "; opening a tap needs CAP_NET_ADMIN: run mqvmm through mqvmm-launch \
+                             (it creates the tap, passes one fd per queue and drops privileges) \
+                             or pass fds= from your own manager",
+                        );
+                    }
+                    return Err(Failure::Usage(message));
+                }
+            }
+        }
+    };
+    let name = queues
+        .first()
+        .map(|q| q.if_name().to_string())
+        .unwrap_or_default();
+    Ok(NetSetup {
+        mac: spec.mac.unwrap_or_else(|| default_mac(&name)),
+        mtu: spec.mtu,
+        mq: spec.mq,
+        queues,
+    })
+}
+
+fn run(args: Args) -> Result<VmExit, Failure> {
+    log::info!("starting as {}", capabilities_line());
+    if holds_capabilities() {
+        log::warn!(
+            "mqvmm holds capabilities ({}); it needs none when given --kvm-fd and --net fds= (see mqvmm-launch)",
+            capabilities_line()
+        );
+    }
+    // Validate passed fds before touching any file, so a launcher mistake is reported as such.
+    let kvm = match args.kvm_fd {
+        Some(fd) => KvmSource::Fd(vm::validate_kvm_fd(fd).map_err(Failure::Usage)?),
+        None => KvmSource::Open,
+    };
+    let net = args.net.map(open_net).transpose()?;
+    if let Some(initramfs) = &args.initramfs {
+        if let Err(e) = std::fs::File::open(initramfs) {
+            return Err(Failure::Usage(format!(
+                "cannot open initramfs {}: {e}",
+                initramfs.display()
+            )));
+        }
+    }
+    let config = VmConfig {
+        kernel: args.kernel,
+        initramfs: args.initramfs,
+        cmdline: args.cmdline,
+        cpus: args.cpus,
+        memory_mib: args.memory,
+        kvm,
+        net,
+    };
+    let signals = SignalFd::new(&[
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+    ])
+    .map_err(|e| Failure::Runtime(error_chain(&e)))?;
+    let classify = |e: vm::Error| {
+        if e.is_usage() {
+            Failure::Usage(error_chain(&e))
+        } else {
+            Failure::Runtime(error_chain(&e))
+        }
+    };
+    let vm = Vm::new(config).map_err(classify)?;
+    let started = std::time::Instant::now();
+    let _terminal = RawTerminal::enable();
+    let exit = vm.run(signals).map_err(classify)?;
+    log::info!("VM ran for {:.3} s", started.elapsed().as_secs_f64());
+    Ok(exit)
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    vmm::logger::init("mqvmm", args.log_level);
+    match run(args) {
+        Ok(exit) => {
+            match &exit {
+                VmExit::Error(paragraph) => eprintln!("mqvmm: error: {paragraph}"),
+                VmExit::Signal(sig) => eprintln!("mqvmm: stopped by signal {sig}"),
+                VmExit::PowerOff | VmExit::Reset => log::info!("guest ended: {exit:?}"),
+            }
+            ExitCode::from(exit.exit_code() as u8)
+        }
+        Err(Failure::Usage(message)) => {
+            eprintln!("mqvmm: error: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(message)) => {
+            eprintln!("mqvmm: error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_spec_with_fds_and_options() {
+        let spec = parse_net_spec("fds=4,5,6,7,mac=02:00:00:00:00:01,mtu=9000,mq=off").unwrap();
+        assert_eq!(spec.source, NetSource::Fds(vec![4, 5, 6, 7]));
+        assert_eq!(spec.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(spec.mtu, Some(9000));
+        assert!(!spec.mq);
+        let spec = parse_net_spec("fds=3").unwrap();
+        assert_eq!(spec.source, NetSource::Fds(vec![3]));
+        assert!(spec.mq);
+    }
+
+    #[test]
+    fn net_spec_with_tap() {
+        let spec = parse_net_spec("tap=mq0,queues=4").unwrap();
+        assert_eq!(
+            spec.source,
+            NetSource::Tap {
+                name: "mq0".into(),
+                queues: 4
+            }
+        );
+    }
+
+    #[test]
+    fn net_spec_errors_are_specific() {
+        for (spec, needle) in [
+            ("fds=a,b", "not a file descriptor"),
+            ("fds=", "not a file descriptor"),
+            ("fds=-1", "not a file descriptor"),
+            ("tap=x,fds=3", "not both"),
+            ("fds=3,queues=2", "queues= goes with tap="),
+            ("mac=02:00:00:00:00:01", "needs fds="),
+            ("fds=3,mac=01:00:00:00:00:01", "multicast"),
+            ("fds=3,mac=zz", "six colon-separated"),
+            ("fds=3,mtu=10", "68 to 65535"),
+            ("fds=3,mq=maybe", "on or off"),
+            ("fds=3,color=red", "unknown --net option"),
+            ("tap=averyveryverylongname", "1 to 15 bytes"),
+            ("tap=x,queues=0", "1 to 256"),
+            ("nonsense", "key=value"),
+            ("fds=3,,4", "not a file descriptor"),
+        ] {
+            let err = parse_net_spec(spec).unwrap_err();
+            assert!(err.contains(needle), "{spec}: {err}");
+        }
+    }
+
+    #[test]
+    fn default_mac_is_stable_unicast_and_local() {
+        let a = default_mac("mqtap0");
+        assert_eq!(a, default_mac("mqtap0"));
+        assert_ne!(a, default_mac("mqtap1"));
+        assert_eq!(a[0] & 0x03, 0x02, "locally administered unicast");
+    }
+
+    #[test]
+    fn cli_rejects_zero_cpus_and_bad_memory() {
+        assert!(Args::try_parse_from(["mqvmm", "--kernel", "k", "--cpus", "0"]).is_err());
+        assert!(Args::try_parse_from(["mqvmm", "--kernel", "k", "--memory", "1"]).is_err());
+        assert!(Args::try_parse_from(["mqvmm", "--kernel", "k", "--cpus", "8"]).is_ok());
+        assert!(Args::try_parse_from(["mqvmm"]).is_err());
+    }
+}

@@ -1,0 +1,439 @@
+//! Loading the guest kernel and initramfs, and the Linux 64-bit boot protocol's zero page.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::layout::*;
+
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x0100_0000;
+/// Offset of the 64-bit entry point (startup_64) from the start of a bzImage's protected-mode code.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// boot_params.hdr.xloadflags: the kernel has a 64-bit entry point.
+const XLF_KERNEL_64: u16 = 1 << 0;
+const PAGE_SIZE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open kernel image {path}")]
+    OpenKernel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read kernel image {path}")]
+    ReadKernel {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is neither an ELF vmlinux nor a bzImage (no ELF magic, no \"HdrS\" header)")]
+    UnknownKernelFormat { path: PathBuf },
+    #[error("bzImage {path} has no 64-bit entry point (boot protocol {version:#x}, xloadflags {xloadflags:#x})")]
+    NoLongModeEntry {
+        path: PathBuf,
+        version: u16,
+        xloadflags: u16,
+    },
+    #[error("cannot load kernel image {path}")]
+    LoadKernel {
+        path: PathBuf,
+        #[source]
+        source: loader::Error,
+    },
+    #[error("guest memory of {memory_mib} MiB is too small for the kernel, which needs memory up to {needed:#x}")]
+    KernelTooBig { memory_mib: u64, needed: u64 },
+    #[error("guest memory of {memory_mib} MiB is too small to hold the kernel image")]
+    KernelDoesNotFit { memory_mib: u64 },
+    #[error("cannot open initramfs {path}")]
+    OpenInitramfs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest memory of {memory_mib} MiB leaves no room for the {size}-byte initramfs above the kernel (kernel ends at {kernel_end:#x})")]
+    InitramfsTooBig {
+        memory_mib: u64,
+        size: u64,
+        kernel_end: u64,
+    },
+    #[error("cannot read initramfs {path} into guest memory")]
+    ReadInitramfs {
+        path: PathBuf,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("kernel command line is invalid: {0}")]
+    Cmdline(String),
+    #[error("cannot write {what} into guest memory")]
+    GuestWrite {
+        what: &'static str,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Kernel image formats mqvmm boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    Elf,
+    BzImage,
+}
+
+/// Where the kernel landed and how to enter it.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    pub format: KernelFormat,
+    /// 64-bit entry point (RIP at reset).
+    pub entry: GuestAddress,
+    /// First byte after the kernel image (including bss for ELF).
+    pub end: u64,
+    setup_header: Option<linux_loader::loader::bootparam::setup_header>,
+}
+
+/// Tells an ELF vmlinux from a bzImage by their magic numbers.
+pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat> {
+    let read_err = |source| Error::ReadKernel {
+        path: path.to_owned(),
+        source,
+    };
+    let mut head = [0u8; 0x206];
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    let mut filled = 0;
+    while filled < head.len() {
+        match file.read(&mut head[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_err(e)),
+        }
+    }
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    if filled >= 4 && head[..4] == *b"\x7fELF" {
+        return Ok(KernelFormat::Elf);
+    }
+    if filled >= 0x206 && head[0x202..0x206] == KERNEL_HDR_MAGIC.to_le_bytes() {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(Error::UnknownKernelFormat {
+        path: path.to_owned(),
+    })
+}
+
+/// Loads an ELF vmlinux or a bzImage into guest memory.
+pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, memory_size: u64) -> Result<LoadedKernel> {
+    let mut file = File::open(path).map_err(|source| Error::OpenKernel {
+        path: path.to_owned(),
+        source,
+    })?;
+    let format = detect_format(&mut file, path)?;
+    let load_err = |source| match source {
+        // The loaders report a kernel that does not fit as an I/O failure writing guest memory.
+        loader::Error::Elf(loader::elf::Error::ReadKernelImage)
+        | loader::Error::Bzimage(loader::bzimage::Error::ReadBzImageCompressedKernel)
+        | loader::Error::MemoryOverflow => Error::KernelDoesNotFit {
+            memory_mib: memory_size >> 20,
+        },
+        source => Error::LoadKernel {
+            path: path.to_owned(),
+            source,
+        },
+    };
+    let result = match format {
+        KernelFormat::Elf => {
+            Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?
+        }
+        KernelFormat::BzImage => {
+            BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(load_err)?
+        }
+    };
+    let end = match format {
+        KernelFormat::Elf => result.kernel_end,
+        KernelFormat::BzImage => {
+            let hdr = result.setup_header.unwrap_or_default();
+            // The decompressor needs init_size bytes from the load address.
+            result.kernel_load.raw_value() + u64::from(hdr.init_size).max(result.kernel_end)
+        }
+    };
+    if end > low_ram_end(memory_size) {
+        return Err(Error::KernelTooBig {
+            memory_mib: memory_size >> 20,
+            needed: end,
+        });
+    }
+    let entry = match format {
+        KernelFormat::Elf => result.kernel_load,
+        KernelFormat::BzImage => {
+            let hdr = result.setup_header.unwrap_or_default();
+            if hdr.version < 0x020c || hdr.xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(Error::NoLongModeEntry {
+                    path: path.to_owned(),
+                    version: hdr.version,
+                    xloadflags: hdr.xloadflags,
+                });
+            }
+            result.kernel_load.unchecked_add(BZIMAGE_64BIT_ENTRY_OFFSET)
+        }
+    };
+    Ok(LoadedKernel {
+        format,
+        entry,
+        end,
+        setup_header: result.setup_header,
+    })
+}
+
+/// A loaded initramfs.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedInitramfs {
+    pub address: GuestAddress,
+    pub size: u64,
+}
+
+/// Places the initramfs as high as possible below the MMIO gap (and below 4 GiB, where the
+/// 32-bit `ramdisk_image` field can reach it), page aligned, above the kernel.
+pub fn load_initramfs(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel: &LoadedKernel,
+    memory_size: u64,
+) -> Result<LoadedInitramfs> {
+    let mut file = File::open(path).map_err(|source| Error::OpenInitramfs {
+        path: path.to_owned(),
+        source,
+    })?;
+    let size = file
+        .metadata()
+        .map_err(|source| Error::OpenInitramfs {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    let mut top = low_ram_end(memory_size);
+    if let Some(hdr) = kernel.setup_header {
+        if hdr.initrd_addr_max != 0 {
+            top = top.min(u64::from(hdr.initrd_addr_max) + 1);
+        }
+    }
+    let too_big = || Error::InitramfsTooBig {
+        memory_mib: memory_size >> 20,
+        size,
+        kernel_end: kernel.end,
+    };
+    let address = top.checked_sub(size).ok_or_else(too_big)? & !(PAGE_SIZE - 1);
+    if address < kernel.end {
+        return Err(too_big());
+    }
+    mem.read_exact_volatile_from(GuestAddress(address), &mut file, size as usize)
+        .map_err(|source| Error::ReadInitramfs {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(LoadedInitramfs {
+        address: GuestAddress(address),
+        size,
+    })
+}
+
+/// Builds the command line, checking the length limit of the guest kernel.
+pub fn build_cmdline(cmdline: &str) -> Result<Cmdline> {
+    let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
+    c.insert_str(cmdline)
+        .map_err(|e| Error::Cmdline(format!("{e} (at most {} bytes)", CMDLINE_MAX_SIZE - 1)))?;
+    Ok(c)
+}
+
+/// The e820 map: low RAM, the EBDA/BIOS hole (holding the ACPI tables), high RAM split around
+/// the MMIO gap.
+pub fn e820_map(memory_size: u64) -> Vec<boot_e820_entry> {
+    let entry = |addr, size, r#type| boot_e820_entry { addr, size, r#type };
+    let mut map = vec![
+        entry(0, EBDA_START, E820_RAM),
+        entry(EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
+    ];
+    for (start, size) in ram_regions(memory_size) {
+        if start == 0 {
+            map.push(entry(HIMEM_START, size - HIMEM_START, E820_RAM));
+        } else {
+            map.push(entry(start, size, E820_RAM));
+        }
+    }
+    map
+}
+
+/// Writes the command line and the zero page (boot_params) for the 64-bit boot protocol.
+pub fn write_boot_params(
+    mem: &GuestMemoryMmap,
+    kernel: &LoadedKernel,
+    cmdline: &Cmdline,
+    initramfs: Option<LoadedInitramfs>,
+    rsdp: GuestAddress,
+    memory_size: u64,
+) -> Result<()> {
+    loader::load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(|e| {
+        Error::Cmdline(format!(
+            "cannot place the command line in guest memory: {e}"
+        ))
+    })?;
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len())
+        .map_err(|e| Error::Cmdline(e.to_string()))?;
+
+    let mut params = boot_params::default();
+    if let Some(hdr) = kernel.setup_header {
+        params.hdr = hdr;
+    } else {
+        // An ELF vmlinux carries no setup header: describe a modern bootloader ourselves.
+        params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+        params.hdr.header = KERNEL_HDR_MAGIC;
+        params.hdr.version = 0x020f;
+        params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+    }
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = cmdline_len as u32 + 1;
+    if let Some(initramfs) = initramfs {
+        params.hdr.ramdisk_image = initramfs.address.raw_value() as u32;
+        params.hdr.ramdisk_size = initramfs.size as u32;
+    }
+    params.acpi_rsdp_addr = rsdp.raw_value();
+    let map = e820_map(memory_size);
+    for (slot, entry) in params.e820_table.iter_mut().zip(map.iter()) {
+        *slot = *entry;
+    }
+    params.e820_entries = map.len() as u8;
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
+        .map_err(|source| Error::GuestWrite {
+            what: "boot parameters",
+            source,
+        })
+}
+
+/// Identity-maps the first GiB with 2 MiB pages: the kernel, zero page and command line must
+/// be reachable when the 64-bit entry point runs.
+pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
+    let write = |value: u64, addr: u64| {
+        mem.write_obj(value, GuestAddress(addr))
+            .map_err(|source| Error::GuestWrite {
+                what: "page tables",
+                source,
+            })
+    };
+    write(PDPTE_START | 0x03, PML4_START)?;
+    write(PDE_START | 0x03, PDPTE_START)?;
+    for i in 0..512u64 {
+        // Present, writable, 2 MiB page.
+        write((i << 21) | 0x83, PDE_START + i * 8)?;
+    }
+    Ok(())
+}
+
+/// GDT entries: null, 64-bit code, data, TSS (the TSS is only there so TR is valid).
+pub const GDT: [u64; 4] = [
+    0,
+    0x00af_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x008f_8b00_0000_ffff,
+];
+
+pub fn write_gdt_idt(mem: &GuestMemoryMmap) -> Result<()> {
+    for (i, entry) in GDT.iter().enumerate() {
+        mem.write_obj(*entry, GuestAddress(GDT_START + i as u64 * 8))
+            .map_err(|source| Error::GuestWrite {
+                what: "GDT",
+                source,
+            })?;
+    }
+    mem.write_obj(0u64, GuestAddress(IDT_START))
+        .map_err(|source| Error::GuestWrite {
+            what: "IDT",
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn tmpfile(name: &str, bytes: &[u8]) -> (PathBuf, File) {
+        let path = std::env::temp_dir().join(format!("mqvmm-boot-{}-{name}", std::process::id()));
+        let mut f = File::create(&path).unwrap();
+        f.write_all(bytes).unwrap();
+        (path.clone(), File::open(&path).unwrap())
+    }
+
+    #[test]
+    fn detects_elf_and_bzimage_and_rejects_garbage() {
+        let (p, mut f) = tmpfile("elf", b"\x7fELF\x02\x01\x01");
+        assert_eq!(detect_format(&mut f, &p).unwrap(), KernelFormat::Elf);
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let (p, mut f) = tmpfile("bz", &bz);
+        assert_eq!(detect_format(&mut f, &p).unwrap(), KernelFormat::BzImage);
+        let (p, mut f) = tmpfile("junk", b"this is not a kernel");
+        let err = detect_format(&mut f, &p).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("neither an ELF vmlinux nor a bzImage"));
+        let (p, mut f) = tmpfile("empty", b"");
+        assert!(detect_format(&mut f, &p).is_err());
+    }
+
+    #[test]
+    fn e820_covers_ram_and_skips_the_gap() {
+        let map = e820_map(512 << 20);
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.r#type == E820_RAM)
+            .map(|e| e.size)
+            .sum();
+        assert_eq!(ram, (512 << 20) - (HIMEM_START - EBDA_START));
+        let big = e820_map(6 << 30);
+        assert!(big
+            .iter()
+            .all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
+        let last_addr = { big.last().unwrap().addr };
+        assert_eq!(last_addr, MMIO_GAP_END);
+    }
+
+    #[test]
+    fn cmdline_longer_than_the_kernel_limit_is_refused() {
+        assert!(build_cmdline("console=ttyS0").is_ok());
+        let long = "x".repeat(CMDLINE_MAX_SIZE + 10);
+        assert!(build_cmdline(&long).is_err());
+    }
+
+    #[test]
+    fn initramfs_goes_high_and_never_over_the_kernel() {
+        let size = 64u64 << 20;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
+        let kernel = LoadedKernel {
+            format: KernelFormat::Elf,
+            entry: GuestAddress(0x100_0000),
+            end: 0x200_0000,
+            setup_header: None,
+        };
+        let (p, _) = tmpfile("initrd", &[7u8; 10000]);
+        let loaded = load_initramfs(&mem, &p, &kernel, size).unwrap();
+        assert_eq!(loaded.address.raw_value() % PAGE_SIZE, 0);
+        assert!(loaded.address.raw_value() + loaded.size <= size);
+        assert!(loaded.address.raw_value() >= kernel.end);
+        let (p, _) = tmpfile("initrd-big", &vec![0u8; 40 << 20]);
+        let err = load_initramfs(&mem, &p, &kernel, size).unwrap_err();
+        assert!(matches!(err, Error::InitramfsTooBig { .. }), "{err}");
+    }
+}

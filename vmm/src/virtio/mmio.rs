@@ -1,0 +1,767 @@
+//! virtio-mmio transport, version 2 (virtio 1.x "modern" register layout).
+//!
+//! The transport owns the register state machine and the queue configuration the driver writes;
+//! the device behind it ([`VirtioDevice`]) only sees finished queues at activation. Queue
+//! notifications arrive on one eventfd per queue — registered with KVM as an ioeventfd by the VM
+//! builder, or written by [`MmioTransport`] itself when a notify write reaches it (the in-process
+//! driver model in the component tests has no KVM). Interrupts leave through one eventfd (an
+//! irqfd under KVM) plus the InterruptStatus bits.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{Interrupt, VirtioDevice};
+use crate::bus::BusDevice;
+
+pub const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
+pub const MMIO_VERSION: u32 = 2;
+pub const VENDOR_ID: u32 = 0x4d51_564d; // "MVQM"
+
+pub const REG_MAGIC: u64 = 0x000;
+pub const REG_VERSION: u64 = 0x004;
+pub const REG_DEVICE_ID: u64 = 0x008;
+pub const REG_VENDOR_ID: u64 = 0x00c;
+pub const REG_DEVICE_FEATURES: u64 = 0x010;
+pub const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+pub const REG_DRIVER_FEATURES: u64 = 0x020;
+pub const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+pub const REG_QUEUE_SEL: u64 = 0x030;
+pub const REG_QUEUE_NUM_MAX: u64 = 0x034;
+pub const REG_QUEUE_NUM: u64 = 0x038;
+pub const REG_QUEUE_READY: u64 = 0x044;
+pub const REG_QUEUE_NOTIFY: u64 = 0x050;
+pub const REG_INTERRUPT_STATUS: u64 = 0x060;
+pub const REG_INTERRUPT_ACK: u64 = 0x064;
+pub const REG_STATUS: u64 = 0x070;
+pub const REG_QUEUE_DESC_LOW: u64 = 0x080;
+pub const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+pub const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+pub const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+pub const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+pub const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
+pub const REG_CONFIG: u64 = 0x100;
+
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_DEVICE_NEEDS_RESET: u32 = 64;
+pub const STATUS_FAILED: u32 = 128;
+
+pub const INT_VRING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// InterruptStatus bits plus the eventfd that raises the line.
+pub struct MmioInterrupt {
+    status: AtomicU32,
+    config_generation: AtomicU32,
+    irq: EventFd,
+}
+
+impl MmioInterrupt {
+    pub fn new(irq: EventFd) -> Self {
+        MmioInterrupt {
+            status: AtomicU32::new(0),
+            config_generation: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn irq(&self) -> &EventFd {
+        &self.irq
+    }
+
+    fn raise(&self, bit: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.irq.write(1)
+    }
+}
+
+impl Interrupt for MmioInterrupt {
+    fn signal_used_queue(&self, _queue_index: u16) -> std::io::Result<()> {
+        self.raise(INT_VRING)
+    }
+
+    fn signal_config(&self) -> std::io::Result<()> {
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
+        self.raise(INT_CONFIG)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create the eventfd for queue {queue}")]
+    Kick {
+        queue: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create a virtqueue of size {size}")]
+    Queue {
+        size: u16,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("device offers no queues")]
+    NoQueues,
+}
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<MmioInterrupt>,
+    queues: Vec<Queue>,
+    kicks: Vec<EventFd>,
+    queue_select: u32,
+    device_features_select: u32,
+    driver_features_select: u32,
+    driver_features: u64,
+    status: u32,
+    activated: bool,
+}
+
+impl MmioTransport {
+    /// `irq` is what the interrupt line is raised with (an irqfd under KVM).
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irq: EventFd,
+    ) -> Result<Self, Error> {
+        let sizes = device.queue_max_sizes();
+        if sizes.is_empty() {
+            return Err(Error::NoQueues);
+        }
+        let queues = sizes
+            .iter()
+            .map(|&size| Queue::new(size).map_err(|source| Error::Queue { size, source }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let kicks = (0..sizes.len())
+            .map(|queue| EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Kick { queue, source }))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(MmioTransport {
+            device,
+            mem,
+            interrupt: Arc::new(MmioInterrupt::new(irq)),
+            queues,
+            kicks,
+            queue_select: 0,
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            status: 0,
+            activated: false,
+        })
+    }
+
+    /// One eventfd per queue, to register as ioeventfd for QueueNotify == index.
+    pub fn queue_kicks(&self) -> &[EventFd] {
+        &self.kicks
+    }
+
+    pub fn interrupt(&self) -> &Arc<MmioInterrupt> {
+        &self.interrupt
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_select as usize)
+    }
+
+    /// Queue registers may change only while the driver is setting up the device.
+    fn queue_setup_allowed(&self) -> bool {
+        self.status & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER_OK == 0
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            self.device.reset();
+            self.activated = false;
+        }
+        for queue in &mut self.queues {
+            queue.reset();
+        }
+        self.queue_select = 0;
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.driver_features = 0;
+        self.status = 0;
+        self.interrupt.status.store(0, Ordering::SeqCst);
+    }
+
+    fn set_status(&mut self, new: u32) {
+        if new == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        if new & STATUS_FAILED != 0 {
+            self.status |= STATUS_FAILED;
+            return;
+        }
+        if new & old != old {
+            log::warn!("virtio-mmio: driver cleared status bits ({old:#x} -> {new:#x}); ignored");
+            return;
+        }
+        // The handshake bits must be a prefix of ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK.
+        let handshake = [
+            STATUS_ACKNOWLEDGE,
+            STATUS_DRIVER,
+            STATUS_FEATURES_OK,
+            STATUS_DRIVER_OK,
+        ];
+        let set: Vec<bool> = handshake.iter().map(|bit| new & bit != 0).collect();
+        if set.windows(2).any(|w| !w[0] && w[1]) {
+            log::warn!("virtio-mmio: status {new:#x} skips a step of the handshake (was {old:#x}); ignored");
+            return;
+        }
+        let known = handshake.iter().fold(0, |acc, bit| acc | bit);
+        if new & !known & !STATUS_DEVICE_NEEDS_RESET != 0 {
+            log::warn!(
+                "virtio-mmio: driver set unknown status bits {:#x}; ignored",
+                new & !known
+            );
+        }
+        let added = new & !old;
+        if added & STATUS_FEATURES_OK != 0 && !self.accept_features() {
+            self.status = old | (new & (STATUS_ACKNOWLEDGE | STATUS_DRIVER));
+            return;
+        }
+        self.status = old | (new & known);
+        if added & STATUS_DRIVER_OK != 0 {
+            self.activate();
+        }
+    }
+
+    /// FEATURES_OK only sticks for a subset of what we offered, including VERSION_1.
+    fn accept_features(&mut self) -> bool {
+        let offered = self.device.features();
+        let unknown = self.driver_features & !offered;
+        if unknown != 0 {
+            log::warn!("virtio-mmio: driver acked features {unknown:#x} that were not offered");
+            return false;
+        }
+        if self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+            log::warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)");
+            return false;
+        }
+        self.device.set_acked_features(self.driver_features);
+        true
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut queues = Vec::new();
+        for (index, queue) in self.queues.iter_mut().enumerate() {
+            if !queue.ready() {
+                continue;
+            }
+            if !queue.is_valid(&self.mem) {
+                log::error!("virtio-mmio: queue {index} is ready but its rings are invalid (size {}, desc {:#x}, avail {:#x}, used {:#x})",
+                    queue.size(), queue.desc_table(), queue.avail_ring(), queue.used_ring());
+                self.fail_activation();
+                return;
+            }
+            queue.set_event_idx(event_idx);
+            let kick = match self.kicks[index].try_clone() {
+                Ok(kick) => kick,
+                Err(e) => {
+                    log::error!("virtio-mmio: cannot clone the kick eventfd of queue {index}: {e}");
+                    self.fail_activation();
+                    return;
+                }
+            };
+            // The device gets its own copy; ours is reset with the transport.
+            let queue = match Queue::try_from(queue.state()) {
+                Ok(queue) => queue,
+                Err(e) => {
+                    log::error!("virtio-mmio: queue {index} state is invalid: {e}");
+                    self.fail_activation();
+                    return;
+                }
+            };
+            queues.push((index as u16, queue, kick));
+        }
+        let interrupt: Arc<dyn Interrupt> = self.interrupt.clone();
+        match self.device.activate(self.mem.clone(), interrupt, queues) {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                log::error!("virtio-mmio: device activation failed: {e}");
+                self.fail_activation();
+            }
+        }
+    }
+
+    fn fail_activation(&mut self) {
+        self.status |= STATUS_DEVICE_NEEDS_RESET;
+        if let Err(e) = self.interrupt.signal_config() {
+            log::error!("virtio-mmio: cannot signal DEVICE_NEEDS_RESET: {e}");
+        }
+    }
+
+    fn read_register(&mut self, offset: u64) -> u32 {
+        match offset {
+            REG_MAGIC => MMIO_MAGIC,
+            REG_VERSION => MMIO_VERSION,
+            REG_DEVICE_ID => self.device.device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_select {
+                0 => self.device.features() as u32,
+                1 => (self.device.features() >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => self.interrupt.config_generation.load(Ordering::SeqCst),
+            _ => {
+                log::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_select = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_select = value,
+            REG_DRIVER_FEATURES => {
+                if self.status & STATUS_DRIVER == 0 || self.status & STATUS_FEATURES_OK != 0 {
+                    log::warn!(
+                        "virtio-mmio: driver features written in status {:#x}; ignored",
+                        self.status
+                    );
+                    return;
+                }
+                match self.driver_features_select {
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
+                    page => {
+                        if value != 0 {
+                            log::warn!(
+                                "virtio-mmio: driver acked features {value:#x} in page {page}"
+                            );
+                        }
+                    }
+                }
+            }
+            REG_QUEUE_SEL => self.queue_select = value,
+            REG_QUEUE_NOTIFY => {
+                // Under KVM the ioeventfd swallows these writes; in-process drivers land here.
+                match self.kicks.get(value as usize) {
+                    Some(kick) if self.activated => {
+                        if let Err(e) = kick.write(1) {
+                            log::error!("virtio-mmio: cannot kick queue {value}: {e}");
+                        }
+                    }
+                    Some(_) => log::debug!("virtio-mmio: notify of queue {value} before DRIVER_OK"),
+                    None => log::warn!("virtio-mmio: notify of nonexistent queue {value}"),
+                }
+            }
+            REG_INTERRUPT_ACK => {
+                self.interrupt.status.fetch_and(!value, Ordering::SeqCst);
+            }
+            REG_STATUS => self.set_status(value),
+            REG_QUEUE_NUM
+            | REG_QUEUE_READY
+            | REG_QUEUE_DESC_LOW
+            | REG_QUEUE_DESC_HIGH
+            | REG_QUEUE_DRIVER_LOW
+            | REG_QUEUE_DRIVER_HIGH
+            | REG_QUEUE_DEVICE_LOW
+            | REG_QUEUE_DEVICE_HIGH => self.write_queue_register(offset, value),
+            _ => log::debug!("virtio-mmio: write of {value:#x} to unknown register {offset:#x}"),
+        }
+    }
+
+    fn write_queue_register(&mut self, offset: u64, value: u32) {
+        if !self.queue_setup_allowed() {
+            log::warn!(
+                "virtio-mmio: queue register {offset:#x} written in status {:#x}; ignored",
+                self.status
+            );
+            return;
+        }
+        let select = self.queue_select;
+        let Some(queue) = self.selected_queue() else {
+            log::warn!(
+                "virtio-mmio: queue register {offset:#x} written for nonexistent queue {select}"
+            );
+            return;
+        };
+        match offset {
+            REG_QUEUE_NUM => queue.set_size(value as u16),
+            REG_QUEUE_READY => queue.set_ready(value == 1),
+            REG_QUEUE_DESC_LOW => queue.set_desc_table_address(Some(value), None),
+            REG_QUEUE_DESC_HIGH => queue.set_desc_table_address(None, Some(value)),
+            REG_QUEUE_DRIVER_LOW => queue.set_avail_ring_address(Some(value), None),
+            REG_QUEUE_DRIVER_HIGH => queue.set_avail_ring_address(None, Some(value)),
+            REG_QUEUE_DEVICE_LOW => queue.set_used_ring_address(Some(value), None),
+            REG_QUEUE_DEVICE_HIGH => queue.set_used_ring_address(None, Some(value)),
+            _ => {}
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= REG_CONFIG {
+            self.device.read_config(offset - REG_CONFIG, data);
+            return;
+        }
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            log::warn!(
+                "virtio-mmio: {}-byte read at {offset:#x}; registers are 32-bit",
+                data.len()
+            );
+            data.fill(0);
+            return;
+        }
+        let value = self.read_register(offset);
+        data.copy_from_slice(&value.to_le_bytes());
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= REG_CONFIG {
+            self.device.write_config(offset - REG_CONFIG, data);
+            return;
+        }
+        if data.len() != 4 || !offset.is_multiple_of(4) {
+            log::warn!(
+                "virtio-mmio: {}-byte write at {offset:#x}; registers are 32-bit",
+                data.len()
+            );
+            return;
+        }
+        let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        self.write_register(offset, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use vm_memory::GuestAddress;
+
+    #[derive(Default)]
+    struct Record {
+        acked: Option<u64>,
+        activations: Vec<Vec<(u16, u16, bool)>>,
+        resets: usize,
+        config_writes: Vec<(u64, Vec<u8>)>,
+        interrupt: Option<Arc<dyn Interrupt>>,
+    }
+
+    struct FakeDevice {
+        features: u64,
+        fail_activate: bool,
+        record: Arc<Mutex<Record>>,
+    }
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            1
+        }
+        fn queue_max_sizes(&self) -> Vec<u16> {
+            vec![256, 256, 64]
+        }
+        fn features(&self) -> u64 {
+            self.features
+        }
+        fn set_acked_features(&mut self, features: u64) {
+            self.record.lock().unwrap().acked = Some(features);
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = (offset as u8).wrapping_add(i as u8);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.record
+                .lock()
+                .unwrap()
+                .config_writes
+                .push((offset, data.to_vec()));
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            interrupt: Arc<dyn Interrupt>,
+            queues: Vec<(u16, Queue, EventFd)>,
+        ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            if self.fail_activate {
+                return Err("no backend".into());
+            }
+            let mut r = self.record.lock().unwrap();
+            r.activations.push(
+                queues
+                    .iter()
+                    .map(|(i, q, _)| (*i, q.size(), q.event_idx_enabled()))
+                    .collect(),
+            );
+            r.interrupt = Some(interrupt);
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.record.lock().unwrap().resets += 1;
+        }
+    }
+
+    const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 0x21;
+
+    fn transport(fail_activate: bool) -> (MmioTransport, Arc<Mutex<Record>>) {
+        let record = Arc::new(Mutex::new(Record::default()));
+        let device = FakeDevice {
+            features: FEATURES,
+            fail_activate,
+            record: record.clone(),
+        };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let t =
+            MmioTransport::new(Box::new(device), mem, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+        (t, record)
+    }
+
+    fn r(t: &mut MmioTransport, offset: u64) -> u32 {
+        let mut d = [0u8; 4];
+        t.read(offset, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    fn w(t: &mut MmioTransport, offset: u64, value: u32) {
+        t.write(offset, &value.to_le_bytes());
+    }
+
+    fn set_features(t: &mut MmioTransport, features: u64) {
+        w(t, REG_DRIVER_FEATURES_SEL, 0);
+        w(t, REG_DRIVER_FEATURES, features as u32);
+        w(t, REG_DRIVER_FEATURES_SEL, 1);
+        w(t, REG_DRIVER_FEATURES, (features >> 32) as u32);
+    }
+
+    /// Sets up queue `index` with rings at `base` (size 16: desc 256 B, avail 38 B, used 134 B).
+    fn setup_queue(t: &mut MmioTransport, index: u32, base: u64) {
+        w(t, REG_QUEUE_SEL, index);
+        w(t, REG_QUEUE_NUM, 16);
+        w(t, REG_QUEUE_DESC_LOW, base as u32);
+        w(t, REG_QUEUE_DESC_HIGH, 0);
+        w(t, REG_QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
+        w(t, REG_QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
+        w(t, REG_QUEUE_READY, 1);
+    }
+
+    fn bring_up(t: &mut MmioTransport, features: u64) {
+        w(t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        w(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        set_features(t, features);
+        w(
+            t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+    }
+
+    #[test]
+    fn identification_registers() {
+        let (mut t, _) = transport(false);
+        assert_eq!(r(&mut t, REG_MAGIC), MMIO_MAGIC);
+        assert_eq!(r(&mut t, REG_VERSION), 2);
+        assert_eq!(r(&mut t, REG_DEVICE_ID), 1);
+        assert_eq!(r(&mut t, REG_VENDOR_ID), VENDOR_ID);
+    }
+
+    #[test]
+    fn feature_pages_and_queue_sizes() {
+        let (mut t, _) = transport(false);
+        w(&mut t, REG_DEVICE_FEATURES_SEL, 0);
+        assert_eq!(r(&mut t, REG_DEVICE_FEATURES), FEATURES as u32);
+        w(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, REG_DEVICE_FEATURES), (FEATURES >> 32) as u32);
+        w(&mut t, REG_DEVICE_FEATURES_SEL, 7);
+        assert_eq!(r(&mut t, REG_DEVICE_FEATURES), 0);
+        w(&mut t, REG_QUEUE_SEL, 2);
+        assert_eq!(r(&mut t, REG_QUEUE_NUM_MAX), 64);
+        w(&mut t, REG_QUEUE_SEL, 3);
+        assert_eq!(
+            r(&mut t, REG_QUEUE_NUM_MAX),
+            0,
+            "nonexistent queue has max 0"
+        );
+    }
+
+    #[test]
+    fn full_bring_up_activates_ready_queues_with_event_idx() {
+        let (mut t, record) = transport(false);
+        bring_up(&mut t, FEATURES);
+        assert_eq!(
+            r(&mut t, REG_STATUS) & STATUS_FEATURES_OK,
+            STATUS_FEATURES_OK
+        );
+        assert_eq!(record.lock().unwrap().acked, Some(FEATURES));
+        setup_queue(&mut t, 0, 0x10000);
+        setup_queue(&mut t, 2, 0x20000);
+        w(&mut t, REG_QUEUE_SEL, 0);
+        assert_eq!(r(&mut t, REG_QUEUE_READY), 1);
+        w(&mut t, REG_STATUS, 0xf);
+        assert_eq!(r(&mut t, REG_STATUS), 0xf);
+        let rec = record.lock().unwrap();
+        assert_eq!(rec.activations, vec![vec![(0, 16, true), (2, 16, true)]]);
+    }
+
+    #[test]
+    fn features_ok_refused_for_unoffered_or_legacy_features() {
+        let (mut t, record) = transport(false);
+        bring_up(&mut t, FEATURES | 1 << 40);
+        assert_eq!(r(&mut t, REG_STATUS), STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        assert_eq!(record.lock().unwrap().acked, None);
+        let (mut t, _) = transport(false);
+        bring_up(&mut t, 0x21);
+        assert_eq!(
+            r(&mut t, REG_STATUS) & STATUS_FEATURES_OK,
+            0,
+            "no VERSION_1"
+        );
+    }
+
+    #[test]
+    fn out_of_order_status_and_late_queue_writes_are_ignored() {
+        let (mut t, record) = transport(false);
+        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER_OK);
+        assert_eq!(r(&mut t, REG_STATUS), 0);
+        // Queue registers before FEATURES_OK do nothing.
+        setup_queue(&mut t, 0, 0x10000);
+        w(&mut t, REG_QUEUE_SEL, 0);
+        assert_eq!(r(&mut t, REG_QUEUE_READY), 0);
+        bring_up(&mut t, FEATURES);
+        setup_queue(&mut t, 0, 0x10000);
+        w(&mut t, REG_STATUS, 0xf);
+        // After DRIVER_OK the queue cannot be changed any more.
+        w(&mut t, REG_QUEUE_SEL, 0);
+        w(&mut t, REG_QUEUE_NUM, 8);
+        w(&mut t, REG_QUEUE_READY, 0);
+        assert_eq!(r(&mut t, REG_QUEUE_READY), 1);
+        // Features cannot change after FEATURES_OK either.
+        set_features(&mut t, VIRTIO_F_VERSION_1);
+        assert_eq!(record.lock().unwrap().acked, Some(FEATURES));
+        // Clearing bits without a reset is ignored.
+        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        assert_eq!(r(&mut t, REG_STATUS), 0xf);
+    }
+
+    #[test]
+    fn invalid_rings_or_failed_activation_set_needs_reset() {
+        let (mut t, record) = transport(false);
+        bring_up(&mut t, FEATURES);
+        // Rings outside the 1 MiB of guest memory.
+        setup_queue(&mut t, 0, 0x1000_0000);
+        w(&mut t, REG_STATUS, 0xf);
+        assert_ne!(r(&mut t, REG_STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert!(record.lock().unwrap().activations.is_empty());
+        assert_ne!(r(&mut t, REG_INTERRUPT_STATUS) & INT_CONFIG, 0);
+
+        let (mut t, _) = transport(true);
+        bring_up(&mut t, FEATURES);
+        setup_queue(&mut t, 0, 0x10000);
+        w(&mut t, REG_STATUS, 0xf);
+        assert_ne!(r(&mut t, REG_STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn reset_returns_to_initial_state_and_resets_the_device() {
+        let (mut t, record) = transport(false);
+        bring_up(&mut t, FEATURES);
+        setup_queue(&mut t, 0, 0x10000);
+        w(&mut t, REG_STATUS, 0xf);
+        w(&mut t, REG_STATUS, 0);
+        assert_eq!(r(&mut t, REG_STATUS), 0);
+        assert_eq!(record.lock().unwrap().resets, 1);
+        w(&mut t, REG_QUEUE_SEL, 0);
+        assert_eq!(r(&mut t, REG_QUEUE_READY), 0);
+        // The device can be brought up again.
+        bring_up(&mut t, FEATURES);
+        setup_queue(&mut t, 1, 0x30000);
+        w(&mut t, REG_STATUS, 0xf);
+        assert_eq!(record.lock().unwrap().activations.len(), 2);
+        // A reset before activation does not reset the device.
+        let (mut t, record) = transport(false);
+        bring_up(&mut t, FEATURES);
+        w(&mut t, REG_STATUS, 0);
+        assert_eq!(record.lock().unwrap().resets, 0);
+    }
+
+    #[test]
+    fn interrupts_ack_and_config_generation() {
+        let (mut t, record) = transport(false);
+        bring_up(&mut t, FEATURES);
+        setup_queue(&mut t, 0, 0x10000);
+        w(&mut t, REG_STATUS, 0xf);
+        let irq = record.lock().unwrap().interrupt.clone().unwrap();
+        let gen0 = r(&mut t, REG_CONFIG_GENERATION);
+        irq.signal_used_queue(0).unwrap();
+        irq.signal_config().unwrap();
+        assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), INT_VRING | INT_CONFIG);
+        assert_eq!(t.interrupt().irq().read().unwrap(), 2);
+        assert_eq!(r(&mut t, REG_CONFIG_GENERATION), gen0 + 1);
+        w(&mut t, REG_INTERRUPT_ACK, INT_VRING);
+        assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), INT_CONFIG);
+    }
+
+    #[test]
+    fn notify_kicks_the_queue_eventfd_only_when_active() {
+        let (mut t, _) = transport(false);
+        bring_up(&mut t, FEATURES);
+        setup_queue(&mut t, 1, 0x10000);
+        w(&mut t, REG_QUEUE_NOTIFY, 1);
+        assert!(
+            t.queue_kicks()[1].read().is_err(),
+            "no kick before DRIVER_OK"
+        );
+        w(&mut t, REG_STATUS, 0xf);
+        w(&mut t, REG_QUEUE_NOTIFY, 1);
+        assert_eq!(t.queue_kicks()[1].read().unwrap(), 1);
+        w(&mut t, REG_QUEUE_NOTIFY, 99); // ignored, no panic
+    }
+
+    #[test]
+    fn config_space_and_odd_accesses() {
+        let (mut t, record) = transport(false);
+        let mut d = [0u8; 3];
+        t.read(REG_CONFIG + 5, &mut d);
+        assert_eq!(d, [5, 6, 7]);
+        t.write(REG_CONFIG + 2, &[9, 9]);
+        assert_eq!(record.lock().unwrap().config_writes, vec![(2, vec![9, 9])]);
+        // Narrow or unaligned register accesses are refused, not a panic.
+        let mut two = [0xaa; 2];
+        t.read(REG_MAGIC, &mut two);
+        assert_eq!(two, [0, 0]);
+        t.write(REG_STATUS, &[1]);
+        t.write(REG_STATUS + 1, &[1, 0, 0, 0]);
+        assert_eq!(r(&mut t, REG_STATUS), 0);
+    }
+}

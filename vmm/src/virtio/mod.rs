@@ -1,0 +1,40 @@
+//! Virtio transports and the device interface they drive.
+
+pub mod mmio;
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// How a device raises interrupts; implemented by each transport.
+// TODO(lead): becomes `pub use virtio_net::Interrupt` once the device crate lands.
+pub trait Interrupt: Send + Sync {
+    fn signal_used_queue(&self, queue_index: u16) -> std::io::Result<()>;
+    fn signal_config(&self) -> std::io::Result<()>;
+}
+
+/// What a transport needs from a device. Kept small so that a future virtio-pci transport
+/// drives the same devices unchanged.
+pub trait VirtioDevice: Send {
+    /// Virtio device id (1 = network).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue, in queue-index order.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Feature bits offered to the driver.
+    fn features(&self) -> u64;
+    /// Called once the driver's features passed validation (subset of [`features`]).
+    fn set_acked_features(&mut self, features: u64);
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// DRIVER_OK: start serving `queues` (index, ring state, kick eventfd) of the ready queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<(u16, Queue, EventFd)>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    /// Device reset (status 0 after activation): stop and return to the pre-activation state.
+    fn reset(&mut self);
+}

@@ -1,0 +1,557 @@
+//! Building the VM (KVM objects, memory, kernel, devices, vCPUs) and running its main loop.
+
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::{acpi, boot, cpu, layout};
+use crate::bus::{self, Bus};
+use crate::devices::legacy::{AcpiPm, Sink, I8042};
+use crate::devices::serial::{ConsoleOut, SerialConsole};
+use crate::exit::{self, ExitHandle, VmExit};
+use crate::signals::{self, SignalFd};
+use crate::vcpu::{self, Vcpu};
+use crate::virtio::mmio::{self, MmioTransport, REG_QUEUE_NOTIFY};
+
+/// Where /dev/kvm comes from.
+pub enum KvmSource {
+    /// Open /dev/kvm ourselves.
+    Open,
+    /// An already-open /dev/kvm (the launcher's `--kvm-fd`), validated by [`validate_kvm_fd`].
+    Fd(OwnedFd),
+}
+
+/// The network device: one validated tap queue per queue pair.
+pub struct NetSetup {
+    pub queues: Vec<tap::TapQueue>,
+    pub mac: [u8; 6],
+    pub mtu: Option<u16>,
+    pub mq: bool,
+}
+
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub cpus: u8,
+    pub memory_mib: u64,
+    pub kvm: KvmSource,
+    pub net: Option<NetSetup>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not the supported version 12")]
+    KvmApiVersion(i32),
+    #[error("KVM lacks a capability mqvmm needs: {0}")]
+    MissingCap(&'static str),
+    #[error("cannot create the VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("{what} failed")]
+    VmSetup {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot allocate {mib} MiB of guest memory")]
+    Memory {
+        mib: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("cannot register guest memory region {slot} with KVM")]
+    RegisterMemory {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error(transparent)]
+    Acpi(#[from] acpi::Error),
+    #[error(transparent)]
+    Cpu(#[from] cpu::Error),
+    #[error("cannot create vCPU {index}")]
+    CreateVcpu {
+        index: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    SpawnVcpu(#[from] vcpu::SpawnError),
+    #[error(transparent)]
+    Bus(#[from] bus::Error),
+    #[error("cannot create an eventfd for {what}")]
+    EventFd {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot register the irqfd for GSI {gsi}")]
+    Irqfd {
+        gsi: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot register the ioeventfd of queue {queue} at {addr:#x}")]
+    Ioeventfd {
+        queue: usize,
+        addr: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("the network device is not available in this build yet")]
+    NetUnavailable,
+    #[error(transparent)]
+    Transport(#[from] mmio::Error),
+    #[error(transparent)]
+    Exit(#[from] exit::Error),
+    #[error(transparent)]
+    Signals(#[from] signals::Error),
+    #[error("main event loop failed")]
+    EventLoop(#[source] event_manager::Error),
+}
+
+impl Error {
+    /// Errors caused by what the user asked for (exit code 2) rather than by the host or KVM.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Error::Boot(_) | Error::KvmApiVersion(_) | Error::Memory { .. }
+        )
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Checks that `fd` is an open /dev/kvm and takes ownership of it.
+pub fn validate_kvm_fd(fd: RawFd) -> std::result::Result<OwnedFd, String> {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("--kvm-fd {fd} is not an open file descriptor"));
+    }
+    // SAFETY: KVM_GET_API_VERSION takes no argument; on a non-KVM fd it fails with ENOTTY.
+    let version = unsafe { libc::ioctl(fd, kvm_ioctls_api_version_request()) };
+    if version < 0 {
+        return Err(format!(
+            "--kvm-fd {fd} is not /dev/kvm (KVM_GET_API_VERSION failed: {})",
+            io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the fd is open (checked above) and from here on owned only by the returned value;
+    // the caller passed it to us for exactly this purpose.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// KVM_GET_API_VERSION = _IO(KVMIO, 0x00).
+const fn kvm_ioctls_api_version_request() -> libc::c_ulong {
+    (0xAE << 8) as libc::c_ulong
+}
+
+fn open_kvm(source: KvmSource) -> Result<Kvm> {
+    let kvm = match source {
+        KvmSource::Open => Kvm::new().map_err(Error::OpenKvm)?,
+        KvmSource::Fd(fd) => {
+            let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+            // SAFETY: `raw` was validated as an open /dev/kvm fd and ownership moves to Kvm.
+            unsafe { Kvm::from_raw_fd(raw) }
+        }
+    };
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(Error::KvmApiVersion(version));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::MissingCap(name));
+        }
+    }
+    Ok(kvm)
+}
+
+fn create_memory(vm: &VmFd, memory_size: u64) -> Result<GuestMemoryMmap> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(memory_size)
+        .into_iter()
+        .map(|(start, size)| (GuestAddress(start), size as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| Error::Memory {
+        mib: memory_size >> 20,
+        source,
+    })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let slot = slot as u32;
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|_| Error::RegisterMemory {
+                slot,
+                source: kvm_ioctls::Error::new(libc::EFAULT),
+            })?;
+        let region_info = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which outlives the VM (the VM object
+        // keeps a clone); its host address and length come from vm-memory itself.
+        unsafe { vm.set_user_memory_region(region_info) }
+            .map_err(|source| Error::RegisterMemory { slot, source })?;
+    }
+    Ok(mem)
+}
+
+/// A VM ready to run: memory loaded, devices on their buses, vCPUs configured but not started.
+pub struct Vm {
+    _kvm: Kvm,
+    vm: VmFd,
+    _mem: GuestMemoryMmap,
+    exit: ExitHandle,
+    vcpus: Vec<Vcpu>,
+    serial: Arc<Mutex<SerialConsole<ConsoleOut>>>,
+    serial_drained: EventFd,
+    net_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+}
+
+impl Vm {
+    pub fn new(config: VmConfig) -> Result<Vm> {
+        let kvm = open_kvm(config.kvm)?;
+        let vm = kvm.create_vm().map_err(Error::CreateVm)?;
+        let setup = |what| move |source| Error::VmSetup { what, source };
+        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(setup("KVM_SET_TSS_ADDR"))?;
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(setup("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.create_irq_chip().map_err(setup("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(setup("KVM_CREATE_PIT2"))?;
+        // Instruction bytes in emulation-failure reports, where the host supports it.
+        let cap = kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+            args: [1, 0, 0, 0],
+            ..Default::default()
+        };
+        if let Err(e) = vm.enable_cap(&cap) {
+            log::debug!("KVM_CAP_EXIT_ON_EMULATION_FAILURE unavailable: {e}");
+        }
+
+        let memory_size = config.memory_mib << 20;
+        let mem = create_memory(&vm, memory_size)?;
+
+        let kernel = boot::load_kernel(&mem, &config.kernel, memory_size)?;
+        let initramfs = match &config.initramfs {
+            Some(path) => Some(boot::load_initramfs(&mem, path, &kernel, memory_size)?),
+            None => None,
+        };
+        let cmdline = boot::build_cmdline(&config.cmdline)?;
+        log::info!(
+            "kernel {} ({:?}) entry {:#x}; initramfs {}; {} vCPUs, {} MiB",
+            config.kernel.display(),
+            kernel.format,
+            kernel.entry.raw_value(),
+            initramfs.map_or_else(
+                || "none".to_string(),
+                |i| format!("{} bytes at {:#x}", i.size, i.address.raw_value())
+            ),
+            config.cpus,
+            config.memory_mib
+        );
+
+        let exit = ExitHandle::new()?;
+        let mut pio = Bus::new();
+        let mmio_bus = Bus::new();
+
+        let event =
+            |what| EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd { what, source });
+        let serial_irq = event("the serial interrupt")?;
+        vm.register_irqfd(&serial_irq, layout::SERIAL_GSI)
+            .map_err(|source| Error::Irqfd {
+                gsi: layout::SERIAL_GSI,
+                source,
+            })?;
+        let serial_drained = event("serial input")?;
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            serial_irq,
+            serial_drained
+                .try_clone()
+                .map_err(|source| Error::EventFd {
+                    what: "serial input",
+                    source,
+                })?,
+            ConsoleOut,
+        )));
+        pio.insert(
+            u64::from(layout::SERIAL_PORT),
+            SerialConsole::<ConsoleOut>::LEN,
+            serial.clone(),
+        )?;
+        pio.insert(
+            u64::from(layout::I8042_PORT),
+            I8042::LEN,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        )?;
+        pio.insert(
+            u64::from(AcpiPm::BASE),
+            AcpiPm::LEN,
+            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        )?;
+        // The other COM ports and the POST port: present-but-empty, without log noise.
+        for (port, len) in [(0x2f8u64, 8u64), (0x3e8, 8), (0x2e8, 8), (0x80, 1)] {
+            pio.insert(port, len, Arc::new(Mutex::new(Sink)))?;
+        }
+
+        let mmio_devices: Vec<acpi::MmioDeviceInfo> = Vec::new();
+        let net_metrics = None;
+        if config.net.is_some() {
+            // TODO(lead): wire virtio_net::Net behind the transport once the device crate lands.
+            return Err(Error::NetUnavailable);
+        }
+        let _ = (
+            REG_QUEUE_NOTIFY,
+            IoEventAddress::Mmio(0),
+            MmioTransport::new as fn(_, _, _) -> _,
+        );
+
+        let rsdp = acpi::write_tables(&mem, config.cpus, &mmio_devices)?;
+        boot::write_boot_params(&mem, &kernel, &cmdline, initramfs, rsdp, memory_size)?;
+        boot::write_page_tables(&mem)?;
+        boot::write_gdt_idt(&mem)?;
+
+        let base_cpuid = cpu::supported_cpuid(&kvm)?;
+        let pio = Arc::new(pio);
+        let mmio_bus = Arc::new(mmio_bus);
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for index in 0..config.cpus {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(|source| Error::CreateVcpu { index, source })?;
+            cpu::configure_vcpu(
+                &fd,
+                index,
+                config.cpus,
+                &base_cpuid,
+                kernel.entry.raw_value(),
+            )?;
+            vcpus.push(Vcpu {
+                index,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio_bus.clone(),
+                exit: exit.clone(),
+            });
+        }
+
+        Ok(Vm {
+            _kvm: kvm,
+            vm,
+            _mem: mem,
+            exit,
+            vcpus,
+            serial,
+            serial_drained,
+            net_metrics,
+        })
+    }
+
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Starts the vCPUs and runs the main loop until the VM ends.
+    pub fn run(mut self, signals: SignalFd) -> Result<VmExit> {
+        let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+            .map_err(Error::EventLoop)?;
+        let console = Arc::new(Mutex::new(ConsoleInput {
+            serial: self.serial.clone(),
+            drained: self.serial_drained,
+            pending: Vec::new(),
+            stdin_registered: false,
+            stdin_closed: false,
+        }));
+        events.add_subscriber(console);
+        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher {
+            exit: self.exit.clone(),
+        })));
+        events.add_subscriber(Arc::new(Mutex::new(SignalWatcher {
+            signals,
+            exit: self.exit.clone(),
+            net_metrics: self.net_metrics.clone(),
+        })));
+
+        for vcpu in self.vcpus.drain(..) {
+            vcpu.spawn()?;
+        }
+        while self.exit.reason().is_none() {
+            match events.run() {
+                Ok(_) => {}
+                Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
+                Err(e) => return Err(Error::EventLoop(e)),
+            }
+        }
+        Ok(self
+            .exit
+            .reason()
+            .unwrap_or(VmExit::Error("the VM stopped without a reason".to_string())))
+    }
+}
+
+/// Moves stdin to the serial receive FIFO, pausing stdin while the guest has not drained it.
+struct ConsoleInput {
+    serial: Arc<Mutex<SerialConsole<ConsoleOut>>>,
+    drained: EventFd,
+    pending: Vec<u8>,
+    stdin_registered: bool,
+    stdin_closed: bool,
+}
+
+const STDIN: RawFd = libc::STDIN_FILENO;
+
+impl ConsoleInput {
+    fn push_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let taken = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .enqueue_input(&self.pending);
+        self.pending.drain(..taken);
+    }
+
+    /// Watch stdin only while nothing is pending, so a slow guest applies back-pressure.
+    fn update_stdin(&mut self, ops: &mut EventOps) {
+        let want = self.pending.is_empty() && !self.stdin_closed;
+        if want && !self.stdin_registered {
+            match ops.add(Events::new_raw(STDIN, EventSet::IN)) {
+                Ok(()) => self.stdin_registered = true,
+                Err(e) => {
+                    // /dev/null and regular files cannot be polled: the guest gets no input.
+                    log::debug!("stdin cannot be watched ({e:?}); console input disabled");
+                    self.stdin_closed = true;
+                }
+            }
+        } else if !want && self.stdin_registered {
+            if let Err(e) = ops.remove(Events::new_raw(STDIN, EventSet::IN)) {
+                log::warn!("cannot stop watching stdin: {e:?}");
+            }
+            self.stdin_registered = false;
+        }
+    }
+
+    fn read_stdin(&mut self) {
+        let mut buf = [0u8; 64];
+        // SAFETY: fd 0 stays open for the life of the process; ManuallyDrop keeps this
+        // temporary File from closing it.
+        let mut stdin = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(STDIN) });
+        match stdin.read(&mut buf) {
+            Ok(0) => self.stdin_closed = true,
+            Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    || e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                log::warn!("reading stdin failed: {e}; console input disabled");
+                self.stdin_closed = true;
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.drained, EventSet::IN)) {
+            log::error!("cannot watch serial input events: {e:?}");
+        }
+        self.update_stdin(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.drained.as_raw_fd() {
+            let _ = self.drained.read();
+        } else if events.fd() == STDIN {
+            if events.event_set().contains(EventSet::IN) {
+                self.read_stdin();
+            } else {
+                self.stdin_closed = true;
+            }
+        }
+        self.push_pending();
+        self.update_stdin(ops);
+    }
+}
+
+struct ExitWatcher {
+    exit: ExitHandle,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.exit.event(), EventSet::IN)) {
+            log::error!("cannot watch the exit event: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.exit.event().read();
+    }
+}
+
+struct SignalWatcher {
+    signals: SignalFd,
+    exit: ExitHandle,
+    net_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+}
+
+impl MutEventSubscriber for SignalWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.signals, EventSet::IN)) {
+            log::error!("cannot watch signals: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        loop {
+            match self.signals.read() {
+                Ok(Some(libc::SIGUSR1)) => match &self.net_metrics {
+                    Some(metrics) => eprintln!("mqvmm-metrics: {}", metrics()),
+                    None => eprintln!("mqvmm-metrics: {{}}"),
+                },
+                Ok(Some(sig)) => {
+                    log::info!("received signal {sig}; stopping the VM");
+                    self.exit.request(VmExit::Signal(sig));
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    log::error!("reading signals failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
