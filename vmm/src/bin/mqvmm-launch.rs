@@ -1,0 +1,696 @@
+//! mqvmm-launch: the privileged half of mqvmm's privilege split.
+//!
+//! Creates (or adopts) a multiqueue tap and opens one fd per queue plus /dev/kvm, then gives up
+//! every privilege — no_new_privs, empty bounding set, target uid/gid with no supplementary groups,
+//! empty capability sets including ambient, all verified — and execs mqvmm with exactly those fds:
+//! `mqvmm [ARGS...] --kvm-fd K --net fds=A,B,...[,mac=MAC]`.
+//!
+//! Self-contained on purpose (only the tap crate, clap, libc, thiserror): small enough to audit.
+
+use std::ffi::{CStr, CString, OsString};
+use std::fs::File;
+use std::io;
+use std::os::raw::{c_char, c_int, c_ulong};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+use clap::Parser;
+
+const EXAMPLE: &str = "\
+Example (as root):
+
+  # either let the launcher create the tap (it disappears when mqvmm exits) ...
+  mqvmm-launch --tap mq0 --queues 4 --user nobody --mac 52:54:00:12:34:56 -- \\
+      --kernel /var/lib/mqvmm/vmlinux --initramfs /var/lib/mqvmm/initramfs.cpio.gz \\
+      --cmdline 'console=ttyS0' --cpus 4 --memory 1024
+  # ... and configure the host side once it exists (from another shell):
+  ip addr add 192.168.100.1/24 dev mq0; ip link set mq0 up
+
+  # or create a persistent multiqueue tap first; the launcher adopts it:
+  ip tuntap add dev mq0 mode tap multi_queue vnet_hdr user root
+  ip addr add 192.168.100.1/24 dev mq0; ip link set mq0 up
+  mqvmm-launch --tap mq0 --queues 4 --user nobody -- --kernel ...
+
+mqvmm then runs as nobody:nogroup with no capabilities, as
+  mqvmm --kernel ... --kvm-fd 7 --net fds=3,4,5,6,mac=52:54:00:12:34:56
+(one tap queue per virtio-net queue pair; the guest enables them with `ethtool -L eth0 combined N`).
+
+Exit status: 2 for bad arguments, 1 when setting up fails; otherwise mqvmm's own.";
+
+/// Create or adopt a multiqueue tap, open its queues and /dev/kvm, drop every privilege and exec
+/// mqvmm with the fds.
+#[derive(Parser, Debug)]
+#[command(name = "mqvmm-launch", version, after_help = EXAMPLE)]
+struct Args {
+    /// Tap interface: adopted if it exists (it must be a multiqueue tap), else created
+    /// (non-persistent, owned by the launcher's uid so that nobody else can attach queues).
+    #[arg(long, value_name = "NAME")]
+    tap: String,
+    /// Number of tap queues = virtio-net queue pairs (1-256).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    queues: u16,
+    /// User to run mqvmm as (name or uid). Running it as root needs `--user root` spelled out.
+    #[arg(long, value_name = "USER")]
+    user: String,
+    /// Group to run mqvmm as (name or gid); default: USER's primary group.
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
+    /// Guest MAC address, passed on as `--net ...,mac=MAC`.
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    mac: Option<String>,
+    /// The mqvmm binary; default: `mqvmm` in the launcher's own directory.
+    #[arg(long, value_name = "PATH")]
+    mqvmm: Option<PathBuf>,
+    /// Do not open /dev/kvm and pass no --kvm-fd (for tests with a stand-in VMM).
+    #[arg(long)]
+    no_kvm: bool,
+    /// Arguments for mqvmm; --kvm-fd and --net are added by the launcher.
+    #[arg(last = true, value_name = "MQVMM ARGS")]
+    mqvmm_args: Vec<OsString>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LaunchError {
+    // Bad arguments (exit 2).
+    #[error("unknown user {0:?}")]
+    UnknownUser(String),
+    #[error("unknown group {0:?}")]
+    UnknownGroup(String),
+    #[error("uid {0} has no passwd entry, so it has no primary group: give --group")]
+    NoPrimaryGroup(u32),
+    #[error("refusing to run mqvmm as root (--user {0}); say --user root to do that deliberately")]
+    RootUser(String),
+    #[error(
+        "refusing to run mqvmm with group root (gid 0); say --group root to do that deliberately"
+    )]
+    RootGroup,
+    #[error("{0} is added by mqvmm-launch: do not pass it after --")]
+    Reserved(String),
+    #[error("invalid --tap")]
+    TapName(#[source] tap::Error),
+
+    // Setup failures (exit 1).
+    #[error("looking up {what} {name:?} failed")]
+    Lookup {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot locate the launcher's own executable to find mqvmm next to it (pass --mqvmm)")]
+    OwnExe(#[source] io::Error),
+    #[error("mqvmm binary {0} not found (build it, or pass --mqvmm PATH)")]
+    MqvmmMissing(String),
+    #[error("cannot set up {queues} queues of tap {name}")]
+    Tap {
+        name: String,
+        queues: u16,
+        #[source]
+        source: tap::Error,
+    },
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] io::Error),
+    #[error("{what} failed")]
+    Syscall {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("privilege drop did not stick: {0}")]
+    Verify(String),
+    #[error("cannot execute {path} as uid {uid}")]
+    Exec {
+        path: String,
+        uid: u32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl LaunchError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            LaunchError::UnknownUser(_)
+            | LaunchError::UnknownGroup(_)
+            | LaunchError::NoPrimaryGroup(_)
+            | LaunchError::RootUser(_)
+            | LaunchError::RootGroup
+            | LaunchError::Reserved(_)
+            | LaunchError::TapName(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn syscall_error(what: impl Into<String>) -> LaunchError {
+    LaunchError::Syscall {
+        what: what.into(),
+        source: io::Error::last_os_error(),
+    }
+}
+
+fn log(msg: &str) {
+    eprintln!("mqvmm-launch: {msg}");
+}
+
+fn main() {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's message spans several lines (error, usage, hint): keep it to one.
+            let text = e.to_string();
+            let msg: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            let msg = msg.join(" ");
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            eprintln!("mqvmm-launch: error: {msg} (see --help)");
+            std::process::exit(2);
+        }
+    };
+    let err = match run(args) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    let mut line = format!("mqvmm-launch: error: {err}");
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        line.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    eprintln!("{line}");
+    std::process::exit(err.exit_code());
+}
+
+/// Everything up to the exec; returns only on failure.
+fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
+    // Arguments first: nothing is opened before they are all known to be good.
+    for arg in &args.mqvmm_args {
+        let arg = arg.to_string_lossy();
+        for reserved in ["--kvm-fd", "--net"] {
+            if arg == reserved || arg.starts_with(&format!("{reserved}=")) {
+                return Err(LaunchError::Reserved(reserved.to_owned()));
+            }
+        }
+    }
+    let (uid, primary_gid) = resolve_user(&args.user)?;
+    let gid = match &args.group {
+        Some(group) => resolve_group(group)?,
+        None => primary_gid.ok_or(LaunchError::NoPrimaryGroup(uid))?,
+    };
+    if uid == 0 && args.user != "root" {
+        return Err(LaunchError::RootUser(args.user.clone()));
+    }
+    if gid == 0 && args.group.as_deref() != Some("root") && args.user != "root" {
+        return Err(LaunchError::RootGroup);
+    }
+    let mqvmm = match &args.mqvmm {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .map_err(LaunchError::OwnExe)?
+            .with_file_name("mqvmm"),
+    };
+    if !mqvmm.is_file() {
+        return Err(LaunchError::MqvmmMissing(mqvmm.display().to_string()));
+    }
+
+    // The privileged part: the tap queues and /dev/kvm.
+    let cfg = tap::TapConfig {
+        name: Some(args.tap.clone()),
+        queues: args.queues,
+        ..tap::TapConfig::default()
+    };
+    let tap = tap::MultiQueueTap::create(&cfg).map_err(|source| match source {
+        tap::Error::InvalidName { .. } => LaunchError::TapName(source),
+        _ => LaunchError::Tap {
+            name: args.tap.clone(),
+            queues: args.queues,
+            source,
+        },
+    })?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if tap.created() {
+        // The kernel lets anyone who can open /dev/net/tun join a tap with no owner.
+        tap.set_owner(euid).map_err(|source| LaunchError::Tap {
+            name: args.tap.clone(),
+            queues: args.queues,
+            source,
+        })?;
+    }
+    let tap_name = tap.name().to_owned();
+    let how = if tap.created() {
+        format!("created (non-persistent, owner uid {euid})")
+    } else {
+        "adopted the existing multiqueue tap".to_owned()
+    };
+    let queues = tap.into_queues();
+    let queue_fds: Vec<RawFd> = queues.iter().map(AsRawFd::as_raw_fd).collect();
+    log(&format!(
+        "tap {tap_name}: {how}; {} queues on fds {}",
+        queue_fds.len(),
+        join(&queue_fds)
+    ));
+    let kvm: Option<OwnedFd> = if args.no_kvm {
+        None
+    } else {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open("/dev/kvm")
+            .map_err(LaunchError::OpenKvm)?;
+        Some(OwnedFd::from(file))
+    };
+    let kvm_fd = kvm.as_ref().map(AsRawFd::as_raw_fd);
+    if let Some(fd) = kvm_fd {
+        log(&format!("/dev/kvm on fd {fd}"));
+    }
+
+    // Only the fds we pass survive the exec.
+    let mut pass = queue_fds.clone();
+    pass.extend(kvm_fd);
+    cloexec_all_except(&pass)?;
+
+    drop_privileges(uid, gid)?;
+    verify_dropped(uid, gid)?;
+    log(&format!(
+        "running as uid {uid} gid {gid}: no supplementary groups, no capabilities, no_new_privs"
+    ));
+
+    let mut net = format!("fds={}", join(&queue_fds));
+    if let Some(mac) = &args.mac {
+        net.push_str(&format!(",mac={mac}"));
+    }
+    let mut cmd = Command::new(&mqvmm);
+    cmd.args(&args.mqvmm_args);
+    if let Some(fd) = kvm_fd {
+        cmd.arg("--kvm-fd").arg(fd.to_string());
+    }
+    cmd.arg("--net").arg(&net);
+    let shown: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    log(&format!("exec {} {}", mqvmm.display(), shown.join(" ")));
+    let source = cmd.exec();
+    // The fds must stay open until exec; it failed, so they close here.
+    drop((queues, kvm));
+    Err(LaunchError::Exec {
+        path: mqvmm.display().to_string(),
+        uid,
+        source,
+    })
+}
+
+fn join(fds: &[RawFd]) -> String {
+    fds.iter()
+        .map(|fd| fd.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn parse_mac(s: &str) -> Result<String, String> {
+    let octets: Vec<&str> = s.split(':').collect();
+    let valid = octets.len() == 6
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !valid {
+        return Err(format!("{s:?} is not a MAC address like 52:54:00:12:34:56"));
+    }
+    // The low bit of the first octet marks multicast: not usable as a station address.
+    if u8::from_str_radix(octets[0], 16).map_or(true, |b| b & 1 != 0) {
+        return Err(format!("{s} is a multicast address"));
+    }
+    Ok(s.to_ascii_lowercase())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Users and groups.
+
+/// Numeric uid, or a user name looked up with getpwnam_r; returns (uid, primary gid if known).
+fn resolve_user(spec: &str) -> Result<(u32, Option<u32>), LaunchError> {
+    let lookup_err = |source| LaunchError::Lookup {
+        what: "user",
+        name: spec.to_owned(),
+        source,
+    };
+    if let Ok(uid) = spec.parse::<u32>() {
+        let entry = passwd_entry(PwKey::Uid(uid)).map_err(lookup_err)?;
+        return Ok((uid, entry.map(|(_, gid)| gid)));
+    }
+    let name = CString::new(spec).map_err(|_| LaunchError::UnknownUser(spec.to_owned()))?;
+    match passwd_entry(PwKey::Name(&name)).map_err(lookup_err)? {
+        Some((uid, gid)) => Ok((uid, Some(gid))),
+        None => Err(LaunchError::UnknownUser(spec.to_owned())),
+    }
+}
+
+/// Numeric gid, or a group name looked up with getgrnam_r.
+fn resolve_group(spec: &str) -> Result<u32, LaunchError> {
+    if let Ok(gid) = spec.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = CString::new(spec).map_err(|_| LaunchError::UnknownGroup(spec.to_owned()))?;
+    let mut buf: Vec<c_char> = vec![0; 4096];
+    loop {
+        // SAFETY: an all-zero `struct group` is valid (null pointers and zero ids).
+        let mut grp: libc::group = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer refers to a live local or to `buf`, whose length is passed; the
+        // strings written into `buf` are not used after this call.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                name.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut result,
+            )
+        };
+        match rc {
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 2, 0),
+            0 if result.is_null() => return Err(LaunchError::UnknownGroup(spec.to_owned())),
+            0 => return Ok(grp.gr_gid),
+            // getgrnam_r(3): these mean "not found" with some NSS modules.
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => {
+                return Err(LaunchError::UnknownGroup(spec.to_owned()))
+            }
+            errno => {
+                return Err(LaunchError::Lookup {
+                    what: "group",
+                    name: spec.to_owned(),
+                    source: io::Error::from_raw_os_error(errno),
+                })
+            }
+        }
+    }
+}
+
+enum PwKey<'a> {
+    Name(&'a CStr),
+    Uid(u32),
+}
+
+/// (uid, gid) of a passwd entry, `None` if there is none.
+fn passwd_entry(key: PwKey<'_>) -> io::Result<Option<(u32, u32)>> {
+    let mut buf: Vec<c_char> = vec![0; 4096];
+    loop {
+        // SAFETY: an all-zero `struct passwd` is valid (null pointers and zero ids).
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer refers to a live local or to `buf`, whose length is passed; the
+        // strings written into `buf` are not used after this call.
+        let rc = unsafe {
+            match key {
+                PwKey::Name(name) => libc::getpwnam_r(
+                    name.as_ptr(),
+                    &mut pwd,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                    &mut result,
+                ),
+                PwKey::Uid(uid) => {
+                    libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result)
+                }
+            }
+        };
+        match rc {
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 2, 0),
+            0 if result.is_null() => return Ok(None),
+            0 => return Ok(Some((pwd.pw_uid, pwd.pw_gid))),
+            libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM => return Ok(None),
+            errno => return Err(io::Error::from_raw_os_error(errno)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fds and privileges.
+
+fn set_cloexec(fd: RawFd, cloexec: bool) -> io::Result<()> {
+    // SAFETY: fcntl(F_GETFD/F_SETFD) takes no pointers; it only changes this fd's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = if cloexec {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Marks every fd above stderr close-on-exec (whatever our parent let us inherit), then clears
+/// the flag on exactly the fds passed to mqvmm.
+fn cloexec_all_except(keep: &[RawFd]) -> Result<(), LaunchError> {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC closes nothing; it sets FD_CLOEXEC on a range.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as c_ulong,
+            c_ulong::from(u32::MAX),
+            c_ulong::from(libc::CLOSE_RANGE_CLOEXEC),
+        )
+    };
+    if rc != 0 {
+        // Kernels before 5.11: walk /proc/self/fd instead.
+        let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+            .map_err(|source| LaunchError::Syscall {
+                what: "listing /proc/self/fd".to_owned(),
+                source,
+            })?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd > 2)
+            .collect();
+        for fd in fds {
+            match set_cloexec(fd, true) {
+                // The directory's own fd, closed by now.
+                Err(e) if e.raw_os_error() == Some(libc::EBADF) => {}
+                Err(source) => {
+                    return Err(LaunchError::Syscall {
+                        what: format!("setting FD_CLOEXEC on fd {fd}"),
+                        source,
+                    })
+                }
+                Ok(()) => {}
+            }
+        }
+    }
+    for &fd in keep {
+        set_cloexec(fd, false).map_err(|source| LaunchError::Syscall {
+            what: format!("clearing FD_CLOEXEC on fd {fd}"),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// prctl's variadic arguments are read by the kernel as unsigned longs.
+fn prctl(option: c_int, arg: c_ulong) -> c_int {
+    // SAFETY: the prctl options used here take integer arguments only.
+    unsafe { libc::prctl(option, arg, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong) }
+}
+
+fn drop_privileges(uid: u32, gid: u32) -> Result<(), LaunchError> {
+    if prctl(libc::PR_SET_NO_NEW_PRIVS, 1) != 0 {
+        return Err(syscall_error("prctl(PR_SET_NO_NEW_PRIVS)"));
+    }
+    // The bounding set can only shrink while we still hold CAP_SETPCAP, i.e. before setuid.
+    let mut cap: c_ulong = 0;
+    loop {
+        match prctl(libc::PR_CAPBSET_READ, cap) {
+            r if r < 0 => break, // EINVAL: past the last capability this kernel knows
+            0 => {}
+            _ => {
+                if prctl(libc::PR_CAPBSET_DROP, cap) != 0 {
+                    return Err(syscall_error(format!("prctl(PR_CAPBSET_DROP, {cap})")));
+                }
+            }
+        }
+        cap += 1;
+    }
+    // SAFETY: setgroups with size 0 reads no memory.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+        return Err(syscall_error("setgroups(0)"));
+    }
+    // SAFETY: setresgid/setresuid take integers only; this process has no other threads.
+    if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
+        return Err(syscall_error(format!("setresgid({gid})")));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+        return Err(syscall_error(format!("setresuid({uid})")));
+    }
+    // setresuid away from root already empties the permitted and effective sets; capset clears
+    // them for --user root too, and the inheritable set in every case.
+    #[repr(C)]
+    struct CapHeader {
+        version: u32,
+        pid: c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct CapData {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset reads one header and two data structs (version 3), both live locals.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(syscall_error("capset(all zero)"));
+    }
+    if prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as c_ulong,
+    ) != 0
+    {
+        return Err(syscall_error("prctl(PR_CAP_AMBIENT_CLEAR_ALL)"));
+    }
+    Ok(())
+}
+
+/// Checks the drop with the kernel's own account of us, and that it cannot be undone.
+fn verify_dropped(uid: u32, gid: u32) -> Result<(), LaunchError> {
+    let (mut r, mut e, mut s) = (0, 0, 0);
+    // SAFETY: getresuid writes three ids into live locals.
+    if unsafe { libc::getresuid(&mut r, &mut e, &mut s) } != 0 || (r, e, s) != (uid, uid, uid) {
+        return Err(LaunchError::Verify(format!(
+            "uids are {r}/{e}/{s}, not {uid}"
+        )));
+    }
+    // SAFETY: getresgid writes three ids into live locals.
+    if unsafe { libc::getresgid(&mut r, &mut e, &mut s) } != 0 || (r, e, s) != (gid, gid, gid) {
+        return Err(LaunchError::Verify(format!(
+            "gids are {r}/{e}/{s}, not {gid}"
+        )));
+    }
+    // SAFETY: getgroups with size 0 only returns the count.
+    let groups = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+    if groups != 0 {
+        return Err(LaunchError::Verify(format!(
+            "{groups} supplementary groups remain"
+        )));
+    }
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(|source| LaunchError::Syscall {
+            what: "reading /proc/self/status".to_owned(),
+            source,
+        })?;
+    for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        let value = status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .map(str::trim);
+        if value.map(|v| u64::from_str_radix(v, 16)) != Some(Ok(0)) {
+            return Err(LaunchError::Verify(format!("{key} is {value:?}, not 0")));
+        }
+    }
+    let nnp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NoNewPrivs:"))
+        .map(str::trim);
+    if nnp != Some("1") {
+        return Err(LaunchError::Verify(format!("NoNewPrivs is {nnp:?}, not 1")));
+    }
+    if uid != 0 {
+        // SAFETY: setuid/setgid take an integer; success here would be the failure we check for.
+        if unsafe { libc::setuid(0) } == 0 || unsafe { libc::setgid(0) } == 0 {
+            return Err(LaunchError::Verify("could regain root".to_owned()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_addresses() {
+        assert_eq!(parse_mac("52:54:00:AB:cd:ef").unwrap(), "52:54:00:ab:cd:ef");
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:01",
+            "52-54-00-ab-cd-ef",
+            "5:54:00:ab:cd:ef",
+            "zz:54:00:ab:cd:ef",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_mac("01:00:5e:00:00:01")
+            .unwrap_err()
+            .contains("multicast"));
+    }
+
+    #[test]
+    fn users_and_groups_resolve() {
+        assert_eq!(resolve_user("root").unwrap(), (0, Some(0)));
+        assert_eq!(resolve_user("0").unwrap(), (0, Some(0)));
+        assert!(matches!(
+            resolve_user("no-such-user-mqvmm"),
+            Err(LaunchError::UnknownUser(_))
+        ));
+        assert_eq!(resolve_group("root").unwrap(), 0);
+        assert_eq!(resolve_group("4242").unwrap(), 4242);
+        assert!(matches!(
+            resolve_group("no-such-group-mqvmm"),
+            Err(LaunchError::UnknownGroup(_))
+        ));
+        // A uid without a passwd entry has no primary group.
+        assert_eq!(resolve_user("3999999").unwrap(), (3_999_999, None));
+    }
+
+    #[test]
+    fn argument_errors_exit_2_setup_errors_exit_1() {
+        assert_eq!(LaunchError::RootUser("0".into()).exit_code(), 2);
+        assert_eq!(LaunchError::Reserved("--net".into()).exit_code(), 2);
+        assert_eq!(
+            LaunchError::OpenKvm(io::Error::from_raw_os_error(libc::ENOENT)).exit_code(),
+            1
+        );
+    }
+
+    #[test]
+    fn help_shows_a_complete_example() {
+        let help = <Args as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        for needle in [
+            "--tap",
+            "--queues",
+            "--user",
+            "--mac",
+            "ip addr add",
+            "ip link set mq0 up",
+            "--kvm-fd",
+            "--net fds=",
+        ] {
+            assert!(help.contains(needle), "help lacks {needle:?}");
+        }
+    }
+}
