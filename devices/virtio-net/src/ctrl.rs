@@ -1,0 +1,471 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The control virtqueue: command parsing, dispatch, and the VQ_PAIRS_SET sequence with
+//! rollback.
+//!
+//! Side effects go through two small traits so that the parsing and the ordering rules are
+//! testable without threads: [`CtrlTarget`] (what a command changes) and [`PairSwitch`]
+//! (park/resume a worker, attach/detach a backend queue).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use log::{debug, error, warn};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET, VIRTIO_NET_CTRL_MAC,
+    VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+    VIRTIO_NET_ERR, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_OK,
+};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::backend::BackendError;
+use crate::chain::{walk, ChainError, DescTable};
+use crate::features::Negotiated;
+use crate::metrics::{NetMetrics, Tally};
+use crate::Interrupt;
+
+/// Reply byte for a command that was applied.
+pub const ACK_OK: u8 = VIRTIO_NET_OK as u8;
+/// Reply byte for a command that was refused (state unchanged).
+pub const ACK_ERR: u8 = VIRTIO_NET_ERR as u8;
+
+/// Readable bytes of a command we look at (class, command, and the largest payload we
+/// parse, a u64); anything beyond is ignored.
+const CMD_BUF_LEN: usize = 64;
+
+/// Why a step of a queue-pair switch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SwitchError {
+    /// The worker did not confirm the state change in time.
+    #[error("worker of pair {pair} did not confirm {state} within {timeout_ms} ms")]
+    WorkerTimeout {
+        /// The pair.
+        pair: usize,
+        /// The requested state.
+        state: &'static str,
+        /// How long we waited.
+        timeout_ms: u64,
+    },
+    /// The worker could not start polling its backend.
+    #[error("worker of pair {pair} cannot poll its backend")]
+    WorkerPoll {
+        /// The pair.
+        pair: usize,
+        /// What epoll said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pair has no worker because the driver did not set up its queues.
+    #[error("pair {pair} has no worker: its virtqueues were not set up")]
+    NoWorker {
+        /// The pair.
+        pair: usize,
+    },
+    /// A backend operation failed.
+    #[error("backend of pair {pair} failed")]
+    Backend {
+        /// The pair.
+        pair: usize,
+        /// The backend error.
+        #[source]
+        source: BackendError,
+    },
+}
+
+/// The four primitive steps of a queue-pair switch.
+pub trait PairSwitch {
+    /// Stop the worker of `pair` from touching its backend; returns once it confirmed.
+    fn park(&mut self, pair: usize) -> Result<(), SwitchError>;
+    /// Let the worker of `pair` use its backend again; returns once it confirmed.
+    fn resume(&mut self, pair: usize) -> Result<(), SwitchError>;
+    /// Enable the backend queue of `pair`.
+    fn attach(&mut self, pair: usize) -> Result<(), SwitchError>;
+    /// Disable the backend queue of `pair`.
+    fn detach(&mut self, pair: usize) -> Result<(), SwitchError>;
+    /// An undo step failed; the pair stays as it is (metrics show it).
+    fn undo_failed(&mut self, pair: usize, err: &SwitchError) {
+        error!("virtio-net: rollback of pair {pair} failed: {err}");
+    }
+}
+
+fn undo<S: PairSwitch>(sw: &mut S, pair: usize, result: Result<(), SwitchError>) {
+    if let Err(e) = result {
+        sw.undo_failed(pair, &e);
+    }
+}
+
+/// Re-enables pairs `range` that a failed shrink had disabled (in reverse order of the
+/// shrink: lowest first).
+fn undo_shrink<S: PairSwitch>(sw: &mut S, range: std::ops::Range<usize>) {
+    for pair in range {
+        let r = sw.attach(pair);
+        let ok = r.is_ok();
+        undo(sw, pair, r);
+        if ok {
+            let r = sw.resume(pair);
+            undo(sw, pair, r);
+        }
+    }
+}
+
+/// Disables pairs `range` that a failed grow had enabled (highest first).
+fn undo_grow<S: PairSwitch>(sw: &mut S, range: std::ops::Range<usize>) {
+    for pair in range.rev() {
+        let r = sw.park(pair);
+        undo(sw, pair, r);
+        let r = sw.detach(pair);
+        undo(sw, pair, r);
+    }
+}
+
+/// Moves from `current` to `target` enabled pairs (pairs `0..n` enabled).
+///
+/// Shrinking parks each surplus worker (it confirms it no longer touches the backend) and
+/// then detaches its backend, highest pair first. Growing attaches each backend and then
+/// resumes its worker. On the first failure everything done so far is undone in reverse and
+/// the error is returned, so the enabled set is `0..current` again (unless an undo step
+/// itself fails, which [`PairSwitch::undo_failed`] reports).
+pub fn switch_pairs<S: PairSwitch>(
+    sw: &mut S,
+    current: usize,
+    target: usize,
+) -> Result<(), SwitchError> {
+    if target < current {
+        for pair in (target..current).rev() {
+            if let Err(e) = sw.park(pair) {
+                // The worker may have parked after the timeout; make sure it runs.
+                let r = sw.resume(pair);
+                undo(sw, pair, r);
+                undo_shrink(sw, pair + 1..current);
+                return Err(e);
+            }
+            if let Err(e) = sw.detach(pair) {
+                let r = sw.resume(pair);
+                undo(sw, pair, r);
+                undo_shrink(sw, pair + 1..current);
+                return Err(e);
+            }
+        }
+    } else {
+        for pair in current..target {
+            if let Err(e) = sw.attach(pair) {
+                undo_grow(sw, current..pair);
+                return Err(e);
+            }
+            if let Err(e) = sw.resume(pair) {
+                let r = sw.park(pair);
+                undo(sw, pair, r);
+                let r = sw.detach(pair);
+                undo(sw, pair, r);
+                undo_grow(sw, current..pair);
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What control commands change.
+pub trait CtrlTarget {
+    /// Number of queue pairs the device has.
+    fn max_pairs(&self) -> u16;
+    /// Enable pairs `0..n` (1 <= n <= max already checked); false means refused and
+    /// rolled back.
+    fn set_queue_pairs(&mut self, n: u16) -> bool;
+    /// Apply guest receive offloads (VIRTIO_NET_F_GUEST_* bits, already checked against
+    /// the negotiated features).
+    fn set_guest_offloads(&mut self, offloads: u64) -> bool;
+    /// Change the MAC in the config space.
+    fn set_mac(&mut self, mac: [u8; 6]) -> bool;
+}
+
+/// Executes one command and returns the ack byte. `data` is the command-specific data
+/// (possibly truncated to what we read, possibly longer than needed: trailing bytes are
+/// ignored).
+pub fn execute<T: CtrlTarget>(
+    features: Negotiated,
+    class: u8,
+    command: u8,
+    data: &[u8],
+    target: &mut T,
+) -> u8 {
+    let ok = match (u32::from(class), u32::from(command)) {
+        (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if features.mq() => {
+            match data.get(..2) {
+                Some(b) => {
+                    let n = u16::from_le_bytes([b[0], b[1]]);
+                    if n == 0 || n > target.max_pairs() {
+                        debug!(
+                            "virtio-net: VQ_PAIRS_SET({n}) outside 1..={}",
+                            target.max_pairs()
+                        );
+                        false
+                    } else {
+                        target.set_queue_pairs(n)
+                    }
+                }
+                None => false,
+            }
+        }
+        (VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET)
+            if features.has(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) =>
+        {
+            match data.get(..8) {
+                Some(b) => {
+                    let mut raw = [0u8; 8];
+                    raw.copy_from_slice(b);
+                    let offloads = u64::from_le_bytes(raw);
+                    // Only offloads negotiated at FEATURES_OK may be switched on.
+                    if offloads & !features.guest_offloads() != 0 {
+                        debug!("virtio-net: GUEST_OFFLOADS_SET({offloads:#x}) not negotiated");
+                        false
+                    } else {
+                        target.set_guest_offloads(offloads)
+                    }
+                }
+                None => false,
+            }
+        }
+        (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET)
+            if features.has(VIRTIO_NET_F_CTRL_MAC_ADDR) =>
+        {
+            match data.get(..6) {
+                Some(b) => {
+                    let mut mac = [0u8; 6];
+                    mac.copy_from_slice(b);
+                    target.set_mac(mac)
+                }
+                None => false,
+            }
+        }
+        // MAC_TABLE_SET and the RX mode class need VIRTIO_NET_F_CTRL_RX, VLAN needs
+        // CTRL_VLAN, ANNOUNCE needs GUEST_ANNOUNCE, RSS needs RSS: none is offered. Commands
+        // of features that were not negotiated, and unknown ones, are refused.
+        _ => {
+            debug!("virtio-net: control command class {class} command {command} refused");
+            false
+        }
+    };
+    if ok {
+        ACK_OK
+    } else {
+        ACK_ERR
+    }
+}
+
+/// A control chain, parsed: the first bytes of its readable part and where the ack goes.
+#[derive(Debug)]
+pub struct CtrlRequest {
+    buf: [u8; CMD_BUF_LEN],
+    /// Readable bytes in the chain (may exceed what `buf` holds).
+    pub readable_len: usize,
+    /// Guest address of the ack byte (last byte of the last writable descriptor).
+    pub ack_addr: GuestAddress,
+}
+
+impl CtrlRequest {
+    /// Class and command, if the readable part holds them.
+    pub fn header(&self) -> Option<(u8, u8)> {
+        (self.readable_len >= 2).then(|| (self.buf[0], self.buf[1]))
+    }
+
+    /// Command-specific data (at most `CMD_BUF_LEN - 2` bytes of it).
+    pub fn data(&self) -> &[u8] {
+        let end = self.readable_len.min(CMD_BUF_LEN);
+        self.buf.get(2..end).unwrap_or(&[])
+    }
+}
+
+/// Why a control chain cannot be answered at all.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CtrlChainError {
+    /// The chain itself is malformed.
+    #[error("malformed control chain")]
+    Chain(#[from] ChainError),
+    /// A device-readable descriptor follows a device-writable one.
+    #[error("device-readable descriptor after a device-writable one")]
+    ReadableAfterWritable,
+    /// No device-writable byte for the ack.
+    #[error("no device-writable byte for the ack")]
+    NoAck,
+}
+
+/// Parses the control chain at `head`: class/command/data may be split across readable
+/// descriptors or share one; the ack goes into the last byte of the last writable one.
+pub fn parse_request(
+    mem: &GuestMemoryMmap,
+    table: DescTable,
+    head: u16,
+) -> Result<CtrlRequest, CtrlChainError> {
+    let mut req = CtrlRequest {
+        buf: [0; CMD_BUF_LEN],
+        readable_len: 0,
+        ack_addr: GuestAddress(0),
+    };
+    let mut ack: Option<GuestAddress> = None;
+    let mut seen_writable = false;
+    let mut order_error = false;
+    walk(mem, table, head, |desc| {
+        let len = desc.len() as usize;
+        if !GuestMemoryBackend::check_range(mem, desc.addr(), len) {
+            return Err(ChainError::OutOfMemory {
+                addr: desc.addr().0,
+                len: desc.len(),
+            });
+        }
+        if desc.is_write_only() {
+            seen_writable = true;
+            if len > 0 {
+                ack = Some(GuestAddress(desc.addr().0 + len as u64 - 1));
+            }
+        } else {
+            if seen_writable {
+                order_error = true;
+            }
+            let filled = req.readable_len.min(CMD_BUF_LEN);
+            let n = len.min(CMD_BUF_LEN - filled);
+            if n > 0 {
+                mem.read_slice(&mut req.buf[filled..filled + n], desc.addr())
+                    .map_err(|_| ChainError::OutOfMemory {
+                        addr: desc.addr().0,
+                        len: desc.len(),
+                    })?;
+            }
+            req.readable_len = req.readable_len.saturating_add(len);
+        }
+        Ok(())
+    })?;
+    if order_error {
+        return Err(CtrlChainError::ReadableAfterWritable);
+    }
+    req.ack_addr = ack.ok_or(CtrlChainError::NoAck)?;
+    Ok(req)
+}
+
+/// The control virtqueue and what answering on it needs.
+pub struct CtrlQueue {
+    queue: Queue,
+    index: u16,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn Interrupt>,
+    metrics: Arc<NetMetrics>,
+    features: Negotiated,
+    warned: bool,
+}
+
+impl CtrlQueue {
+    /// The control queue at transport index `index`.
+    pub fn new(
+        queue: Queue,
+        index: u16,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        metrics: Arc<NetMetrics>,
+        features: Negotiated,
+    ) -> Self {
+        CtrlQueue {
+            queue,
+            index,
+            mem,
+            interrupt,
+            metrics,
+            features,
+            warned: false,
+        }
+    }
+
+    /// The queue (tests inspect its indices).
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    fn finish(&mut self, head: u16, len: u32, tally: &mut Tally) {
+        if self.queue.add_used(&self.mem, head, len).is_err() {
+            return;
+        }
+        let signal = if self.queue.event_idx_enabled() {
+            self.queue.needs_notification(&self.mem).unwrap_or(true)
+        } else {
+            true
+        };
+        if signal {
+            match self.interrupt.signal_used_queue(self.index) {
+                Ok(()) => tally.interrupts += 1,
+                Err(e) => warn!("virtio-net: ctrl interrupt failed: {e}"),
+            }
+        }
+    }
+
+    /// Answers every available command. Each command's ack byte, used entry and interrupt
+    /// are written only after the command took full effect (or was rolled back).
+    /// `kicked_at` is when the kick was seen, for the VQ_PAIRS_SET latency.
+    pub fn process<T: CtrlTarget>(&mut self, target: &mut T, kicked_at: Instant) {
+        let mut tally = Tally::default();
+        let table = DescTable {
+            addr: GuestAddress(self.queue.desc_table()),
+            size: self.queue.size(),
+            indirect: self.features.indirect_desc(),
+        };
+        loop {
+            loop {
+                let head = match self.queue.iter(&self.mem) {
+                    Ok(mut it) => match it.next() {
+                        Some(chain) => chain.head_index(),
+                        None => break,
+                    },
+                    Err(e) => {
+                        if !self.warned {
+                            warn!("virtio-net: control queue unusable: {e}");
+                            self.warned = true;
+                        }
+                        self.metrics.ctrl.add(&tally);
+                        return;
+                    }
+                };
+                let req = match parse_request(&self.mem, table, head) {
+                    Ok(req) => req,
+                    Err(e) => {
+                        debug!("virtio-net: bad control chain {head}: {e}");
+                        tally.bad_chains += 1;
+                        self.finish(head, 0, &mut tally);
+                        continue;
+                    }
+                };
+                let (ack, pairs_set) = match req.header() {
+                    Some((class, command)) => (
+                        execute(self.features, class, command, req.data(), target),
+                        u32::from(class) == VIRTIO_NET_CTRL_MQ
+                            && u32::from(command) == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                    ),
+                    None => (ACK_ERR, false),
+                };
+                if ack == ACK_OK {
+                    tally.packets += 1;
+                } else {
+                    tally.drops += 1;
+                }
+                if self.mem.write_obj(ack, req.ack_addr).is_err() {
+                    tally.bad_chains += 1;
+                    self.finish(head, 0, &mut tally);
+                    continue;
+                }
+                self.finish(head, 1, &mut tally);
+                if pairs_set {
+                    let m = &self.metrics;
+                    m.vq_pairs_set.fetch_add(1, Ordering::Relaxed);
+                    if ack != ACK_OK {
+                        m.vq_pairs_set_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let ns = u64::try_from(kicked_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    m.last_vq_pairs_set_ns.store(ns, Ordering::Relaxed);
+                }
+            }
+            match self.queue.enable_notification(&self.mem) {
+                Ok(true) => continue,
+                Ok(false) | Err(_) => break,
+            }
+        }
+        self.metrics.ctrl.add(&tally);
+    }
+}

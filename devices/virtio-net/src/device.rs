@@ -1,0 +1,670 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The device: feature negotiation, config space, activation and reset, and the state the
+//! worker and control threads share.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use log::{debug, error, info, warn};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::backend::{Backend, BackendError};
+use crate::config::{ConfigError, ConfigSpace, NetConfig};
+use crate::ctrl::{switch_pairs, CtrlQueue, CtrlTarget, PairSwitch, SwitchError};
+use crate::features::{bit, offered_features, tun_offload_flags, Negotiated};
+use crate::metrics::NetMetrics;
+use crate::rxtx::PathConfig;
+use crate::worker::{
+    spawn_ctrl, spawn_worker, PairControl, RunState, WorkerFds, WorkerStart, WORKER_CONFIRM_TIMEOUT,
+};
+use crate::Interrupt;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
+};
+
+/// Errors of device creation and activation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The options or the backend count are not acceptable.
+    #[error("invalid virtio-net configuration")]
+    Config(#[from] ConfigError),
+    /// A backend could not be put into the reset state (pair 0 attached, others detached).
+    #[error("cannot put backend of pair {pair} into the reset state")]
+    BackendSetup {
+        /// The pair.
+        pair: usize,
+        /// The backend error.
+        #[source]
+        source: BackendError,
+    },
+    /// `activate` was called twice without a reset.
+    #[error("device is already active")]
+    AlreadyActive,
+    /// The transport passed a queue index the device does not have.
+    #[error("queue index {index} does not exist (the device has {count} queues)")]
+    UnknownQueue {
+        /// The index passed.
+        index: u16,
+        /// Number of queues for the negotiated features.
+        count: usize,
+    },
+    /// The transport passed the same queue index twice.
+    #[error("queue {index} was passed twice")]
+    DuplicateQueue {
+        /// The index.
+        index: u16,
+    },
+    /// A queue's size or ring addresses do not fit guest memory.
+    #[error("queue {index} is not valid (size or rings outside guest memory)")]
+    InvalidQueue {
+        /// The index.
+        index: u16,
+    },
+    /// A queue of pair 0 is missing: the device cannot run.
+    #[error("queue {index} of the first queue pair is not ready")]
+    MissingQueue {
+        /// The index.
+        index: u16,
+    },
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// A thread could not be started.
+    #[error("cannot start thread {name}")]
+    Spawn {
+        /// The thread name.
+        name: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Serialised pair state: changed by activation, reset and the control thread only.
+#[derive(Debug)]
+pub(crate) struct PairsState {
+    /// Pairs `0..active` are enabled.
+    pub active: usize,
+    /// Backend attach state as we last set it.
+    pub attached: Vec<bool>,
+    /// Pairs with a worker thread (their queues were set up).
+    pub has_worker: Vec<bool>,
+    /// Vnet header size set on the backends.
+    pub hdr_len: i32,
+    /// TUN_F_* flags set on the backends.
+    pub tun_flags: u32,
+    /// Negotiated features of the current activation.
+    pub features: Negotiated,
+}
+
+/// State shared by the device, its workers and its control thread.
+pub struct Shared<B> {
+    pub(crate) backends: Vec<B>,
+    pub(crate) pairs: Vec<PairControl>,
+    pub(crate) metrics: Arc<NetMetrics>,
+    pub(crate) config: Mutex<ConfigSpace>,
+    pub(crate) link_up: AtomicBool,
+    /// Guest receive offloads in force (VIRTIO_NET_F_GUEST_* bits).
+    pub(crate) guest_offloads: AtomicU64,
+    pub(crate) interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
+    pub(crate) state: Mutex<PairsState>,
+    mtu: Option<u16>,
+}
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Poisoning only records that a holder panicked; the data is plain values.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<B: Backend> Shared<B> {
+    /// Data-path settings for the current features and `guest_offloads`.
+    pub(crate) fn path_config(&self, guest_offloads: u64) -> PathConfig {
+        let features = relock(&self.state).features;
+        let gso = guest_offloads
+            & (bit(VIRTIO_NET_F_GUEST_TSO4)
+                | bit(VIRTIO_NET_F_GUEST_TSO6)
+                | bit(VIRTIO_NET_F_GUEST_UFO))
+            != 0;
+        PathConfig::new(features, gso, self.mtu)
+    }
+
+    fn set_attached(&self, state: &mut PairsState, pair: usize, attached: bool) {
+        state.attached[pair] = attached;
+        self.metrics.pairs[pair]
+            .attached
+            .store(attached, Ordering::Relaxed);
+    }
+
+    /// Attach / detach backends so that exactly pair 0 is attached (the reset state).
+    fn enter_reset_state(&self, state: &mut PairsState) -> Result<(), Error> {
+        if !state.attached[0] {
+            self.backends[0]
+                .attach()
+                .map_err(|source| Error::BackendSetup { pair: 0, source })?;
+            self.set_attached(state, 0, true);
+        }
+        let mut result = Ok(());
+        for pair in 1..self.backends.len() {
+            if state.attached[pair] {
+                match self.backends[pair].detach() {
+                    Ok(()) => self.set_attached(state, pair, false),
+                    Err(source) => {
+                        error!("virtio-net: cannot detach backend of pair {pair}: {source}");
+                        if result.is_ok() {
+                            result = Err(Error::BackendSetup { pair, source });
+                        }
+                    }
+                }
+            }
+        }
+        state.active = 1;
+        self.metrics.active_pairs.store(1, Ordering::Relaxed);
+        result
+    }
+}
+
+/// [`PairSwitch`] over the real workers and backends.
+struct DevicePairs<'a, B> {
+    shared: &'a Shared<B>,
+    state: &'a mut PairsState,
+}
+
+impl<B: Backend> PairSwitch for DevicePairs<'_, B> {
+    fn park(&mut self, pair: usize) -> Result<(), SwitchError> {
+        if !self.state.has_worker[pair] {
+            return Ok(());
+        }
+        self.shared.pairs[pair].request(pair, RunState::Parked, WORKER_CONFIRM_TIMEOUT)
+    }
+
+    fn resume(&mut self, pair: usize) -> Result<(), SwitchError> {
+        if !self.state.has_worker[pair] {
+            return Err(SwitchError::NoWorker { pair });
+        }
+        self.shared.pairs[pair].request(pair, RunState::Running, WORKER_CONFIRM_TIMEOUT)
+    }
+
+    fn attach(&mut self, pair: usize) -> Result<(), SwitchError> {
+        let backend = &self.shared.backends[pair];
+        let wrap = |source| SwitchError::Backend { pair, source };
+        backend.attach().map_err(wrap)?;
+        self.shared.set_attached(self.state, pair, true);
+        // Header size and offloads are per tap device in Linux, but re-applying them on the
+        // queue being enabled keeps other backends (and a future kernel) consistent.
+        let setup = backend
+            .set_vnet_hdr_size(self.state.hdr_len)
+            .and_then(|()| backend.set_offload(self.state.tun_flags));
+        if let Err(source) = setup {
+            match backend.detach() {
+                Ok(()) => self.shared.set_attached(self.state, pair, false),
+                Err(e) => error!("virtio-net: cannot detach backend of pair {pair} again: {e}"),
+            }
+            return Err(wrap(source));
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self, pair: usize) -> Result<(), SwitchError> {
+        self.shared.backends[pair]
+            .detach()
+            .map_err(|source| SwitchError::Backend { pair, source })?;
+        self.shared.set_attached(self.state, pair, false);
+        Ok(())
+    }
+
+    fn undo_failed(&mut self, pair: usize, err: &SwitchError) {
+        error!("virtio-net: rollback of pair {pair} failed: {err}");
+        self.shared
+            .metrics
+            .rollback_failures
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// [`CtrlTarget`] of the control thread: applies commands to the shared state.
+pub struct DeviceCtrl<'a, B> {
+    shared: &'a Shared<B>,
+}
+
+impl<'a, B: Backend> DeviceCtrl<'a, B> {
+    pub(crate) fn new(shared: &'a Shared<B>) -> Self {
+        DeviceCtrl { shared }
+    }
+}
+
+impl<B: Backend> CtrlTarget for DeviceCtrl<'_, B> {
+    fn max_pairs(&self) -> u16 {
+        self.shared.backends.len() as u16
+    }
+
+    fn set_queue_pairs(&mut self, n: u16) -> bool {
+        let mut state = relock(&self.shared.state);
+        let current = state.active;
+        let target = usize::from(n);
+        if target == current {
+            return true;
+        }
+        let result = switch_pairs(
+            &mut DevicePairs {
+                shared: self.shared,
+                state: &mut state,
+            },
+            current,
+            target,
+        );
+        match result {
+            Ok(()) => {
+                state.active = target;
+                self.shared
+                    .metrics
+                    .active_pairs
+                    .store(target as u64, Ordering::Relaxed);
+                info!("virtio-net: {current} -> {target} queue pairs");
+                true
+            }
+            Err(e) => {
+                warn!("virtio-net: VQ_PAIRS_SET({target}) refused, staying at {current}: {e}");
+                false
+            }
+        }
+    }
+
+    fn set_guest_offloads(&mut self, offloads: u64) -> bool {
+        let mut state = relock(&self.shared.state);
+        let flags = tun_offload_flags(offloads);
+        let previous = state.tun_flags;
+        let attached: Vec<usize> = (0..self.shared.backends.len())
+            .filter(|&p| state.attached[p])
+            .collect();
+        for (i, &pair) in attached.iter().enumerate() {
+            if let Err(e) = self.shared.backends[pair].set_offload(flags) {
+                warn!("virtio-net: GUEST_OFFLOADS_SET({offloads:#x}) failed: {e}");
+                for &done in &attached[..i] {
+                    if let Err(e) = self.shared.backends[done].set_offload(previous) {
+                        error!("virtio-net: cannot restore offloads on pair {done}: {e}");
+                    }
+                }
+                return false;
+            }
+        }
+        state.tun_flags = flags;
+        self.shared
+            .guest_offloads
+            .store(offloads, Ordering::Relaxed);
+        true
+    }
+
+    fn set_mac(&mut self, mac: [u8; 6]) -> bool {
+        relock(&self.shared.config).mac = mac;
+        true
+    }
+}
+
+struct Running {
+    workers: Vec<(usize, JoinHandle<()>)>,
+    ctrl: Option<(EventFd, JoinHandle<()>)>,
+}
+
+/// A multiqueue virtio-net device; one [`Backend`] per queue pair.
+pub struct Net<B: Backend> {
+    cfg: NetConfig,
+    avail_features: u64,
+    acked_features: u64,
+    shared: Arc<Shared<B>>,
+    running: Option<Running>,
+}
+
+impl<B: Backend + 'static> Net<B> {
+    /// Virtio device ID of a network card.
+    pub const DEVICE_TYPE: u32 = 1;
+
+    /// A device with one queue pair per backend. The backends are put into the reset
+    /// state: pair 0 attached, all others detached.
+    pub fn new(cfg: NetConfig, backends: Vec<B>) -> Result<Self, Error> {
+        cfg.validate(backends.len())?;
+        let pairs = backends.len();
+        let metrics = Arc::new(NetMetrics::new(pairs));
+        let mut attached = Vec::with_capacity(pairs);
+        for (pair, b) in backends.iter().enumerate() {
+            let a = b
+                .is_attached()
+                .map_err(|source| Error::BackendSetup { pair, source })?;
+            attached.push(a);
+            metrics.pairs[pair].attached.store(a, Ordering::Relaxed);
+            metrics.pairs[pair].parked.store(true, Ordering::Relaxed);
+        }
+        let controls = (0..pairs)
+            .map(|_| PairControl::new(RunState::Parked))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Error::EventFd)?;
+        let shared = Arc::new(Shared {
+            backends,
+            pairs: controls,
+            metrics,
+            config: Mutex::new(ConfigSpace::new(cfg.mac, pairs as u16, cfg.mtu, true)),
+            link_up: AtomicBool::new(true),
+            guest_offloads: AtomicU64::new(0),
+            interrupt: Mutex::new(None),
+            state: Mutex::new(PairsState {
+                active: 1,
+                attached,
+                has_worker: vec![false; pairs],
+                hdr_len: 0,
+                tun_flags: 0,
+                features: Negotiated::default(),
+            }),
+            mtu: cfg.mtu,
+        });
+        shared.enter_reset_state(&mut relock(&shared.state))?;
+        Ok(Net {
+            avail_features: offered_features(cfg.mtu.is_some(), cfg.mq),
+            acked_features: 0,
+            cfg,
+            shared,
+            running: None,
+        })
+    }
+
+    /// Number of queue pairs (max_virtqueue_pairs).
+    pub fn max_queue_pairs(&self) -> u16 {
+        self.shared.backends.len() as u16
+    }
+
+    /// Number of queue pairs currently enabled.
+    pub fn active_queue_pairs(&self) -> u16 {
+        relock(&self.shared.state).active as u16
+    }
+
+    /// Index of the control queue for the acked features: `2 * max_pairs` with MQ, 2
+    /// without (virtio spec 5.1.2).
+    pub fn ctrl_queue_index(&self) -> u16 {
+        if Negotiated(self.acked_features).mq() {
+            2 * self.max_queue_pairs()
+        } else {
+            2
+        }
+    }
+
+    /// Maximum size of every queue, in queue-index order: rx0, tx0, rx1, tx1, ..., ctrl
+    /// (ctrl only when offered). All sizes are equal, so a transport may read this before
+    /// negotiation; without MQ negotiated the control queue is index 2 (see
+    /// [`Self::ctrl_queue_index`]).
+    pub fn queue_max_sizes(&self) -> Vec<u16> {
+        let pairs = if self.acked_features != 0 && !Negotiated(self.acked_features).mq() {
+            1
+        } else {
+            self.shared.backends.len()
+        };
+        let ctrl = usize::from(
+            self.avail_features & bit(virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ) != 0,
+        );
+        vec![self.cfg.queue_size; 2 * pairs + ctrl]
+    }
+
+    /// Features the device offers.
+    pub fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    /// Features in force (acked and offered).
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Records the driver's features, masked to what was offered.
+    pub fn set_acked_features(&mut self, features: u64) {
+        let masked = features & self.avail_features;
+        if masked != features {
+            debug!(
+                "virtio-net: driver acked unoffered features {:#x}",
+                features & !self.avail_features
+            );
+        }
+        self.acked_features = masked;
+    }
+
+    /// Reads the config space; bytes beyond it read as zero.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        relock(&self.shared.config).read(offset, data);
+    }
+
+    /// Config writes are ignored: every field is read-only for a virtio 1.x driver (the MAC
+    /// changes through VIRTIO_NET_CTRL_MAC_ADDR_SET).
+    pub fn write_config(&mut self, offset: u64, data: &[u8]) {
+        debug!(
+            "virtio-net: ignored config write of {} bytes at {offset}",
+            data.len()
+        );
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Sets the link state shown to the guest and signals a config change if it changed.
+    /// While the link is down, transmitted frames are dropped (counted).
+    pub fn set_link_up(&self, up: bool) {
+        let changed = relock(&self.shared.config).set_link_up(up);
+        self.shared.link_up.store(up, Ordering::Relaxed);
+        self.shared.metrics.link_up.store(up, Ordering::Relaxed);
+        if !changed {
+            return;
+        }
+        let interrupt = relock(&self.shared.interrupt).clone();
+        if let (Some(irq), true) = (interrupt, self.running.is_some()) {
+            if let Err(e) = irq.signal_config() {
+                warn!("virtio-net: config interrupt failed: {e}");
+            }
+        }
+    }
+
+    /// Starts the device (driver set DRIVER_OK): one worker per queue pair whose two queues
+    /// are present, and the control thread if CTRL_VQ was negotiated. Only pair 0 is
+    /// attached and running; the others wait parked for VQ_PAIRS_SET.
+    pub fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<(u16, Queue, EventFd)>,
+    ) -> Result<(), Error> {
+        if self.running.is_some() {
+            return Err(Error::AlreadyActive);
+        }
+        let features = Negotiated(self.acked_features);
+        let pairs = if features.mq() {
+            self.shared.backends.len()
+        } else {
+            1
+        };
+        let ctrl_index = features.ctrl_vq().then(|| self.ctrl_queue_index());
+        let count = 2 * pairs + usize::from(ctrl_index.is_some());
+        let mut by_index: BTreeMap<u16, (Queue, EventFd)> = BTreeMap::new();
+        for (index, mut queue, kick) in queues {
+            if usize::from(index) >= count {
+                return Err(Error::UnknownQueue { index, count });
+            }
+            if !queue.is_valid(&mem) {
+                return Err(Error::InvalidQueue { index });
+            }
+            queue.set_event_idx(features.event_idx());
+            if by_index.insert(index, (queue, kick)).is_some() {
+                return Err(Error::DuplicateQueue { index });
+            }
+        }
+        for index in [0u16, 1] {
+            if !by_index.contains_key(&index) {
+                return Err(Error::MissingQueue { index });
+            }
+        }
+
+        let hdr_len = features.vnet_hdr_len() as i32;
+        let offloads = features.guest_offloads();
+        let tun_flags = tun_offload_flags(offloads);
+        {
+            let mut state = relock(&self.shared.state);
+            self.shared.enter_reset_state(&mut state)?;
+            let b0 = &self.shared.backends[0];
+            b0.set_vnet_hdr_size(hdr_len)
+                .and_then(|()| b0.set_offload(tun_flags))
+                .map_err(|source| Error::BackendSetup { pair: 0, source })?;
+            state.hdr_len = hdr_len;
+            state.tun_flags = tun_flags;
+            state.features = features;
+            state.has_worker.iter_mut().for_each(|w| *w = false);
+        }
+        self.shared
+            .guest_offloads
+            .store(offloads, Ordering::Relaxed);
+        *relock(&self.shared.interrupt) = Some(interrupt.clone());
+
+        let mut running = Running {
+            workers: Vec::new(),
+            ctrl: None,
+        };
+        for pair in 0..pairs {
+            let rx_index = (2 * pair) as u16;
+            let (Some(rx), Some(tx)) =
+                (by_index.remove(&rx_index), by_index.remove(&(rx_index + 1)))
+            else {
+                if pair > 0 {
+                    info!("virtio-net: pair {pair} queues not set up; it cannot be enabled");
+                }
+                continue;
+            };
+            let initial = if pair == 0 {
+                RunState::Running
+            } else {
+                RunState::Parked
+            };
+            self.shared.pairs[pair].reset(initial);
+            let start = WorkerStart {
+                shared: self.shared.clone(),
+                pair,
+                rx: rx.0,
+                tx: tx.0,
+                fds: WorkerFds {
+                    rx_kick: rx.1,
+                    tx_kick: tx.1,
+                },
+                mem: mem.clone(),
+                interrupt: interrupt.clone(),
+                running: pair == 0,
+            };
+            match spawn_worker(start) {
+                Ok(handle) => {
+                    running.workers.push((pair, handle));
+                    relock(&self.shared.state).has_worker[pair] = true;
+                }
+                Err(source) => {
+                    self.stop_threads(running);
+                    return Err(Error::Spawn {
+                        name: format!("net-pair{pair}"),
+                        source,
+                    });
+                }
+            }
+        }
+        if let Some(index) = ctrl_index {
+            if let Some((queue, kick)) = by_index.remove(&index) {
+                let cq = CtrlQueue::new(
+                    queue,
+                    index,
+                    mem.clone(),
+                    interrupt.clone(),
+                    self.shared.metrics.clone(),
+                    features,
+                );
+                let stop = match EventFd::new(EFD_NONBLOCK) {
+                    Ok(stop) => stop,
+                    Err(e) => {
+                        self.stop_threads(running);
+                        return Err(Error::EventFd(e));
+                    }
+                };
+                let stop_clone = match stop.try_clone() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.stop_threads(running);
+                        return Err(Error::EventFd(e));
+                    }
+                };
+                match spawn_ctrl(cq, self.shared.clone(), kick, stop_clone) {
+                    Ok(handle) => running.ctrl = Some((stop, handle)),
+                    Err(source) => {
+                        self.stop_threads(running);
+                        return Err(Error::Spawn {
+                            name: "net-ctrl".into(),
+                            source,
+                        });
+                    }
+                }
+            } else {
+                warn!("virtio-net: CTRL_VQ negotiated but control queue {index} not set up");
+            }
+        }
+        self.running = Some(running);
+        Ok(())
+    }
+
+    /// Device reset: stops and joins every thread, forgets the negotiated features, and puts
+    /// the backends back into the reset state (pair 0 attached, others detached).
+    pub fn reset(&mut self) {
+        if let Some(running) = self.running.take() {
+            self.stop_threads(running);
+        }
+        self.acked_features = 0;
+        self.shared.guest_offloads.store(0, Ordering::Relaxed);
+        *relock(&self.shared.interrupt) = None;
+        {
+            let mut state = relock(&self.shared.state);
+            state.has_worker.iter_mut().for_each(|w| *w = false);
+            state.features = Negotiated::default();
+            if let Err(e) = self.shared.enter_reset_state(&mut state) {
+                error!("virtio-net: reset: {e}");
+            }
+        }
+        let link = self.shared.link_up.load(Ordering::Relaxed);
+        *relock(&self.shared.config) = ConfigSpace::new(
+            self.cfg.mac,
+            self.shared.backends.len() as u16,
+            self.cfg.mtu,
+            link,
+        );
+        for p in &self.shared.metrics.pairs {
+            p.parked.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<B: Backend> Net<B> {
+    /// Stops and joins the control thread first (it drives the workers), then the workers.
+    fn stop_threads(&self, running: Running) {
+        if let Some((stop, handle)) = running.ctrl {
+            if let Err(e) = stop.write(1) {
+                error!("virtio-net: cannot stop the control thread: {e}");
+            }
+            let _ = handle.join();
+        }
+        for (pair, handle) in running.workers {
+            if let Err(e) =
+                self.shared.pairs[pair].request(pair, RunState::Stopped, WORKER_CONFIRM_TIMEOUT)
+            {
+                error!("virtio-net: {e}");
+            }
+            let _ = handle.join();
+        }
+    }
+}
+
+impl<B: Backend> Drop for Net<B> {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            self.stop_threads(running);
+        }
+    }
+}

@@ -1,0 +1,620 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The data path of one queue pair, without threads: pop chains, readv/writev straight
+//! between guest buffers and the backend, return used entries, notify per EVENT_IDX.
+//!
+//! The worker thread ([`crate::worker`]) calls [`QueuePair::process_tx`] and
+//! [`QueuePair::process_rx`] from its epoll loop; tests call them directly.
+
+use std::io;
+use std::num::Wrapping;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use log::{debug, warn};
+use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::backend::Backend;
+use crate::chain::{chain_iov, write_at, ChainError, DescTable, MAX_IOV};
+use crate::features::{Negotiated, NUM_BUFFERS_OFFSET, VNET_HDR_LEN_V1};
+use crate::metrics::{NetMetrics, Tally};
+use crate::Interrupt;
+
+/// Chains handled per `process_tx` call before yielding to other events.
+pub const TX_BUDGET: usize = 256;
+/// Frames received per `process_rx` call before yielding to other events.
+pub const RX_BUDGET: usize = 256;
+/// Used entries after which an interrupt is considered mid-batch.
+const SIGNAL_BATCH: usize = 64;
+/// Largest frame behind the vnet header: a 64 KiB GSO frame plus Ethernet and VLAN headers.
+pub const MAX_GSO_FRAME: usize = 65535 + 14 + 4;
+/// Largest frame without GSO at the default MTU (Ethernet + VLAN headers included).
+const STD_FRAME_OVERHEAD: usize = 14 + 4;
+
+/// Whether a process call stopped early and wants to be called again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Nothing left to do until the next event.
+    Done,
+    /// The budget ran out with work left; call again after other events.
+    More,
+}
+
+/// Receive-side state after a `process_rx` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxState {
+    /// The backend had no more frames (EAGAIN).
+    Drained,
+    /// The guest has no (or not enough) receive buffers; reading resumes on the next rx kick.
+    WaitingForBuffers,
+    /// Budget exhausted with frames possibly pending.
+    More,
+    /// The backend reported an error (logged); reading resumes on the next event.
+    BackendError,
+    /// The receive queue is unusable (bad avail index or ring memory).
+    QueueBroken,
+}
+
+/// What the data path needs to know about the negotiated features.
+#[derive(Debug, Clone, Copy)]
+pub struct PathConfig {
+    /// Bytes of vnet header in front of every frame.
+    pub hdr_len: usize,
+    /// VIRTIO_NET_F_MRG_RXBUF negotiated.
+    pub mrg_rxbuf: bool,
+    /// VIRTIO_RING_F_INDIRECT_DESC negotiated.
+    pub indirect: bool,
+    /// Receive capacity gathered before reading a frame with MRG_RXBUF.
+    pub rx_frame_max: usize,
+}
+
+impl PathConfig {
+    /// The data-path settings for a negotiated feature set, `gso` telling whether the guest
+    /// currently takes GSO frames, `mtu` the advertised MTU.
+    pub fn new(features: Negotiated, gso: bool, mtu: Option<u16>) -> Self {
+        let hdr_len = features.vnet_hdr_len();
+        let frame = if gso {
+            MAX_GSO_FRAME
+        } else {
+            usize::from(mtu.unwrap_or(1500).max(1500)) + STD_FRAME_OVERHEAD
+        };
+        PathConfig {
+            hdr_len,
+            mrg_rxbuf: features.mrg_rxbuf(),
+            indirect: features.indirect_desc(),
+            rx_frame_max: hdr_len + frame,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RxChain {
+    head: u16,
+    iov_start: usize,
+    iov_end: usize,
+    cap: usize,
+}
+
+/// Receive chains popped ahead of the frame that will fill them, with their iovecs, in avail
+/// order. Only consecutive popped chains are held, so giving them back is one
+/// `set_next_avail`.
+#[derive(Debug, Default)]
+struct RxBuffers {
+    chains: Vec<RxChain>,
+    iov: Vec<libc::iovec>,
+    front: usize,
+    cap: usize,
+}
+
+impl RxBuffers {
+    fn with_capacity(chains: usize) -> Self {
+        RxBuffers {
+            chains: Vec::with_capacity(chains),
+            iov: Vec::with_capacity(MAX_IOV),
+            front: 0,
+            cap: 0,
+        }
+    }
+
+    fn held(&self) -> usize {
+        self.chains.len() - self.front
+    }
+
+    fn iov_front(&self) -> usize {
+        self.chains
+            .get(self.front)
+            .map_or(self.iov.len(), |c| c.iov_start)
+    }
+
+    fn clear(&mut self) {
+        self.chains.clear();
+        self.iov.clear();
+        self.front = 0;
+        self.cap = 0;
+    }
+
+    /// Drops the first `k` held chains (they were returned to the guest).
+    fn consume(&mut self, k: usize) {
+        for c in &self.chains[self.front..self.front + k] {
+            self.cap -= c.cap;
+        }
+        self.front += k;
+        if self.front == self.chains.len() {
+            self.clear();
+        } else if self.front >= 32 {
+            let iov_front = self.iov_front();
+            self.chains.drain(..self.front);
+            self.iov.drain(..iov_front);
+            for c in &mut self.chains {
+                c.iov_start -= iov_front;
+                c.iov_end -= iov_front;
+            }
+            self.front = 0;
+        }
+    }
+}
+
+/// How `fill_rx` ended.
+enum Fill {
+    Ready,
+    Empty { avail_seen: u16 },
+    Broken,
+}
+
+/// One queue pair's rings and scratch buffers. Not `Send` (it holds raw iovec pointers
+/// between calls only in cleared form); build it on the thread that uses it.
+pub struct QueuePair {
+    pair: u16,
+    rx: Queue,
+    tx: Queue,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn Interrupt>,
+    metrics: Arc<NetMetrics>,
+    path: PathConfig,
+    tx_iov: Vec<libc::iovec>,
+    rx_buf: RxBuffers,
+    rx_waiting: bool,
+    warned_tx_broken: bool,
+    warned_rx_broken: bool,
+    warned_backend: bool,
+}
+
+fn pop_head(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<u16>, virtio_queue::Error> {
+    let mut iter = queue.iter(mem)?;
+    Ok(iter.next().map(|chain| chain.head_index()))
+}
+
+/// Whether the driver wants a used-buffer notification now.
+fn should_signal(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem).unwrap_or(true);
+    }
+    fence(Ordering::SeqCst);
+    match mem.read_obj::<u16>(GuestAddress(queue.avail_ring())) {
+        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
+        Err(_) => true,
+    }
+}
+
+impl QueuePair {
+    /// A queue pair over `rx`/`tx` (queue indices `2 * pair` and `2 * pair + 1`).
+    pub fn new(
+        pair: u16,
+        rx: Queue,
+        tx: Queue,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        metrics: Arc<NetMetrics>,
+        path: PathConfig,
+    ) -> Self {
+        let rx_chains = usize::from(rx.size());
+        QueuePair {
+            pair,
+            rx,
+            tx,
+            mem,
+            interrupt,
+            metrics,
+            path,
+            tx_iov: Vec::with_capacity(MAX_IOV),
+            rx_buf: RxBuffers::with_capacity(rx_chains),
+            rx_waiting: false,
+            warned_tx_broken: false,
+            warned_rx_broken: false,
+            warned_backend: false,
+        }
+    }
+
+    /// Changes how much receive space is gathered per frame (GUEST_OFFLOADS_SET).
+    pub fn set_path(&mut self, path: PathConfig) {
+        self.path = path;
+    }
+
+    /// The receive queue (tests inspect its indices).
+    pub fn rx_queue(&self) -> &Queue {
+        &self.rx
+    }
+
+    /// The transmit queue.
+    pub fn tx_queue(&self) -> &Queue {
+        &self.tx
+    }
+
+    /// Whether rx stopped for lack of guest buffers and waits for an rx kick.
+    pub fn rx_waiting(&self) -> bool {
+        self.rx_waiting
+    }
+
+    fn rx_index(&self) -> u16 {
+        self.pair * 2
+    }
+
+    fn tx_index(&self) -> u16 {
+        self.pair * 2 + 1
+    }
+
+    fn table(queue: &Queue, indirect: bool) -> DescTable {
+        DescTable {
+            addr: GuestAddress(queue.desc_table()),
+            size: queue.size(),
+            indirect,
+        }
+    }
+
+    fn signal(&mut self, queue_index: u16, tally: &mut Tally) {
+        match self.interrupt.signal_used_queue(queue_index) {
+            Ok(()) => tally.interrupts += 1,
+            Err(e) => {
+                if !self.warned_backend {
+                    warn!("virtio-net: interrupt for queue {queue_index} failed: {e}");
+                    self.warned_backend = true;
+                }
+            }
+        }
+    }
+
+    /// Sends every available transmit chain to `backend` (one writev per chain, vnet header
+    /// first as the driver laid it out) and returns it with length 0.
+    ///
+    /// With `backend == None` (pair parked) or `link_up == false` the frames are dropped and
+    /// counted; the backend is not touched. Malformed chains are returned with length 0 and
+    /// counted as bad chains.
+    pub fn process_tx<B: Backend + ?Sized>(&mut self, backend: Option<&B>, link_up: bool) -> Work {
+        let mut tally = Tally::default();
+        let table = Self::table(&self.tx, self.path.indirect);
+        let event_idx = self.tx.event_idx_enabled();
+        let mut budget = TX_BUDGET;
+        let mut used = 0usize;
+        let mut work = Work::Done;
+        if !event_idx {
+            // Suppress kicks while draining; re-enabled below.
+            let _ = self.tx.disable_notification(&self.mem);
+        }
+        'drain: loop {
+            loop {
+                let head = match pop_head(&mut self.tx, &self.mem) {
+                    Ok(Some(head)) => head,
+                    Ok(None) => break,
+                    Err(e) => {
+                        if !self.warned_tx_broken {
+                            warn!("virtio-net: tx queue {} unusable: {e}", self.tx_index());
+                            self.warned_tx_broken = true;
+                        }
+                        break 'drain;
+                    }
+                };
+                if budget == 0 {
+                    self.tx.go_to_previous_position();
+                    work = Work::More;
+                    break 'drain;
+                }
+                budget -= 1;
+                self.tx_iov.clear();
+                match chain_iov(&self.mem, table, head, false, &mut self.tx_iov, MAX_IOV) {
+                    Ok(len) if len < self.path.hdr_len => {
+                        debug!("virtio-net: tx chain {head} too short ({len} bytes)");
+                        tally.bad_chains += 1;
+                    }
+                    Ok(len) => match backend {
+                        Some(b) if link_up => {
+                            // SAFETY: the iovecs were built by `chain_iov` from vm-memory
+                            // slices of `self.mem`, which stays mapped for the call; the
+                            // backend only reads them.
+                            match unsafe { b.writev(&self.tx_iov) } {
+                                Ok(_) => {
+                                    tally.packets += 1;
+                                    tally.bytes += (len - self.path.hdr_len) as u64;
+                                }
+                                Err(e) => {
+                                    debug!("virtio-net: tx {} write failed: {e}", self.tx_index());
+                                    tally.drops += 1;
+                                }
+                            }
+                        }
+                        _ => tally.drops += 1,
+                    },
+                    Err(e) => {
+                        debug!("virtio-net: bad tx chain {head}: {e}");
+                        tally.bad_chains += 1;
+                    }
+                }
+                self.tx_iov.clear();
+                if self.tx.add_used(&self.mem, head, 0).is_ok() {
+                    used += 1;
+                }
+                if used >= SIGNAL_BATCH {
+                    used = 0;
+                    if should_signal(&mut self.tx, &self.mem) {
+                        self.signal(self.tx_index(), &mut tally);
+                    }
+                }
+            }
+            match self.tx.enable_notification(&self.mem) {
+                Ok(true) => {
+                    if !event_idx {
+                        let _ = self.tx.disable_notification(&self.mem);
+                    }
+                }
+                Ok(false) | Err(_) => break,
+            }
+        }
+        if used > 0 && should_signal(&mut self.tx, &self.mem) {
+            self.signal(self.tx_index(), &mut tally);
+        }
+        self.metrics.pairs[usize::from(self.pair)].tx.add(&tally);
+        work
+    }
+
+    /// Tops up the held receive chains until a frame fits.
+    fn fill_rx(&mut self, tally: &mut Tally, used: &mut usize) -> Fill {
+        let table = Self::table(&self.rx, self.path.indirect);
+        loop {
+            let enough = if self.path.mrg_rxbuf {
+                self.rx_buf.cap >= self.path.rx_frame_max
+            } else {
+                self.rx_buf.held() > 0
+            };
+            if enough {
+                return Fill::Ready;
+            }
+            let head = match pop_head(&mut self.rx, &self.mem) {
+                Ok(Some(head)) => head,
+                Ok(None) => {
+                    // The whole ring is ours and still short of a maximal frame: read anyway
+                    // rather than wait for buffers that cannot come.
+                    if self.rx_buf.held() >= usize::from(self.rx.size()) {
+                        return Fill::Ready;
+                    }
+                    return Fill::Empty {
+                        avail_seen: self.rx.next_avail(),
+                    };
+                }
+                Err(e) => {
+                    if !self.warned_rx_broken {
+                        warn!("virtio-net: rx queue {} unusable: {e}", self.rx_index());
+                        self.warned_rx_broken = true;
+                    }
+                    return Fill::Broken;
+                }
+            };
+            let iov_start = self.rx_buf.iov.len();
+            let max_segments = self.rx_buf.iov_front() + MAX_IOV;
+            let result = chain_iov(
+                &self.mem,
+                table,
+                head,
+                true,
+                &mut self.rx_buf.iov,
+                max_segments,
+            )
+            .and_then(|cap| {
+                if cap < self.path.hdr_len {
+                    Err(ChainError::TooShort {
+                        len: cap,
+                        need: self.path.hdr_len,
+                    })
+                } else {
+                    Ok(cap)
+                }
+            });
+            match result {
+                Ok(cap) => {
+                    self.rx_buf.chains.push(RxChain {
+                        head,
+                        iov_start,
+                        iov_end: self.rx_buf.iov.len(),
+                        cap,
+                    });
+                    self.rx_buf.cap += cap;
+                }
+                Err(e) if self.rx_buf.held() > 0 => {
+                    // Give it back: only a chain at the front may be returned, so that the
+                    // held chains stay consecutive. Read with what we have.
+                    self.rx_buf.iov.truncate(iov_start);
+                    self.rx.go_to_previous_position();
+                    debug!("virtio-net: rx chain {head} deferred: {e}");
+                    return Fill::Ready;
+                }
+                Err(e) => {
+                    self.rx_buf.iov.truncate(iov_start);
+                    debug!("virtio-net: bad rx chain {head}: {e}");
+                    tally.bad_chains += 1;
+                    if self.rx.add_used(&self.mem, head, 0).is_ok() {
+                        *used += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives every held receive chain back to the avail ring.
+    fn release_rx(&mut self) {
+        let held = self.rx_buf.held();
+        if held > 0 {
+            let next = Wrapping(self.rx.next_avail()) - Wrapping(held as u16);
+            self.rx.set_next_avail(next.0);
+        }
+        self.rx_buf.clear();
+    }
+
+    /// Asks for an rx kick when the driver adds buffers beyond `avail_seen`; returns whether
+    /// some were already added (then the caller retries instead of waiting).
+    fn arm_rx_notification(&mut self, avail_seen: u16) -> bool {
+        if self.rx.event_idx_enabled() {
+            // avail_event must be the index we have seen, not next_avail: with chains held
+            // back (too little space for a frame) the driver is already past next_avail and
+            // would never cross it again.
+            let offset = 4 + 8 * u64::from(self.rx.size());
+            let Some(addr) = self.rx.used_ring().checked_add(offset) else {
+                return false;
+            };
+            if self
+                .mem
+                .store(
+                    u16::to_le(avail_seen),
+                    GuestAddress(addr),
+                    Ordering::Release,
+                )
+                .is_err()
+            {
+                return false;
+            }
+        } else if self.rx.enable_notification(&self.mem).is_err() {
+            return false;
+        }
+        fence(Ordering::SeqCst);
+        match self.rx.avail_idx(&self.mem, Ordering::Acquire) {
+            Ok(idx) => idx.0 != avail_seen,
+            Err(_) => false,
+        }
+    }
+
+    /// Reads frames from `backend` into receive chains until it has none left (EAGAIN), the
+    /// guest runs out of buffers, or the budget is spent.
+    ///
+    /// Without MRG_RXBUF each frame takes one chain. With MRG_RXBUF the frame is read into
+    /// several consecutive chains at once, `num_buffers` is written into its header, and
+    /// the chains it did not need are given back. A frame larger than the space offered is
+    /// dropped (counted) and its chains reused.
+    pub fn process_rx<B: Backend + ?Sized>(&mut self, backend: &B) -> RxState {
+        let mut tally = Tally::default();
+        let mut used = 0usize;
+        let mut since_signal = 0usize;
+        let mut frames = 0usize;
+        let state = loop {
+            if frames == RX_BUDGET {
+                break RxState::More;
+            }
+            match self.fill_rx(&mut tally, &mut used) {
+                Fill::Ready => {}
+                Fill::Broken => break RxState::QueueBroken,
+                Fill::Empty { avail_seen } => {
+                    self.release_rx();
+                    if self.arm_rx_notification(avail_seen) {
+                        continue;
+                    }
+                    self.rx_waiting = true;
+                    break RxState::WaitingForBuffers;
+                }
+            }
+            if self.rx_waiting {
+                self.rx_waiting = false;
+                if !self.rx.event_idx_enabled() {
+                    let _ = self.rx.disable_notification(&self.mem);
+                }
+            }
+            let iov = if self.path.mrg_rxbuf {
+                &self.rx_buf.iov[self.rx_buf.iov_front()..]
+            } else {
+                let c = self.rx_buf.chains[self.rx_buf.front];
+                &self.rx_buf.iov[c.iov_start..c.iov_end]
+            };
+            // SAFETY: the iovecs were built by `chain_iov` (writable) from vm-memory slices
+            // of `self.mem`, which stays mapped for the call.
+            match unsafe { backend.readv(iov) } {
+                Ok(n) => {
+                    frames += 1;
+                    let before = used;
+                    self.deliver(n, &mut tally, &mut used);
+                    since_signal += used - before;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxState::Drained,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if !self.warned_backend {
+                        warn!("virtio-net: rx {} read failed: {e}", self.rx_index());
+                        self.warned_backend = true;
+                    }
+                    break RxState::BackendError;
+                }
+            }
+            if since_signal >= SIGNAL_BATCH {
+                since_signal = 0;
+                if should_signal(&mut self.rx, &self.mem) {
+                    self.signal(self.rx_index(), &mut tally);
+                }
+            }
+        };
+        self.release_rx();
+        if used > 0 && should_signal(&mut self.rx, &self.mem) {
+            self.signal(self.rx_index(), &mut tally);
+        }
+        self.metrics.pairs[usize::from(self.pair)].rx.add(&tally);
+        state
+    }
+
+    /// Returns the chains a frame of `n` bytes (header included) was read into.
+    fn deliver(&mut self, n: usize, tally: &mut Tally, used: &mut usize) {
+        let hdr_len = self.path.hdr_len;
+        let span = if self.path.mrg_rxbuf {
+            self.rx_buf.cap
+        } else {
+            self.rx_buf.chains[self.rx_buf.front].cap
+        };
+        if n < hdr_len || n > span {
+            // Truncated or nonsense: drop it, keep the chains for the next frame.
+            tally.drops += 1;
+            return;
+        }
+        let first = self.rx_buf.front;
+        let mut count = 1;
+        if self.path.mrg_rxbuf {
+            let mut left = n;
+            count = 0;
+            for c in &self.rx_buf.chains[first..] {
+                count += 1;
+                if left <= c.cap {
+                    break;
+                }
+                left -= c.cap;
+            }
+        }
+        if hdr_len == VNET_HDR_LEN_V1 {
+            let c = self.rx_buf.chains[first];
+            let num_buffers = (count as u16).to_le_bytes();
+            // SAFETY: the iovecs of held chains were built by `chain_iov` (writable) from
+            // vm-memory slices of `self.mem`, which is alive; the chain holds at least the
+            // header (checked when it was popped).
+            unsafe {
+                write_at(
+                    &self.rx_buf.iov[c.iov_start..],
+                    NUM_BUFFERS_OFFSET,
+                    &num_buffers,
+                )
+            };
+        }
+        let mut left = n;
+        for i in first..first + count {
+            let c = self.rx_buf.chains[i];
+            let len = left.min(c.cap);
+            left -= len;
+            if self.rx.add_used(&self.mem, c.head, len as u32).is_ok() {
+                *used += 1;
+            }
+        }
+        self.rx_buf.consume(count);
+        tally.packets += 1;
+        tally.bytes += (n - hdr_len) as u64;
+    }
+}

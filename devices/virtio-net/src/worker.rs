@@ -1,0 +1,485 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Threads: one worker per queue pair (`net-pairN`) and the control-queue thread
+//! (`net-ctrl`), each an event-manager epoll loop.
+//!
+//! A worker polls its rx kick, tx kick, a reschedule eventfd (work left over after a
+//! budget), its control eventfd, and — only while running — its backend fd, edge-triggered.
+//! The control thread changes a worker's state through [`PairControl::request`], which
+//! returns once the worker has confirmed the change from its own loop: after a confirmed
+//! park the worker no longer has the backend fd in its epoll set and never reads or writes
+//! it, so the backend can be detached safely.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use log::{error, warn};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::backend::Backend;
+use crate::ctrl::{CtrlQueue, SwitchError};
+use crate::device::Shared;
+use crate::rxtx::{QueuePair, RxState, Work};
+
+/// How long the control thread waits for a worker to confirm a state change.
+pub const WORKER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The state a worker is asked to be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Polls and uses its backend.
+    Running,
+    /// Serves kicks but never touches its backend (tx frames are dropped).
+    Parked,
+    /// Leaves its loop.
+    Stopped,
+}
+
+impl RunState {
+    fn name(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Parked => "parked",
+            RunState::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ControlState {
+    requested: RunState,
+    seq: u64,
+    confirmed_seq: u64,
+    result: Option<io::ErrorKind>,
+}
+
+/// The channel between the control thread and one worker.
+#[derive(Debug)]
+pub struct PairControl {
+    evt: EventFd,
+    state: Mutex<ControlState>,
+    cond: Condvar,
+}
+
+impl PairControl {
+    /// A control channel whose worker starts in `initial`.
+    pub fn new(initial: RunState) -> io::Result<Self> {
+        Ok(PairControl {
+            evt: EventFd::new(EFD_NONBLOCK)?,
+            state: Mutex::new(ControlState {
+                requested: initial,
+                seq: 0,
+                confirmed_seq: 0,
+                result: None,
+            }),
+            cond: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ControlState> {
+        // A poisoned lock only means another thread panicked mid-update; the fields are
+        // plain values and remain usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets pending requests; the next worker starts in `initial`.
+    pub fn reset(&self, initial: RunState) {
+        let mut s = self.lock();
+        s.requested = initial;
+        s.confirmed_seq = s.seq;
+        s.result = None;
+        let _ = self.evt.read();
+    }
+
+    /// Asks the worker of `pair` to move to `state` and waits until it confirms.
+    pub fn request(
+        &self,
+        pair: usize,
+        state: RunState,
+        timeout: Duration,
+    ) -> Result<(), SwitchError> {
+        let seq = {
+            let mut s = self.lock();
+            s.seq += 1;
+            s.requested = state;
+            s.seq
+        };
+        if let Err(e) = self.evt.write(1) {
+            return Err(SwitchError::WorkerPoll { pair, source: e });
+        }
+        let deadline = Instant::now() + timeout;
+        let mut s = self.lock();
+        while s.confirmed_seq < seq {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(SwitchError::WorkerTimeout {
+                    pair,
+                    state: state.name(),
+                    timeout_ms: timeout.as_millis() as u64,
+                });
+            }
+            s = match self.cond.wait_timeout(s, deadline - now) {
+                Ok((guard, _)) => guard,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        match s.result {
+            None => Ok(()),
+            Some(kind) => Err(SwitchError::WorkerPoll {
+                pair,
+                source: io::Error::from(kind),
+            }),
+        }
+    }
+
+    /// Worker side: the latest request, if unconfirmed.
+    fn pending(&self) -> Option<(u64, RunState)> {
+        let s = self.lock();
+        (s.confirmed_seq < s.seq).then_some((s.seq, s.requested))
+    }
+
+    /// Worker side: confirms request `seq` (and every earlier one).
+    fn confirm(&self, seq: u64, result: Option<io::ErrorKind>) {
+        let mut s = self.lock();
+        s.confirmed_seq = seq;
+        s.result = result;
+        self.cond.notify_all();
+    }
+}
+
+/// What a worker needs besides its queue pair.
+pub struct WorkerFds {
+    /// Kick of the receive queue.
+    pub rx_kick: EventFd,
+    /// Kick of the transmit queue.
+    pub tx_kick: EventFd,
+}
+
+struct PairWorker<B: Backend> {
+    qp: QueuePair,
+    shared: Arc<Shared<B>>,
+    pair: usize,
+    fds: WorkerFds,
+    resched: EventFd,
+    running: bool,
+    stop: Arc<AtomicBool>,
+    pending_tx: bool,
+    pending_rx: bool,
+    offloads_seen: u64,
+    warned_err: bool,
+}
+
+impl<B: Backend> PairWorker<B> {
+    fn backend_fd(&self) -> RawFd {
+        self.shared.backends[self.pair].as_raw_fd()
+    }
+
+    fn backend_events(&self) -> Events {
+        Events::new_raw(self.backend_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED)
+    }
+
+    fn schedule(&mut self) {
+        if let Err(e) = self.resched.write(1) {
+            error!("virtio-net: pair {} cannot reschedule: {e}", self.pair);
+        }
+    }
+
+    fn run_tx(&mut self) {
+        let backend = self.running.then(|| &self.shared.backends[self.pair]);
+        let link_up = self.shared.link_up.load(Ordering::Relaxed);
+        self.pending_tx = self.qp.process_tx(backend, link_up) == Work::More;
+        if self.pending_tx {
+            self.schedule();
+        }
+    }
+
+    fn run_rx(&mut self) {
+        if !self.running {
+            return;
+        }
+        let offloads = self.shared.guest_offloads.load(Ordering::Relaxed);
+        if offloads != self.offloads_seen {
+            self.offloads_seen = offloads;
+            self.qp.set_path(self.shared.path_config(offloads));
+        }
+        let state = self.qp.process_rx(&self.shared.backends[self.pair]);
+        self.pending_rx = state == RxState::More;
+        if self.pending_rx {
+            self.schedule();
+        }
+    }
+
+    fn handle_control(&mut self, ops: &mut EventOps) {
+        let ctl = &self.shared.pairs[self.pair];
+        let _ = ctl.evt.read();
+        let Some((seq, state)) = ctl.pending() else {
+            return;
+        };
+        let metrics = &self.shared.metrics.pairs[self.pair];
+        let mut result = None;
+        match state {
+            RunState::Parked | RunState::Stopped => {
+                if self.running {
+                    // The fd may already be gone from the set; either way it is not polled.
+                    let _ = ops.remove(self.backend_events());
+                    self.running = false;
+                }
+                metrics.parked.store(true, Ordering::Relaxed);
+                if state == RunState::Stopped {
+                    self.stop.store(true, Ordering::Relaxed);
+                }
+            }
+            RunState::Running => {
+                if !self.running {
+                    match ops.add(self.backend_events()) {
+                        Ok(()) => {
+                            self.running = true;
+                            metrics.parked.store(false, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            error!(
+                                "virtio-net: pair {} cannot poll its backend: {e}",
+                                self.pair
+                            );
+                            result = Some(io::ErrorKind::Other);
+                        }
+                    }
+                }
+            }
+        }
+        self.shared.pairs[self.pair].confirm(seq, result);
+        if self.running && state == RunState::Running {
+            // Frames may have queued before the fd was polled (edge-triggered).
+            self.run_rx();
+            self.run_tx();
+        }
+    }
+}
+
+fn drain(evt: &EventFd) -> u64 {
+    evt.read().unwrap_or(0)
+}
+
+impl<B: Backend> MutEventSubscriber for PairWorker<B> {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.fds.tx_kick.as_raw_fd() {
+            let n = drain(&self.fds.tx_kick);
+            self.shared.metrics.pairs[self.pair].tx.add_notifications(n);
+            self.run_tx();
+        } else if fd == self.fds.rx_kick.as_raw_fd() {
+            let n = drain(&self.fds.rx_kick);
+            self.shared.metrics.pairs[self.pair].rx.add_notifications(n);
+            self.run_rx();
+        } else if fd == self.resched.as_raw_fd() {
+            let _ = drain(&self.resched);
+            if self.pending_tx {
+                self.run_tx();
+            }
+            if self.pending_rx {
+                self.run_rx();
+            }
+        } else if fd == self.shared.pairs[self.pair].evt.as_raw_fd() {
+            self.handle_control(ops);
+        } else if self.running && fd == self.backend_fd() {
+            let set = events.event_set();
+            if set.intersects(EventSet::ERROR | EventSet::HANG_UP) && !self.warned_err {
+                warn!("virtio-net: backend of pair {} reports {set:?}", self.pair);
+                self.warned_err = true;
+            }
+            self.run_rx();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let fds = [
+            self.fds.rx_kick.as_raw_fd(),
+            self.fds.tx_kick.as_raw_fd(),
+            self.resched.as_raw_fd(),
+            self.shared.pairs[self.pair].evt.as_raw_fd(),
+        ];
+        for fd in fds {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                error!("virtio-net: pair {} cannot poll fd {fd}: {e}", self.pair);
+            }
+        }
+        if self.running {
+            if let Err(e) = ops.add(self.backend_events()) {
+                error!(
+                    "virtio-net: pair {} cannot poll its backend: {e}",
+                    self.pair
+                );
+            }
+        }
+        self.shared.metrics.pairs[self.pair]
+            .parked
+            .store(!self.running, Ordering::Relaxed);
+    }
+}
+
+/// Everything a worker thread is started with (all `Send`).
+pub struct WorkerStart<B: Backend> {
+    /// Shared device state.
+    pub shared: Arc<Shared<B>>,
+    /// Pair index.
+    pub pair: usize,
+    /// Receive queue.
+    pub rx: virtio_queue::Queue,
+    /// Transmit queue.
+    pub tx: virtio_queue::Queue,
+    /// Kick eventfds.
+    pub fds: WorkerFds,
+    /// Guest memory.
+    pub mem: vm_memory::GuestMemoryMmap,
+    /// Interrupt sink.
+    pub interrupt: Arc<dyn crate::Interrupt>,
+    /// Whether the worker starts running (pair 0) or parked.
+    pub running: bool,
+}
+
+/// Runs an epoll loop for `subscriber` until `stop` is set. The event manager is created on
+/// the thread itself (subscribers need not be `Send`); `ready` reports whether it could be.
+fn run_loop<S: MutEventSubscriber>(
+    subscriber: impl FnOnce() -> S,
+    stop: &AtomicBool,
+    ready: std::sync::mpsc::Sender<io::Result<()>>,
+) {
+    let mut em = match EventManager::<S>::new() {
+        Ok(em) => em,
+        Err(e) => {
+            let _ = ready.send(Err(io::Error::other(e)));
+            return;
+        }
+    };
+    em.add_subscriber(subscriber());
+    let _ = ready.send(Ok(()));
+    while !stop.load(Ordering::Relaxed) {
+        if let Err(e) = em.run() {
+            error!(
+                "virtio-net: {:?} epoll failed: {e}",
+                std::thread::current().name()
+            );
+            break;
+        }
+    }
+}
+
+/// Spawns `name` running `body`, and waits until its event loop is set up.
+fn spawn_loop(
+    name: String,
+    body: impl FnOnce(std::sync::mpsc::Sender<io::Result<()>>) + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || body(tx))?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => {
+            let _ = handle.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = handle.join();
+            Err(io::Error::other("worker thread exited during setup"))
+        }
+    }
+}
+
+/// Spawns the worker thread `net-pair<pair>` and waits until it polls its fds.
+pub fn spawn_worker<B: Backend + 'static>(
+    start: WorkerStart<B>,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    let resched = EventFd::new(EFD_NONBLOCK)?;
+    let name = format!("net-pair{}", start.pair);
+    spawn_loop(name, move |ready| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker_stop = stop.clone();
+        run_loop(
+            move || {
+                let offloads = start.shared.guest_offloads.load(Ordering::Relaxed);
+                let qp = QueuePair::new(
+                    start.pair as u16,
+                    start.rx,
+                    start.tx,
+                    start.mem,
+                    start.interrupt,
+                    start.shared.metrics.clone(),
+                    start.shared.path_config(offloads),
+                );
+                PairWorker {
+                    qp,
+                    shared: start.shared,
+                    pair: start.pair,
+                    fds: start.fds,
+                    resched,
+                    running: start.running,
+                    stop: worker_stop,
+                    pending_tx: false,
+                    pending_rx: false,
+                    offloads_seen: offloads,
+                    warned_err: false,
+                }
+            },
+            &stop,
+            ready,
+        );
+    })
+}
+
+struct CtrlWorker<B: Backend> {
+    cq: CtrlQueue,
+    shared: Arc<Shared<B>>,
+    kick: EventFd,
+    stop_evt: EventFd,
+    stop: Arc<AtomicBool>,
+}
+
+impl<B: Backend> MutEventSubscriber for CtrlWorker<B> {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.kick.as_raw_fd() {
+            let kicked_at = Instant::now();
+            let n = drain(&self.kick);
+            self.shared.metrics.ctrl.add_notifications(n);
+            let mut target = crate::device::DeviceCtrl::new(&self.shared);
+            self.cq.process(&mut target, kicked_at);
+        } else if events.fd() == self.stop_evt.as_raw_fd() {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [self.kick.as_raw_fd(), self.stop_evt.as_raw_fd()] {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                error!("virtio-net: control thread cannot poll fd {fd}: {e}");
+            }
+        }
+    }
+}
+
+/// Spawns the control-queue thread `net-ctrl`; writing `stop_evt` ends it.
+pub fn spawn_ctrl<B: Backend + 'static>(
+    cq: CtrlQueue,
+    shared: Arc<Shared<B>>,
+    kick: EventFd,
+    stop_evt: EventFd,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    spawn_loop("net-ctrl".into(), move |ready| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker_stop = stop.clone();
+        run_loop(
+            move || CtrlWorker {
+                cq,
+                shared,
+                kick,
+                stop_evt,
+                stop: worker_stop,
+            },
+            &stop,
+            ready,
+        );
+    })
+}
