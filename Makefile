@@ -22,7 +22,7 @@ build:
 # Boot the default guest (2 vCPUs, 512 MiB, 2-pair multiqueue net, shell on the console),
 # directly on KVM or in the nested rig when /dev/kvm cannot run an ordinary guest.
 run: resources build
-	$(CARGO) run --release -q -p mqvmm-tests --bin mqvmm-rig -- run
+	$(CARGO) run --release -q -p mqvmm-tests --bin mqvmm-rig -- run $(if $(ARGS),-- $(ARGS))
 
 test: deps lint test-unit test-component test-boot
 

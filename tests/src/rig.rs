@@ -33,7 +33,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-pub use l1::{L1Config, RigError, L1};
+pub use l1::{base64_encode, L1Config, RigError, L1};
 
 /// Where KVM tests run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

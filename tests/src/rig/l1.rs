@@ -135,8 +135,9 @@ fn qemu_command(config: &L1Config, extra_cmdline: &str) -> Result<Command, RigEr
         .arg(&images.initramfs)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 nowatchdog mqvmm.l1scratch={} {extra_cmdline}",
-            scratch.display()
+            "console=ttyS0 quiet panic=-1 nowatchdog mqvmm.l1scratch={}{} {extra_cmdline}",
+            scratch.display(),
+            keep_param()
         ))
         .arg("-virtfs")
         .arg("local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
@@ -146,6 +147,39 @@ fn qemu_command(config: &L1Config, extra_cmdline: &str) -> Result<Command, RigEr
             scratch.display()
         ));
     Ok(cmd)
+}
+
+/// L1 puts tmpfs on /tmp and /run (its scratch space). Directories this process needs that live
+/// there on the host (a checkout or target dir under /tmp) are kept visible: ` mqvmm.l1keep=...`.
+fn keep_param() -> String {
+    let mut candidates: Vec<PathBuf> = vec![build_dir(), super::workspace_dir()];
+    candidates.extend(std::env::current_exe().ok());
+    candidates.extend(std::env::current_dir().ok());
+    for var in ["CARGO_TARGET_DIR", "MQVMM_BIN_DIR"] {
+        candidates.extend(std::env::var_os(var).map(PathBuf::from));
+    }
+    let mut keep: Vec<String> = Vec::new();
+    for path in candidates {
+        let mut parts = path.components().skip(1); // the root
+        let (Some(top), Some(sub)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let top = top.as_os_str().to_string_lossy();
+        if top != "tmp" && top != "run" {
+            continue;
+        }
+        let dir = format!("/{top}/{}", sub.as_os_str().to_string_lossy());
+        // The kernel command line splits on spaces and the init script on ':'.
+        if dir.contains([' ', ':']) || keep.contains(&dir) {
+            continue;
+        }
+        keep.push(dir);
+    }
+    if keep.is_empty() {
+        String::new()
+    } else {
+        format!(" mqvmm.l1keep={}", keep.join(":"))
+    }
 }
 
 /// Spawn `cmd` so that it is killed when this process exits: PR_SET_PDEATHSIG fires when the
@@ -353,7 +387,7 @@ impl L1 {
 
         let deadline = started + config.boot_timeout;
         let ready = loop {
-            if let Some(line) = l1.take_line()? {
+            if let Some(line) = l1.take_line() {
                 if let Some(rest) = line.strip_prefix(READY_PREFIX) {
                     break rest.trim_end_matches('@').to_string();
                 }
@@ -387,11 +421,10 @@ impl L1 {
     }
 
     /// Pop one complete line from what was received, if any.
-    fn take_line(&mut self) -> Result<Option<String>, RigError> {
-        Ok(self.pending.iter().position(|&b| b == b'\n').map(|pos| {
-            let line: Vec<u8> = self.pending.drain(..=pos).collect();
-            String::from_utf8_lossy(&line[..pos]).into_owned()
-        }))
+    fn take_line(&mut self) -> Option<String> {
+        let pos = self.pending.iter().position(|&b| b == b'\n')?;
+        let line: Vec<u8> = self.pending.drain(..=pos).collect();
+        Some(String::from_utf8_lossy(&line[..pos]).into_owned())
     }
 
     /// Wait up to the read timeout for more bytes from the agent; detect a dead L1.
@@ -399,11 +432,21 @@ impl L1 {
         let mut buf = [0u8; 16384];
         match self.stream.read(&mut buf) {
             Ok(0) => {
-                let status = self.child.try_wait().ok().flatten();
-                return Err(self.crashed(match status {
-                    Some(status) => format!("QEMU exited with {status}"),
-                    None => "the agent channel closed".to_string(),
-                }));
+                // QEMU closed the channel: give it a moment to exit, then say why if we can.
+                let mut status = None;
+                for _ in 0..20 {
+                    status = self.child.try_wait().ok().flatten();
+                    if status.is_some() {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+                let reason = match (self.console.crash_reason(), status) {
+                    (Some(line), _) => format!("console: {line}"),
+                    (None, Some(status)) => format!("QEMU exited with {status}"),
+                    (None, None) => "the agent channel closed".to_string(),
+                };
+                return Err(self.crashed(reason));
             }
             Ok(n) => self.pending.extend_from_slice(&buf[..n]),
             Err(e)
@@ -448,12 +491,14 @@ impl L1 {
         let started = Instant::now();
         let marker = format!("{DONE_PREFIX}{id} ");
         let mut output = String::new();
+        // The agent puts a newline before the marker: an empty line is passed on only once a
+        // line that is not the marker follows it.
+        let mut held_empty = false;
         loop {
-            while let Some(line) = self.take_line()? {
+            while let Some(line) = self.take_line() {
                 if let Some(rest) = line.strip_prefix(&marker) {
                     let code = rest.trim_end_matches('@').trim().parse::<i32>().ok();
-                    // The agent puts a newline before the marker.
-                    if output.ends_with('\n') {
+                    if !held_empty && output.ends_with('\n') {
                         output.pop();
                     }
                     return Ok(Output {
@@ -462,6 +507,15 @@ impl L1 {
                         output,
                         elapsed: started.elapsed(),
                     });
+                }
+                if held_empty {
+                    sink("\n");
+                    output.push('\n');
+                    held_empty = false;
+                }
+                if line.is_empty() {
+                    held_empty = true;
+                    continue;
                 }
                 let line = format!("{line}\n");
                 sink(&line);
@@ -473,7 +527,15 @@ impl L1 {
                     console: self.console.path.clone(),
                 });
             }
-            self.fill()?;
+            if let Err(e) = self.fill() {
+                // Pass on what arrived before the failure, then report it.
+                while let Some(line) = self.take_line() {
+                    let line = format!("{line}\n");
+                    sink(&line);
+                    output.push_str(&line);
+                }
+                return Err(e);
+            }
         }
     }
 
