@@ -537,3 +537,53 @@ pub fn run_guest(mut cmd: Command, timeout: Duration, echo: bool) -> std::io::Re
         timed_out,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{shell_quote, GuestRun, TimedLine};
+    use std::time::Duration;
+
+    #[test]
+    fn shell_quote_leaves_plain_words_and_quotes_the_rest() {
+        assert_eq!(shell_quote("/work/a-b_c.d"), "/work/a-b_c.d");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's $HOME"), r"'it'\''s $HOME'");
+    }
+
+    #[test]
+    fn shell_quote_round_trips_through_sh() {
+        let nasty = "a'b\"c $x `y` \\ *";
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("printf %s {}", shell_quote(nasty)))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), nasty);
+    }
+
+    #[test]
+    fn guest_run_finds_markers_and_values() {
+        let line = |at: u64, text: &str| TimedLine {
+            at: Duration::from_millis(at),
+            line: text.to_string(),
+        };
+        let run = GuestRun {
+            lines: vec![
+                line(10, "[    0.1] booting"),
+                line(20, "MQVMM-NPROC=2"),
+                line(30, "MQVMM-MEMTOTAL-KB=481184 "),
+                line(40, "MQVMM-READY"),
+            ],
+            code: Some(0),
+            elapsed: Duration::from_millis(50),
+            timed_out: false,
+        };
+        assert_eq!(run.time_of("MQVMM-READY"), Some(Duration::from_millis(40)));
+        assert_eq!(run.time_of("MQVMM-NOPE"), None);
+        assert_eq!(run.value_of("MQVMM-NPROC").as_deref(), Some("2"));
+        assert_eq!(run.value_of("MQVMM-MEMTOTAL-KB").as_deref(), Some("481184"));
+        assert_eq!(run.value_of("MQVMM-UPTIME"), None);
+        assert!(run.transcript().contains("MQVMM-READY"));
+    }
+}

@@ -158,8 +158,21 @@ fn keep_param() -> String {
     for var in ["CARGO_TARGET_DIR", "MQVMM_BIN_DIR"] {
         candidates.extend(std::env::var_os(var).map(PathBuf::from));
     }
+    let keep = dirs_to_keep(&candidates);
+    if keep.is_empty() {
+        String::new()
+    } else {
+        format!(" mqvmm.l1keep={}", keep.join(":"))
+    }
+}
+
+/// The distinct `/tmp/X` and `/run/X` directories containing the given absolute paths.
+fn dirs_to_keep(paths: &[PathBuf]) -> Vec<String> {
     let mut keep: Vec<String> = Vec::new();
-    for path in candidates {
+    for path in paths {
+        if !path.is_absolute() {
+            continue;
+        }
         let mut parts = path.components().skip(1); // the root
         let (Some(top), Some(sub)) = (parts.next(), parts.next()) else {
             continue;
@@ -175,11 +188,7 @@ fn keep_param() -> String {
         }
         keep.push(dir);
     }
-    if keep.is_empty() {
-        String::new()
-    } else {
-        format!(" mqvmm.l1keep={}", keep.join(":"))
-    }
+    keep
 }
 
 /// Spawn `cmd` so that it is killed when this process exits: PR_SET_PDEATHSIG fires when the
@@ -584,7 +593,25 @@ pub fn base64_encode(data: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::base64_encode;
+    use super::{base64_encode, dirs_to_keep};
+    use std::path::PathBuf;
+
+    #[test]
+    fn only_dirs_under_tmp_and_run_are_kept_once() {
+        let paths: Vec<PathBuf> = [
+            "/tmp/ci-clone/target/release/deps/boot_x",
+            "/tmp/ci-clone/build",
+            "/run/user",
+            "/work/main/build",
+            "/tmp",
+            "relative/tmp/x",
+            "/tmp/has space/x",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        assert_eq!(dirs_to_keep(&paths), vec!["/tmp/ci-clone", "/run/user"]);
+    }
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
