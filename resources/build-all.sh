@@ -55,12 +55,25 @@ fetch_deb() {
     file="$DEBS/${pkg}_${ver//:/%3a}_amd64.deb"
     if [[ ! -s "$file" ]]; then
         log "downloading $pkg=$ver"
-        (cd "$DEBS" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$ver" >&2) ||
-            { apt_update_once; (cd "$DEBS" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$ver" >&2); } ||
-            die "apt-get download $pkg=$ver failed"
+        (cd "$DEBS" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$ver" >&2) || return 1
     fi
     [[ -s "$file" ]] || die "downloaded $pkg=$ver but $file is missing"
     echo "$file"
+}
+
+# Resolve META to a kernel package and download it; when the download fails (stale package
+# lists on a machine that was not updated for a while), refresh the lists once and resolve again.
+# Sets PKG, VER, DEB.
+resolve_and_fetch() {
+    local meta=$1
+    PKG=$(resolve_meta "$meta")
+    VER=$(candidate_version "$PKG")
+    if ! DEB=$(fetch_deb "$PKG"); then
+        apt_update_once
+        PKG=$(resolve_meta "$meta")
+        VER=$(candidate_version "$PKG")
+        DEB=$(fetch_deb "$PKG") || die "apt-get download $PKG=$VER failed"
+    fi
 }
 
 # Extract a kernel .deb into $WORK/<pkg> (cached by the .deb's name) and generate modules.dep there.
@@ -220,8 +233,10 @@ build_guest() {
         log "guest images up to date ($release)"
         return
     fi
+    resolve_and_fetch linux-image-cloud-amd64
+    pkg=$PKG deb=$DEB release=${PKG#linux-image-}
+    key=$(stamp_key "$PKG=$VER" "$(host_versions)" "$(tree_hash "$RES/guest")" "${GUEST_MODULES[*]}" "$GUEST_CMDLINE")
     log "building guest images for $release"
-    deb=$(fetch_deb "$pkg")
     kdir=$(extract_kernel_deb "$deb" "$pkg" "$release")
     rm -rf "$out.new" && mkdir -p "$out.new"
     cp "$kdir/boot/vmlinuz-$release" "$out.new/bzImage"
@@ -265,8 +280,10 @@ build_l1() {
         log "L1 images up to date ($release)"
         return
     fi
+    resolve_and_fetch linux-image-amd64
+    pkg=$PKG deb=$DEB release=${PKG#linux-image-}
+    key=$(stamp_key "$PKG=$VER" "$(host_versions)" "$(tree_hash "$RES/l1")" "${L1_MODULES[*]}")
     log "building L1 images for $release"
-    deb=$(fetch_deb "$pkg")
     kdir=$(extract_kernel_deb "$deb" "$pkg" "$release")
     rm -rf "$out.new" && mkdir -p "$out.new"
     cp "$kdir/boot/vmlinuz-$release" "$out.new/bzImage"
