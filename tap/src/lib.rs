@@ -7,10 +7,12 @@
 //!   launcher, after which [`TapQueue::detach`] and [`TapQueue::attach`] (TUNSETQUEUE) switch
 //!   queues off and on with no capability at all.
 //!
-//! Kernel facts this crate relies on: detaching a queue purges its pending frames and the kernel
-//! renumbers the remaining queues; a detached fd cannot read or write; attaching an attached queue
-//! (or detaching a detached one) fails with EINVAL; TUNSETIFF needs CAP_NET_ADMIN unless the caller
-//! owns the tap.
+//! Kernel facts this crate relies on (checked by the component tests): detaching a queue purges
+//! its pending frames and the kernel renumbers the remaining queues; attaching an attached queue
+//! (or detaching a detached one) fails with EINVAL; creating a tap needs CAP_NET_ADMIN, joining
+//! one needs CAP_NET_ADMIN or the tap's owner/group — or nothing at all if the tap has neither.
+//! The kernel still accepts frames *written* to a detached queue (and hands them to the host), so
+//! [`TapQueue`] refuses I/O on queues it detached.
 
 mod create;
 mod error;

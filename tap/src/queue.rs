@@ -3,6 +3,7 @@
 use std::io;
 use std::os::raw::c_int;
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::iface::{self, LinkState};
 use crate::sys::{self, TunValue};
@@ -14,13 +15,19 @@ pub(crate) const TAP_FLAGS: c_int =
 
 /// Owns one queue fd of a multiqueue tap. The fd is non-blocking.
 ///
-/// A detached queue's fd stays open but the kernel neither delivers to it nor accepts frames from
-/// it (read/write fail, poll reports an error): stop using it until [`TapQueue::attach`].
+/// A detached queue's fd stays open; the kernel no longer steers frames to it, but (measured on
+/// Linux 6.18) it still *accepts* frames written to it and delivers them to the host, its read
+/// just reports EAGAIN, and poll() reports it writable, never an error. So this type refuses
+/// I/O itself: after [`TapQueue::detach`] (and until [`TapQueue::attach`]) `read`, `readv`,
+/// `write` and `writev` fail with EBADFD without reaching the kernel. A worker must also stop
+/// polling a detached fd.
 #[derive(Debug)]
 pub struct TapQueue {
     fd: OwnedFd,
     if_name: String,
     queue: u16,
+    /// Our view of the queue state: set by attach/detach/is_attached, initialised from TUNGETIFF.
+    attached: AtomicBool,
 }
 
 impl TapQueue {
@@ -35,11 +42,16 @@ impl TapQueue {
     /// every queue without a socket filter, so only a tap with packet information *and* a filter
     /// is caught here.
     pub fn from_raw_fd(fd: RawFd, queue: u16) -> Result<TapQueue, Error> {
-        let if_name = validate(fd, queue)?;
+        let Validated { if_name, attached } = validate(fd, queue)?;
         sys::set_nonblocking(fd).map_err(|source| Error::SetNonBlocking { fd, queue, source })?;
         // SAFETY: the fd is open (validate checked it) and the caller hands its ownership to us.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(TapQueue { fd, if_name, queue })
+        Ok(TapQueue {
+            fd,
+            if_name,
+            queue,
+            attached: AtomicBool::new(attached),
+        })
     }
 
     /// Binds a fresh `/dev/net/tun` fd to the multiqueue tap `name` with TUNSETIFF, creating the
@@ -70,7 +82,7 @@ impl TapQueue {
         // Joining a tap that already has queues keeps the device's flags, whatever we asked for:
         // check what we actually got.
         let raw = tun.as_raw_fd();
-        let if_name = validate(raw, queue)?;
+        let Validated { if_name, attached } = validate(raw, queue)?;
         sys::set_nonblocking(raw).map_err(|source| Error::SetNonBlocking {
             fd: raw,
             queue,
@@ -80,6 +92,7 @@ impl TapQueue {
             fd: tun,
             if_name,
             queue,
+            attached: AtomicBool::new(attached),
         })
     }
 
@@ -100,27 +113,38 @@ impl TapQueue {
             name: self.if_name.clone(),
             queue: self.queue,
             source,
-        })
+        })?;
+        self.attached.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Disables this queue (TUNSETQUEUE IFF_DETACH_QUEUE): the kernel drops its pending frames and
     /// stops steering to it. Fails with EINVAL if it is already detached. Needs no privilege.
     pub fn detach(&self) -> Result<(), Error> {
-        sys::tun_set_queue(self.raw(), libc::IFF_DETACH_QUEUE).map_err(|source| Error::Detach {
-            name: self.if_name.clone(),
-            queue: self.queue,
-            source,
+        // Refuse I/O first, so no frame slips through between the kernel's detach and ours.
+        let was = self.attached.swap(false, Ordering::AcqRel);
+        sys::tun_set_queue(self.raw(), libc::IFF_DETACH_QUEUE).map_err(|source| {
+            self.attached.store(was, Ordering::Release);
+            Error::Detach {
+                name: self.if_name.clone(),
+                queue: self.queue,
+                source,
+            }
         })
     }
 
-    /// Whether the queue is attached (TUNGETIFF reports IFF_DETACH_QUEUE for detached queues).
+    /// Whether the queue is attached, as the kernel reports it (TUNGETIFF's IFF_DETACH_QUEUE);
+    /// also resynchronises the state that gates I/O, should another holder of the same open file
+    /// have changed it.
     pub fn is_attached(&self) -> Result<bool, Error> {
         let ifr = sys::tun_get_iff(self.raw()).map_err(|source| Error::QueueState {
             name: self.if_name.clone(),
             queue: self.queue,
             source,
         })?;
-        Ok(ifr.flags() & libc::IFF_DETACH_QUEUE == 0)
+        let attached = ifr.flags() & libc::IFF_DETACH_QUEUE == 0;
+        self.attached.store(attached, Ordering::Release);
+        Ok(attached)
     }
 
     /// The virtio-net header size the device uses (10 by default). It is per device, not per queue.
@@ -133,9 +157,9 @@ impl TapQueue {
     }
 
     /// TUNSETVNETHDRSZ: 10 (legacy header) or 12 (with num_buffers); the kernel refuses < 10.
-    /// Per device: setting it on one queue sets it for all. On rx the kernel writes only the first
-    /// 10 bytes of the header and skips the rest, so a 12-byte header's num_buffers is the
-    /// reader's to fill.
+    /// Per device: setting it on one queue sets it for all. On rx the kernel fills the first 10
+    /// bytes; older kernels skip the rest without writing it (6.18 zeroes it), so a 12-byte
+    /// header's num_buffers is the reader's to fill.
     pub fn set_vnet_hdr_size(&self, size: i32) -> Result<(), Error> {
         sys::tun_set_vnet_hdr_sz(self.raw(), size).map_err(|source| Error::SetVnetHdrSize {
             name: self.if_name.clone(),
@@ -173,6 +197,7 @@ impl TapQueue {
     /// # Safety
     /// Every iovec must point to memory valid for writes for the duration of the call.
     pub unsafe fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        self.check_attached()?;
         // SAFETY: the caller upholds readv's contract for `iov`.
         unsafe { sys::readv(self.raw(), iov) }
     }
@@ -182,18 +207,29 @@ impl TapQueue {
     /// # Safety
     /// Every iovec must point to memory valid for reads for the duration of the call.
     pub unsafe fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        self.check_attached()?;
         // SAFETY: the caller upholds writev's contract for `iov`.
         unsafe { sys::writev(self.raw(), iov) }
     }
 
     /// Reads one frame (virtio-net header first) into `buf`; a frame longer than `buf` is truncated.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.check_attached()?;
         sys::read(self.raw(), buf)
     }
 
     /// Writes one frame (virtio-net header first).
     pub fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        self.check_attached()?;
         sys::write(self.raw(), buf)
+    }
+
+    fn check_attached(&self) -> io::Result<()> {
+        if self.attached.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EBADFD))
+        }
     }
 
     pub(crate) fn raw(&self) -> RawFd {
@@ -246,18 +282,19 @@ pub fn adopt_queues(fds: &[RawFd]) -> Result<Vec<TapQueue>, Error> {
             });
         }
     }
-    let mut names = Vec::with_capacity(fds.len());
+    let mut checked = Vec::with_capacity(fds.len());
     for (i, &fd) in fds.iter().enumerate() {
-        names.push(validate(fd, label(i))?);
+        checked.push(validate(fd, label(i))?);
     }
+    let names: Vec<&str> = checked.iter().map(|v| v.if_name.as_str()).collect();
     for (i, &fd) in fds.iter().enumerate().skip(1) {
         if names[i] != names[0] {
             return Err(Error::DifferentDevice {
                 fd,
                 queue: label(i),
-                name: names[i].clone(),
+                name: names[i].to_owned(),
                 first_fd: fds[0],
-                first_name: names[0].clone(),
+                first_name: names[0].to_owned(),
             });
         }
         // Two fds sharing one open file (dup) would detach and attach together.
@@ -279,14 +316,15 @@ pub fn adopt_queues(fds: &[RawFd]) -> Result<Vec<TapQueue>, Error> {
     }
     let queues = fds
         .iter()
-        .zip(names)
+        .zip(checked)
         .enumerate()
-        .map(|(i, (&fd, if_name))| TapQueue {
+        .map(|(i, (&fd, Validated { if_name, attached }))| TapQueue {
             // SAFETY: every fd was validated as open and distinct above; the caller hands their
             // ownership to us.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             if_name,
             queue: label(i),
+            attached: AtomicBool::new(attached),
         })
         .collect::<Vec<_>>();
     log::debug!(
@@ -298,8 +336,14 @@ pub fn adopt_queues(fds: &[RawFd]) -> Result<Vec<TapQueue>, Error> {
     Ok(queues)
 }
 
-/// Checks that `fd` is an open queue fd of a multiqueue tap with a vnet header; returns the tap's name.
-fn validate(fd: RawFd, queue: u16) -> Result<String, Error> {
+/// What validation learnt about a queue fd.
+struct Validated {
+    if_name: String,
+    attached: bool,
+}
+
+/// Checks that `fd` is an open queue fd of a multiqueue tap with a vnet header.
+fn validate(fd: RawFd, queue: u16) -> Result<Validated, Error> {
     match sys::fd_flags(fd) {
         Ok(_) => {}
         Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
@@ -338,7 +382,10 @@ fn validate(fd: RawFd, queue: u16) -> Result<String, Error> {
     if flags & libc::IFF_NO_PI == 0 {
         return Err(Error::PacketInfo { fd, queue, name });
     }
-    Ok(name)
+    Ok(Validated {
+        if_name: name,
+        attached: flags & libc::IFF_DETACH_QUEUE == 0,
+    })
 }
 
 fn describe(st: &libc::stat) -> String {

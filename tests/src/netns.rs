@@ -653,6 +653,144 @@ pub fn parse_fields(line: &str) -> HashMap<String, String> {
         .collect()
 }
 
+// ---------------------------------------------------------------------------------------------
+// Frames from the host side.
+
+/// A raw AF_PACKET socket bound to one interface: writes whole ethernet frames into the host
+/// side of a tap, which the tap then delivers to one of its attached queues. Needs CAP_NET_RAW.
+pub struct PacketSocket {
+    fd: OwnedFd,
+    index: u32,
+}
+
+impl PacketSocket {
+    pub fn bind(ifname: &str) -> io::Result<PacketSocket> {
+        let index = if_index(ifname)?;
+        // ETH_P_ALL in network byte order, as the socket protocol.
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: socket() takes no pointers.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::c_int::from(proto),
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Do not receive anything: this socket only sends. Binding with protocol 0 stops delivery.
+        let mut addr = sockaddr_ll(index);
+        addr.sll_protocol = 0;
+        // SAFETY: `addr` is a valid sockaddr_ll for the call, its size is passed.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(PacketSocket { fd, index })
+    }
+
+    /// Sends one complete ethernet frame (destination MAC first).
+    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+        let addr = sockaddr_ll(self.index);
+        // SAFETY: `frame` and `addr` are valid for reads for the call; sizes are passed.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(n) if n == frame.len() => Ok(()),
+            Ok(n) => Err(io::Error::other(format!(
+                "short send: {n} of {}",
+                frame.len()
+            ))),
+            Err(_) => Err(io::Error::last_os_error()),
+        }
+    }
+}
+
+fn sockaddr_ll(index: u32) -> libc::sockaddr_ll {
+    // SAFETY: an all-zero sockaddr_ll is valid (plain integers and byte arrays).
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    addr.sll_ifindex = index as i32;
+    addr.sll_halen = 6;
+    addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    addr
+}
+
+/// A broadcast ethernet frame carrying IPv4/UDP from 10.0.0.1:`src_port` to 10.0.0.2:9 with
+/// `payload`: distinct source ports make distinct flows, which the tap spreads over its queues.
+pub fn udp_broadcast_frame(src_port: u16, payload: &[u8]) -> Vec<u8> {
+    let udp_len = 8 + payload.len();
+    let ip_len = 20 + udp_len;
+    let mut f = Vec::with_capacity(14 + ip_len);
+    f.extend_from_slice(&[0xff; 6]); // destination: broadcast
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // source: locally administered
+    f.extend_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&(ip_len as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]); // id, DF, ttl, UDP, checksum (below)
+    ip.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+    let sum = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&src_port.to_be_bytes());
+    f.extend_from_slice(&9u16.to_be_bytes());
+    f.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]); // no UDP checksum
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A pipe (read end, write end), both close-on-exec.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into `fds`, valid for the call.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The fds open in this process (probed with fcntl, so the probe opens none itself).
+pub fn open_fds() -> Vec<RawFd> {
+    (0..4096)
+        // SAFETY: fcntl(F_GETFD) takes no pointer; any integer is a safe argument.
+        .filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0)
+        .collect()
+}
+
+/// One counter of `/sys/class/net/<ifname>/statistics/`.
+pub fn link_stat(ifname: &str, counter: &str) -> io::Result<u64> {
+    let path = format!("/sys/class/net/{ifname}/statistics/{counter}");
+    std::fs::read_to_string(&path)?
+        .trim()
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,12 +132,13 @@ fn main() {
         },
     );
     let fds: Vec<String> = opts.fds.iter().map(|fd| fd.to_string()).collect();
+    let open: Vec<String> = netns::open_fds().iter().map(|fd| fd.to_string()).collect();
     let groups = status_field(&status, "Groups");
     let out = io::stdout();
     let mut out = out.lock();
     let _ = writeln!(
         out,
-        "ready pid={} uid={} gid={} groups={} capinh={} capprm={} capeff={} capbnd={} capamb={} nnp={} tap={} queues={} fds={} kvm={} mac={}",
+        "ready pid={} uid={} gid={} groups={} capinh={} capprm={} capeff={} capbnd={} capamb={} nnp={} tap={} queues={} fds={} kvm={} kvmfd={} mac={} open={}",
         std::process::id(),
         status_field(&status, "Uid").replace(' ', ","),
         status_field(&status, "Gid").replace(' ', ","),
@@ -152,7 +153,9 @@ fn main() {
         queues.len(),
         fds.join(","),
         kvm,
+        opts.kvm_fd.map_or_else(|| "none".to_owned(), |fd| fd.to_string()),
         opts.mac.as_deref().unwrap_or("none"),
+        open.join(","),
     );
     let _ = out.flush();
 

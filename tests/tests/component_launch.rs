@@ -1,0 +1,695 @@
+//! Component tests of the privilege split: `mqvmm-launch` end to end (with the tap-fdcheck
+//! stand-in and with the real mqvmm), and mqvmm's refusal of fds it cannot use.
+//! Use the release binaries (`cargo build --release`); tests that create taps need root and
+//! /dev/net/tun and run in a network namespace of their own. Each skips with one line otherwise.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use mqvmm_tests::netns::{self, FdCheck};
+use tap::{MultiQueueTap, TapConfig};
+
+const FDCHECK: &str = env!("CARGO_BIN_EXE_tap-fdcheck");
+const NOBODY: u32 = 65534;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn launcher() -> Option<PathBuf> {
+    let bin = netns::release_bin("mqvmm-launch");
+    if bin.is_none() {
+        eprintln!("skip: mqvmm-launch is not built (cargo build --release)");
+    }
+    bin
+}
+
+fn mqvmm() -> Option<PathBuf> {
+    let bin = netns::release_bin("mqvmm");
+    if bin.is_none() {
+        eprintln!("skip: mqvmm is not built (cargo build --release)");
+    }
+    bin
+}
+
+fn needs_netns() -> bool {
+    match netns::skip_reason() {
+        Some(why) => {
+            eprintln!("skip: {why}");
+            false
+        }
+        None => true,
+    }
+}
+
+/// The launcher with `args`, running tap-fdcheck instead of mqvmm (without /dev/kvm when the host
+/// has none).
+fn launch_fdcheck(launcher: &Path, args: &[&str], vmm_args: &[&str]) -> Command {
+    let mut cmd = Command::new(launcher);
+    cmd.args(args).args(["--mqvmm", FDCHECK]);
+    if !Path::new("/dev/kvm").exists() {
+        cmd.arg("--no-kvm");
+    }
+    cmd.arg("--").args(vmm_args);
+    cmd
+}
+
+fn run(mut cmd: Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    netns::wait_with_timeout(cmd.spawn().expect("spawn"), TIMEOUT)
+}
+
+/// Exit code `code` and exactly one line on stderr, starting with `prefix` and containing `needle`.
+fn assert_one_line_error(out: &Output, code: i32, prefix: &str, needle: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "exit status; stderr: {stderr}"
+    );
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with(prefix)).collect();
+    assert_eq!(errors.len(), 1, "want one {prefix:?} line: {stderr}");
+    assert!(
+        errors[0].contains(needle),
+        "{:?} lacks {needle:?}",
+        errors[0]
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    errors[0].to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// mqvmm-launch with the tap-fdcheck stand-in.
+
+#[test]
+fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns(
+        "launcher_runs_the_vmm_as_nobody_without_capabilities",
+        || {
+            let tap = "mql0";
+            let mut cmd = launch_fdcheck(
+                &launcher,
+                &[
+                    "--tap",
+                    tap,
+                    "--queues",
+                    "4",
+                    "--user",
+                    "nobody",
+                    "--mac",
+                    "52:54:00:12:34:56",
+                ],
+                &["--kernel", "/nonexistent/vmlinux", "--cpus", "2"],
+            );
+            // An fd the launcher inherits without CLOEXEC must not reach the VMM.
+            let stray = std::fs::File::open("/proc/self/status").unwrap();
+            netns::pass_fds(&mut cmd, &[(stray.as_raw_fd(), 50)], &[]);
+            cmd.stderr(Stdio::piped());
+            let mut vmm = FdCheck::spawn(cmd);
+            let ready = vmm.ready.clone();
+
+            // What the kernel says about the running VMM process.
+            let status = netns::proc_status(vmm.pid()).unwrap();
+            assert_eq!(status["Name"], "tap-fdcheck");
+            assert_eq!(netns::single_id(&status, "Uid"), NOBODY);
+            assert_eq!(netns::single_id(&status, "Gid"), NOBODY);
+            assert_eq!(status["Groups"], "");
+            assert_eq!(status["NoNewPrivs"], "1");
+            for key in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
+                assert_eq!(
+                    netns::cap_mask(&status, key),
+                    0,
+                    "{key} of the VMM: {status:?}"
+                );
+            }
+
+            // The command line it got, and exactly the fds it needs.
+            assert_eq!(ready["tap"], tap);
+            assert_eq!(ready["queues"], "4");
+            assert_eq!(ready["mac"], "52:54:00:12:34:56");
+            let mut expected: BTreeSet<RawFd> = [0, 1, 2].into();
+            for fd in ready["fds"].split(',') {
+                expected.insert(fd.parse().unwrap());
+            }
+            if Path::new("/dev/kvm").exists() {
+                assert_eq!(ready["kvm"], "/dev/kvm");
+                expected.insert(ready["kvmfd"].parse().unwrap());
+            } else {
+                assert_eq!(ready["kvm"], "none");
+            }
+            let open: BTreeSet<RawFd> = ready["open"]
+                .split(',')
+                .map(|s| s.parse().unwrap())
+                .collect();
+            assert_eq!(open, expected, "fds open in the VMM (50 is the stray one)");
+
+            // The tap: created non-persistent and owned by root, so the VMM cannot add queues.
+            let info = netns::tun_info(tap).unwrap();
+            assert_eq!(
+                (
+                    info.owner,
+                    info.persist,
+                    info.multi_queue,
+                    info.vnet_hdr,
+                    info.pi
+                ),
+                (Some(0), false, true, true, false)
+            );
+            assert_eq!(info.num_queues, 4);
+
+            // Unprivileged, through its fds alone, the VMM switches queues.
+            assert_eq!(vmm.cmd("detach 3"), "ok");
+            assert_eq!(
+                (
+                    netns::tx_queue_count(tap).unwrap(),
+                    netns::tun_info(tap).unwrap().num_disabled
+                ),
+                (3, 1)
+            );
+            assert_eq!(vmm.cmd("attach 3"), "ok");
+            assert_eq!(netns::tx_queue_count(tap).unwrap(), 4);
+
+            let stderr_pipe = vmm.child.stderr.take();
+            vmm.quit();
+            let mut log = String::new();
+            stderr_pipe.unwrap().read_to_string(&mut log).unwrap();
+            assert!(
+                log.contains(&format!(
+                    "mqvmm-launch: tap {tap}: created (non-persistent, owner uid 0)"
+                )),
+                "{log}"
+            );
+            assert!(log.contains("mqvmm-launch: running as uid 65534 gid 65534: no supplementary groups, no capabilities"), "{log}");
+            assert!(log.contains("--net fds="), "{log}");
+            assert!(
+                log.lines().count() <= 5,
+                "the launcher should log a few lines: {log}"
+            );
+            assert!(
+                netns::if_index(tap).is_err(),
+                "the launcher's tap outlived the VMM"
+            );
+        },
+    );
+}
+
+#[test]
+fn launcher_adopts_an_existing_multiqueue_tap() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns("launcher_adopts_an_existing_multiqueue_tap", || {
+        let tap = "mqadopt0";
+        let cfg = TapConfig {
+            name: Some(tap.into()),
+            queues: 1,
+            owner: Some(0),
+            persist: true,
+            ..TapConfig::default()
+        };
+        drop(MultiQueueTap::create(&cfg).unwrap());
+        let mut cmd = launch_fdcheck(
+            &launcher,
+            &[
+                "--tap", tap, "--queues", "2", "--user", "65534", "--group", "65534",
+            ],
+            &[],
+        );
+        cmd.stderr(Stdio::piped());
+        let mut vmm = FdCheck::spawn(cmd);
+        assert_eq!(
+            (vmm.ready["tap"].as_str(), vmm.ready["queues"].as_str()),
+            (tap, "2")
+        );
+        assert_eq!(vmm.ready["uid"], "65534,65534,65534,65534");
+        assert_eq!(netns::tun_info(tap).unwrap().num_queues, 2);
+        let log = {
+            let pipe = vmm.child.stderr.take();
+            vmm.quit();
+            let mut s = String::new();
+            pipe.unwrap().read_to_string(&mut s).unwrap();
+            s
+        };
+        assert!(
+            log.contains(&format!("tap {tap}: adopted the existing multiqueue tap")),
+            "{log}"
+        );
+        // Persistent, so it stays; the launcher did not change that.
+        let info = netns::tun_info(tap).unwrap();
+        assert_eq!((info.persist, info.num_queues), (true, 0));
+    });
+}
+
+#[test]
+fn launcher_runs_the_vmm_as_root_only_when_told() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns("launcher_runs_the_vmm_as_root_only_when_told", || {
+        for (user, group) in [("0", None), ("nobody", Some("0"))] {
+            let mut args = vec!["--tap", "mqroot0", "--queues", "1", "--user", user];
+            if let Some(g) = group {
+                args.extend(["--group", g]);
+            }
+            let out = run(launch_fdcheck(&launcher, &args, &[]));
+            assert_one_line_error(&out, 2, "mqvmm-launch: error:", "refusing to run mqvmm");
+            assert!(
+                netns::if_index("mqroot0").is_err(),
+                "tap created before refusing"
+            );
+        }
+        let mut vmm = FdCheck::spawn(launch_fdcheck(
+            &launcher,
+            &["--tap", "mqroot0", "--queues", "1", "--user", "root"],
+            &[],
+        ));
+        assert_eq!(vmm.ready["uid"], "0,0,0,0");
+        let status = netns::proc_status(vmm.pid()).unwrap();
+        for key in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
+            assert_eq!(netns::cap_mask(&status, key), 0, "{key} of a root VMM");
+        }
+        assert_eq!(vmm.cmd("state"), "attached=1");
+        vmm.quit();
+    });
+}
+
+#[test]
+fn launcher_setup_failures_exit_1_with_one_line() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns("launcher_setup_failures_exit_1_with_one_line", || {
+        use libc::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR};
+        let _single = netns::open_raw_tun("sq0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
+        let out = run(launch_fdcheck(
+            &launcher,
+            &["--tap", "sq0", "--queues", "2", "--user", "nobody"],
+            &[],
+        ));
+        let line = assert_one_line_error(
+            &out,
+            1,
+            "mqvmm-launch: error:",
+            "cannot set up 2 queues of tap sq0",
+        );
+        assert!(
+            line.contains("interface sq0 exists but is not a multiqueue tap"),
+            "{line}"
+        );
+
+        let mut cmd = Command::new(&launcher);
+        cmd.args([
+            "--tap",
+            "mqx0",
+            "--queues",
+            "1",
+            "--user",
+            "nobody",
+            "--mqvmm",
+            "/nonexistent/mqvmm",
+        ]);
+        let out = run(cmd);
+        assert_one_line_error(
+            &out,
+            1,
+            "mqvmm-launch: error:",
+            "mqvmm binary /nonexistent/mqvmm not found",
+        );
+
+        // A VMM binary the target user may not execute: the failure names path and uid.
+        let dir = std::env::temp_dir().join(format!("mqvmm-launch-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vmm = dir.join("mqvmm");
+        std::fs::copy(FDCHECK, &vmm).unwrap();
+        std::fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let mut cmd = Command::new(&launcher);
+        cmd.args([
+            "--tap", "mqx0", "--queues", "1", "--user", "nobody", "--no-kvm", "--mqvmm",
+        ])
+        .arg(&vmm);
+        let out = run(cmd);
+        let _ = std::fs::remove_dir_all(&dir);
+        let line = assert_one_line_error(
+            &out,
+            1,
+            "mqvmm-launch: error:",
+            &format!("cannot execute {} as uid 65534", vmm.display()),
+        );
+        assert!(line.contains("Permission denied"), "{line}");
+        assert!(
+            netns::if_index("mqx0").is_err(),
+            "the tap outlived the failed launch"
+        );
+    });
+}
+
+#[test]
+fn launcher_rejects_bad_arguments_with_exit_2() {
+    let Some(launcher) = launcher() else { return };
+    let check = || {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--tap", "mqbad0", "--user", "nobody"], "--queues"),
+            (
+                &["--tap", "mqbad0", "--queues", "0", "--user", "nobody"],
+                "0 is not in 1..=256",
+            ),
+            (
+                &["--tap", "mqbad0", "--queues", "257", "--user", "nobody"],
+                "257 is not in 1..=256",
+            ),
+            (
+                &[
+                    "--tap", "mqbad0", "--queues", "2", "--user", "nobody", "--mac", "zz",
+                ],
+                "not a MAC address",
+            ),
+            (
+                &[
+                    "--tap",
+                    "mqbad0",
+                    "--queues",
+                    "2",
+                    "--user",
+                    "nobody",
+                    "--mac",
+                    "01:00:5e:00:00:01",
+                ],
+                "multicast",
+            ),
+            (
+                &[
+                    "--tap",
+                    "mqbad0",
+                    "--queues",
+                    "2",
+                    "--user",
+                    "no-such-user-mqvmm",
+                ],
+                "unknown user \"no-such-user-mqvmm\"",
+            ),
+            (
+                &[
+                    "--tap",
+                    "mqbad0",
+                    "--queues",
+                    "2",
+                    "--user",
+                    "nobody",
+                    "--group",
+                    "no-such-group-mqvmm",
+                ],
+                "unknown group",
+            ),
+            (
+                &["--tap", "mqbad0", "--queues", "2", "--user", "0"],
+                "refusing to run mqvmm as root",
+            ),
+            (
+                &["--tap", "a/b", "--queues", "2", "--user", "nobody"],
+                "invalid interface name \"a/b\"",
+            ),
+            (
+                &[
+                    "--tap", "mqbad0", "--queues", "2", "--user", "nobody", "--", "--net", "fds=3",
+                ],
+                "--net is added by mqvmm-launch",
+            ),
+            (
+                &[
+                    "--tap",
+                    "mqbad0",
+                    "--queues",
+                    "2",
+                    "--user",
+                    "nobody",
+                    "--",
+                    "--kvm-fd=3",
+                ],
+                "--kvm-fd is added by mqvmm-launch",
+            ),
+        ];
+        for (args, needle) in cases {
+            let mut cmd = Command::new(&launcher);
+            cmd.args(*args).args(["--mqvmm", FDCHECK]);
+            let out = run(cmd);
+            assert_one_line_error(&out, 2, "mqvmm-launch: error:", needle);
+            assert_eq!(
+                String::from_utf8_lossy(&out.stderr).lines().count(),
+                1,
+                "{args:?}"
+            );
+        }
+        assert!(
+            netns::if_index("mqbad0").is_err(),
+            "a refused launch created its tap"
+        );
+        // --help: exit 0 with the operator's example.
+        let out = run({
+            let mut c = Command::new(&launcher);
+            c.arg("--help");
+            c
+        });
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success());
+        for needle in [
+            "mqvmm-launch --tap mq0 --queues 4 --user nobody",
+            "ip addr add",
+            "ip link set mq0 up",
+            "--kvm-fd",
+        ] {
+            assert!(help.contains(needle), "--help lacks {needle:?}");
+        }
+    };
+    // These fail before anything is created; as root, still keep any accident out of the host.
+    if netns::skip_reason().is_none() {
+        netns::run_in_netns("launcher_rejects_bad_arguments_with_exit_2", check);
+    } else {
+        check();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real mqvmm.
+
+/// A guest kernel from `make resources`, if there is one.
+fn guest_kernel() -> Option<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(build) = std::env::var_os("MQVMM_BUILD") {
+        dirs.push(PathBuf::from(build));
+    }
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../build"));
+    dirs.iter()
+        .flat_map(|d| [d.join("guest/vmlinux"), d.join("guest/bzImage")])
+        .find(|p| p.is_file())
+}
+
+#[test]
+fn launcher_runs_the_real_mqvmm_unprivileged() {
+    let Some(launcher) = launcher() else { return };
+    let Some(mqvmm) = mqvmm() else { return };
+    if !needs_netns() {
+        return;
+    }
+    let help = Command::new(&mqvmm)
+        .arg("--help")
+        .output()
+        .expect("run mqvmm --help");
+    if !String::from_utf8_lossy(&help.stdout).contains("--kvm-fd") {
+        eprintln!("skip: this mqvmm does not accept --kvm-fd yet");
+        return;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skip: needs /dev/kvm");
+        return;
+    }
+    let Some(kernel) = guest_kernel() else {
+        eprintln!("skip: no guest kernel (make resources, or set MQVMM_BUILD)");
+        return;
+    };
+    netns::run_in_netns("launcher_runs_the_real_mqvmm_unprivileged", || {
+        let tap = "mqreal0";
+        let mut cmd = Command::new(&launcher);
+        cmd.args(["--tap", tap, "--queues", "2", "--user", "nobody", "--mqvmm"])
+            .arg(&mqvmm)
+            .args([
+                "--",
+                "--memory",
+                "128",
+                "--cmdline",
+                "console=ttyS0 panic=-1",
+                "--kernel",
+            ])
+            .arg(&kernel)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let pid = child.id();
+        // Drain the console and the log so the VMM never blocks on them.
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut s = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut s);
+                }
+                String::from_utf8_lossy(&s).into_owned()
+            })
+        };
+        let console = drain(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let stderr = drain(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        // Catch the process as soon as it is mqvmm: its credentials are final from exec on.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            let status = netns::proc_status(pid)
+                .ok()
+                .filter(|s| s.get("State").is_some_and(|st| !st.starts_with('Z')));
+            match status {
+                Some(s) if s["Name"] == "mqvmm" => break Some(s),
+                Some(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                _ => break None,
+            }
+        };
+        let fd_targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| {
+                d.filter_map(|e| {
+                    Some(
+                        std::fs::read_link(e.ok()?.path())
+                            .ok()?
+                            .display()
+                            .to_string(),
+                    )
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        let _ = child.kill();
+        let exit = child.wait().unwrap();
+        let log = stderr.join().unwrap_or_default();
+        let console = console.join().unwrap_or_default();
+        let Some(status) = status else {
+            panic!("mqvmm never ran ({exit}); stderr:\n{log}\nconsole:\n{console}");
+        };
+        assert_eq!(netns::single_id(&status, "Uid"), NOBODY, "{log}");
+        assert_eq!(netns::single_id(&status, "Gid"), NOBODY);
+        assert_eq!(status["NoNewPrivs"], "1");
+        for key in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
+            assert_eq!(
+                netns::cap_mask(&status, key),
+                0,
+                "{key} of the running mqvmm"
+            );
+        }
+        // It runs on the launcher's fds (it could open neither itself).
+        assert!(fd_targets.iter().any(|t| t == "/dev/kvm"), "{fd_targets:?}");
+        assert!(
+            fd_targets.iter().filter(|t| *t == "/dev/net/tun").count() >= 2,
+            "{fd_targets:?}"
+        );
+        assert!(
+            !log.contains("holds capabilities"),
+            "mqvmm warned about capabilities: {log}"
+        );
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// mqvmm refuses fds it cannot use: exit 2, one line naming the fd.
+
+/// Runs `mqvmm --kernel <existing file> --net fds=<fds>` with `pass` fds inherited at the given
+/// numbers and `closed` fds closed.
+fn mqvmm_with_fds(mqvmm: &Path, pass: &[(RawFd, RawFd)], closed: &[RawFd], fds: &str) -> Output {
+    let mut cmd = Command::new(mqvmm);
+    // Any existing file: --net is validated before the kernel is read.
+    cmd.args(["--kernel", FDCHECK, "--net", &format!("fds={fds}")]);
+    netns::pass_fds(&mut cmd, pass, closed);
+    run(cmd)
+}
+
+#[test]
+fn mqvmm_refuses_a_non_tap_fd() {
+    let Some(mqvmm) = mqvmm() else { return };
+    let (r, _w) = netns::pipe().unwrap();
+    let out = mqvmm_with_fds(&mqvmm, &[(r.as_raw_fd(), 100)], &[], "100");
+    let line = assert_one_line_error(&out, 2, "mqvmm: error:", "fd 100 (queue 0)");
+    assert!(
+        line.contains("is not a tap queue fd: it is a pipe"),
+        "{line}"
+    );
+}
+
+#[test]
+fn mqvmm_refuses_a_closed_fd() {
+    let Some(mqvmm) = mqvmm() else { return };
+    let out = mqvmm_with_fds(&mqvmm, &[], &[100], "100");
+    let line = assert_one_line_error(&out, 2, "mqvmm: error:", "fd 100 (queue 0)");
+    assert!(line.contains("is not an open file descriptor"), "{line}");
+}
+
+#[test]
+fn mqvmm_refuses_a_single_queue_tap_fd() {
+    let Some(mqvmm) = mqvmm() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns("mqvmm_refuses_a_single_queue_tap_fd", || {
+        use libc::{IFF_NO_PI, IFF_TAP, IFF_VNET_HDR};
+        let single = netns::open_raw_tun("sq0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
+        let out = mqvmm_with_fds(&mqvmm, &[(single.as_raw_fd(), 100)], &[], "100");
+        let line = assert_one_line_error(&out, 2, "mqvmm: error:", "fd 100 (queue 0)");
+        assert!(
+            line.contains("belongs to tap sq0, which is single-queue"),
+            "{line}"
+        );
+    });
+}
+
+#[test]
+fn mqvmm_refuses_fds_of_two_taps() {
+    let Some(mqvmm) = mqvmm() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns("mqvmm_refuses_fds_of_two_taps", || {
+        let cfg = |name: &str| TapConfig {
+            name: Some(name.into()),
+            queues: 1,
+            owner: Some(0),
+            ..TapConfig::default()
+        };
+        let x = MultiQueueTap::create(&cfg("mqx0")).unwrap();
+        let y = MultiQueueTap::create(&cfg("mqy0")).unwrap();
+        let pass = [
+            (x.queues()[0].as_raw_fd(), 100),
+            (y.queues()[0].as_raw_fd(), 101),
+        ];
+        let out = mqvmm_with_fds(&mqvmm, &pass, &[], "100,101");
+        let line = assert_one_line_error(&out, 2, "mqvmm: error:", "fd 101 (queue 1)");
+        assert!(
+            line.contains("belongs to tap mqy0, but fd 100 (queue 0) belongs to tap mqx0"),
+            "{line}"
+        );
+    });
+}
