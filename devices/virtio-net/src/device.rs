@@ -97,8 +97,6 @@ pub(crate) struct PairsState {
     pub hdr_len: i32,
     /// TUN_F_* flags set on the backends.
     pub tun_flags: u32,
-    /// Negotiated features of the current activation.
-    pub features: Negotiated,
 }
 
 /// State shared by the device, its workers and its control thread.
@@ -121,9 +119,9 @@ fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<B: Backend> Shared<B> {
-    /// Data-path settings for the current features and `guest_offloads`.
-    pub(crate) fn path_config(&self, guest_offloads: u64) -> PathConfig {
-        let features = relock(&self.state).features;
+    /// Data-path settings for `features` and `guest_offloads`. Takes no lock: workers call
+    /// it while the control thread may hold `state` waiting for them.
+    pub(crate) fn path_config(&self, features: Negotiated, guest_offloads: u64) -> PathConfig {
         let gso = guest_offloads
             & (bit(VIRTIO_NET_F_GUEST_TSO4)
                 | bit(VIRTIO_NET_F_GUEST_TSO6)
@@ -355,7 +353,6 @@ impl<B: Backend + 'static> Net<B> {
                 has_worker: vec![false; pairs],
                 hdr_len: 0,
                 tun_flags: 0,
-                features: Negotiated::default(),
             }),
             mtu: cfg.mtu,
         });
@@ -372,6 +369,11 @@ impl<B: Backend + 'static> Net<B> {
     /// Number of queue pairs (max_virtqueue_pairs).
     pub fn max_queue_pairs(&self) -> u16 {
         self.shared.backends.len() as u16
+    }
+
+    /// The backends, one per queue pair.
+    pub fn backends(&self) -> &[B] {
+        &self.shared.backends
     }
 
     /// Number of queue pairs currently enabled.
@@ -514,7 +516,6 @@ impl<B: Backend + 'static> Net<B> {
                 .map_err(|source| Error::BackendSetup { pair: 0, source })?;
             state.hdr_len = hdr_len;
             state.tun_flags = tun_flags;
-            state.features = features;
             state.has_worker.iter_mut().for_each(|w| *w = false);
         }
         self.shared
@@ -553,6 +554,7 @@ impl<B: Backend + 'static> Net<B> {
                 },
                 mem: mem.clone(),
                 interrupt: interrupt.clone(),
+                features,
                 running: pair == 0,
             };
             match spawn_worker(start) {
@@ -623,7 +625,6 @@ impl<B: Backend + 'static> Net<B> {
         {
             let mut state = relock(&self.shared.state);
             state.has_worker.iter_mut().for_each(|w| *w = false);
-            state.features = Negotiated::default();
             if let Err(e) = self.shared.enter_reset_state(&mut state) {
                 error!("virtio-net: reset: {e}");
             }

@@ -169,6 +169,7 @@ struct PairWorker<B: Backend> {
     pending_tx: bool,
     pending_rx: bool,
     offloads_seen: u64,
+    features: crate::features::Negotiated,
     warned_err: bool,
 }
 
@@ -203,7 +204,8 @@ impl<B: Backend> PairWorker<B> {
         let offloads = self.shared.guest_offloads.load(Ordering::Relaxed);
         if offloads != self.offloads_seen {
             self.offloads_seen = offloads;
-            self.qp.set_path(self.shared.path_config(offloads));
+            self.qp
+                .set_path(self.shared.path_config(self.features, offloads));
         }
         let state = self.qp.process_rx(&self.shared.backends[self.pair]);
         self.pending_rx = state == RxState::More;
@@ -336,6 +338,8 @@ pub struct WorkerStart<B: Backend> {
     pub mem: vm_memory::GuestMemoryMmap,
     /// Interrupt sink.
     pub interrupt: Arc<dyn crate::Interrupt>,
+    /// Negotiated features.
+    pub features: crate::features::Negotiated,
     /// Whether the worker starts running (pair 0) or parked.
     pub running: bool,
 }
@@ -408,7 +412,7 @@ pub fn spawn_worker<B: Backend + 'static>(
                     start.mem,
                     start.interrupt,
                     start.shared.metrics.clone(),
-                    start.shared.path_config(offloads),
+                    start.shared.path_config(start.features, offloads),
                 );
                 PairWorker {
                     qp,
@@ -421,6 +425,7 @@ pub fn spawn_worker<B: Backend + 'static>(
                     pending_tx: false,
                     pending_rx: false,
                     offloads_seen: offloads,
+                    features: start.features,
                     warned_err: false,
                 }
             },

@@ -1,0 +1,305 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Malformed chains: each is returned with length 0, counted, and the queue goes on serving
+//! the next (good) chain.
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+
+use super::*;
+use crate::chain::{walk, ChainError, DescTable};
+
+const IND: u16 = VRING_DESC_F_INDIRECT as u16;
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+
+/// One malformed chain, built by the test in the queue (descriptor slots 8.. are free).
+struct Case {
+    name: &'static str,
+    build: fn(&mut TestQueue, bool) -> u16,
+    /// Whether the head is in range, so that the chain can be returned at all.
+    returnable: bool,
+}
+
+fn flags(write: bool) -> u16 {
+    if write {
+        WRITE
+    } else {
+        0
+    }
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "shorter than the vnet header",
+            build: |q, wr| {
+                q.write_chain(&[D {
+                    addr: BUF,
+                    len: 11,
+                    write: wr,
+                }])
+            },
+            returnable: true,
+        },
+        Case {
+            name: "wrong direction",
+            build: |q, wr| {
+                q.write_chain(&[D {
+                    addr: BUF,
+                    len: 100,
+                    write: !wr,
+                }])
+            },
+            returnable: true,
+        },
+        Case {
+            name: "mixed directions",
+            build: |q, wr| {
+                q.write_chain(&[
+                    D {
+                        addr: BUF,
+                        len: 100,
+                        write: wr,
+                    },
+                    D {
+                        addr: BUF + 0x100,
+                        len: 100,
+                        write: !wr,
+                    },
+                ])
+            },
+            returnable: true,
+        },
+        Case {
+            name: "buffer outside guest memory",
+            build: |q, wr| {
+                q.write_chain(&[D {
+                    addr: MEM_END + 0x1000,
+                    len: 100,
+                    write: wr,
+                }])
+            },
+            returnable: true,
+        },
+        Case {
+            name: "buffer running past the end of guest memory",
+            build: |q, wr| {
+                q.write_chain(&[D {
+                    addr: MEM_END - 50,
+                    len: 100,
+                    write: wr,
+                }])
+            },
+            returnable: true,
+        },
+        Case {
+            name: "address wrapping around",
+            build: |q, wr| {
+                q.write_chain(&[D {
+                    addr: u64::MAX - 10,
+                    len: 100,
+                    write: wr,
+                }])
+            },
+            returnable: true,
+        },
+        Case {
+            name: "next index out of range",
+            build: |q, wr| {
+                q.store(8, BUF, 100, flags(wr) | NEXT, 200);
+                8
+            },
+            returnable: true,
+        },
+        Case {
+            name: "loop",
+            build: |q, wr| {
+                q.store(8, BUF, 100, flags(wr) | NEXT, 9);
+                q.store(9, BUF, 100, flags(wr) | NEXT, 8);
+                8
+            },
+            returnable: true,
+        },
+        Case {
+            name: "indirect table length not a multiple of 16",
+            build: |q, _| {
+                q.store(8, BUF + 0x8000, 20, IND, 0);
+                8
+            },
+            returnable: true,
+        },
+        Case {
+            name: "indirect table of length 0",
+            build: |q, _| {
+                q.store(8, BUF + 0x8000, 0, IND, 0);
+                8
+            },
+            returnable: true,
+        },
+        Case {
+            name: "indirect table outside guest memory",
+            build: |q, _| {
+                q.store(8, MEM_END + 0x1000, 32, IND, 0);
+                8
+            },
+            returnable: true,
+        },
+        Case {
+            name: "indirect descriptor with NEXT",
+            build: |q, wr| {
+                q.store(8, BUF + 0x8000, 16, IND | NEXT, 9);
+                q.store(9, BUF, 100, flags(wr), 0);
+                8
+            },
+            returnable: true,
+        },
+        Case {
+            name: "indirect table next index out of range",
+            build: |q, wr| {
+                let raw = RawDescriptor::from(Descriptor::new(BUF, 100, flags(wr) | NEXT, 5));
+                q.mem.write_obj(raw, GuestAddress(BUF + 0x8000)).unwrap();
+                q.store(8, BUF + 0x8000, 16, IND, 0);
+                8
+            },
+            returnable: true,
+        },
+        Case {
+            name: "nested indirect table",
+            build: |q, _| {
+                let raw = RawDescriptor::from(Descriptor::new(BUF + 0x9000, 16, IND, 0));
+                q.mem.write_obj(raw, GuestAddress(BUF + 0x8000)).unwrap();
+                q.store(8, BUF + 0x8000, 16, IND, 0);
+                8
+            },
+            returnable: true,
+        },
+        Case {
+            name: "head index out of range",
+            build: |_, _| 99,
+            returnable: false,
+        },
+    ]
+}
+
+/// Runs every case through tx (`rx == false`) or rx, each followed by a good chain.
+fn run(rx: bool, features: u64) {
+    for case in cases() {
+        let mem = guest_memory();
+        let mut rig = PairRig::new(&mem, features, false, 16);
+        let q = if rx { &mut rig.rxq } else { &mut rig.txq };
+        let bad = (case.build)(q, rx);
+        q.publish(bad);
+        let good_buf = BUF + 0x4000;
+        let f = frame(&payload(100, 1));
+        let len = if rx { 2048 } else { f.len() as u32 };
+        let good = q.add(&[D {
+            addr: good_buf,
+            len,
+            write: rx,
+        }]);
+        if rx {
+            rig.peer.send(&f);
+            rig.rx();
+        } else {
+            rig.put(good_buf, &f);
+            rig.tx();
+        }
+        let (q, m) = if rx {
+            (&rig.rxq, rig.rx_m())
+        } else {
+            (&rig.txq, rig.tx_m())
+        };
+        assert_eq!(get(&m.bad_chains), 1, "{}: counted", case.name);
+        if case.returnable {
+            assert_eq!(q.used_idx(), 2, "{}: both chains returned", case.name);
+            assert_eq!(q.used(0), (bad, 0), "{}: returned with length 0", case.name);
+            assert_eq!(q.used(1).0, good, "{}: next chain served", case.name);
+        } else {
+            assert_eq!(q.used_idx(), 1, "{}: good chain returned", case.name);
+            assert_eq!(q.used(0).0, good, "{}: next chain served", case.name);
+        }
+        assert_eq!(
+            get(&m.packets),
+            1,
+            "{}: the good frame went through",
+            case.name
+        );
+        if rx {
+            assert_eq!(
+                read_guest(&mem, good_buf + 12, 100),
+                f[12..],
+                "{}",
+                case.name
+            );
+        } else {
+            assert_eq!(rig.peer.recv().unwrap(), f, "{}", case.name);
+        }
+    }
+}
+
+#[test]
+fn malformed_tx_chains_are_returned_and_counted() {
+    run(false, F_BASE);
+}
+
+#[test]
+fn malformed_rx_chains_are_returned_and_counted() {
+    run(true, F_BASE);
+}
+
+#[test]
+fn malformed_rx_chains_with_mergeable_buffers() {
+    run(true, F_MRG);
+}
+
+#[test]
+fn indirect_without_the_feature_is_malformed() {
+    let mem = guest_memory();
+    let mut rig = PairRig::new(&mem, F_BASE & !crate::features::bit(28), false, 16);
+    let f = frame(&payload(50, 2));
+    rig.put(BUF, &f);
+    let head = rig
+        .txq
+        .add_indirect(BUF + 0x8000, &[r(BUF, f.len() as u32)]);
+    rig.tx();
+    assert_eq!(rig.txq.used(0), (head, 0));
+    assert_eq!(get(&rig.tx_m().bad_chains), 1);
+    assert!(rig.peer.recv().is_none());
+}
+
+#[test]
+fn walker_reports_the_precise_error() {
+    let mem = guest_memory();
+    let mut q = TestQueue::new(&mem, 0, 16);
+    let table = DescTable {
+        addr: GuestAddress(0),
+        size: 16,
+        indirect: true,
+    };
+    q.store(0, BUF, 10, NEXT, 1);
+    q.store(1, BUF, 10, NEXT, 0);
+    assert_eq!(
+        walk(&mem, table, 0, |_| Ok(())),
+        Err(ChainError::TooLong { limit: 16 })
+    );
+    q.store(0, BUF, 10, NEXT, 16);
+    assert_eq!(
+        walk(&mem, table, 0, |_| Ok(())),
+        Err(ChainError::IndexOutOfRange {
+            index: 16,
+            size: 16
+        })
+    );
+    q.store(0, BUF, 24, IND, 0);
+    assert_eq!(
+        walk(&mem, table, 0, |_| Ok(())),
+        Err(ChainError::IndirectTableLen { len: 24 })
+    );
+    let head = q.write_chain(&[r(BUF, 10), r(BUF + 10, 20), w(BUF + 30, 30)]);
+    let mut lens = Vec::new();
+    walk(&mem, table, head, |d| {
+        lens.push(d.len());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(lens, [10, 20, 30]);
+}
