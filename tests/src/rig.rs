@@ -53,6 +53,15 @@ impl fmt::Display for Mode {
     }
 }
 
+/// Print one line on stderr, bypassing libtest's output capture, so that it shows for passing
+/// tests too (the mode decision, L1 boots, timings). Boot tests print their timings with
+/// `note("timing: ...")`; such lines from a test run inside L1 are passed on the same way.
+pub fn note(line: &str) {
+    use std::io::Write;
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "{line}");
+}
+
 /// The mode and why it was chosen.
 #[derive(Clone, Debug)]
 pub struct Decision {
@@ -66,7 +75,7 @@ pub fn decision() -> &'static Decision {
     static DECISION: OnceLock<Decision> = OnceLock::new();
     DECISION.get_or_init(|| {
         let decision = decide();
-        eprintln!("rig: {} mode: {}", decision.mode, decision.reason);
+        note(&format!("rig: {} mode: {}", decision.mode, decision.reason));
         decision
     })
 }
@@ -85,9 +94,9 @@ fn decide() -> Decision {
                 reason: "forced by MQVMM_RIG=nested".into(),
             }
         }
-        Ok(other) if !other.is_empty() => eprintln!(
+        Ok(other) if !other.is_empty() => note(&format!(
             "rig: ignoring MQVMM_RIG={other:?} (expected direct or nested); probing /dev/kvm"
-        ),
+        )),
         _ => {}
     }
     let started = Instant::now();
@@ -296,10 +305,10 @@ pub fn try_exec_in_l1_streaming(
         match l1.exec(&script, timeout + Duration::from_secs(30), sink) {
             Ok(out) => return Ok(out),
             Err(RigError::Crashed { reason, console }) if attempt == 1 => {
-                eprintln!(
+                note(&format!(
                     "rig: L1 crashed ({reason}); console log {}; retrying once on a fresh L1",
                     console.display()
-                );
+                ));
                 *guard = None;
             }
             Err(e) => {
@@ -388,8 +397,19 @@ pub fn in_kvm_env(test_name: &str, body: impl FnOnce()) {
         shell_quote(&exe.to_string_lossy()),
         shell_quote(test_name)
     );
-    eprintln!("rig: running {test_name} inside L1");
-    let out = try_exec_in_l1_streaming(&cmd, test_timeout(), &mut |chunk| print!("{chunk}"))
+    note(&format!("rig: running {test_name} inside L1"));
+    let mut sink = |line: &str| {
+        // Rig and timing lines of the inner run reach the terminal even when output is captured.
+        // (libtest prints "test NAME ... " before the test's own output, on the same line.)
+        if let Some(pos) = line.find("timing: ") {
+            note(line[pos..].trim_end());
+        } else if line.starts_with("rig: ") {
+            note(line.trim_end());
+        } else {
+            print!("{line}");
+        }
+    };
+    let out = try_exec_in_l1_streaming(&cmd, test_timeout(), &mut sink)
         .unwrap_or_else(|e| panic!("rig: cannot run {test_name} inside L1: {e}"));
     let ran_one = out.output.contains("running 1 test");
     let passed = out.output.contains("test result: ok. 1 passed");
@@ -406,10 +426,10 @@ pub fn in_kvm_env(test_name: &str, body: impl FnOnce()) {
             out.output
         );
     }
-    eprintln!(
+    note(&format!(
         "rig: {test_name} passed inside L1 in {:.1} s",
         out.elapsed.as_secs_f64()
-    );
+    ));
 }
 
 /// One line a guest (or any child) printed, with when it arrived.

@@ -83,11 +83,11 @@ fn guest_image_boots_under_qemu_kvm() {
             Some(0),
             "qemu did not exit 0 after poweroff:\n{transcript}"
         );
-        println!(
+        rig::note(&format!(
             "timing: QEMU start to MQVMM-READY {:.2} s wall (guest uptime {} s), to exit {:.2} s",
             ready.as_secs_f64(),
             run.value_of("MQVMM-UPTIME").unwrap_or_default(),
             run.elapsed.as_secs_f64()
-        );
+        ));
     });
 }

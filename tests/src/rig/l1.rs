@@ -14,7 +14,7 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{build_dir, l1_images, scratch_dir, Output};
+use super::{build_dir, l1_images, note, scratch_dir, Output};
 
 /// Console lines that mean L1 itself died (an emulator fault, not the test's fault).
 const CRASH_PATTERNS: &[&str] = &[
@@ -346,12 +346,12 @@ impl L1 {
             .stdout(console_file)
             .stderr(console_err);
         let started = Instant::now();
-        eprintln!(
+        note(&format!(
             "rig: booting L1 ({} CPUs, {} MiB, TCG); console log {}",
             config.cpus,
             config.memory_mib,
             console_path.display()
-        );
+        ));
         let mut child = spawn_tied(cmd).map_err(|source| RigError::Spawn { source })?;
 
         let stream = loop {
@@ -421,11 +421,11 @@ impl L1 {
                 console: console_path,
             });
         }
-        eprintln!(
+        note(&format!(
             "rig: L1 ready with /dev/kvm in {:.1} s wall ({} s of L1 uptime)",
             l1.boot_time.as_secs_f64(),
             l1.l1_uptime_at_ready
-        );
+        ));
         Ok(l1)
     }
 
