@@ -19,6 +19,12 @@
 //! executable inside it with `--exact <test_name>`; its output is streamed to the test's stdout and
 //! the outer test fails when the inner one does. The L1 is shared by all tests of the process.
 //!
+//! Inside the body, [`run_guest`] runs a VMM to completion with a time bound and timestamps every
+//! console line ([`GuestRun::time_of`], [`GuestRun::value_of`] for the guest's `MQVMM-*` lines, see
+//! resources/README.md); `tests/boot_rig.rs` is the template. [`note`] prints lines that must show
+//! even for passing tests (timings). [`exec_in_l1`] / [`exec_in_kvm_env`] run shell commands
+//! (benchmarks); `MQVMM_RIG_SCRATCH` is a directory they can write that the host sees.
+//!
 //! Environment: `MQVMM_RIG=direct|nested` forces the mode; `MQVMM_BUILD` is the build directory
 //! (default `<workspace>/build`); `MQVMM_BIN_DIR` where mqvmm binaries are (default: next to
 //! the running executable); `MQVMM_RIG_TEST_TIMEOUT` / `MQVMM_RIG_BOOT_TIMEOUT` (seconds) bound a
