@@ -109,13 +109,16 @@ impl TapQueue {
     /// Re-enables this queue (TUNSETQUEUE IFF_ATTACH_QUEUE). Fails with EINVAL if it is attached.
     /// Needs no privilege.
     pub fn attach(&self) -> Result<(), Error> {
-        sys::tun_set_queue(self.raw(), libc::IFF_ATTACH_QUEUE).map_err(|source| Error::Attach {
+        let result = sys::tun_set_queue(self.raw(), libc::IFF_ATTACH_QUEUE);
+        // EINVAL means the kernel does not consider this queue detached: it is attached.
+        if result.is_ok() || is_einval(&result) {
+            self.attached.store(true, Ordering::Release);
+        }
+        result.map_err(|source| Error::Attach {
             name: self.if_name.clone(),
             queue: self.queue,
             source,
-        })?;
-        self.attached.store(true, Ordering::Release);
-        Ok(())
+        })
     }
 
     /// Disables this queue (TUNSETQUEUE IFF_DETACH_QUEUE): the kernel drops its pending frames and
@@ -123,13 +126,15 @@ impl TapQueue {
     pub fn detach(&self) -> Result<(), Error> {
         // Refuse I/O first, so no frame slips through between the kernel's detach and ours.
         let was = self.attached.swap(false, Ordering::AcqRel);
-        sys::tun_set_queue(self.raw(), libc::IFF_DETACH_QUEUE).map_err(|source| {
+        let result = sys::tun_set_queue(self.raw(), libc::IFF_DETACH_QUEUE);
+        // EINVAL means the kernel already considers this queue detached (or gone): stay refused.
+        if result.is_err() && !is_einval(&result) {
             self.attached.store(was, Ordering::Release);
-            Error::Detach {
-                name: self.if_name.clone(),
-                queue: self.queue,
-                source,
-            }
+        }
+        result.map_err(|source| Error::Detach {
+            name: self.if_name.clone(),
+            queue: self.queue,
+            source,
         })
     }
 
@@ -334,6 +339,10 @@ pub fn adopt_queues(fds: &[RawFd]) -> Result<Vec<TapQueue>, Error> {
         fds
     );
     Ok(queues)
+}
+
+fn is_einval(result: &io::Result<()>) -> bool {
+    matches!(result, Err(e) if e.raw_os_error() == Some(libc::EINVAL))
 }
 
 /// What validation learnt about a queue fd.

@@ -151,9 +151,13 @@ fn unprivileged_child_gets_eperm_from_tunsetiff_and_einval_from_double_attach() 
             let reply = child.cmd("attach 2");
             assert!(reply.starts_with("err Attach errno=22 "), "{reply}");
             assert!(reply.contains(&format!("tap {tap} queue 2")), "{reply}");
+            // The refused attach left the queue usable (EAGAIN: attached, nothing pending).
+            assert!(child.cmd("read 2").starts_with("err io errno=11 "));
             assert_eq!(child.cmd("detach 2"), "ok");
             let reply = child.cmd("detach 2");
             assert!(reply.starts_with("err Detach errno=22 "), "{reply}");
+            // ... and the refused detach left it refusing I/O (EBADFD).
+            assert!(child.cmd("read 2").starts_with("err io errno=77 "));
             expect_queues(tap, 3, 1, "the refused second detach");
             // And the refusals changed nothing: the queue still comes back.
             assert_eq!(child.cmd("attach 2"), "ok");
