@@ -17,12 +17,12 @@ use crate::ctrl::{ACK_ERR, ACK_OK};
 use crate::features::bit;
 use crate::{Error, Net, NetConfig};
 
-const QSIZE: u16 = 16;
+pub(super) const QSIZE: u16 = 16;
 const CTRL_BUF: u64 = 0x20_0000;
-const RX_BUF: u64 = 0x30_0000;
+pub(super) const RX_BUF: u64 = 0x30_0000;
 const TX_BUF: u64 = 0x50_0000;
 
-fn f_mq() -> u64 {
+pub(super) fn f_mq() -> u64 {
     F_MRG
         | F_EVENT_IDX
         | bit(VIRTIO_NET_F_MQ)
@@ -35,16 +35,16 @@ fn f_mq() -> u64 {
         | bit(VIRTIO_NET_F_GUEST_TSO6)
 }
 
-struct Rig<'a> {
-    mem: &'a GuestMemoryMmap,
-    net: Net<SockBackend>,
-    peers: Vec<Peer>,
-    journal: Arc<Journal>,
-    irq: Arc<RecordingInterrupt>,
+pub(super) struct Rig<'a, B: Backend + 'static = SockBackend> {
+    pub mem: &'a GuestMemoryMmap,
+    pub net: Net<B>,
+    pub peers: Vec<Peer>,
+    pub journal: Arc<Journal>,
+    pub irq: Arc<RecordingInterrupt>,
     /// Driver side of every queue the device has, by index.
-    q: Vec<TestQueue<'a>>,
-    kicks: Vec<EventFd>,
-    ctrl_index: usize,
+    pub q: Vec<TestQueue<'a>>,
+    pub kicks: Vec<EventFd>,
+    pub ctrl_index: usize,
     cmds: u64,
 }
 
@@ -52,16 +52,15 @@ fn base(index: usize) -> u64 {
     index as u64 * 0x4000
 }
 
-/// A device with `pairs` pairs, features `acked`, and the queues in `ready` set up.
-fn rig_with(
+/// A device over `backends` with features `acked`, and the queues in `ready` set up.
+pub(super) fn rig_over<B: Backend + 'static>(
     mem: &GuestMemoryMmap,
-    pairs: u16,
+    backends: Vec<B>,
     cfg: NetConfig,
     acked: u64,
     ready: impl Fn(usize) -> bool,
-) -> Result<Rig<'_>, Error> {
-    let (b, peers, journal) = backends(pairs);
-    let mut net = Net::new(cfg, b)?;
+) -> Result<Rig<'_, B>, Error> {
+    let mut net = Net::new(cfg, backends)?;
     net.set_acked_features(acked);
     let count = net.queue_max_sizes().len();
     let ctrl_index = usize::from(net.ctrl_queue_index());
@@ -87,14 +86,29 @@ fn rig_with(
     Ok(Rig {
         mem,
         net,
-        peers,
-        journal,
+        peers: Vec::new(),
+        journal: Arc::new(Journal::default()),
         irq,
         q,
         kicks,
         ctrl_index,
         cmds: 0,
     })
+}
+
+/// A device over socket backends with `pairs` pairs.
+fn rig_with(
+    mem: &GuestMemoryMmap,
+    pairs: u16,
+    cfg: NetConfig,
+    acked: u64,
+    ready: impl Fn(usize) -> bool,
+) -> Result<Rig<'_>, Error> {
+    let (b, peers, journal) = backends(pairs);
+    let mut rig = rig_over(mem, b, cfg, acked, ready)?;
+    rig.peers = peers;
+    rig.journal = journal;
+    Ok(rig)
 }
 
 fn rig(mem: &GuestMemoryMmap, pairs: u16) -> Rig<'_> {
@@ -105,13 +119,13 @@ fn rig(mem: &GuestMemoryMmap, pairs: u16) -> Rig<'_> {
     rig_with(mem, pairs, cfg, f_mq(), |_| true).unwrap()
 }
 
-impl Rig<'_> {
-    fn kick(&self, index: usize) {
+impl<B: Backend + 'static> Rig<'_, B> {
+    pub fn kick(&self, index: usize) {
         self.kicks[index].write(1).unwrap();
     }
 
     /// Sends a control command and returns the ack byte.
-    fn command(&mut self, class: u32, cmd: u32, data: &[u8]) -> u8 {
+    pub fn command(&mut self, class: u32, cmd: u32, data: &[u8]) -> u8 {
         let at = CTRL_BUF + self.cmds * 0x100;
         self.cmds += 1;
         let mut bytes = vec![class as u8, cmd as u8];
@@ -129,19 +143,20 @@ impl Rig<'_> {
         read_guest(self.mem, at + 0x80, 1)[0]
     }
 
-    fn set_pairs(&mut self, n: u16) -> u8 {
+    pub fn set_pairs(&mut self, n: u16) -> u8 {
         self.command(VIRTIO_NET_CTRL_MQ, 0, &n.to_le_bytes())
     }
 
-    fn attached(&self) -> Vec<bool> {
+    /// Attach state as the backends report it (TUNGETIFF for a tap).
+    pub fn attached(&self) -> Vec<bool> {
         self.net
             .backends()
             .iter()
-            .map(|b| b.is_attached_now())
+            .map(|b| b.is_attached().unwrap())
             .collect()
     }
 
-    fn parked(&self) -> Vec<bool> {
+    pub fn parked(&self) -> Vec<bool> {
         let m = self.net.metrics();
         m.pairs
             .iter()
@@ -151,21 +166,21 @@ impl Rig<'_> {
 
     /// Fills rx queue `p` with 2 KiB buffers. With MRG_RXBUF and GSO the device reads only
     /// once it holds room for a 64 KiB frame or the whole ring.
-    fn fill_rx(&mut self, p: usize) {
+    pub fn fill_rx(&mut self, p: usize) {
         for slot in 0..u64::from(QSIZE) {
             self.q[2 * p].add(&[w(RX_BUF + p as u64 * 0x10000 + slot * 0x1000, 2048)]);
         }
     }
 
     /// Sends `f` from the host side of pair `p` and waits until rx `p` used it.
-    fn deliver(&mut self, p: usize, f: &[u8]) -> bool {
+    pub fn deliver(&mut self, p: usize, f: &[u8]) -> bool {
         let before = self.q[2 * p].used_idx();
         self.peers[p].send(f);
         self.q[2 * p].wait_used(before.wrapping_add(1))
     }
 
     /// Transmits `f` on pair `p`.
-    fn transmit(&mut self, p: usize, f: &[u8]) {
+    pub fn transmit(&mut self, p: usize, f: &[u8]) {
         let at = TX_BUF + p as u64 * 0x10000;
         self.mem.write_slice(f, GuestAddress(at)).unwrap();
         self.q[2 * p + 1].add(&[r(at, f.len() as u32)]);

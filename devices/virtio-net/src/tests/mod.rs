@@ -8,6 +8,7 @@ mod config;
 mod ctrl;
 mod device;
 mod pairs;
+mod real_tap;
 mod rx;
 mod tx;
 
