@@ -509,7 +509,14 @@ impl<B: Backend + 'static> Net<B> {
         let tun_flags = tun_offload_flags(offloads);
         {
             let mut state = relock(&self.shared.state);
-            self.shared.enter_reset_state(&mut state)?;
+            match self.shared.enter_reset_state(&mut state) {
+                Ok(()) => {}
+                Err(e @ Error::BackendSetup { pair: 0, .. }) => return Err(e),
+                // A surplus queue that stays attached costs the host the frames steered to
+                // it; the device itself still works, so keep going (logged in
+                // enter_reset_state, visible as `attached` in the metrics).
+                Err(_) => {}
+            }
             let b0 = &self.shared.backends[0];
             b0.set_vnet_hdr_size(hdr_len)
                 .and_then(|()| b0.set_offload(tun_flags))

@@ -162,8 +162,8 @@ enum Fill {
     Broken,
 }
 
-/// One queue pair's rings and scratch buffers. Not `Send` (it holds raw iovec pointers
-/// between calls only in cleared form); build it on the thread that uses it.
+/// One queue pair's rings and scratch buffers. Not `Send` (its scratch vectors hold raw
+/// iovecs, valid only during a call): build it on the thread that uses it.
 pub struct QueuePair {
     pair: u16,
     rx: Queue,
@@ -178,6 +178,7 @@ pub struct QueuePair {
     warned_tx_broken: bool,
     warned_rx_broken: bool,
     warned_backend: bool,
+    warned_irq: bool,
 }
 
 fn pop_head(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<u16>, virtio_queue::Error> {
@@ -223,6 +224,7 @@ impl QueuePair {
             warned_tx_broken: false,
             warned_rx_broken: false,
             warned_backend: false,
+            warned_irq: false,
         }
     }
 
@@ -266,9 +268,9 @@ impl QueuePair {
         match self.interrupt.signal_used_queue(queue_index) {
             Ok(()) => tally.interrupts += 1,
             Err(e) => {
-                if !self.warned_backend {
+                if !self.warned_irq {
                     warn!("virtio-net: interrupt for queue {queue_index} failed: {e}");
-                    self.warned_backend = true;
+                    self.warned_irq = true;
                 }
             }
         }

@@ -189,6 +189,13 @@ impl<B: Backend + 'static> Rig<'_, B> {
 }
 
 #[test]
+fn the_device_can_move_to_the_transport_thread() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Net<tap::TapQueue>>();
+    assert_send::<Net<SockBackend>>();
+}
+
+#[test]
 fn backend_count_is_checked() {
     let (b, _, _) = backends(0);
     assert!(matches!(

@@ -3,6 +3,7 @@
 //! SOCK_SEQPACKET socketpair keeps frame boundaries; a fault-injecting wrapper fails the k-th
 //! attach or detach) and a recording interrupt sink.
 
+mod bench;
 mod chains;
 mod config;
 mod ctrl;
