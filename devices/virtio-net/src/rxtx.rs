@@ -502,7 +502,7 @@ impl QueuePair {
     pub fn process_rx<B: Backend + ?Sized>(&mut self, backend: &B) -> RxState {
         let mut tally = Tally::default();
         let mut used = 0usize;
-        let mut since_signal = 0usize;
+        let mut signalled_at = 0usize;
         let mut frames = 0usize;
         let state = loop {
             if frames == RX_BUDGET {
@@ -537,9 +537,7 @@ impl QueuePair {
             match unsafe { backend.readv(iov) } {
                 Ok(n) => {
                     frames += 1;
-                    let before = used;
                     self.deliver(n, &mut tally, &mut used);
-                    since_signal += used - before;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxState::Drained,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -551,15 +549,15 @@ impl QueuePair {
                     break RxState::BackendError;
                 }
             }
-            if since_signal >= SIGNAL_BATCH {
-                since_signal = 0;
+            if used - signalled_at >= SIGNAL_BATCH {
+                signalled_at = used;
                 if should_signal(&mut self.rx, &self.mem) {
                     self.signal(self.rx_index(), &mut tally);
                 }
             }
         };
         self.release_rx();
-        if used > 0 && should_signal(&mut self.rx, &self.mem) {
+        if used > signalled_at && should_signal(&mut self.rx, &self.mem) {
             self.signal(self.rx_index(), &mut tally);
         }
         self.metrics.pairs[usize::from(self.pair)].rx.add(&tally);
