@@ -552,7 +552,11 @@ impl L1 {
     /// the read-only share) in the host's root with the console as its controlling terminal.
     /// L1 powers off when the script ends. Returns QEMU's exit status.
     pub fn run_interactive(config: &L1Config, script_path: &Path) -> Result<ExitStatus, RigError> {
-        let mut cmd = qemu_command(config, &format!("mqvmm.l1run={}", script_path.display()))?;
+        // loglevel=1: only emergencies (panics) from L1's kernel interleave with the guest's console.
+        let mut cmd = qemu_command(
+            config,
+            &format!("loglevel=1 mqvmm.l1run={}", script_path.display()),
+        )?;
         cmd.stdin(Stdio::inherit())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit());
