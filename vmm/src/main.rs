@@ -300,6 +300,13 @@ fn run(args: Args) -> Result<VmExit, Failure> {
         None => KvmSource::Open,
     };
     let net = args.net.map(open_net).transpose()?;
+    // Catch a wrong path or a file that is no kernel at all before touching KVM.
+    std::fs::File::open(&args.kernel)
+        .map_err(|e| format!("cannot open kernel image {}: {e}", args.kernel.display()))
+        .and_then(|mut f| {
+            vmm::arch::boot::detect_format(&mut f, &args.kernel).map_err(|e| e.to_string())
+        })
+        .map_err(Failure::Usage)?;
     if let Some(initramfs) = &args.initramfs {
         if let Err(e) = std::fs::File::open(initramfs) {
             return Err(Failure::Usage(format!(

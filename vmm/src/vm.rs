@@ -341,6 +341,7 @@ impl Vm {
         boot::write_boot_params(&mem, &kernel, &cmdline, initramfs, rsdp, memory_size)?;
         boot::write_page_tables(&mem)?;
         boot::write_gdt_idt(&mem)?;
+        boot::write_reset_vector(&mem)?;
 
         let base_cpuid = cpu::supported_cpuid(&kvm)?;
         let pio = Arc::new(pio);

@@ -341,6 +341,34 @@ pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
     Ok(())
 }
 
+/// Real-mode code at the reset vector: write the ACPI reset value to the reset register, then
+/// halt. Linux on a hardware-reduced ACPI platform without EFI reboots through the "BIOS" (it
+/// jumps to F000:FFF0 in real mode), so this is where `reboot` ends up unless `reboot=` says
+/// otherwise.
+pub fn reset_vector_code() -> [u8; 10] {
+    let [port_lo, port_hi] = ACPI_RESET_PORT.to_le_bytes();
+    [
+        0xba,
+        port_lo,
+        port_hi, // mov dx, ACPI_RESET_PORT
+        0xb0,
+        ACPI_RESET_VALUE, // mov al, ACPI_RESET_VALUE
+        0xee,             // out dx, al
+        0xfa,             // cli
+        0xf4,             // hlt
+        0xeb,
+        0xfd, // jmp back to the hlt
+    ]
+}
+
+pub fn write_reset_vector(mem: &GuestMemoryMmap) -> Result<()> {
+    mem.write_slice(&reset_vector_code(), GuestAddress(RESET_VECTOR))
+        .map_err(|source| Error::GuestWrite {
+            what: "reset vector",
+            source,
+        })
+}
+
 /// GDT entries: null, 64-bit code, data, TSS (the TSS is only there so TR is valid).
 pub const GDT: [u64; 4] = [
     0,
@@ -408,6 +436,23 @@ mod tests {
             .all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
         let last_addr = { big.last().unwrap().addr };
         assert_eq!(last_addr, MMIO_GAP_END);
+    }
+
+    #[test]
+    fn reset_vector_fits_below_1_mib_and_targets_the_reset_port() {
+        let code = reset_vector_code();
+        assert!(RESET_VECTOR + code.len() as u64 <= HIMEM_START);
+        assert_eq!(&code[1..3], &ACPI_RESET_PORT.to_le_bytes());
+        assert_eq!(code[4], ACPI_RESET_VALUE);
+        // The final short jump lands on the hlt.
+        let jump_target = code.len() as i64 + i64::from(code[9] as i8);
+        assert_eq!(code[jump_target as usize], 0xf4);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        write_reset_vector(&mem).unwrap();
+        let mut back = [0u8; 10];
+        mem.read_slice(&mut back, GuestAddress(RESET_VECTOR))
+            .unwrap();
+        assert_eq!(back, code);
     }
 
     #[test]

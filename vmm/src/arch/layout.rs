@@ -25,6 +25,8 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const ACPI_START: u64 = 0xe0000;
 pub const ACPI_END: u64 = 0x100000;
 pub const HIMEM_START: u64 = 0x100000;
+/// Where a CPU (and a kernel doing a "BIOS reboot") jumps in real mode: F000:FFF0.
+pub const RESET_VECTOR: u64 = 0xffff0;
 
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
