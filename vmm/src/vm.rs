@@ -115,8 +115,8 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
-    #[error("the network device is not available in this build yet")]
-    NetUnavailable,
+    #[error("cannot create the network device")]
+    Net(#[source] virtio_net::Error),
     #[error(transparent)]
     Transport(#[from] mmio::Error),
     #[error(transparent)]
@@ -232,7 +232,7 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     serial: Arc<Mutex<SerialConsole<ConsoleOut>>>,
     serial_drained: EventFd,
-    net_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    net_metrics: Option<Arc<virtio_net::NetMetrics>>,
 }
 
 impl Vm {
@@ -284,7 +284,7 @@ impl Vm {
 
         let exit = ExitHandle::new()?;
         let mut pio = Bus::new();
-        let mmio_bus = Bus::new();
+        let mut mmio_bus = Bus::new();
 
         let event =
             |what| EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd { what, source });
@@ -325,17 +325,47 @@ impl Vm {
             pio.insert(port, len, Arc::new(Mutex::new(Sink)))?;
         }
 
-        let mmio_devices: Vec<acpi::MmioDeviceInfo> = Vec::new();
-        let net_metrics = None;
-        if config.net.is_some() {
-            // TODO(lead): wire virtio_net::Net behind the transport once the device crate lands.
-            return Err(Error::NetUnavailable);
+        let mut mmio_devices = Vec::new();
+        let mut net_metrics = None;
+        if let Some(net) = config.net {
+            let base = layout::VIRTIO_MMIO_START;
+            let gsi = layout::VIRTIO_GSI_BASE;
+            let device = virtio_net::Net::new(
+                virtio_net::NetConfig {
+                    mac: net.mac,
+                    mtu: net.mtu,
+                    mq: net.mq,
+                    ..Default::default()
+                },
+                net.queues,
+            )
+            .map_err(Error::Net)?;
+            let metrics = device.metrics();
+            net_metrics = Some(metrics);
+            let irq = event("the network interrupt")?;
+            vm.register_irqfd(&irq, gsi)
+                .map_err(|source| Error::Irqfd { gsi, source })?;
+            let transport = MmioTransport::new(Box::new(device), mem.clone(), irq)?;
+            for (queue, kick) in transport.queue_kicks().iter().enumerate() {
+                let addr = base + REG_QUEUE_NOTIFY;
+                vm.register_ioevent(kick, &IoEventAddress::Mmio(addr), queue as u32)
+                    .map_err(|source| Error::Ioeventfd {
+                        queue,
+                        addr,
+                        source,
+                    })?;
+            }
+            mmio_bus.insert(
+                base,
+                layout::VIRTIO_MMIO_SIZE,
+                Arc::new(Mutex::new(transport)),
+            )?;
+            mmio_devices.push(acpi::MmioDeviceInfo {
+                base,
+                size: layout::VIRTIO_MMIO_SIZE,
+                gsi,
+            });
         }
-        let _ = (
-            REG_QUEUE_NOTIFY,
-            IoEventAddress::Mmio(0),
-            MmioTransport::new as fn(_, _, _) -> _,
-        );
 
         let rsdp = acpi::write_tables(&mem, config.cpus, &mmio_devices)?;
         boot::write_boot_params(&mem, &kernel, &cmdline, initramfs, rsdp, memory_size)?;
@@ -526,7 +556,7 @@ impl MutEventSubscriber for ExitWatcher {
 struct SignalWatcher {
     signals: SignalFd,
     exit: ExitHandle,
-    net_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    net_metrics: Option<Arc<virtio_net::NetMetrics>>,
 }
 
 impl MutEventSubscriber for SignalWatcher {
@@ -540,7 +570,7 @@ impl MutEventSubscriber for SignalWatcher {
         loop {
             match self.signals.read() {
                 Ok(Some(libc::SIGUSR1)) => match &self.net_metrics {
-                    Some(metrics) => eprintln!("mqvmm-metrics: {}", metrics()),
+                    Some(metrics) => eprintln!("mqvmm-metrics: {}", metrics.to_json()),
                     None => eprintln!("mqvmm-metrics: {{}}"),
                 },
                 Ok(Some(sig)) => {

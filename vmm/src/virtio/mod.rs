@@ -1,6 +1,7 @@
 //! Virtio transports and the device interface they drive.
 
 pub mod mmio;
+pub mod net;
 
 use std::sync::Arc;
 
@@ -9,11 +10,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// How a device raises interrupts; implemented by each transport.
-// TODO(lead): becomes `pub use virtio_net::Interrupt` once the device crate lands.
-pub trait Interrupt: Send + Sync {
-    fn signal_used_queue(&self, queue_index: u16) -> std::io::Result<()>;
-    fn signal_config(&self) -> std::io::Result<()>;
-}
+pub use virtio_net::Interrupt;
 
 /// What a transport needs from a device. Kept small so that a future virtio-pci transport
 /// drives the same devices unchanged.
