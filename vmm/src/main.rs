@@ -23,7 +23,7 @@ const DEFAULT_CMDLINE: &str = "console=ttyS0 pci=off";
     after_help = "Unprivileged use: let mqvmm-launch create the tap and open /dev/kvm, e.g.\n  \
         mqvmm-launch --tap mq0 --queues 4 --user nobody -- --kernel vmlinux --initramfs initramfs.cpio.gz --cpus 4\n\
         Exit codes: 0 guest powered off or rebooted, 1 VM error, 2 bad arguments, 128+N signal N.\n\
-        SIGUSR1 prints the network device counters as one JSON line on stderr."
+        SIGUSR1 prints the network device counters as one line on stderr:\n  mqvmm-metrics: virtio-net max_pairs=4 active_pairs=2 ... | pair0 attached=1 parked=0 rx_packets=... | ctrl ..."
 )]
 struct Args {
     /// Guest kernel: ELF vmlinux or bzImage (64-bit boot protocol).

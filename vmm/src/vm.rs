@@ -570,8 +570,8 @@ impl MutEventSubscriber for SignalWatcher {
         loop {
             match self.signals.read() {
                 Ok(Some(libc::SIGUSR1)) => match &self.net_metrics {
-                    Some(metrics) => eprintln!("mqvmm-metrics: {}", metrics.to_json()),
-                    None => eprintln!("mqvmm-metrics: {{}}"),
+                    Some(metrics) => eprintln!("mqvmm-metrics: {}", metrics.to_text()),
+                    None => eprintln!("mqvmm-metrics: no network device"),
                 },
                 Ok(Some(sig)) => {
                     log::info!("received signal {sig}; stopping the VM");

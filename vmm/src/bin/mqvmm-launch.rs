@@ -61,6 +61,13 @@ struct Args {
     /// Guest MAC address, passed on as `--net ...,mac=MAC`.
     #[arg(long, value_name = "MAC", value_parser = parse_mac)]
     mac: Option<String>,
+    /// Guest MTU (68-65535), passed on as `--net ...,mtu=N`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..))]
+    mtu: Option<u16>,
+    /// Offer no multiqueue to the guest (one queue pair; `--net ...,mq=off`). The tap keeps its
+    /// queues, all but the first detached.
+    #[arg(long)]
+    no_mq: bool,
     /// The mqvmm binary; default: `mqvmm` in the launcher's own directory.
     #[arg(long, value_name = "PATH")]
     mqvmm: Option<PathBuf>,
@@ -288,6 +295,12 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     let mut net = format!("fds={}", join(&queue_fds));
     if let Some(mac) = &args.mac {
         net.push_str(&format!(",mac={mac}"));
+    }
+    if let Some(mtu) = args.mtu {
+        net.push_str(&format!(",mtu={mtu}"));
+    }
+    if args.no_mq {
+        net.push_str(",mq=off");
     }
     let mut cmd = Command::new(&mqvmm);
     cmd.args(&args.mqvmm_args);

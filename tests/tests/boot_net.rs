@@ -1,0 +1,323 @@
+//! The multiqueue network device with a real Linux guest (issue 4): `ethtool -L` in the guest
+//! switches the host tap's queues, traffic flows both ways at every count, and mqvmm runs as
+//! uid 65534 with no capabilities under mqvmm-launch the whole time. Runs where KVM works
+//! (directly, or inside the nested rig's L1, where these tests are root).
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mqvmm_tests::console::GuestConsole;
+use mqvmm_tests::{netns, rig, skip};
+
+const HOST_IP: &str = "10.0.2.1";
+const GUEST_IP: &str = "10.0.2.15";
+const STEP: Duration = Duration::from_secs(60);
+
+fn sh(cmd: &str) {
+    let status = Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .expect("run sh");
+    assert!(status.success(), "`{cmd}` failed: {status}");
+}
+
+/// A persistent multiqueue tap with the host's address, removed on drop.
+struct HostTap {
+    name: String,
+}
+
+impl HostTap {
+    fn new(name: &str) -> HostTap {
+        let _ = Command::new("ip").args(["link", "del", name]).status();
+        sh(&format!(
+            "ip tuntap add dev {name} mode tap multi_queue vnet_hdr && ip addr add {HOST_IP}/24 dev {name} && ip link set {name} up"
+        ));
+        HostTap {
+            name: name.to_string(),
+        }
+    }
+
+    /// Attached queues according to netlink (IFLA_TUN_NUM_QUEUES).
+    fn attached(&self) -> u32 {
+        netns::tun_info(&self.name)
+            .unwrap_or_else(|e| panic!("netlink query of {}: {e}", self.name))
+            .num_queues
+    }
+
+    /// Waits briefly for the attached count to become `n`; returns the last value seen.
+    fn wait_attached(&self, n: u32) -> u32 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = self.attached();
+            if now == n || Instant::now() > deadline {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+    }
+}
+
+/// iperf3 server on the host side of the tap, killed on drop.
+struct IperfServer(Child);
+
+impl IperfServer {
+    fn start() -> IperfServer {
+        let child = Command::new("iperf3")
+            .args(["-s", "-B", HOST_IP])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start iperf3 -s");
+        std::thread::sleep(Duration::from_millis(500));
+        IperfServer(child)
+    }
+}
+
+impl Drop for IperfServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts mqvmm through mqvmm-launch as `nobody` on `tap` and waits for the guest's shell.
+fn start_guest(tap: &HostTap, queues: u16, cpus: u8, launch_extra: &[&str]) -> GuestConsole {
+    let images = rig::guest_images();
+    let mut cmd = Command::new(rig::bin_path("mqvmm-launch"));
+    cmd.args(["--tap", &tap.name, "--queues", &queues.to_string()])
+        .args(["--user", "nobody"])
+        .args(launch_extra)
+        .arg("--")
+        .arg("--kernel")
+        .arg(&images.vmlinux)
+        .arg("--initramfs")
+        .arg(&images.initramfs)
+        .args(["--cpus", &cpus.to_string(), "--memory", "512"])
+        .args([
+            "--cmdline",
+            &format!("console=ttyS0 quiet panic=-1 pci=off mqvmm.ip={GUEST_IP}/24"),
+        ]);
+    let mut console = GuestConsole::spawn(cmd).expect("start mqvmm-launch");
+    if console
+        .wait_for("MQVMM-READY", Duration::from_secs(180))
+        .is_none()
+    {
+        panic!("guest never became ready:\n{}", console.transcript());
+    }
+    // The shell starts right after the marker; type until it answers.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        console.send("echo MQSYNC:$((20+22))\n").expect("type");
+        if console
+            .wait_for("MQSYNC:42", Duration::from_secs(3))
+            .is_some()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guest shell does not answer:\n{}",
+            console.transcript()
+        );
+    }
+    console
+}
+
+/// mqvmm is unprivileged: uid/gid 65534, no capabilities at all.
+fn assert_unprivileged(console: &mut GuestConsole) {
+    let status = netns::proc_status(console.pid()).expect("mqvmm /proc status");
+    assert_eq!(
+        status.get("Name").map(String::as_str),
+        Some("mqvmm"),
+        "the launcher did not exec mqvmm in place"
+    );
+    assert_eq!(netns::single_id(&status, "Uid"), 65534);
+    assert_eq!(netns::single_id(&status, "Gid"), 65534);
+    for key in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        assert_eq!(netns::cap_mask(&status, key), 0, "{key} of mqvmm");
+    }
+}
+
+/// `ethtool -S eth0` rx packet counters per queue.
+fn guest_rx_counters(console: &mut GuestConsole) -> BTreeMap<u32, u64> {
+    let stats = console.check("ethtool -S eth0", STEP);
+    stats
+        .lines()
+        .filter_map(|l| {
+            let (key, value) = l.trim().split_once(':')?;
+            let queue = key.strip_prefix("rx_queue_")?.strip_suffix("_packets")?;
+            Some((queue.parse().ok()?, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// mqvmm's own per-pair rx packet counters, from the line SIGUSR1 prints.
+fn device_rx_counters(console: &mut GuestConsole) -> Vec<u64> {
+    let pid = console.pid() as i32;
+    // SAFETY: kill only sends a signal to the mqvmm child we started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+    let line = console
+        .wait_for("mqvmm-metrics:", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no metrics line after SIGUSR1:\n{}", console.transcript()));
+    line.split(" | ")
+        .filter(|seg| seg.starts_with("pair"))
+        .map(|seg| {
+            seg.split_whitespace()
+                .find_map(|kv| kv.strip_prefix("rx_packets="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no rx_packets in {seg:?}"))
+        })
+        .collect()
+}
+
+fn combined_current(ethtool_l: &str) -> Option<u32> {
+    let current = ethtool_l.split("Current hardware settings:").nth(1)?;
+    current
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Combined:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Bits per second from iperf3's receiver summary line.
+fn iperf_receiver_rate(output: &str) -> Option<f64> {
+    let line = output.lines().rev().find(|l| l.contains("receiver"))?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let unit_pos = fields.iter().position(|f| f.ends_with("bits/sec"))?;
+    let value: f64 = fields.get(unit_pos.checked_sub(1)?)?.parse().ok()?;
+    let scale = match fields[unit_pos].chars().next()? {
+        'G' => 1e9,
+        'M' => 1e6,
+        'K' => 1e3,
+        _ => 1.0,
+    };
+    Some(value * scale)
+}
+
+#[test]
+fn ethtool_l_switches_host_tap_queues_with_traffic_at_every_count() {
+    if !skip::require_kvm_env()
+        || !skip::require_guest_images()
+        || !skip::require_binary("mqvmm")
+        || !skip::require_binary("mqvmm-launch")
+    {
+        return;
+    }
+    rig::in_kvm_env(
+        "ethtool_l_switches_host_tap_queues_with_traffic_at_every_count",
+        || {
+            let tap = HostTap::new("mqnet4");
+            let _iperf = IperfServer::start();
+            let mut console = start_guest(&tap, 4, 4, &[]);
+            assert_unprivileged(&mut console);
+
+            let l = console.check("ethtool -l eth0", STEP);
+            assert!(l.contains("Combined:\t4"), "maximum is not 4 pairs:\n{l}");
+            for n in [4u32, 1, 3, 2, 4, 1] {
+                let started = Instant::now();
+                console.check(&format!("ethtool -L eth0 combined {n}"), STEP);
+                let set_time = started.elapsed();
+                // The device acks only after the taps are switched: no waiting needed, but
+                // netlink is polled briefly anyway so a failure shows the value it settled on.
+                let host = tap.wait_attached(n);
+                assert_eq!(
+                    host, n,
+                    "host tap has {host} attached queues after combined {n}"
+                );
+                let l = console.check("ethtool -l eth0", STEP);
+                assert_eq!(
+                    combined_current(&l),
+                    Some(n),
+                    "ethtool -l in the guest:\n{l}"
+                );
+                console.check(&format!("ping -c 2 -W 5 {HOST_IP}"), STEP);
+
+                let device_before = device_rx_counters(&mut console);
+                let guest_before = guest_rx_counters(&mut console);
+                let up = console.check(&format!("iperf3 -c {HOST_IP} -t 2"), STEP);
+                let down = console.check(&format!("iperf3 -c {HOST_IP} -t 2 -R -P 16"), STEP);
+                let guest_after = guest_rx_counters(&mut console);
+                let device_after = device_rx_counters(&mut console);
+
+                let device_delta: Vec<u64> = device_after
+                    .iter()
+                    .zip(&device_before)
+                    .map(|(a, b)| a - b)
+                    .collect();
+                for (pair, delta) in device_delta.iter().enumerate() {
+                    if pair as u32 >= n {
+                        assert_eq!(
+                            *delta, 0,
+                            "disabled rx queue {pair} received {delta} frames at combined {n}"
+                        );
+                    }
+                }
+                let busy_guest_queues = guest_after
+                    .iter()
+                    .filter(|(q, after)| **after > guest_before.get(q).copied().unwrap_or(0))
+                    .count();
+                if n > 1 {
+                    assert!(
+                        busy_guest_queues >= 2,
+                        "16 flows used only {busy_guest_queues} rx queue(s) at combined {n}: before {guest_before:?} after {guest_after:?}"
+                    );
+                }
+                let up_rate = iperf_receiver_rate(&up).unwrap_or(0.0);
+                let down_rate = iperf_receiver_rate(&down).unwrap_or(0.0);
+                assert!(up_rate > 0.0 && down_rate > 0.0, "iperf3:\n{up}\n{down}");
+                println!(
+                    "step: combined {n}: ethtool -L {:.2} s, host attached {host}, guest->host {:.0} Mbit/s, host->guest (16 flows) {:.0} Mbit/s, device rx per pair {device_delta:?}, guest rx queues used {busy_guest_queues}",
+                    set_time.as_secs_f64(),
+                    up_rate / 1e6,
+                    down_rate / 1e6
+                );
+                assert_unprivileged(&mut console);
+            }
+            console.send("poweroff\n").expect("type");
+            let code = console.wait_exit(Duration::from_secs(60));
+            assert_eq!(
+                code,
+                Some(0),
+                "mqvmm did not exit 0:\n{}",
+                console.transcript()
+            );
+        },
+    );
+}
+
+#[test]
+fn mq_off_keeps_the_guest_on_one_pair() {
+    if !skip::require_kvm_env()
+        || !skip::require_guest_images()
+        || !skip::require_binary("mqvmm")
+        || !skip::require_binary("mqvmm-launch")
+    {
+        return;
+    }
+    rig::in_kvm_env("mq_off_keeps_the_guest_on_one_pair", || {
+        let tap = HostTap::new("mqnet1");
+        let mut console = start_guest(&tap, 2, 2, &["--no-mq"]);
+        assert_unprivileged(&mut console);
+        assert_eq!(tap.wait_attached(1), 1, "host queues with mq=off");
+        let set = console
+            .run("ethtool -L eth0 combined 2", STEP)
+            .expect("run ethtool");
+        assert_ne!(
+            set.status, 0,
+            "ethtool -L combined 2 succeeded without MQ:\n{}",
+            set.output
+        );
+        assert_eq!(tap.attached(), 1, "host queues after the refused change");
+        console.check(&format!("ping -c 2 -W 5 {HOST_IP}"), STEP);
+        console.send("poweroff\n").expect("type");
+        assert_eq!(console.wait_exit(Duration::from_secs(60)), Some(0));
+    });
+}
