@@ -2,6 +2,7 @@
 //! (real guests, directly on KVM or inside the nested rig).
 
 pub mod console;
+pub mod driver;
 pub mod netns;
 pub mod rig;
 pub mod skip;
