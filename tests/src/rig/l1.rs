@@ -2,6 +2,9 @@
 //! with kvm_amd, the host's root shared read-only over 9p, and a command agent on a virtio-serial
 //! port (protocol in resources/l1/agent) reached through a unix socket.
 
+/// The L1 CPU model: see [`L1::boot`].
+pub const L1_CPU: &str = "EPYC,+svm,+npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
+
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixStream;
@@ -125,7 +128,9 @@ fn qemu_command(config: &L1Config, extra_cmdline: &str) -> Result<Command, RigEr
         source,
     })?;
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm,+npt"])
+    // EPYC with SVM and nested paging, minus the features TCG cannot emulate anyway (asking
+    // for them only makes QEMU print a warning per vCPU on the user's terminal).
+    cmd.args(["-accel", "tcg,thread=multi", "-cpu", L1_CPU])
         .args(["-smp", &config.cpus.to_string()])
         .args(["-m", &config.memory_mib.to_string()])
         .args(["-nographic", "-no-reboot", "-nic", "none"])
