@@ -199,7 +199,15 @@ impl<B: Backend> PairSwitch for DevicePairs<'_, B> {
         if let Err(source) = setup {
             match backend.detach() {
                 Ok(()) => self.shared.set_attached(self.state, pair, false),
-                Err(e) => error!("virtio-net: cannot detach backend of pair {pair} again: {e}"),
+                Err(e) => {
+                    // An undo step like those of `switch_pairs`: the pair stays attached
+                    // while disabled, so it is counted like them.
+                    error!("virtio-net: cannot detach backend of pair {pair} again: {e}");
+                    self.shared
+                        .metrics
+                        .rollback_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                }
             }
             return Err(wrap(source));
         }
