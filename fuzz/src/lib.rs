@@ -1,0 +1,568 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Pieces shared by the fuzz targets: a byte decoder that never fails, a fake backend with a
+//! fault plan and an in-memory frame source, a counting interrupt sink, the guest memory
+//! layout and a driver-side view of one split virtqueue.
+//!
+//! Every target decodes its input with [`Input`]: a header, then a sequence of operations,
+//! each a tag byte followed by its arguments. Missing bytes read as zero, so every input is
+//! valid and the fuzzer never wastes executions on parse failures.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use virtio_net::{Backend, BackendError, BackendOp, Interrupt};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub mod seeds;
+
+/// Reads the raw fuzz input front to back; past the end every read yields zeros.
+pub struct Input<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Input<'a> {
+    pub fn new(data: &'a [u8]) -> Self {
+        Input { data }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    pub fn u8(&mut self) -> u8 {
+        match self.data.split_first() {
+            Some((&b, rest)) => {
+                self.data = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+
+    fn le<const N: usize>(&mut self) -> [u8; N] {
+        let mut b = [0u8; N];
+        let n = N.min(self.data.len());
+        b[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        b
+    }
+
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.le())
+    }
+
+    pub fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.le())
+    }
+
+    pub fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.le())
+    }
+
+    /// Up to `n` bytes (fewer at the end of the input).
+    pub fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let n = n.min(self.data.len());
+        let (head, rest) = self.data.split_at(n);
+        self.data = rest;
+        head
+    }
+
+    /// A guest address: mostly inside the first 64 KiB, sometimes at a region edge,
+    /// sometimes anything at all (the device must treat every address as hostile).
+    pub fn addr(&mut self) -> u64 {
+        match self.u8() % 8 {
+            0..=3 => u64::from(self.u16()),
+            4 => {
+                let edge = EDGES[usize::from(self.u8()) % EDGES.len()];
+                edge.wrapping_sub(u64::from(self.u8()))
+            }
+            5 => self.u64(),
+            6 => u64::MAX - u64::from(self.u8()),
+            _ => DATA_AREA + 16 * u64::from(self.u8()),
+        }
+    }
+
+    /// A buffer length: mostly small, sometimes up to `u32::MAX`.
+    pub fn len(&mut self) -> u32 {
+        match self.u8() % 4 {
+            0 | 1 => u32::from(self.u8()),
+            2 => u32::from(self.u16()),
+            _ => self.u32(),
+        }
+    }
+}
+
+/// Guest memory of the ctrl and queue_pair targets: two adjacent 32 KiB regions (buffers
+/// may straddle them), a 4 KiB hole, then one more 4 KiB region.
+pub const REGION_SPLIT: u64 = 0x8000;
+pub const HOLE: u64 = 0x10000;
+pub const HIGH_REGION: u64 = 0x11000;
+pub const MEM_END: u64 = 0x12000;
+/// Where the `addr()` encoding's "data" choice points (16-byte steps over 4 KiB).
+pub const DATA_AREA: u64 = 0x4000;
+const EDGES: [u64; 5] = [REGION_SPLIT, HOLE, HIGH_REGION, MEM_END, 0];
+
+pub fn guest_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), REGION_SPLIT as usize),
+        (GuestAddress(REGION_SPLIT), (HOLE - REGION_SPLIT) as usize),
+        (GuestAddress(HIGH_REGION), (MEM_END - HIGH_REGION) as usize),
+    ])
+    .expect("fuzz guest memory layout")
+}
+
+/// Interrupt sink that only counts.
+#[derive(Default)]
+pub struct CountingInterrupt {
+    pub used: AtomicU64,
+    pub config: AtomicU64,
+}
+
+impl Interrupt for CountingInterrupt {
+    fn signal_used_queue(&self, _queue_index: u16) -> io::Result<()> {
+        self.used.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn signal_config(&self) -> io::Result<()> {
+        self.config.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The backend operations a [`FaultPlan`] can fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Attach = 0,
+    Detach = 1,
+    VnetHdr = 2,
+    Offload = 3,
+    Query = 4,
+    /// A worker does not confirm it parked (the ctrl target's model device only).
+    Park = 5,
+    /// A worker does not confirm it resumed (the ctrl target's model device only).
+    Resume = 6,
+}
+
+const FAULTS: usize = 7;
+
+/// Which calls fail, counted device-wide per operation (1-based), as the input chose.
+#[derive(Default)]
+pub struct FaultPlan {
+    calls: [AtomicU32; FAULTS],
+    fail_at: Mutex<Vec<(usize, u32)>>,
+}
+
+impl FaultPlan {
+    /// Makes the `k`-th call (counted from now) of `op` fail.
+    pub fn fail_in(&self, op: Fault, k: u32) {
+        let done = self.calls[op as usize].load(Ordering::SeqCst);
+        if let Ok(mut plan) = self.fail_at.lock() {
+            plan.push((op as usize, done.saturating_add(k.max(1))));
+        }
+    }
+
+    /// Records a call of `op`; true when it must fail.
+    pub fn hit(&self, op: Fault) -> bool {
+        let n = self.calls[op as usize].fetch_add(1, Ordering::SeqCst) + 1;
+        self.fail_at
+            .lock()
+            .map(|plan| plan.contains(&(op as usize, n)))
+            .unwrap_or(false)
+    }
+}
+
+/// What the fake backend's `readv` returns next.
+#[derive(Debug, Clone, Copy)]
+pub enum RxEvent {
+    /// A frame of `len` bytes (vnet header included), every byte `fill`.
+    Frame { len: usize, fill: u8 },
+    /// An errno.
+    Error(i32),
+}
+
+/// A backend that keeps everything in memory, behaves like a tap queue where it matters
+/// (attach of an attached queue and detach of a detached one fail with EINVAL, `readv`
+/// reports the full length of a truncated frame, WouldBlock when empty) and fails control
+/// operations as its [`FaultPlan`] says. Its fd is an eventfd the worker may poll;
+/// [`FakeBackend::push_frame`] makes it readable.
+pub struct FakeBackend {
+    evt: EventFd,
+    queue: u16,
+    attached: AtomicBool,
+    plan: Arc<FaultPlan>,
+    rx: Mutex<VecDeque<RxEvent>>,
+    /// Frames and bytes (header included) written by the device.
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Frames read by the device.
+    pub rx_frames: AtomicU64,
+    /// readv/writev calls while detached (a parked worker must make none).
+    pub touched_detached: AtomicU64,
+}
+
+impl FakeBackend {
+    pub fn new(queue: u16, attached: bool, plan: Arc<FaultPlan>) -> Self {
+        FakeBackend {
+            evt: EventFd::new(EFD_NONBLOCK).expect("eventfd for a fake backend"),
+            queue,
+            attached: AtomicBool::new(attached),
+            plan,
+            rx: Mutex::new(VecDeque::new()),
+            tx_frames: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+            rx_frames: AtomicU64::new(0),
+            touched_detached: AtomicU64::new(0),
+        }
+    }
+
+    pub fn attached_now(&self) -> bool {
+        self.attached.load(Ordering::SeqCst)
+    }
+
+    /// Queues something for `readv` and makes the fd readable (edge for EPOLLET).
+    pub fn push(&self, ev: RxEvent) {
+        if let Ok(mut q) = self.rx.lock() {
+            q.push_back(ev);
+        }
+        let _ = self.evt.write(1);
+    }
+
+    fn err(&self, op: BackendOp, errno: i32) -> BackendError {
+        BackendError::new(op, self.queue, io::Error::from_raw_os_error(errno))
+    }
+}
+
+impl AsRawFd for FakeBackend {
+    fn as_raw_fd(&self) -> RawFd {
+        self.evt.as_raw_fd()
+    }
+}
+
+impl Backend for FakeBackend {
+    unsafe fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        if !self.attached_now() {
+            self.touched_detached.fetch_add(1, Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(libc::EBADFD));
+        }
+        let ev = self.rx.lock().ok().and_then(|mut q| q.pop_front());
+        match ev {
+            None => Err(io::ErrorKind::WouldBlock.into()),
+            Some(RxEvent::Error(errno)) => Err(io::Error::from_raw_os_error(errno)),
+            Some(RxEvent::Frame { len, fill }) => {
+                let mut left = len;
+                for seg in iov {
+                    let n = left.min(seg.iov_len);
+                    // SAFETY: the caller guarantees every iovec is valid for writes of
+                    // `iov_len` bytes, and `n <= iov_len`.
+                    unsafe { std::ptr::write_bytes(seg.iov_base.cast::<u8>(), fill, n) };
+                    left -= n;
+                    if left == 0 {
+                        break;
+                    }
+                }
+                self.rx_frames.fetch_add(1, Ordering::SeqCst);
+                Ok(len)
+            }
+        }
+    }
+
+    unsafe fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        if !self.attached_now() {
+            self.touched_detached.fetch_add(1, Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(libc::EBADFD));
+        }
+        let mut total = 0usize;
+        let mut sum = 0u8;
+        for seg in iov {
+            if seg.iov_len == 0 {
+                continue;
+            }
+            // SAFETY: the caller guarantees every iovec is valid for reads of `iov_len`
+            // bytes. Reading all of them is the point: a bad iovec faults here.
+            let bytes = unsafe { std::slice::from_raw_parts(seg.iov_base.cast::<u8>(), seg.iov_len) };
+            sum = bytes.iter().fold(sum, |a, &b| a.wrapping_add(b));
+            total += seg.iov_len;
+        }
+        std::hint::black_box(sum);
+        self.tx_frames.fetch_add(1, Ordering::SeqCst);
+        self.tx_bytes.fetch_add(total as u64, Ordering::SeqCst);
+        Ok(total)
+    }
+
+    fn attach(&self) -> Result<(), BackendError> {
+        if self.plan.hit(Fault::Attach) {
+            return Err(self.err(BackendOp::Attach, libc::EIO));
+        }
+        if self.attached.swap(true, Ordering::SeqCst) {
+            return Err(self.err(BackendOp::Attach, libc::EINVAL));
+        }
+        Ok(())
+    }
+
+    fn detach(&self) -> Result<(), BackendError> {
+        if self.plan.hit(Fault::Detach) {
+            return Err(self.err(BackendOp::Detach, libc::EIO));
+        }
+        if !self.attached.swap(false, Ordering::SeqCst) {
+            return Err(self.err(BackendOp::Detach, libc::EINVAL));
+        }
+        Ok(())
+    }
+
+    fn is_attached(&self) -> Result<bool, BackendError> {
+        if self.plan.hit(Fault::Query) {
+            return Err(self.err(BackendOp::QueryAttached, libc::EIO));
+        }
+        Ok(self.attached_now())
+    }
+
+    fn set_vnet_hdr_size(&self, _size: i32) -> Result<(), BackendError> {
+        if self.plan.hit(Fault::VnetHdr) {
+            return Err(self.err(BackendOp::SetVnetHdrSize, libc::EIO));
+        }
+        Ok(())
+    }
+
+    fn set_offload(&self, _tun_flags: u32) -> Result<(), BackendError> {
+        if self.plan.hit(Fault::Offload) {
+            return Err(self.err(BackendOp::SetOffload, libc::EIO));
+        }
+        Ok(())
+    }
+}
+
+/// Reads a fault-plan entry from the input: which operation, and the how-manieth call.
+pub fn read_fault(inp: &mut Input, plan: &FaultPlan) {
+    let b = inp.u8();
+    let op = match b % 5 {
+        0 => Fault::Attach,
+        1 => Fault::Detach,
+        2 => Fault::VnetHdr,
+        3 => Fault::Offload,
+        _ => Fault::Query,
+    };
+    plan.fail_in(op, u32::from(b / 5 % 8) + 1);
+}
+
+/// The driver side of one split virtqueue in guest memory. Every write ignores failures:
+/// the rings may lie anywhere the input put them.
+#[derive(Debug, Clone, Copy)]
+pub struct Ring {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    /// The avail index the driver last published.
+    pub avail_idx: u16,
+}
+
+impl Ring {
+    /// Rings placed from the input: a power-of-two size up to `max_size` and three aligned
+    /// addresses in the first 64 KiB.
+    pub fn read(inp: &mut Input, max_size: u16) -> Self {
+        let shift = u32::from(inp.u8()) % (max_size.trailing_zeros() + 1);
+        Ring {
+            size: (1u16 << shift).max(2).min(max_size),
+            desc: u64::from(inp.u16() & !0xf),
+            avail: u64::from(inp.u16() & !1),
+            used: u64::from(inp.u16() & !3),
+            avail_idx: 0,
+        }
+    }
+
+    /// Fixed rings at `base`: desc, avail and used one after the other (size <= 16).
+    pub fn at(base: u64, size: u16) -> Self {
+        let size64 = u64::from(size);
+        let avail = base + 16 * size64;
+        let used = (avail + 6 + 2 * size64).next_multiple_of(4);
+        Ring {
+            size,
+            desc: base,
+            avail,
+            used,
+            avail_idx: 0,
+        }
+    }
+
+    /// Bytes from `base` that [`Ring::at`] uses.
+    pub fn footprint(size: u16) -> u64 {
+        let r = Ring::at(0, size);
+        r.used + 6 + 8 * u64::from(size)
+    }
+
+    /// The device-side queue as a transport would build it, or None when the transport would
+    /// refuse it (rings outside memory).
+    pub fn queue(&self, max_size: u16, event_idx: bool, mem: &GuestMemoryMmap) -> Option<Queue> {
+        let mut q = Queue::new(max_size).ok()?;
+        q.try_set_size(self.size).ok()?;
+        q.try_set_desc_table_address(GuestAddress(self.desc)).ok()?;
+        q.try_set_avail_ring_address(GuestAddress(self.avail)).ok()?;
+        q.try_set_used_ring_address(GuestAddress(self.used)).ok()?;
+        q.set_ready(true);
+        q.set_event_idx(event_idx);
+        q.is_valid(mem).then_some(q)
+    }
+
+    pub fn write_desc_at(mem: &GuestMemoryMmap, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        let _ = mem.write_slice(&raw, GuestAddress(at));
+    }
+
+    pub fn write_desc(&self, mem: &GuestMemoryMmap, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = self.desc + 16 * u64::from(index % self.size);
+        Self::write_desc_at(mem, at, addr, len, flags, next);
+    }
+
+    /// Puts `head` in the next avail slot and publishes it.
+    pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let slot = u64::from(self.avail_idx % self.size);
+        let _ = mem.write_obj(head.to_le(), GuestAddress(self.avail + 4 + 2 * slot));
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.set_avail_idx(mem, self.avail_idx);
+    }
+
+    /// Writes the avail index (a hostile driver may write anything).
+    pub fn set_avail_idx(&mut self, mem: &GuestMemoryMmap, idx: u16) {
+        self.avail_idx = idx;
+        let _ = mem.write_obj(idx.to_le(), GuestAddress(self.avail + 2));
+    }
+
+    pub fn set_avail_flags(&self, mem: &GuestMemoryMmap, flags: u16) {
+        let _ = mem.write_obj(flags.to_le(), GuestAddress(self.avail));
+    }
+
+    /// EVENT_IDX: interrupt once the device passes this used index.
+    pub fn set_used_event(&self, mem: &GuestMemoryMmap, v: u16) {
+        let at = self.avail + 4 + 2 * u64::from(self.size);
+        let _ = mem.write_obj(v.to_le(), GuestAddress(at));
+    }
+
+    /// Used element `i` (ring position), if readable.
+    pub fn used_elem(&self, mem: &GuestMemoryMmap, i: u16) -> Option<(u32, u32)> {
+        let at = self.used + 4 + 8 * u64::from(i % self.size);
+        let id: u32 = mem.read_obj(GuestAddress(at)).ok()?;
+        let len: u32 = mem.read_obj(GuestAddress(at + 4)).ok()?;
+        Some((u32::from_le(id), u32::from_le(len)))
+    }
+
+    /// Whether `addr` lies in the used ring (which the device writes).
+    pub fn in_used_ring(&self, addr: u64) -> bool {
+        addr >= self.used && addr < self.used + 6 + 8 * u64::from(self.size)
+    }
+}
+
+/// Maps the input's flag byte to descriptor flags: the three defined bits in any mix, and
+/// now and then undefined bits as well.
+pub fn desc_flags(b: u8) -> u16 {
+    let defined = u16::from(b & 7);
+    if b & 0x80 != 0 {
+        defined | (u16::from(b) << 5)
+    } else {
+        defined
+    }
+}
+
+/// One memory-shaping operation on `ring`, decoded from `inp` with `tag` (0..6). Returns
+/// false for tags it does not handle.
+pub fn ring_op(tag: u8, inp: &mut Input, mem: &GuestMemoryMmap, ring: &mut Ring) -> bool {
+    match tag {
+        // A descriptor in the ring's table.
+        0 => {
+            let index = u16::from(inp.u8());
+            let addr = inp.addr();
+            let len = inp.len();
+            let flags = desc_flags(inp.u8());
+            let next = u16::from(inp.u8());
+            ring.write_desc(mem, index, addr, len, flags, next);
+        }
+        // A descriptor anywhere (an indirect table entry).
+        1 => {
+            let at = inp.addr();
+            let i = u64::from(inp.u8() % 32);
+            let addr = inp.addr();
+            let len = inp.len();
+            let flags = desc_flags(inp.u8());
+            let next = u16::from(inp.u8());
+            Ring::write_desc_at(mem, at.wrapping_add(16 * i), addr, len, flags, next);
+        }
+        // Publish a head.
+        2 => {
+            let head = u16::from(inp.u8());
+            ring.publish(mem, head);
+        }
+        // Raw avail index.
+        3 => {
+            let idx = inp.u16();
+            ring.set_avail_idx(mem, idx);
+        }
+        // Avail flags and used_event.
+        4 => {
+            let flags = inp.u16();
+            let event = inp.u16();
+            ring.set_avail_flags(mem, flags);
+            ring.set_used_event(mem, event);
+        }
+        // Raw bytes anywhere.
+        5 => {
+            let at = inp.addr();
+            let n = usize::from(inp.u8() % 64);
+            let bytes = inp.bytes(n);
+            let _ = mem.write_slice(bytes, GuestAddress(at));
+        }
+        _ => return false,
+    }
+    true
+}
+
+/// Threads and open fds of this process, to check that a target leaves none behind.
+pub fn thread_and_fd_count() -> (usize, usize) {
+    let count = |dir: &str| std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    (count("/proc/self/task"), count("/proc/self/fd"))
+}
+
+/// Whether `MQVMM_FUZZ_TRACE` is set: the targets then say what each input did (for
+/// checking seeds and reading a crash; never set while fuzzing).
+pub fn tracing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var_os("MQVMM_FUZZ_TRACE").is_some();
+        if on {
+            // The device's own log lines too, on stderr.
+            let _ = log::set_logger(&StderrLog);
+            log::set_max_level(log::LevelFilter::Debug);
+        }
+        on
+    })
+}
+
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        eprintln!("[{}] {}", record.level(), record.args());
+    }
+    fn flush(&self) {}
+}
+
+/// `eprintln!` when [`tracing`] is on.
+#[macro_export]
+macro_rules! trace {
+    ($($arg:tt)*) => {
+        if $crate::tracing() {
+            eprintln!($($arg)*);
+        }
+    };
+}
