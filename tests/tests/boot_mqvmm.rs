@@ -89,25 +89,25 @@ fn boots_debian_cloud_vmlinux_and_powers_off() {
 }
 
 #[test]
-fn boots_bzimage_with_four_cpus_and_exits_on_guest_reboot() {
+fn boots_bzimage_with_eight_cpus_and_exits_on_guest_reboot() {
     if !skip::require_kvm_env() || !skip::require_guest_images() || !skip::require_binary("mqvmm") {
         return;
     }
     rig::in_kvm_env(
-        "boots_bzimage_with_four_cpus_and_exits_on_guest_reboot",
+        "boots_bzimage_with_eight_cpus_and_exits_on_guest_reboot",
         || {
             let images = rig::guest_images();
             // `reboot` goes through busybox init and the ACPI reset register.
             let snippet = rig::base64_encode(b"reboot");
-            let run = boot(&images.bzimage, 4, 512, &format!("mqvmm.run={snippet}"));
-            assert_booted(&run, 4, 512);
+            let run = boot(&images.bzimage, 8, 512, &format!("mqvmm.run={snippet}"));
+            assert_booted(&run, 8, 512);
             assert_eq!(
                 run.code,
                 Some(0),
                 "mqvmm did not exit 0 after the guest rebooted:\n{}",
                 run.transcript()
             );
-            print_timing("bzImage, 4 vCPUs, 512 MiB", &run);
+            print_timing("bzImage, 8 vCPUs, 512 MiB", &run);
         },
     );
 }
