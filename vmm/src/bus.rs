@@ -66,33 +66,25 @@ impl Bus {
         (offset < entry.len).then_some((entry, offset))
     }
 
-    /// Returns false when no device claims `addr` (the caller decides what the guest reads).
-    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+    /// Runs `f` on the device claiming `addr` with the offset into it; false if none does.
+    fn with_device(&self, addr: u64, f: impl FnOnce(&mut dyn BusDevice, u64)) -> bool {
         match self.find(addr) {
             Some((entry, offset)) => {
-                entry
-                    .device
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read(offset, data);
+                let mut device = entry.device.lock().unwrap_or_else(|e| e.into_inner());
+                f(&mut *device, offset);
                 true
             }
             None => false,
         }
     }
 
+    /// Returns false when no device claims `addr` (the caller decides what the guest reads).
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.with_device(addr, |device, offset| device.read(offset, data))
+    }
+
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.find(addr) {
-            Some((entry, offset)) => {
-                entry
-                    .device
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(offset, data);
-                true
-            }
-            None => false,
-        }
+        self.with_device(addr, |device, offset| device.write(offset, data))
     }
 }
 
