@@ -105,4 +105,11 @@ pub trait Backend: Send + Sync + AsRawFd {
 
     /// Sets which offloads the receiving side (the guest) accepts, as `TUN_F_*` flags.
     fn set_offload(&self, tun_flags: u32) -> Result<(), BackendError>;
+
+    /// Whether the host side of this queue is gone for good (for a tap: the interface was
+    /// deleted while we hold its queue fds). Asked only after an operation failed. Backends
+    /// that cannot disappear keep the default, `false`.
+    fn is_gone(&self) -> bool {
+        false
+    }
 }

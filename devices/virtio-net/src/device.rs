@@ -19,7 +19,8 @@ use crate::features::{bit, offered_features, tun_offload_flags, Negotiated};
 use crate::metrics::NetMetrics;
 use crate::rxtx::PathConfig;
 use crate::worker::{
-    spawn_ctrl, spawn_worker, PairControl, RunState, WorkerFds, WorkerStart, WORKER_CONFIRM_TIMEOUT,
+    spawn_ctrl, spawn_worker, PairControl, RunState, StdSpawner, ThreadSpawner, WorkerFds,
+    WorkerStart, WORKER_CONFIRM_TIMEOUT,
 };
 use crate::Interrupt;
 use virtio_bindings::virtio_net::{
@@ -106,6 +107,8 @@ pub struct Shared<B> {
     pub(crate) metrics: Arc<NetMetrics>,
     pub(crate) config: Mutex<ConfigSpace>,
     pub(crate) link_up: AtomicBool,
+    /// A backend was found gone (its tap deleted); the link stays down from then on.
+    pub(crate) backend_gone: AtomicBool,
     /// Guest receive offloads in force (VIRTIO_NET_F_GUEST_* bits).
     pub(crate) guest_offloads: AtomicU64,
     pub(crate) interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
@@ -128,6 +131,55 @@ impl<B: Backend> Shared<B> {
                 | bit(VIRTIO_NET_F_GUEST_UFO))
             != 0;
         PathConfig::new(features, gso, self.mtu)
+    }
+
+    /// Sets the link state shown to the guest; a change raises a config interrupt while the
+    /// device is active.
+    pub(crate) fn set_link(&self, up: bool) {
+        let changed = relock(&self.config).set_link_up(up);
+        self.link_up.store(up, Ordering::Relaxed);
+        self.metrics.link_up.store(up, Ordering::Relaxed);
+        if !changed {
+            return;
+        }
+        // `interrupt` is set from activation to reset: exactly while a driver listens.
+        let interrupt = relock(&self.interrupt).clone();
+        if let Some(irq) = interrupt {
+            if let Err(e) = irq.signal_config() {
+                warn!("virtio-net: config interrupt failed: {e}");
+            }
+        }
+    }
+
+    /// The backend of `pair` is gone for good (its tap interface was deleted: every tun
+    /// ioctl fails, its fd polls as an error forever). The device cannot reach the host any
+    /// more: the link goes down with a config interrupt, transmitted frames are dropped
+    /// (counted), and a later VQ_PAIRS_SET is refused with ERR when its TUNSETQUEUE fails.
+    /// The VM keeps running. Reported once.
+    pub(crate) fn backend_lost(&self, pair: usize) {
+        if self.backend_gone.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        error!(
+            "virtio-net: the tap queue of pair {pair} is gone (tap interface deleted?); \
+             link down, frames from the guest are dropped from now on"
+        );
+        self.set_link(false);
+    }
+
+    /// After a failed backend operation: reports a backend that is gone (see
+    /// [`Self::backend_lost`]); returns whether one was.
+    pub(crate) fn check_backends_gone(&self) -> bool {
+        if self.backend_gone.load(Ordering::SeqCst) {
+            return true;
+        }
+        match self.backends.iter().position(|b| b.is_gone()) {
+            Some(pair) => {
+                self.backend_lost(pair);
+                true
+            }
+            None => false,
+        }
     }
 
     fn set_attached(&self, state: &mut PairsState, pair: usize, attached: bool) {
@@ -274,6 +326,8 @@ impl<B: Backend> CtrlTarget for DeviceCtrl<'_, B> {
             }
             Err(e) => {
                 warn!("virtio-net: VQ_PAIRS_SET({target}) refused, staying at {current}: {e}");
+                drop(state);
+                self.shared.check_backends_gone();
                 false
             }
         }
@@ -322,6 +376,7 @@ pub struct Net<B: Backend> {
     acked_features: u64,
     shared: Arc<Shared<B>>,
     running: Option<Running>,
+    spawner: Arc<dyn ThreadSpawner>,
 }
 
 impl<B: Backend + 'static> Net<B> {
@@ -353,6 +408,7 @@ impl<B: Backend + 'static> Net<B> {
             metrics,
             config: Mutex::new(ConfigSpace::new(cfg.mac, pairs as u16, cfg.mtu, true)),
             link_up: AtomicBool::new(true),
+            backend_gone: AtomicBool::new(false),
             guest_offloads: AtomicU64::new(0),
             interrupt: Mutex::new(None),
             state: Mutex::new(PairsState {
@@ -371,7 +427,14 @@ impl<B: Backend + 'static> Net<B> {
             cfg,
             shared,
             running: None,
+            spawner: Arc::new(StdSpawner),
         })
+    }
+
+    /// Starts the device's threads through `spawner` from now on (default: [`StdSpawner`],
+    /// from the thread that activates the device).
+    pub fn set_thread_spawner(&mut self, spawner: Arc<dyn ThreadSpawner>) {
+        self.spawner = spawner;
     }
 
     /// Number of queue pairs (max_virtqueue_pairs).
@@ -459,18 +522,7 @@ impl<B: Backend + 'static> Net<B> {
     /// Sets the link state shown to the guest and signals a config change if it changed.
     /// While the link is down, transmitted frames are dropped (counted).
     pub fn set_link_up(&self, up: bool) {
-        let changed = relock(&self.shared.config).set_link_up(up);
-        self.shared.link_up.store(up, Ordering::Relaxed);
-        self.shared.metrics.link_up.store(up, Ordering::Relaxed);
-        if !changed {
-            return;
-        }
-        let interrupt = relock(&self.shared.interrupt).clone();
-        if let (Some(irq), true) = (interrupt, self.running.is_some()) {
-            if let Err(e) = irq.signal_config() {
-                warn!("virtio-net: config interrupt failed: {e}");
-            }
-        }
+        self.shared.set_link(up);
     }
 
     /// Starts the device (driver set DRIVER_OK): one worker per queue pair whose two queues
@@ -519,16 +571,26 @@ impl<B: Backend + 'static> Net<B> {
             let mut state = relock(&self.shared.state);
             match self.shared.enter_reset_state(&mut state) {
                 Ok(()) => {}
-                Err(e @ Error::BackendSetup { pair: 0, .. }) => return Err(e),
+                // A deleted tap: the device still runs, with its link down (below).
+                Err(e @ Error::BackendSetup { pair: 0, .. })
+                    if !self.shared.check_backends_gone() =>
+                {
+                    return Err(e)
+                }
                 // A surplus queue that stays attached costs the host the frames steered to
                 // it; the device itself still works, so keep going (logged in
                 // enter_reset_state, visible as `attached` in the metrics).
                 Err(_) => {}
             }
             let b0 = &self.shared.backends[0];
-            b0.set_vnet_hdr_size(hdr_len)
-                .and_then(|()| b0.set_offload(tun_flags))
-                .map_err(|source| Error::BackendSetup { pair: 0, source })?;
+            let setup = b0
+                .set_vnet_hdr_size(hdr_len)
+                .and_then(|()| b0.set_offload(tun_flags));
+            if let Err(source) = setup {
+                if !self.shared.check_backends_gone() {
+                    return Err(Error::BackendSetup { pair: 0, source });
+                }
+            }
             state.hdr_len = hdr_len;
             state.tun_flags = tun_flags;
             state.has_worker.iter_mut().for_each(|w| *w = false);
@@ -572,7 +634,7 @@ impl<B: Backend + 'static> Net<B> {
                 features,
                 running: pair == 0,
             };
-            match spawn_worker(start) {
+            match spawn_worker(self.spawner.as_ref(), start) {
                 Ok(handle) => {
                     running.workers.push((pair, handle));
                     relock(&self.shared.state).has_worker[pair] = true;
@@ -610,7 +672,13 @@ impl<B: Backend + 'static> Net<B> {
                         return Err(Error::EventFd(e));
                     }
                 };
-                match spawn_ctrl(cq, self.shared.clone(), kick, stop_clone) {
+                match spawn_ctrl(
+                    self.spawner.as_ref(),
+                    cq,
+                    self.shared.clone(),
+                    kick,
+                    stop_clone,
+                ) {
                     Ok(handle) => running.ctrl = Some((stop, handle)),
                     Err(source) => {
                         self.stop_threads(running);

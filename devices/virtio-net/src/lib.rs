@@ -30,6 +30,19 @@
 //!   waits (bounded, 2 s per step) for workers to confirm they parked or resumed, and does
 //!   TUNSETQUEUE ioctls; none of that may stall a vCPU or the VMM's other devices, and the
 //!   transport needs to know nothing about it.
+//! - Both kinds are started through a [`ThreadSpawner`] ([`Net::set_thread_spawner`]); the
+//!   default spawns them from the activating thread. mqvmm passes one that creates them on
+//!   its spawner thread, so each enters its own seccomp filter (see `vmm::seccomp`).
+//!
+//! # A tap deleted under the device
+//! When the operator deletes the tap while the VM runs, the kernel wakes every poller of its
+//! queue fds; from then on each fd polls as an error and every tun ioctl fails (TUNGETIFF
+//! with EBADFD, TUNSETQUEUE with EINVAL). A running worker that sees the error asks its
+//! backend [`Backend::is_gone`], stops polling the fd (no busy loop), and the device logs one
+//! error line, clears VIRTIO_NET_S_LINK_UP and raises a config interrupt: the guest sees
+//! NO-CARRIER. Frames the guest still sends are dropped and counted; a later VQ_PAIRS_SET
+//! fails at TUNSETQUEUE, is rolled back and answered ERR (and also detects the loss, should
+//! no worker have polled). The link stays down, also across a device reset. The VM runs on.
 //!
 //! # VQ_PAIRS_SET(n)
 //! 1. Validate `1 <= n <= max_virtqueue_pairs` and that MQ was negotiated, else ERR with
@@ -73,6 +86,7 @@ pub use backend::{Backend, BackendError, BackendOp};
 pub use config::{ConfigError, NetConfig, DEFAULT_QUEUE_SIZE, MAX_QUEUE_PAIRS};
 pub use device::{Error, Net};
 pub use metrics::{NetMetrics, PairMetrics, QueueMetrics};
+pub use worker::{DeviceThread, StdSpawner, ThreadSpawner};
 
 /// Where the device sends notifications; implemented by the transport (irqfd plus the
 /// interrupt status register).

@@ -40,4 +40,14 @@ impl Backend for tap::TapQueue {
         tap::TapQueue::set_offload(self, tun_flags)
             .map_err(|e| BackendError::new(BackendOp::SetOffload, self.queue(), e))
     }
+
+    fn is_gone(&self) -> bool {
+        // Once the interface is unregistered, the queue's file has no tun device any more
+        // and the kernel answers TUNGETIFF with EBADFD (attached or detached alike). Any
+        // other answer, even another error, is no proof.
+        matches!(
+            tap::TapQueue::is_attached(self),
+            Err(e) if e.raw_os_error() == Some(libc::EBADFD)
+        )
+    }
 }

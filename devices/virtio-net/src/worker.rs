@@ -171,6 +171,10 @@ struct PairWorker<B: Backend> {
     offloads_seen: u64,
     features: crate::features::Negotiated,
     warned_err: bool,
+    /// The backend failed (an error event, or a read error) since the last check.
+    backend_error: bool,
+    /// The backend is gone for good (tap deleted): never polled or read again.
+    lost: bool,
 }
 
 impl<B: Backend> PairWorker<B> {
@@ -198,7 +202,7 @@ impl<B: Backend> PairWorker<B> {
     }
 
     fn run_rx(&mut self) {
-        if !self.running {
+        if !self.running || self.lost {
             return;
         }
         let offloads = self.shared.guest_offloads.load(Ordering::Relaxed);
@@ -209,9 +213,28 @@ impl<B: Backend> PairWorker<B> {
         }
         let state = self.qp.process_rx(&self.shared.backends[self.pair]);
         self.pending_rx = state == RxState::More;
+        if state == RxState::BackendError {
+            self.backend_error = true;
+        }
         if self.pending_rx {
             self.schedule();
         }
+    }
+
+    /// After a backend error: a backend that is gone (its tap deleted) reports an error on
+    /// every poll and read from now on, so stop polling it (no busy loop) and let the device
+    /// take the link down. Any other error is left to the next event (edge-triggered).
+    fn check_backend(&mut self, ops: &mut EventOps) {
+        self.backend_error = false;
+        if self.lost || !self.shared.backends[self.pair].is_gone() {
+            return;
+        }
+        if self.running {
+            let _ = ops.remove(self.backend_events());
+        }
+        self.lost = true;
+        self.pending_rx = false;
+        self.shared.backend_lost(self.pair);
     }
 
     fn handle_control(&mut self, ops: &mut EventOps) {
@@ -235,7 +258,11 @@ impl<B: Backend> PairWorker<B> {
                 }
             }
             RunState::Running => {
-                if !self.running {
+                if !self.running && self.lost {
+                    // Nothing to poll; tx chains are still served (and dropped: link down).
+                    self.running = true;
+                    metrics.parked.store(false, Ordering::Relaxed);
+                } else if !self.running {
                     match ops.add(self.backend_events()) {
                         Ok(()) => {
                             self.running = true;
@@ -288,11 +315,17 @@ impl<B: Backend> MutEventSubscriber for PairWorker<B> {
             self.handle_control(ops);
         } else if self.running && fd == self.backend_fd() {
             let set = events.event_set();
-            if set.intersects(EventSet::ERROR | EventSet::HANG_UP) && !self.warned_err {
-                warn!("virtio-net: backend of pair {} reports {set:?}", self.pair);
-                self.warned_err = true;
+            if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
+                if !self.warned_err {
+                    warn!("virtio-net: backend of pair {} reports {set:?}", self.pair);
+                    self.warned_err = true;
+                }
+                self.backend_error = true;
             }
             self.run_rx();
+        }
+        if self.backend_error {
+            self.check_backend(ops);
         }
     }
 
@@ -371,15 +404,59 @@ fn run_loop<S: MutEventSubscriber>(
     }
 }
 
-/// Spawns `name` running `body`, and waits until its event loop is set up.
+/// Which of the device's threads is being started; a VMM picks the thread's sandbox by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceThread {
+    /// `net-pairN`: the data path of queue pair N (eventfds, epoll, readv/writev on its tap
+    /// queue; on a backend error, TUNGETIFF to tell a deleted tap from a transient error).
+    QueuePair(u16),
+    /// `net-ctrl`: the control queue (eventfds, epoll, condvar waits, TUNSETQUEUE,
+    /// TUNSETVNETHDRSZ, TUNSETOFFLOAD, TUNGETIFF).
+    Control,
+}
+
+/// Starts the device's threads.
+///
+/// The device starts its threads at activation, which a transport runs on whatever thread
+/// handled the driver's DRIVER_OK write (a vCPU, for virtio-mmio). A VMM that confines its
+/// threads (seccomp filters are inherited by threads created afterwards and can only be
+/// narrowed) provides its own spawner, so the device threads are created from a thread of its
+/// choice and each can enter its own sandbox before running `body`. If the spawned thread
+/// exits without running `body`, activation fails cleanly.
+pub trait ThreadSpawner: Send + Sync {
+    /// Starts a thread named `name` that runs `body`.
+    fn spawn(
+        &self,
+        kind: DeviceThread,
+        name: String,
+        body: Box<dyn FnOnce() + Send + 'static>,
+    ) -> io::Result<std::thread::JoinHandle<()>>;
+}
+
+/// Spawns device threads from the activating thread with `std::thread` (no sandbox).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StdSpawner;
+
+impl ThreadSpawner for StdSpawner {
+    fn spawn(
+        &self,
+        _kind: DeviceThread,
+        name: String,
+        body: Box<dyn FnOnce() + Send + 'static>,
+    ) -> io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new().name(name).spawn(body)
+    }
+}
+
+/// Spawns `name` running `body` through `spawner`, and waits until its event loop is set up.
 fn spawn_loop(
+    spawner: &dyn ThreadSpawner,
+    kind: DeviceThread,
     name: String,
     body: impl FnOnce(std::sync::mpsc::Sender<io::Result<()>>) + Send + 'static,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let handle = std::thread::Builder::new()
-        .name(name)
-        .spawn(move || body(tx))?;
+    let handle = spawner.spawn(kind, name, Box::new(move || body(tx)))?;
     match rx.recv() {
         Ok(Ok(())) => Ok(handle),
         Ok(Err(e)) => {
@@ -395,11 +472,13 @@ fn spawn_loop(
 
 /// Spawns the worker thread `net-pair<pair>` and waits until it polls its fds.
 pub fn spawn_worker<B: Backend + 'static>(
+    spawner: &dyn ThreadSpawner,
     start: WorkerStart<B>,
 ) -> io::Result<std::thread::JoinHandle<()>> {
     let resched = EventFd::new(EFD_NONBLOCK)?;
     let name = format!("net-pair{}", start.pair);
-    spawn_loop(name, move |ready| {
+    let kind = DeviceThread::QueuePair(start.pair as u16);
+    spawn_loop(spawner, kind, name, move |ready| {
         let stop = Arc::new(AtomicBool::new(false));
         let worker_stop = stop.clone();
         run_loop(
@@ -427,6 +506,8 @@ pub fn spawn_worker<B: Backend + 'static>(
                     offloads_seen: offloads,
                     features: start.features,
                     warned_err: false,
+                    backend_error: false,
+                    lost: false,
                 }
             },
             &stop,
@@ -467,24 +548,30 @@ impl<B: Backend> MutEventSubscriber for CtrlWorker<B> {
 
 /// Spawns the control-queue thread `net-ctrl`; writing `stop_evt` ends it.
 pub fn spawn_ctrl<B: Backend + 'static>(
+    spawner: &dyn ThreadSpawner,
     cq: CtrlQueue,
     shared: Arc<Shared<B>>,
     kick: EventFd,
     stop_evt: EventFd,
 ) -> io::Result<std::thread::JoinHandle<()>> {
-    spawn_loop("net-ctrl".into(), move |ready| {
-        let stop = Arc::new(AtomicBool::new(false));
-        let worker_stop = stop.clone();
-        run_loop(
-            move || CtrlWorker {
-                cq,
-                shared,
-                kick,
-                stop_evt,
-                stop: worker_stop,
-            },
-            &stop,
-            ready,
-        );
-    })
+    spawn_loop(
+        spawner,
+        DeviceThread::Control,
+        "net-ctrl".into(),
+        move |ready| {
+            let stop = Arc::new(AtomicBool::new(false));
+            let worker_stop = stop.clone();
+            run_loop(
+                move || CtrlWorker {
+                    cq,
+                    shared,
+                    kick,
+                    stop_evt,
+                    stop: worker_stop,
+                },
+                &stop,
+                ready,
+            );
+        },
+    )
 }

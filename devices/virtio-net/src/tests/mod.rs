@@ -8,6 +8,7 @@ mod chains;
 mod config;
 mod ctrl;
 mod device;
+mod faults;
 mod fuzz_regressions;
 mod pairs;
 mod real_tap;

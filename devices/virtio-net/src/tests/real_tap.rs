@@ -10,7 +10,7 @@ use crate::ctrl::ACK_OK;
 use crate::NetConfig;
 
 /// Why this machine cannot run the test, if it cannot.
-fn skip_reason() -> Option<&'static str> {
+pub(super) fn skip_reason() -> Option<&'static str> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Some("needs root (tap creation and a private netns)");
@@ -23,7 +23,7 @@ fn skip_reason() -> Option<&'static str> {
 
 /// Runs `f` on a thread moved into a new network namespace (the host's stays untouched).
 /// Returns false if the namespace cannot be created.
-fn in_private_netns(f: impl FnOnce() + Send + 'static) -> bool {
+pub(super) fn in_private_netns(f: impl FnOnce() + Send + 'static) -> bool {
     let handle = std::thread::spawn(move || {
         // SAFETY: unshare only changes this thread's namespace membership.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
@@ -61,7 +61,7 @@ fn sockaddr_in(addr: [u8; 4]) -> libc::sockaddr {
 }
 
 /// Gives `name` the address 10.201.0.1/24 and brings it up (this thread's netns).
-fn configure(name: &str) {
+pub(super) fn configure(name: &str) {
     // SAFETY: plain socket creation.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
     assert!(fd >= 0);
@@ -84,7 +84,7 @@ fn configure(name: &str) {
 }
 
 /// Frames the kernel received from the tap (what the guest transmitted).
-fn kernel_rx_packets(name: &str) -> u64 {
+pub(super) fn kernel_rx_packets(name: &str) -> u64 {
     let dev = std::fs::read_to_string("/proc/thread-self/net/dev").unwrap();
     let line = dev
         .lines()
