@@ -9,6 +9,7 @@ use clap::Parser;
 use log::LevelFilter;
 
 use vmm::exit::VmExit;
+use vmm::seccomp::{Mode as SeccompMode, Sandbox, ThreadKind};
 use vmm::signals::SignalFd;
 use vmm::terminal::RawTerminal;
 use vmm::vm::{self, KvmSource, NetSetup, Vm, VmConfig};
@@ -52,6 +53,23 @@ struct Args {
     /// Log level: error, warn, info, debug, trace, off.
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
     log_level: LevelFilter,
+    /// System call filters once the VM is built: `on` (a call outside a thread's filter ends
+    /// mqvmm with a line naming it, exit code 159), `log` (allowed, logged by the kernel; for
+    /// debugging), `off` (no filters; for debugging only).
+    #[arg(long, value_name = "MODE", default_value = "on", value_parser = parse_seccomp_mode)]
+    seccomp: SeccompMode,
+    /// Test only: the named thread kind (main, vcpu, spawner, net-pair, net-ctrl) issues a
+    /// forbidden system call right after entering its filter.
+    #[arg(long, value_name = "THREAD", hide = true, value_parser = parse_thread_kind)]
+    seccomp_selftest: Option<ThreadKind>,
+}
+
+fn parse_seccomp_mode(s: &str) -> Result<SeccompMode, String> {
+    SeccompMode::parse(s).ok_or_else(|| format!("unknown seccomp mode {s:?} (on, log, off)"))
+}
+
+fn parse_thread_kind(s: &str) -> Result<ThreadKind, String> {
+    ThreadKind::parse(s).ok_or_else(|| format!("unknown thread kind {s:?}"))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,6 +333,14 @@ fn run(args: Args) -> Result<VmExit, Failure> {
             )));
         }
     }
+    if args.seccomp == SeccompMode::Off {
+        eprintln!(
+            "mqvmm: warning: --seccomp=off: NO SYSTEM CALL FILTERS. A guest that compromises a \
+             device thread gets every system call this process may make. For debugging only."
+        );
+    }
+    let sandbox = Sandbox::new(args.seccomp, args.seccomp_selftest)
+        .map_err(|e| Failure::Runtime(error_chain(&e)))?;
     let config = VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
@@ -323,6 +349,7 @@ fn run(args: Args) -> Result<VmExit, Failure> {
         memory_mib: args.memory,
         kvm,
         net,
+        sandbox: std::sync::Arc::new(sandbox),
     };
     let signals = SignalFd::new(&[
         libc::SIGTERM,

@@ -14,6 +14,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::bus::Bus;
 use crate::exit::{ExitHandle, VmExit};
+use crate::seccomp::{Sandbox, ThreadKind};
 
 /// Advice appended to errors that a paravirtual or otherwise limited /dev/kvm produces.
 const LIMITED_KVM_HINT: &str = "If this host's /dev/kvm cannot run ordinary guests (e.g. a paravirtual KVM in a sandbox), run the guest in the nested rig instead (see README, \"The nested rig\").";
@@ -24,6 +25,8 @@ pub struct Vcpu {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub exit: ExitHandle,
+    /// The vCPU thread enters its seccomp filter before its first KVM_RUN.
+    pub sandbox: Arc<Sandbox>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,16 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        if let Err(e) = self.sandbox.enter(ThreadKind::Vcpu) {
+            let mut message = format!("vCPU {}: {e}", self.index);
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            self.exit.request(VmExit::Error(message));
+            return;
+        }
         loop {
             match self.run_once() {
                 Ok(None) => {}

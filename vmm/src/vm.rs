@@ -22,6 +22,7 @@ use crate::bus::{self, Bus};
 use crate::devices::legacy::{AcpiPm, Sink, I8042};
 use crate::devices::serial::{ConsoleOut, SerialConsole};
 use crate::exit::{self, ExitHandle, VmExit};
+use crate::seccomp::{self, Sandbox, Spawner, ThreadKind};
 use crate::signals::{self, SignalFd};
 use crate::vcpu::{self, Vcpu};
 use crate::virtio::mmio::{self, MmioTransport, REG_QUEUE_NOTIFY};
@@ -50,6 +51,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub kvm: KvmSource,
     pub net: Option<NetSetup>,
+    /// Seccomp filters, entered by every thread once the VM is built.
+    pub sandbox: Arc<Sandbox>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +128,8 @@ pub enum Error {
     Signals(#[from] signals::Error),
     #[error("main event loop failed")]
     EventLoop(#[source] event_manager::Error),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::Error),
 }
 
 impl Error {
@@ -233,6 +238,7 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole<ConsoleOut>>>,
     serial_drained: EventFd,
     net_metrics: Option<Arc<virtio_net::NetMetrics>>,
+    sandbox: Arc<Sandbox>,
 }
 
 impl Vm {
@@ -330,7 +336,7 @@ impl Vm {
         if let Some(net) = config.net {
             let base = layout::VIRTIO_MMIO_START;
             let gsi = layout::VIRTIO_GSI_BASE;
-            let device = virtio_net::Net::new(
+            let mut device = virtio_net::Net::new(
                 virtio_net::NetConfig {
                     mac: net.mac,
                     mtu: net.mtu,
@@ -340,6 +346,9 @@ impl Vm {
                 net.queues,
             )
             .map_err(Error::Net)?;
+            // The device starts its threads at activation, on a vCPU; they are created by the
+            // spawner thread instead, so each enters its own filter (see seccomp).
+            device.set_thread_spawner(Arc::new(Spawner::start(config.sandbox.clone())?));
             let metrics = device.metrics();
             net_metrics = Some(metrics);
             let irq = event("the network interrupt")?;
@@ -394,6 +403,7 @@ impl Vm {
                 pio: pio.clone(),
                 mmio: mmio_bus.clone(),
                 exit: exit.clone(),
+                sandbox: config.sandbox.clone(),
             });
         }
 
@@ -406,6 +416,7 @@ impl Vm {
             serial,
             serial_drained,
             net_metrics,
+            sandbox: config.sandbox,
         })
     }
 
@@ -437,6 +448,9 @@ impl Vm {
         for vcpu in self.vcpus.drain(..) {
             vcpu.spawn()?;
         }
+        // Everything the main loop needs exists (its epoll set included); from here on it only
+        // waits, reads, writes and ends.
+        self.sandbox.enter(ThreadKind::Main)?;
         while self.exit.reason().is_none() {
             match events.run() {
                 Ok(_) => {}

@@ -1,0 +1,496 @@
+//! The seccomp sandbox: once the VM is built, every thread of mqvmm runs under a filter that
+//! allows only the system calls its job needs (built with `seccompiler`).
+//!
+//! # Threads and their filters
+//! | thread | filter ([`filters`]) | installed |
+//! |---|---|---|
+//! | `main` | main loop: epoll, read, write, TCSETS on fd 0 | in [`crate::vm::Vm::run`], after the vCPUs started |
+//! | `vcpuN` | KVM_RUN (+ register reads for error reports), MMIO device work: eventfds, the tun ioctls of activation and reset | first thing on the vCPU thread |
+//! | `spawner` | thread creation, plus everything the device threads need | first thing on the spawner thread, started while the VM is built |
+//! | `net-pairN` | epoll, eventfds, readv/writev on its tap queue, TUNGETIFF | by the new thread itself, before it runs the device's code |
+//! | `net-ctrl` | epoll, eventfds, TUNSETQUEUE, TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNGETIFF | likewise |
+//!
+//! Everything that needs more (opening /dev/kvm or the tap, creating the VM, memory, vCPUs,
+//! ioeventfds and irqfds, loading the kernel, blocking signals for the signalfd, reading the
+//! terminal settings) happens before any filter is installed.
+//!
+//! # Why a spawner thread
+//! A seccomp filter is inherited by every thread created afterwards, and filters stack: a
+//! thread can only narrow what it inherited. The network device starts its threads when the
+//! driver sets DRIVER_OK, which is an MMIO write handled on a vCPU thread; threads spawned
+//! there would run under the vCPU's filter, so the vCPU filter would have to allow thread
+//! creation and everything the workers do. Instead the device gets a
+//! [`virtio_net::ThreadSpawner`] ([`Spawner`]) that hands the request to the dedicated
+//! `spawner` thread: the vCPU filter allows neither `clone` nor `seccomp`, and each device
+//! thread installs its own, narrower filter on top of the spawner's before it runs any device
+//! code. Pre-creating parked device threads before the filters would also work but would keep
+//! threads for queues a driver never sets up, and ties the device's thread lifecycle (start at
+//! activation, join at reset) to the VMM; a spawner keeps the device unchanged. The spawner
+//! reads no guest memory and no device state; it only creates threads.
+//!
+//! Per-thread filters narrow what code running in that thread can ask the kernel for; they
+//! are not a boundary between threads of the same process (they share memory). The union of
+//! all filters is what the process as a whole can do: no open, socket, exec, fork or ptrace.
+//!
+//! # A violation
+//! [`Mode::On`] (the default): a syscall outside the filter returns SECCOMP_RET_TRAP, which
+//! delivers SIGSYS to the offending thread. Its handler writes one line with async-signal-safe
+//! `write(2)` only, e.g.
+//! `mqvmm: seccomp violation: syscall 257 (openat) in thread net-pair0`,
+//! and ends the whole process with `_exit(159)` (128 + SIGSYS), the effect of
+//! SECCOMP_RET_KILL_PROCESS plus the name of the call. No filter allows `rt_sigaction`, so the
+//! handler cannot be replaced; blocking SIGSYS does not help either (the kernel then kills
+//! the process with the default action).
+//! [`Mode::Log`] (debugging): the calls are allowed and the kernel logs them (SECCOMP_RET_LOG,
+//! in the kernel log / audit). [`Mode::Off`]: no filters; mqvmm says so loudly at start.
+//!
+//! A hidden option, `--seccomp-selftest=THREAD`, makes the named thread kind issue a forbidden
+//! call (`openat`) right after it entered its filter, for the test that proves the filters
+//! are active. It is read from the command line at start only; nothing a guest does reaches it.
+
+mod filters;
+mod names;
+mod spawner;
+
+use std::cell::Cell;
+use std::io;
+
+use seccompiler::{BackendError, BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+pub use spawner::Spawner;
+
+/// Exit code after a violation: 128 + SIGSYS, as for a process killed by that signal.
+pub const VIOLATION_EXIT_CODE: i32 = 128 + libc::SIGSYS;
+
+/// How the filters act on a syscall they do not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Trap, name the syscall on stderr, end the process.
+    On,
+    /// Allow, but have the kernel log it (debugging).
+    Log,
+    /// No filters at all (debugging).
+    Off,
+}
+
+impl Mode {
+    /// Parses `on`, `log` or `off`.
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "on" => Some(Mode::On),
+            "log" => Some(Mode::Log),
+            "off" => Some(Mode::Off),
+            _ => None,
+        }
+    }
+}
+
+/// The kinds of threads, each with its own filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    Main,
+    Vcpu,
+    Spawner,
+    NetPair,
+    NetCtrl,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 5] = [
+        ThreadKind::Main,
+        ThreadKind::Vcpu,
+        ThreadKind::Spawner,
+        ThreadKind::NetPair,
+        ThreadKind::NetCtrl,
+    ];
+
+    /// The name used on the command line and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Spawner => "spawner",
+            ThreadKind::NetPair => "net-pair",
+            ThreadKind::NetCtrl => "net-ctrl",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ThreadKind> {
+        ThreadKind::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn rules(self) -> Result<filters::Rules, BackendError> {
+        match self {
+            ThreadKind::Main => filters::main_thread(),
+            ThreadKind::Vcpu => filters::vcpu(),
+            ThreadKind::Spawner => filters::spawner(),
+            ThreadKind::NetPair => filters::net_pair(),
+            ThreadKind::NetCtrl => filters::net_ctrl(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot build the seccomp filter of the {thread} threads")]
+    Build {
+        thread: &'static str,
+        #[source]
+        source: BackendError,
+    },
+    #[error("cannot install the SIGSYS handler for seccomp violations")]
+    Handler(#[source] io::Error),
+    #[error("cannot install the seccomp filter of thread {thread}")]
+    Install {
+        thread: String,
+        #[source]
+        source: seccompiler::Error,
+    },
+    #[error("cannot start the spawner thread")]
+    StartSpawner(#[source] io::Error),
+}
+
+/// The compiled filters and how to apply them; shared by every thread.
+pub struct Sandbox {
+    mode: Mode,
+    programs: Vec<BpfProgram>,
+    selftest: Option<ThreadKind>,
+}
+
+impl Sandbox {
+    /// Compiles every filter and, in [`Mode::On`], installs the SIGSYS handler. No filter is
+    /// installed yet: each thread calls [`Sandbox::enter`] once its setup is done.
+    pub fn new(mode: Mode, selftest: Option<ThreadKind>) -> Result<Sandbox, Error> {
+        let mut programs = Vec::new();
+        if mode != Mode::Off {
+            let mismatch = match mode {
+                Mode::Log => SeccompAction::Log,
+                _ => SeccompAction::Trap,
+            };
+            for kind in ThreadKind::ALL {
+                let build = |source| Error::Build {
+                    thread: kind.name(),
+                    source,
+                };
+                let filter = SeccompFilter::new(
+                    kind.rules().map_err(build)?,
+                    mismatch.clone(),
+                    SeccompAction::Allow,
+                    TargetArch::x86_64,
+                )
+                .map_err(build)?;
+                programs.push(BpfProgram::try_from(filter).map_err(build)?);
+            }
+        }
+        if mode == Mode::On {
+            install_sigsys_handler().map_err(Error::Handler)?;
+        }
+        Ok(Sandbox {
+            mode,
+            programs,
+            selftest,
+        })
+    }
+
+    /// No filters (library users and tests that run no VM).
+    pub fn disabled() -> Sandbox {
+        Sandbox {
+            mode: Mode::Off,
+            programs: Vec::new(),
+            selftest: None,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Puts the calling thread under the filter of `kind`, for the rest of its life.
+    pub fn enter(&self, kind: ThreadKind) -> Result<(), Error> {
+        let current = std::thread::current();
+        let thread = current.name().unwrap_or(kind.name());
+        remember_thread_name(thread);
+        if let Some(program) = self.programs.get(kind.index()) {
+            seccompiler::apply_filter(program).map_err(|source| Error::Install {
+                thread: thread.to_string(),
+                source,
+            })?;
+        }
+        if self.selftest == Some(kind) {
+            forbidden_syscall(thread);
+        }
+        Ok(())
+    }
+}
+
+/// The `--seccomp-selftest` trigger: what a compromised device thread might try first.
+fn forbidden_syscall(thread: &str) {
+    let path = c"/etc/hostname";
+    // SAFETY: openat with a NUL-terminated path that outlives the call; a returned fd is
+    // closed right away.
+    let fd = unsafe {
+        libc::openat(
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd >= 0 {
+        log::warn!("seccomp self-test: openat succeeded in thread {thread} (no filter traps it)");
+        // SAFETY: `fd` was just opened here and is owned by nobody else.
+        unsafe { libc::close(fd) };
+    }
+}
+
+thread_local! {
+    /// The thread's name for the violation message: plain bytes with a const initializer and
+    /// no destructor, so the signal handler can read it without allocating or locking.
+    static THREAD_NAME: Cell<[u8; 16]> = const { Cell::new([0; 16]) };
+}
+
+fn remember_thread_name(name: &str) {
+    let mut bytes = [0u8; 16];
+    let n = name.len().min(15);
+    bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let _ = THREAD_NAME.try_with(|cell| cell.set(bytes));
+}
+
+/// `si_syscall` of a SIGSYS siginfo on x86_64: after si_signo, si_errno, si_code and the
+/// padding that aligns the union to 8 bytes (16 bytes), `_sigsys` starts with `_call_addr`
+/// (8 bytes), then the `int _syscall`.
+const SI_SYSCALL_OFFSET: usize = 24;
+/// `si_code` of a SIGSYS sent by seccomp.
+const SYS_SECCOMP: i32 = 1;
+
+/// A fixed buffer for the violation line (no allocation in the handler).
+struct Line {
+    buf: [u8; 160],
+    len: usize,
+}
+
+impl Line {
+    fn push(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+    }
+
+    fn push_number(&mut self, value: i64) {
+        if value < 0 {
+            self.push(b"-");
+        }
+        let mut digits = [0u8; 20];
+        let mut v = value.unsigned_abs();
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// The violation line for syscall `nr` in `thread` (a NUL-padded name).
+fn violation_line(nr: i64, thread: &[u8; 16]) -> Line {
+    let mut line = Line {
+        buf: [0; 160],
+        len: 0,
+    };
+    let name = usize::try_from(nr)
+        .ok()
+        .and_then(|i| names::SYSCALL_NAMES.get(i))
+        .filter(|n| !n.is_empty())
+        .copied()
+        .unwrap_or("unknown");
+    let thread_len = thread.iter().position(|&b| b == 0).unwrap_or(thread.len());
+    line.push(b"mqvmm: seccomp violation: syscall ");
+    line.push_number(nr);
+    line.push(b" (");
+    line.push(name.as_bytes());
+    line.push(b") in thread ");
+    if thread_len == 0 {
+        line.push(b"?");
+    } else {
+        line.push(&thread[..thread_len]);
+    }
+    line.push(b"\n");
+    line
+}
+
+extern "C" fn on_sigsys(_signo: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    let (code, nr) = if info.is_null() {
+        (0, -1)
+    } else {
+        // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers; si_code is a
+        // field of the common header and `_syscall` lies within the 128-byte siginfo at the
+        // offset of the SIGSYS layout (read unaligned-safe as a plain int).
+        unsafe {
+            let base = info.cast::<u8>();
+            (
+                (*info).si_code,
+                std::ptr::read_unaligned(base.add(SI_SYSCALL_OFFSET).cast::<i32>()),
+            )
+        }
+    };
+    let thread = THREAD_NAME.try_with(|c| c.get()).unwrap_or([0; 16]);
+    let line = if code == SYS_SECCOMP {
+        violation_line(i64::from(nr), &thread)
+    } else {
+        let mut line = Line {
+            buf: [0; 160],
+            len: 0,
+        };
+        line.push(b"mqvmm: SIGSYS received (not from seccomp); stopping\n");
+        line
+    };
+    let bytes = line.bytes();
+    // SAFETY: write(2) and _exit(2) are async-signal-safe and allowed by every filter; the
+    // buffer is valid for its length.
+    unsafe {
+        libc::write(libc::STDERR_FILENO, bytes.as_ptr().cast(), bytes.len());
+        libc::_exit(VIOLATION_EXIT_CODE);
+    }
+}
+
+fn install_sigsys_handler() -> io::Result<()> {
+    // SAFETY: sigaction is plain data; every field we rely on is set below.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_sigsys as *const () as libc::sighandler_t;
+    action.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: sa_mask is a valid sigset_t inside `action`; sigfillset only writes it.
+    unsafe { libc::sigfillset(&mut action.sa_mask) };
+    // SAFETY: `action` is fully initialised and the handler has the SA_SIGINFO signature; the
+    // old action is not requested.
+    if unsafe { libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name16(s: &str) -> [u8; 16] {
+        let mut b = [0; 16];
+        b[..s.len()].copy_from_slice(s.as_bytes());
+        b
+    }
+
+    #[test]
+    fn violation_line_names_syscall_and_thread() {
+        let line = violation_line(257, &name16("net-pair0"));
+        assert_eq!(
+            std::str::from_utf8(line.bytes()).unwrap(),
+            "mqvmm: seccomp violation: syscall 257 (openat) in thread net-pair0\n"
+        );
+        let line = violation_line(0, &[0; 16]);
+        assert_eq!(
+            std::str::from_utf8(line.bytes()).unwrap(),
+            "mqvmm: seccomp violation: syscall 0 (read) in thread ?\n"
+        );
+        let line = violation_line(9999, &name16("vcpu0"));
+        assert!(std::str::from_utf8(line.bytes())
+            .unwrap()
+            .contains("syscall 9999 (unknown) in thread vcpu0"));
+        let line = violation_line(-1, &name16("main"));
+        assert!(std::str::from_utf8(line.bytes())
+            .unwrap()
+            .contains("-1 (unknown)"));
+    }
+
+    #[test]
+    fn syscall_table_matches_libc_numbers() {
+        for (nr, name) in [
+            (libc::SYS_read, "read"),
+            (libc::SYS_openat, "openat"),
+            (libc::SYS_ioctl, "ioctl"),
+            (libc::SYS_clone3, "clone3"),
+            (libc::SYS_socket, "socket"),
+            (libc::SYS_execve, "execve"),
+        ] {
+            assert_eq!(names::SYSCALL_NAMES[nr as usize], name);
+        }
+    }
+
+    #[test]
+    fn every_filter_compiles() {
+        for kind in ThreadKind::ALL {
+            let filter = SeccompFilter::new(
+                kind.rules().unwrap(),
+                SeccompAction::Trap,
+                SeccompAction::Allow,
+                TargetArch::x86_64,
+            )
+            .unwrap();
+            let program = BpfProgram::try_from(filter).unwrap();
+            // The kernel refuses programs longer than BPF_MAXINSNS (4096).
+            assert!(program.len() < 4096, "{}: {}", kind.name(), program.len());
+        }
+    }
+
+    #[test]
+    fn modes_and_thread_kinds_parse() {
+        assert_eq!(Mode::parse("on"), Some(Mode::On));
+        assert_eq!(Mode::parse("log"), Some(Mode::Log));
+        assert_eq!(Mode::parse("off"), Some(Mode::Off));
+        assert_eq!(Mode::parse("maybe"), None);
+        for kind in ThreadKind::ALL {
+            assert_eq!(ThreadKind::parse(kind.name()), Some(kind));
+            assert_eq!(ThreadKind::ALL[kind.index()], kind);
+        }
+        assert_eq!(ThreadKind::parse("gpu"), None);
+    }
+
+    /// A filter really confines the thread that enters it, and only that thread: run in a
+    /// child process (the SIGSYS handler ends the process).
+    #[test]
+    fn entered_filter_traps_a_forbidden_call_with_the_named_line() {
+        if std::env::var_os("MQVMM_SECCOMP_CHILD").is_some() {
+            let sandbox = Sandbox::new(Mode::On, None).unwrap();
+            std::thread::Builder::new()
+                .name("net-pair7".into())
+                .spawn(move || {
+                    sandbox.enter(ThreadKind::NetPair).unwrap();
+                    // Allowed: write.
+                    eprintln!("entered");
+                    forbidden_syscall("net-pair7");
+                    eprintln!("still alive");
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let out = std::process::Command::new(exe)
+            .args([
+                "--exact",
+                "seccomp::tests::entered_filter_traps_a_forbidden_call_with_the_named_line",
+                "--nocapture",
+            ])
+            .env("MQVMM_SECCOMP_CHILD", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(VIOLATION_EXIT_CODE), "{stderr}");
+        assert!(stderr.contains("entered"), "{stderr}");
+        assert!(
+            stderr.contains("mqvmm: seccomp violation: syscall 257 (openat) in thread net-pair7"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("still alive"), "{stderr}");
+    }
+}
