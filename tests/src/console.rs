@@ -1,16 +1,18 @@
 //! Driving a guest's shell through the VMM's serial console (its stdin/stdout), for boot tests
 //! that interleave guest commands with host-side checks.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
+
+use crate::rig::TimedLine;
 
 /// A running VMM whose console we type into and read from.
 pub struct GuestConsole {
     child: Child,
     stdin: ChildStdin,
-    lines: Receiver<String>,
+    lines: Receiver<TimedLine>,
     /// Everything seen so far (stdout and stderr, in arrival order), for failure messages.
     transcript: Vec<String>,
     next_marker: u32,
@@ -36,44 +38,16 @@ impl GuestConsole {
             .stdin
             .take()
             .ok_or_else(|| std::io::Error::other("no stdin"))?;
+        let started = Instant::now();
         let (tx, rx) = mpsc::channel();
-        let streams: Vec<Box<dyn Read + Send>> = vec![
-            Box::new(
-                child
-                    .stdout
-                    .take()
-                    .ok_or_else(|| std::io::Error::other("no stdout"))?,
-            ),
-            Box::new(
-                child
-                    .stderr
-                    .take()
-                    .ok_or_else(|| std::io::Error::other("no stderr"))?,
-            ),
-        ];
-        for stream in streams {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream);
-                let mut buf = Vec::new();
-                while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-                    let line = String::from_utf8_lossy(&buf)
-                        .trim_end_matches(['\n', '\r'])
-                        .to_string();
-                    buf.clear();
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
+        crate::rig::read_lines_of(&mut child, started, tx);
         Ok(GuestConsole {
             child,
             stdin,
             lines: rx,
             transcript: Vec::new(),
             next_marker: 1,
-            started: Instant::now(),
+            started,
         })
     }
 
@@ -93,7 +67,7 @@ impl GuestConsole {
 
     fn drain(&mut self) {
         while let Ok(line) = self.lines.try_recv() {
-            self.transcript.push(line);
+            self.transcript.push(line.line);
         }
     }
 
@@ -107,7 +81,7 @@ impl GuestConsole {
                 return None;
             }
             match self.lines.recv_timeout(left) {
-                Ok(line) => {
+                Ok(TimedLine { line, .. }) => {
                     let hit = line.contains(needle);
                     self.transcript.push(line.clone());
                     if hit {
@@ -144,7 +118,7 @@ impl GuestConsole {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match self.lines.recv_timeout(left) {
-                Ok(line) => line,
+                Ok(timed) => timed.line,
                 Err(_) => {
                     return Err(format!(
                         "`{command}` did not finish within {} s; console:\n{}",

@@ -486,21 +486,14 @@ impl GuestRun {
     }
 }
 
-/// Run a VMM (or any program printing a guest console) to completion, bounded by `timeout`
-/// (killed on expiry), collecting its stdout and stderr line by line with arrival times.
-/// Lines are also echoed to the test's stdout as they arrive when `echo` is set.
-pub fn run_guest(mut cmd: Command, timeout: Duration, echo: bool) -> std::io::Result<GuestRun> {
+/// Reads a child's stdout and stderr line by line (one thread each) into `tx`, timestamped
+/// from `started`. The threads end when the streams close or the receiver is gone.
+pub fn read_lines_of(
+    child: &mut std::process::Child,
+    started: Instant,
+    tx: std::sync::mpsc::Sender<TimedLine>,
+) -> Vec<std::thread::JoinHandle<()>> {
     use std::io::BufRead;
-    use std::sync::mpsc;
-
-    let started = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let (tx, rx) = mpsc::channel::<TimedLine>();
-    let mut readers = Vec::new();
     let streams: [Option<Box<dyn std::io::Read + Send>>; 2] = [
         child
             .stdout
@@ -511,29 +504,43 @@ pub fn run_guest(mut cmd: Command, timeout: Duration, echo: bool) -> std::io::Re
             .take()
             .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
     ];
-    for stream in streams.into_iter().flatten() {
-        let tx = tx.clone();
-        readers.push(std::thread::spawn(move || {
-            let mut reader = std::io::BufReader::new(stream);
-            let mut buf = Vec::new();
-            while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
-                let line = String::from_utf8_lossy(&buf)
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string();
-                buf.clear();
-                if tx
-                    .send(TimedLine {
-                        at: started.elapsed(),
-                        line,
-                    })
-                    .is_err()
-                {
-                    break;
+    streams
+        .into_iter()
+        .flatten()
+        .map(|stream| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(stream);
+                let mut buf = Vec::new();
+                while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+                    let line = String::from_utf8_lossy(&buf)
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string();
+                    buf.clear();
+                    let at = started.elapsed();
+                    if tx.send(TimedLine { at, line }).is_err() {
+                        break;
+                    }
                 }
-            }
-        }));
-    }
-    drop(tx);
+            })
+        })
+        .collect()
+}
+
+/// Run a VMM (or any program printing a guest console) to completion, bounded by `timeout`
+/// (killed on expiry), collecting its stdout and stderr line by line with arrival times.
+/// Lines are also echoed to the test's stdout as they arrive when `echo` is set.
+pub fn run_guest(mut cmd: Command, timeout: Duration, echo: bool) -> std::io::Result<GuestRun> {
+    use std::sync::mpsc;
+
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let (tx, rx) = mpsc::channel::<TimedLine>();
+    let readers = read_lines_of(&mut child, started, tx);
     let mut lines = Vec::new();
     let mut timed_out = false;
     let deadline = started + timeout;
