@@ -293,10 +293,15 @@ impl QueuePair {
             // Suppress kicks while draining; re-enabled below.
             let _ = self.tx.disable_notification(&self.mem);
         }
+        let mut empty_rounds = 0;
         'drain: loop {
+            let mut popped = false;
             loop {
                 let head = match pop_head(&mut self.tx, &self.mem) {
-                    Ok(Some(head)) => head,
+                    Ok(Some(head)) => {
+                        popped = true;
+                        head
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         if !self.warned_tx_broken {
@@ -352,13 +357,17 @@ impl QueuePair {
                     }
                 }
             }
+            empty_rounds = if popped { 0 } else { empty_rounds + 1 };
             match self.tx.enable_notification(&self.mem) {
-                Ok(true) => {
+                // "More available" twice in a row with nothing to pop: the driver placed the
+                // used flags over the avail index, so our own flag writes change it. Stop
+                // instead of spinning; the next kick starts over.
+                Ok(true) if empty_rounds < 2 => {
                     if !event_idx {
                         let _ = self.tx.disable_notification(&self.mem);
                     }
                 }
-                Ok(false) | Err(_) => break,
+                Ok(_) | Err(_) => break,
             }
         }
         if used > 0 && should_signal(&mut self.tx, &self.mem) {
