@@ -7,7 +7,7 @@
 //! walker reports those cases as errors so the chain is returned with length 0 instead.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
 /// Size of one split-ring descriptor.
 const DESC_SIZE: u64 = 16;
@@ -97,6 +97,19 @@ pub struct DescTable {
     pub indirect: bool,
 }
 
+/// The descriptor table of `entries` entries at `base` as one host slice, when it lies in one
+/// memory region (always, for a sane driver): descriptors are then read with a bounds check
+/// instead of a guest-memory lookup each. `None` sends every read the slow way, which reports
+/// exactly which entry is unreadable.
+fn table_slice(
+    mem: &GuestMemoryMmap,
+    base: GuestAddress,
+    entries: u32,
+) -> Option<VolatileSlice<'_>> {
+    let len = usize::try_from(u64::from(entries) * DESC_SIZE).ok()?;
+    mem.get_slice(base, len).ok()
+}
+
 /// Calls `f` for every descriptor of the chain starting at `head`, following at most one
 /// level of indirect table, and fails on any malformed link.
 pub fn walk<F>(
@@ -113,6 +126,7 @@ where
     let mut budget = size;
     let mut index = head;
     let mut in_indirect = false;
+    let mut slice = table_slice(mem, base, size);
     loop {
         if u32::from(index) >= size {
             return Err(ChainError::IndexOutOfRange { index, size });
@@ -125,8 +139,12 @@ where
             .0
             .checked_add(u64::from(index) * DESC_SIZE)
             .ok_or_else(|| unreadable.clone())?;
-        let desc: Descriptor =
-            vm_memory::Bytes::read_obj(mem, GuestAddress(addr)).map_err(|_| unreadable)?;
+        let desc: Descriptor = match &slice {
+            Some(s) => s
+                .read_obj(usize::from(index) * DESC_SIZE as usize)
+                .map_err(|_| unreadable)?,
+            None => mem.read_obj(GuestAddress(addr)).map_err(|_| unreadable)?,
+        };
 
         if desc.refers_to_indirect_table() {
             if !table.indirect {
@@ -145,6 +163,7 @@ where
             }
             base = desc.addr();
             size = entries;
+            slice = table_slice(mem, base, size);
             budget = entries;
             index = 0;
             in_indirect = true;
@@ -163,6 +182,18 @@ where
     }
 }
 
+fn host_iovec(slice: &VolatileSlice<'_>, writable: bool) -> libc::iovec {
+    let base = if writable {
+        slice.ptr_guard_mut().as_ptr()
+    } else {
+        slice.ptr_guard().as_ptr() as *mut u8
+    };
+    libc::iovec {
+        iov_base: base.cast(),
+        iov_len: slice.len(),
+    }
+}
+
 /// Appends the host iovecs of `len` bytes of guest memory at `addr`.
 fn push_segments(
     mem: &GuestMemoryMmap,
@@ -173,20 +204,21 @@ fn push_segments(
     max_segments: usize,
 ) -> Result<(), ChainError> {
     let out_of_memory = || ChainError::OutOfMemory { addr: addr.0, len };
+    // Fast path: the buffer lies in one region (get_slice refuses anything else, which then
+    // takes the general path below and fails or splits there).
+    if let Ok(slice) = mem.get_slice(addr, len as usize) {
+        if iov.len() >= max_segments {
+            return Err(ChainError::TooManySegments { max: max_segments });
+        }
+        iov.push(host_iovec(&slice, writable));
+        return Ok(());
+    }
     for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
         let slice = slice.map_err(|_| out_of_memory())?;
         if iov.len() >= max_segments {
             return Err(ChainError::TooManySegments { max: max_segments });
         }
-        let base = if writable {
-            slice.ptr_guard_mut().as_ptr()
-        } else {
-            slice.ptr_guard().as_ptr() as *mut u8
-        };
-        iov.push(libc::iovec {
-            iov_base: base.cast(),
-            iov_len: slice.len(),
-        });
+        iov.push(host_iovec(&slice, writable));
     }
     Ok(())
 }

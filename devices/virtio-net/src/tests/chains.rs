@@ -303,3 +303,50 @@ fn walker_reports_the_precise_error() {
     .unwrap();
     assert_eq!(lens, [10, 20, 30]);
 }
+
+#[test]
+fn indirect_tables_across_regions_or_past_memory_are_read_entry_by_entry() {
+    let mem = guest_memory();
+    let q = TestQueue::new(&mem, 0, 16);
+    let table = DescTable {
+        addr: GuestAddress(0),
+        size: 16,
+        indirect: true,
+    };
+    let lens = |head| {
+        let mut lens = Vec::new();
+        walk(&mem, table, head, |d| {
+            lens.push(d.len());
+            Ok(())
+        })
+        .map(|()| lens)
+    };
+    // A 4-entry table whose middle straddles the region boundary: no single host slice, so
+    // every entry is read on its own, and the chain is whole.
+    let straddling = REGION_SPLIT - 32;
+    for (i, len) in [11u32, 22, 33, 44].iter().enumerate() {
+        let next = if i < 3 { i as u16 + 1 } else { 0 };
+        let flags = if i < 3 { NEXT } else { 0 };
+        let desc = Descriptor::new(BUF, *len, flags, next);
+        mem.write_obj(desc, GuestAddress(straddling + 16 * i as u64))
+            .unwrap();
+    }
+    q.store(0, straddling, 64, IND, 0);
+    assert_eq!(lens(0), Ok(vec![11, 22, 33, 44]));
+
+    // A table that claims entries past the end of memory: the entries inside are read, the
+    // first one outside is reported precisely.
+    let at_end = MEM_END - 32;
+    mem.write_obj(Descriptor::new(BUF, 5, NEXT, 1), GuestAddress(at_end))
+        .unwrap();
+    mem.write_obj(Descriptor::new(BUF, 6, NEXT, 2), GuestAddress(at_end + 16))
+        .unwrap();
+    q.store(1, at_end, 64, IND, 0);
+    assert_eq!(
+        lens(1),
+        Err(ChainError::DescriptorUnreadable {
+            table: at_end,
+            index: 2
+        })
+    );
+}
