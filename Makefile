@@ -38,6 +38,12 @@ test-boot: resources build
 test-soak: resources build
 	$(CARGO) test --release -p mqvmm-tests --test 'soak_*' -- --ignored --test-threads=1
 
+# Fuzzing (not part of `make test`): builds fuzz/ (cargo-fuzz, installed into $(BUILD)/tools
+# when missing) and runs each target for FUZZ_SECONDS (default 600), one at a time; libFuzzer's
+# final numbers go to fuzz/last-run.txt. FUZZ_TARGETS="ctrl" picks targets; see fuzz/README.md.
+fuzz:
+	@fuzz/run.sh $(FUZZ_TARGETS)
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -31,19 +31,21 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use mqvmm_fuzz::{
-    guest_memory, read_fault, trace, ring_op, thread_and_fd_count, CountingInterrupt, FakeBackend, Fault, FaultPlan,
-    Input, Ring, DATA_AREA, HIGH_REGION,
+    guest_memory, read_fault, ring_op, thread_and_fd_count, trace, CountingInterrupt, FakeBackend,
+    Fault, FaultPlan, Input, Ring, DATA_AREA, HIGH_REGION,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
-    VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_net::chain::DescTable;
 use virtio_net::ctrl::{
-    parse_request, switch_pairs, CtrlQueue, CtrlRequest, CtrlTarget, PairSwitch, SwitchError, ACK_ERR, ACK_OK,
+    parse_request, switch_pairs, CtrlQueue, CtrlRequest, CtrlTarget, PairSwitch, SwitchError,
+    ACK_ERR, ACK_OK,
 };
 use virtio_net::features::{bit, tun_offload_flags, Negotiated};
 use virtio_net::{Backend, Net, NetConfig, NetMetrics};
@@ -131,8 +133,17 @@ impl Model<'_> {
         }
         for (pair, b) in self.backends.iter().enumerate() {
             let enabled = pair < self.active;
-            assert_eq!(b.attached_now(), enabled, "{when}: pair {pair} attached, {} active", self.active);
-            assert_eq!(self.running[pair], enabled, "{when}: pair {pair} running, {} active", self.active);
+            assert_eq!(
+                b.attached_now(),
+                enabled,
+                "{when}: pair {pair} attached, {} active",
+                self.active
+            );
+            assert_eq!(
+                self.running[pair], enabled,
+                "{when}: pair {pair} running, {} active",
+                self.active
+            );
         }
     }
 }
@@ -144,7 +155,10 @@ impl CtrlTarget for Model<'_> {
 
     fn set_queue_pairs(&mut self, n: u16) -> bool {
         let n = usize::from(n);
-        assert!(n >= 1 && n <= self.backends.len(), "VQ_PAIRS_SET({n}) passed the range check");
+        assert!(
+            n >= 1 && n <= self.backends.len(),
+            "VQ_PAIRS_SET({n}) passed the range check"
+        );
         let before = self.active;
         if n == before {
             return true;
@@ -153,7 +167,11 @@ impl CtrlTarget for Model<'_> {
         if ok {
             self.active = n;
         }
-        self.check_canonical(if ok { "switch succeeded" } else { "switch rolled back" });
+        self.check_canonical(if ok {
+            "switch succeeded"
+        } else {
+            "switch rolled back"
+        });
         ok
     }
 
@@ -247,11 +265,22 @@ impl Checker {
 
     /// Checks what a kick did against what was expected; returns how far the device's
     /// avail index moved, if known.
-    fn check(&self, mem: &GuestMemoryMmap, e: &Expect, used_before: u16, used: u16, active_before: usize, active_after: usize) -> Option<u16> {
+    fn check(
+        &self,
+        mem: &GuestMemoryMmap,
+        e: &Expect,
+        used_before: u16,
+        used: u16,
+        active_before: usize,
+        active_after: usize,
+    ) -> Option<u16> {
         match e {
             Expect::Nothing => {
                 assert_eq!(used, 0, "nothing pending, {used} returned");
-                assert_eq!(active_after, active_before, "pair count changed without a command");
+                assert_eq!(
+                    active_after, active_before,
+                    "pair count changed without a command"
+                );
                 Some(0)
             }
             Expect::One(p) => {
@@ -263,7 +292,14 @@ impl Checker {
     }
 
     /// Checks the reply to `p` given the used entries added by the kick.
-    fn check_reply(&self, mem: &GuestMemoryMmap, p: &Pending, used_before: u16, used: u16, active_after: usize) {
+    fn check_reply(
+        &self,
+        mem: &GuestMemoryMmap,
+        p: &Pending,
+        used_before: u16,
+        used: u16,
+        active_after: usize,
+    ) {
         let r = &self.ring_snapshot;
         if p.head >= r.size {
             assert_eq!(used, 0, "chain {} outside the ring was returned", p.head);
@@ -271,35 +307,63 @@ impl Checker {
             return;
         }
         assert_eq!(used, 1, "one command pending, {used} returned");
-        let (id, len) = r.used_elem(mem, used_before).expect("used ring is in memory");
+        let (id, len) = r
+            .used_elem(mem, used_before)
+            .expect("used ring is in memory");
         assert_eq!(id, u32::from(p.head), "used entry names another chain");
         let Some(req) = &p.request else {
-            assert_eq!(len, 0, "malformed chain {} returned with length {len}", p.head);
-            assert_eq!(active_after, p.active_before, "malformed chain changed the pair count");
+            assert_eq!(
+                len, 0,
+                "malformed chain {} returned with length {len}",
+                p.head
+            );
+            assert_eq!(
+                active_after, p.active_before,
+                "malformed chain changed the pair count"
+            );
             return;
         };
         assert_eq!(len, 1, "parsed command returned with length {len}");
         let ack: u8 = mem.read_obj(req.ack_addr).expect("ack byte in memory");
         assert!(ack == ACK_OK || ack == ACK_ERR, "ack byte {ack}");
         let pairs_set = req.header()
-            == Some((VIRTIO_NET_CTRL_MQ as u8, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8));
-        let n = req.data().get(..2).map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])));
+            == Some((
+                VIRTIO_NET_CTRL_MQ as u8,
+                VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8,
+            ));
+        let n = req
+            .data()
+            .get(..2)
+            .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])));
         match (pairs_set, n) {
             (true, Some(n)) if self.features.mq() => {
                 if n == 0 || n > self.max_pairs {
-                    assert_eq!(ack, ACK_ERR, "VQ_PAIRS_SET({n}) of {} acked", self.max_pairs);
+                    assert_eq!(
+                        ack, ACK_ERR,
+                        "VQ_PAIRS_SET({n}) of {} acked",
+                        self.max_pairs
+                    );
                 }
                 if ack == ACK_OK {
                     assert_eq!(active_after, n, "VQ_PAIRS_SET({n}) acked OK");
                 } else {
-                    assert_eq!(active_after, p.active_before, "VQ_PAIRS_SET({n}) answered ERR");
+                    assert_eq!(
+                        active_after, p.active_before,
+                        "VQ_PAIRS_SET({n}) answered ERR"
+                    );
                 }
             }
             (true, _) => {
-                assert_eq!(ack, ACK_ERR, "VQ_PAIRS_SET without MQ or without data acked");
+                assert_eq!(
+                    ack, ACK_ERR,
+                    "VQ_PAIRS_SET without MQ or without data acked"
+                );
                 assert_eq!(active_after, p.active_before);
             }
-            _ => assert_eq!(active_after, p.active_before, "non-MQ command changed the pair count"),
+            _ => assert_eq!(
+                active_after, p.active_before,
+                "non-MQ command changed the pair count"
+            ),
         }
     }
 }
@@ -321,7 +385,12 @@ fn write_pairs_set(inp: &mut Input, mem: &GuestMemoryMmap) {
         _ => inp.u16(),
     };
     let [lo, hi] = n.to_le_bytes();
-    let cmd = [VIRTIO_NET_CTRL_MQ as u8, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8, lo, hi];
+    let cmd = [
+        VIRTIO_NET_CTRL_MQ as u8,
+        VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8,
+        lo,
+        hi,
+    ];
     let _ = mem.write_slice(&cmd, GuestAddress(at));
 }
 
@@ -345,7 +414,14 @@ fn run_direct(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
     };
     let metrics = Arc::new(NetMetrics::new(pairs));
     let index = if features.mq() { 2 * pairs as u16 } else { 2 };
-    let mut cq = CtrlQueue::new(queue, index, mem.clone(), Arc::new(CountingInterrupt::default()), metrics, features);
+    let mut cq = CtrlQueue::new(
+        queue,
+        index,
+        mem.clone(),
+        Arc::new(CountingInterrupt::default()),
+        metrics,
+        features,
+    );
     let checker = Checker {
         ring_snapshot: ring,
         features,
@@ -364,13 +440,27 @@ fn run_direct(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
                 let expect = checker.expect(&mem, cq.queue().next_avail(), active_before);
                 cq.process(&mut model, Instant::now());
                 let used = (Wrapping(cq.queue().next_used()) - Wrapping(used_before)).0;
-                let moved = checker.check(&mem, &expect, used_before, used, active_before, model.active);
-                trace!("direct kick: used {used}, pairs {active_before} -> {}, checked {moved:?}", model.active);
+                let moved = checker.check(
+                    &mem,
+                    &expect,
+                    used_before,
+                    used,
+                    active_before,
+                    model.active,
+                );
+                trace!(
+                    "direct kick: used {used}, pairs {active_before} -> {}, checked {moved:?}",
+                    model.active
+                );
                 model.check_canonical("after kick");
             }
             8 => {
                 let b = inp.u8();
-                let op = if b & 1 == 0 { Fault::Park } else { Fault::Resume };
+                let op = if b & 1 == 0 {
+                    Fault::Park
+                } else {
+                    Fault::Resume
+                };
                 plan.fail_in(op, u32::from(b >> 1) % 8 + 1);
             }
             _ => write_pairs_set(&mut inp, &mem),
@@ -398,7 +488,10 @@ fn wait_drained(kick: &EventFd) {
         if rc == 0 {
             return;
         }
-        assert!(Instant::now() < deadline, "control thread did not take a kick within 30 s");
+        assert!(
+            Instant::now() < deadline,
+            "control thread did not take a kick within 30 s"
+        );
         std::thread::yield_now();
     }
 }
@@ -407,7 +500,10 @@ fn check_device(net: &Net<FakeBackend>, attached_after_setup: &[bool], has_worke
     let m = net.metrics();
     let active = usize::from(net.active_queue_pairs());
     let backends = net.backends();
-    assert!(active >= 1 && active <= backends.len(), "{active} pairs active");
+    assert!(
+        active >= 1 && active <= backends.len(),
+        "{active} pairs active"
+    );
     let real = backends.iter().filter(|b| b.attached_now()).count();
     assert_eq!(m.attached_pairs(), real, "metrics attached vs backends");
     if m.rollback_failures.load(Ordering::SeqCst) > 0 {
@@ -417,12 +513,21 @@ fn check_device(net: &Net<FakeBackend>, attached_after_setup: &[bool], has_worke
         let touched = b.touched_detached.load(Ordering::SeqCst);
         assert_eq!(touched, 0, "pair {pair}: backend used while detached");
         if pair < active {
-            assert!(b.attached_now(), "enabled pair {pair} has a detached backend");
+            assert!(
+                b.attached_now(),
+                "enabled pair {pair} has a detached backend"
+            );
             if has_worker {
-                assert!(!m.pairs[pair].parked.load(Ordering::SeqCst), "enabled pair {pair} parked");
+                assert!(
+                    !m.pairs[pair].parked.load(Ordering::SeqCst),
+                    "enabled pair {pair} parked"
+                );
             }
         } else if !attached_after_setup[pair] {
-            assert!(!b.attached_now(), "disabled pair {pair} ({active} active) attached");
+            assert!(
+                !b.attached_now(),
+                "disabled pair {pair} ({active} active) attached"
+            );
         }
     }
 }
@@ -456,11 +561,21 @@ fn run_device(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
     let mut queues: Vec<(u16, Queue, EventFd)> = Vec::new();
     for q in 0..2 * queue_pairs {
         let r = Ring::at(HIGH_REGION + 0x80 * q as u64, PAIR_QUEUE_SIZE);
-        let queue = r.queue(CTRL_MAX, negotiated.event_idx(), &mem).expect("pair rings fit");
-        queues.push((q as u16, queue, EventFd::new(EFD_NONBLOCK).expect("eventfd")));
+        let queue = r
+            .queue(CTRL_MAX, negotiated.event_idx(), &mem)
+            .expect("pair rings fit");
+        queues.push((
+            q as u16,
+            queue,
+            EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+        ));
     }
     let kick = EventFd::new(EFD_NONBLOCK).expect("eventfd");
-    queues.push((net.ctrl_queue_index(), ctrl, kick.try_clone().expect("eventfd clone")));
+    queues.push((
+        net.ctrl_queue_index(),
+        ctrl,
+        kick.try_clone().expect("eventfd clone"),
+    ));
     if let Err(e) = net.activate(mem.clone(), Arc::new(CountingInterrupt::default()), queues) {
         trace!("device: activation failed: {e}");
         return;
@@ -489,7 +604,8 @@ fn run_device(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
             }
             6 | 8 => read_fault(&mut inp, &plan),
             7 => {
-                let used_before: u16 = u16::from_le(mem.read_obj(GuestAddress(ring.used + 2)).unwrap_or(0));
+                let used_before: u16 =
+                    u16::from_le(mem.read_obj(GuestAddress(ring.used + 2)).unwrap_or(0));
                 if used_before != used_seen {
                     next_avail = None;
                 }
@@ -506,7 +622,14 @@ fn run_device(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
                 used_seen = u16::from_le(mem.read_obj(GuestAddress(ring.used + 2)).unwrap_or(0));
                 let used = (Wrapping(used_seen) - Wrapping(used_before)).0;
                 let active_after = usize::from(net.active_queue_pairs());
-                let moved = checker.check(&mem, &expect, used_before, used, active_before, active_after);
+                let moved = checker.check(
+                    &mem,
+                    &expect,
+                    used_before,
+                    used,
+                    active_before,
+                    active_after,
+                );
                 trace!("device kick: used {used}, pairs {active_before} -> {active_after}, checked {moved:?}");
                 next_avail = match (next_avail, moved) {
                     (Some(na), Some(k)) => Some(na.wrapping_add(k)),
@@ -521,7 +644,11 @@ fn run_device(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
     assert_eq!(net.active_queue_pairs(), 1, "reset leaves one pair");
     let m = net.metrics();
     let real = net.backends().iter().filter(|b| b.attached_now()).count();
-    assert_eq!(m.attached_pairs(), real, "metrics attached vs backends after reset");
+    assert_eq!(
+        m.attached_pairs(),
+        real,
+        "metrics attached vs backends after reset"
+    );
 }
 
 fn run(data: &[u8]) {

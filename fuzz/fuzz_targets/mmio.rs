@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use mqvmm_fuzz::{trace, guest_memory, ring_op, thread_and_fd_count, FakeBackend, FaultPlan, Input, Ring, RxEvent};
+use mqvmm_fuzz::{
+    guest_memory, ring_op, thread_and_fd_count, trace, FakeBackend, FaultPlan, Input, Ring, RxEvent,
+};
 use virtio_net::{Backend, BackendError, Net, NetConfig};
 use vmm::bus::BusDevice;
 use vmm::virtio::mmio::*;
@@ -129,7 +131,12 @@ fn check_status(t: &MmioTransport) {
         | STATUS_DEVICE_NEEDS_RESET
         | STATUS_FAILED;
     assert_eq!(s & !known, 0, "status {s:#x} has unknown bits");
-    let steps = [STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_FEATURES_OK, STATUS_DRIVER_OK];
+    let steps = [
+        STATUS_ACKNOWLEDGE,
+        STATUS_DRIVER,
+        STATUS_FEATURES_OK,
+        STATUS_DRIVER_OK,
+    ];
     for w in steps.windows(2) {
         if s & w[1] != 0 {
             assert_ne!(s & w[0], 0, "status {s:#x} skips a handshake step");
@@ -148,7 +155,13 @@ fn run(data: &[u8]) {
     let initially = inp.u8();
     let plan = Arc::new(FaultPlan::default());
     let handles: Vec<Arc<FakeBackend>> = (0..pairs)
-        .map(|p| Arc::new(FakeBackend::new(p as u16, initially & (1 << p) != 0, plan.clone())))
+        .map(|p| {
+            Arc::new(FakeBackend::new(
+                p as u16,
+                initially & (1 << p) != 0,
+                plan.clone(),
+            ))
+        })
         .collect();
     let cfg = NetConfig {
         mq,
@@ -160,8 +173,12 @@ fn run(data: &[u8]) {
         return;
     };
     let mem = guest_memory();
-    let mut t = MmioTransport::new(Box::new(net), mem.clone(), EventFd::new(EFD_NONBLOCK).expect("eventfd"))
-        .expect("transport over a valid device");
+    let mut t = MmioTransport::new(
+        Box::new(net),
+        mem.clone(),
+        EventFd::new(EFD_NONBLOCK).expect("eventfd"),
+    )
+    .expect("transport over a valid device");
     let queues = t.device().queue_max_sizes().len();
     let mut rings: Vec<Option<Ring>> = vec![None; queues];
 
@@ -279,7 +296,10 @@ fuzz_target!(|data: &[u8]| {
         if now == before {
             break;
         }
-        assert!(Instant::now() < deadline, "threads/fds left behind: {now:?}, was {before:?}");
+        assert!(
+            Instant::now() < deadline,
+            "threads/fds left behind: {now:?}, was {before:?}"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 });

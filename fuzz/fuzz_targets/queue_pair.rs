@@ -18,7 +18,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use mqvmm_fuzz::{trace, guest_memory, ring_op, CountingInterrupt, FakeBackend, FaultPlan, Input, Ring, RxEvent};
+use mqvmm_fuzz::{
+    guest_memory, ring_op, trace, CountingInterrupt, FakeBackend, FaultPlan, Input, Ring, RxEvent,
+};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -42,7 +44,12 @@ struct Snapshot {
     frame_bytes: u64,
 }
 
-fn snapshot(q: &virtio_queue::Queue, m: &virtio_net::QueueMetrics, frames: u64, frame_bytes: u64) -> Snapshot {
+fn snapshot(
+    q: &virtio_queue::Queue,
+    m: &virtio_net::QueueMetrics,
+    frames: u64,
+    frame_bytes: u64,
+) -> Snapshot {
     Snapshot {
         next_avail: q.next_avail(),
         next_used: q.next_used(),
@@ -76,7 +83,10 @@ fn run(data: &[u8]) {
     let hdr_len = features.vnet_hdr_len() as u64;
 
     let mem = guest_memory();
-    let mut rings = [Ring::read(&mut inp, MAX_QUEUE), Ring::read(&mut inp, MAX_QUEUE)];
+    let mut rings = [
+        Ring::read(&mut inp, MAX_QUEUE),
+        Ring::read(&mut inp, MAX_QUEUE),
+    ];
     let (Some(rxq), Some(txq)) = (
         rings[0].queue(MAX_QUEUE, features.event_idx(), &mem),
         rings[1].queue(MAX_QUEUE, features.event_idx(), &mem),
@@ -129,10 +139,20 @@ fn run(data: &[u8]) {
                 );
                 let popped = delta(after.next_avail, before.next_avail);
                 let used = delta(after.next_used, before.next_used);
-                assert!(used <= popped, "tx returned {used} chains but took {popped}");
-                assert!(usize::from(popped) <= TX_BUDGET, "tx took {popped} chains in one call");
+                assert!(
+                    used <= popped,
+                    "tx returned {used} chains but took {popped}"
+                );
+                assert!(
+                    usize::from(popped) <= TX_BUDGET,
+                    "tx took {popped} chains in one call"
+                );
                 let frames = after.frames - before.frames;
-                assert_eq!(after.packets - before.packets, frames, "tx packets vs backend writes");
+                assert_eq!(
+                    after.packets - before.packets,
+                    frames,
+                    "tx packets vs backend writes"
+                );
                 assert_eq!(
                     after.bytes - before.bytes,
                     (after.frame_bytes - before.frame_bytes) - frames * hdr_len,
@@ -140,24 +160,49 @@ fn run(data: &[u8]) {
                 );
                 trace!("tx: took {popped}, returned {used}, {frames} frames to the backend");
                 if op == 7 {
-                    assert_eq!(frames, 0, "tx reached the backend while parked or link down");
+                    assert_eq!(
+                        frames, 0,
+                        "tx reached the backend while parked or link down"
+                    );
                     let drops = pm.tx.drops.load(Ordering::SeqCst) - drops_before;
                     assert!(drops <= u64::from(popped));
                 }
             }
             8 => {
-                let before = snapshot(qp.rx_queue(), &pm.rx, backend.rx_frames.load(Ordering::SeqCst), 0);
+                let before = snapshot(
+                    qp.rx_queue(),
+                    &pm.rx,
+                    backend.rx_frames.load(Ordering::SeqCst),
+                    0,
+                );
                 qp.process_rx(&backend);
-                let after = snapshot(qp.rx_queue(), &pm.rx, backend.rx_frames.load(Ordering::SeqCst), 0);
+                let after = snapshot(
+                    qp.rx_queue(),
+                    &pm.rx,
+                    backend.rx_frames.load(Ordering::SeqCst),
+                    0,
+                );
                 let popped = delta(after.next_avail, before.next_avail);
                 let used = delta(after.next_used, before.next_used);
-                assert!(used <= popped, "rx returned {used} chains but kept {popped}");
+                assert!(
+                    used <= popped,
+                    "rx returned {used} chains but kept {popped}"
+                );
                 let frames = after.frames - before.frames;
-                assert!(frames <= RX_BUDGET as u64, "rx read {frames} frames in one call");
+                assert!(
+                    frames <= RX_BUDGET as u64,
+                    "rx read {frames} frames in one call"
+                );
                 let delivered = after.packets - before.packets;
                 trace!("rx: kept {popped}, returned {used}, read {frames} frames, delivered {delivered}");
-                assert!(delivered <= frames, "rx delivered {delivered} of {frames} frames");
-                assert!(delivered <= u64::from(used), "rx delivered {delivered} frames in {used} chains");
+                assert!(
+                    delivered <= frames,
+                    "rx delivered {delivered} of {frames} frames"
+                );
+                assert!(
+                    delivered <= u64::from(used),
+                    "rx delivered {delivered} frames in {used} chains"
+                );
             }
             9 => {
                 let n = 1 + inp.u8() % 4;
@@ -177,7 +222,11 @@ fn run(data: &[u8]) {
                             fill: kind,
                         },
                         6 => RxEvent::Error(libc::EIO),
-                        _ => RxEvent::Error(if kind & 0x80 != 0 { libc::EINTR } else { libc::EAGAIN }),
+                        _ => RxEvent::Error(if kind & 0x80 != 0 {
+                            libc::EINTR
+                        } else {
+                            libc::EAGAIN
+                        }),
                     };
                     backend.push(ev);
                 }

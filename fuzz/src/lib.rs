@@ -285,7 +285,8 @@ impl Backend for FakeBackend {
             }
             // SAFETY: the caller guarantees every iovec is valid for reads of `iov_len`
             // bytes. Reading all of them is the point: a bad iovec faults here.
-            let bytes = unsafe { std::slice::from_raw_parts(seg.iov_base.cast::<u8>(), seg.iov_len) };
+            let bytes =
+                unsafe { std::slice::from_raw_parts(seg.iov_base.cast::<u8>(), seg.iov_len) };
             sum = bytes.iter().fold(sum, |a, &b| a.wrapping_add(b));
             total += seg.iov_len;
         }
@@ -402,14 +403,22 @@ impl Ring {
         let mut q = Queue::new(max_size).ok()?;
         q.try_set_size(self.size).ok()?;
         q.try_set_desc_table_address(GuestAddress(self.desc)).ok()?;
-        q.try_set_avail_ring_address(GuestAddress(self.avail)).ok()?;
+        q.try_set_avail_ring_address(GuestAddress(self.avail))
+            .ok()?;
         q.try_set_used_ring_address(GuestAddress(self.used)).ok()?;
         q.set_ready(true);
         q.set_event_idx(event_idx);
         q.is_valid(mem).then_some(q)
     }
 
-    pub fn write_desc_at(mem: &GuestMemoryMmap, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+    pub fn write_desc_at(
+        mem: &GuestMemoryMmap,
+        at: u64,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
         let mut raw = [0u8; 16];
         raw[0..8].copy_from_slice(&addr.to_le_bytes());
         raw[8..12].copy_from_slice(&len.to_le_bytes());
@@ -418,7 +427,15 @@ impl Ring {
         let _ = mem.write_slice(&raw, GuestAddress(at));
     }
 
-    pub fn write_desc(&self, mem: &GuestMemoryMmap, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    pub fn write_desc(
+        &self,
+        mem: &GuestMemoryMmap,
+        index: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
         let at = self.desc + 16 * u64::from(index % self.size);
         Self::write_desc_at(mem, at, addr, len, flags, next);
     }

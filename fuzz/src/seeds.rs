@@ -67,7 +67,14 @@ pub fn queue_pair() -> Vec<(&'static str, Vec<u8>)> {
     mrg.extend(desc(qp(0, true), 0, data(0), &len8(80), 0, 0));
     mrg.extend([qp(2, true), 0, qp(6, true)]);
     for i in 0..4u8 {
-        mrg.extend(desc(qp(0, false), i, data(16 + 32 * i), &len16(512), WRITE, 0));
+        mrg.extend(desc(
+            qp(0, false),
+            i,
+            data(16 + 32 * i),
+            &len16(512),
+            WRITE,
+            0,
+        ));
         mrg.extend([qp(2, false), i]);
     }
     mrg.extend([qp(9, false), 1, 3, 200, 0, 0, 60]);
@@ -89,9 +96,24 @@ pub fn queue_pair() -> Vec<(&'static str, Vec<u8>)> {
     legacy.extend(desc(qp(0, true), 1, data(1), &len8(10), NEXT, 0));
     legacy.extend([qp(2, true), 0, qp(6, true), qp(7, true), 1]);
     legacy.extend(desc(qp(0, false), 0, data(80), &len16(4000), WRITE, 0));
-    legacy.extend([qp(2, false), 0, qp(9, false), 0, 5, 0x40, 0x1f, 0, 0, qp(8, false)]);
+    legacy.extend([
+        qp(2, false),
+        0,
+        qp(9, false),
+        0,
+        5,
+        0x40,
+        0x1f,
+        0,
+        0,
+        qp(8, false),
+    ]);
     legacy.extend([qp(10, false), 0, qp(8, false)]);
-    vec![("mrg", mrg), ("indirect-event-idx", indirect), ("legacy-loop", legacy)]
+    vec![
+        ("mrg", mrg),
+        ("indirect-event-idx", indirect),
+        ("legacy-loop", legacy),
+    ]
 }
 
 /// ctrl feature word bits (see `FEATURE_BITS` in the target): MQ 0, CTRL_GUEST_OFFLOADS 1,
@@ -146,7 +168,11 @@ pub fn ctrl() -> Vec<(&'static str, Vec<u8>)> {
     device.extend([6, 0]);
     device.extend(pairs_set(4, 4, 3));
     device.extend(pairs_set(6, 6, 2));
-    vec![("direct-walk", direct), ("direct-split-indirect", split), ("device-walk", device)]
+    vec![
+        ("direct-walk", direct),
+        ("direct-split-indirect", split),
+        ("device-walk", device),
+    ]
 }
 
 /// mmio: handshake, set up `queues` queues of 16 entries, DRIVER_OK, notify, reset.
