@@ -179,11 +179,42 @@ pub struct QueuePair {
     warned_rx_broken: bool,
     warned_backend: bool,
     warned_irq: bool,
+    /// The driver's avail index as last read, per queue: entries up to it are popped without
+    /// reading the index again.
+    rx_avail: u16,
+    tx_avail: u16,
 }
 
-fn pop_head(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<u16>, virtio_queue::Error> {
-    let mut iter = queue.iter(mem)?;
-    Ok(iter.next().map(|chain| chain.head_index()))
+/// Pops the next available head of `queue`. The driver's avail index is read (acquire) only
+/// when every entry up to the last value read (`avail_seen`) has been popped; `None` always
+/// means a fresh read found nothing new. An index more than a queue size ahead is an error,
+/// as in virtio-queue's iterator.
+fn pop_head(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    avail_seen: &mut u16,
+) -> Result<Option<u16>, virtio_queue::Error> {
+    let next = queue.next_avail();
+    if next == *avail_seen {
+        let idx = queue.avail_idx(mem, Ordering::Acquire)?.0;
+        if idx.wrapping_sub(next) > queue.size() {
+            return Err(virtio_queue::Error::InvalidAvailRingIndex);
+        }
+        *avail_seen = idx;
+        if idx == next {
+            return Ok(None);
+        }
+    }
+    let slot = u64::from(next % queue.size().max(1));
+    let addr = queue
+        .avail_ring()
+        .checked_add(4 + 2 * slot)
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    let head: u16 = mem
+        .load(GuestAddress(addr), Ordering::Acquire)
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    queue.set_next_avail(next.wrapping_add(1));
+    Ok(Some(u16::from_le(head)))
 }
 
 /// Whether the driver wants a used-buffer notification now.
@@ -210,6 +241,7 @@ impl QueuePair {
         path: PathConfig,
     ) -> Self {
         let rx_chains = usize::from(rx.size());
+        let (rx_avail, tx_avail) = (rx.next_avail(), tx.next_avail());
         QueuePair {
             pair,
             rx,
@@ -225,6 +257,8 @@ impl QueuePair {
             warned_rx_broken: false,
             warned_backend: false,
             warned_irq: false,
+            rx_avail,
+            tx_avail,
         }
     }
 
@@ -297,7 +331,7 @@ impl QueuePair {
         'drain: loop {
             let mut popped = false;
             loop {
-                let head = match pop_head(&mut self.tx, &self.mem) {
+                let head = match pop_head(&mut self.tx, &self.mem, &mut self.tx_avail) {
                     Ok(Some(head)) => {
                         popped = true;
                         head
@@ -389,7 +423,7 @@ impl QueuePair {
             if enough {
                 return Fill::Ready;
             }
-            let head = match pop_head(&mut self.rx, &self.mem) {
+            let head = match pop_head(&mut self.rx, &self.mem, &mut self.rx_avail) {
                 Ok(Some(head)) => head,
                 Ok(None) => {
                     // The whole ring is ours and still short of a maximal frame: read anyway
