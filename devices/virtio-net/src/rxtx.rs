@@ -13,7 +13,7 @@ use std::sync::Arc;
 use log::{debug, warn};
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::backend::Backend;
 use crate::chain::{chain_iov, write_at, ChainError, DescTable, MAX_IOV};
@@ -183,6 +183,9 @@ pub struct QueuePair {
     /// reading the index again.
     rx_avail: u16,
     tx_avail: u16,
+    /// Used entries added since the last notification decision, per queue.
+    rx_unsignalled: u16,
+    tx_unsignalled: u16,
 }
 
 /// Pops the next available head of `queue`. The driver's avail index is read (acquire) only
@@ -217,12 +220,73 @@ fn pop_head(
     Ok(Some(u16::from_le(head)))
 }
 
-/// Whether the driver wants a used-buffer notification now.
-fn should_signal(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
-    if queue.event_idx_enabled() {
-        return queue.needs_notification(mem).unwrap_or(true);
+/// Writes the used element `(head, len)` into the queue's next used slot and counts it in
+/// `unsignalled`. The used index is not stored here but by [`should_signal`], once per batch
+/// and always before a notification decision, so the driver sees the entries no later than
+/// the interrupt (and one index store serves a whole batch).
+fn put_used(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+    unsignalled: &mut u16,
+) -> Result<(), virtio_queue::Error> {
+    let size = queue.size();
+    if head >= size {
+        return Err(virtio_queue::Error::InvalidDescriptorIndex);
     }
+    let next = queue.next_used();
+    let addr = queue
+        .used_ring()
+        .checked_add(4 + 8 * u64::from(next % size))
+        .map(GuestAddress)
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    let mut elem = [0u8; 8];
+    elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+    elem[4..].copy_from_slice(&len.to_le_bytes());
+    match mem.get_slice(addr, elem.len()) {
+        Ok(slot) => slot.copy_from(&elem),
+        // Not in one region (or not in memory): the general path splits or fails.
+        Err(_) => mem
+            .write_slice(&elem, addr)
+            .map_err(virtio_queue::Error::GuestMemory)?,
+    }
+    queue.set_next_used(next.wrapping_add(1));
+    *unsignalled = unsignalled.wrapping_add(1);
+    Ok(())
+}
+
+/// Publishes the used index (release), then tells whether the driver wants a used-buffer
+/// notification for the `unsignalled` entries added since the last call (reset here): with
+/// EVENT_IDX whether the index moved past `used_event`, else whether the driver left
+/// VRING_AVAIL_F_NO_INTERRUPT clear.
+fn should_signal(queue: &Queue, mem: &GuestMemoryMmap, unsignalled: &mut u16) -> bool {
+    let new = queue.next_used();
+    let old = new.wrapping_sub(*unsignalled);
+    *unsignalled = 0;
+    let published = queue.used_ring().checked_add(2).is_some_and(|at| {
+        mem.store(new.to_le(), GuestAddress(at), Ordering::Release)
+            .is_ok()
+    });
+    // The index store must be visible before the driver's event index or flags are read.
     fence(Ordering::SeqCst);
+    if !published {
+        return true;
+    }
+    if queue.event_idx_enabled() {
+        let used_event = queue
+            .avail_ring()
+            .checked_add(4 + 2 * u64::from(queue.size()))
+            .and_then(|at| mem.load::<u16>(GuestAddress(at), Ordering::Acquire).ok());
+        return match used_event {
+            // The EVENT_IDX test (virtio 1.x, 2.7.10): did new - old entries cross used_event?
+            Some(event) => {
+                let event = u16::from_le(event);
+                new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+            }
+            None => true,
+        };
+    }
     match mem.read_obj::<u16>(GuestAddress(queue.avail_ring())) {
         Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
         Err(_) => true,
@@ -259,6 +323,8 @@ impl QueuePair {
             warned_irq: false,
             rx_avail,
             tx_avail,
+            rx_unsignalled: 0,
+            tx_unsignalled: 0,
         }
     }
 
@@ -381,12 +447,12 @@ impl QueuePair {
                     }
                 }
                 self.tx_iov.clear();
-                if self.tx.add_used(&self.mem, head, 0).is_ok() {
+                if put_used(&mut self.tx, &self.mem, head, 0, &mut self.tx_unsignalled).is_ok() {
                     used += 1;
                 }
                 if used >= SIGNAL_BATCH {
                     used = 0;
-                    if should_signal(&mut self.tx, &self.mem) {
+                    if should_signal(&self.tx, &self.mem, &mut self.tx_unsignalled) {
                         self.signal(self.tx_index(), &mut tally);
                     }
                 }
@@ -404,7 +470,7 @@ impl QueuePair {
                 Ok(_) | Err(_) => break,
             }
         }
-        if used > 0 && should_signal(&mut self.tx, &self.mem) {
+        if used > 0 && should_signal(&self.tx, &self.mem, &mut self.tx_unsignalled) {
             self.signal(self.tx_index(), &mut tally);
         }
         self.metrics.pairs[usize::from(self.pair)].tx.add(&tally);
@@ -485,7 +551,8 @@ impl QueuePair {
                     self.rx_buf.iov.truncate(iov_start);
                     debug!("virtio-net: bad rx chain {head}: {e}");
                     tally.bad_chains += 1;
-                    if self.rx.add_used(&self.mem, head, 0).is_ok() {
+                    if put_used(&mut self.rx, &self.mem, head, 0, &mut self.rx_unsignalled).is_ok()
+                    {
                         *used += 1;
                     }
                 }
@@ -594,13 +661,13 @@ impl QueuePair {
             }
             if used - signalled_at >= SIGNAL_BATCH {
                 signalled_at = used;
-                if should_signal(&mut self.rx, &self.mem) {
+                if should_signal(&self.rx, &self.mem, &mut self.rx_unsignalled) {
                     self.signal(self.rx_index(), &mut tally);
                 }
             }
         };
         self.release_rx();
-        if used > signalled_at && should_signal(&mut self.rx, &self.mem) {
+        if used > signalled_at && should_signal(&self.rx, &self.mem, &mut self.rx_unsignalled) {
             self.signal(self.rx_index(), &mut tally);
         }
         self.metrics.pairs[usize::from(self.pair)].rx.add(&tally);
@@ -652,7 +719,15 @@ impl QueuePair {
             let c = self.rx_buf.chains[i];
             let len = left.min(c.cap);
             left -= len;
-            if self.rx.add_used(&self.mem, c.head, len as u32).is_ok() {
+            if put_used(
+                &mut self.rx,
+                &self.mem,
+                c.head,
+                len as u32,
+                &mut self.rx_unsignalled,
+            )
+            .is_ok()
+            {
                 *used += 1;
             }
         }
