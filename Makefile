@@ -38,6 +38,13 @@ test-boot: resources build
 test-soak: resources build
 	$(CARGO) test --release -p mqvmm-tests --test 'soak_*' -- --ignored --test-threads=1
 
+# Benchmarks (not part of `make test`; root): mqvmm's device data path against the raw tap ceiling,
+# then guests under mqvmm and under Debian's QEMU (vhost=off, vhost=on) in the same run, in the
+# nested rig when /dev/kvm cannot run guests. Writes bench/results/latest.{json,md} and SVG plots.
+# BENCH_ARGS is passed on, e.g. BENCH_ARGS="--no-guest" or "--reps 5" (`mqvmm-bench all --help`).
+bench: resources build
+	$(CARGO) run --release -q -p mqvmm-bench -- all $(BENCH_ARGS)
+
 # Fuzzing (not part of `make test`): builds fuzz/ (cargo-fuzz, installed into $(BUILD)/tools
 # when missing) and runs each target for FUZZ_SECONDS (default 600), one at a time; libFuzzer's
 # final numbers go to fuzz/last-run.txt. FUZZ_TARGETS="ctrl" picks targets; see fuzz/README.md.

@@ -1,0 +1,764 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Guest benchmarks: mqvmm and Debian's QEMU (virtio-net-pci, vhost=off and vhost=on) boot
+//! the same guest kernel and initramfs with the same vCPUs and memory on the same multiqueue
+//! tap, one after the other, in one KVM environment (the nested rig's L1 here, one L1 boot for
+//! everything), repeated `reps` times in rotating order.
+//!
+//! Per boot: boot time (VMM spawn to the guest's `MQVMM-READY`, wall; and the guest's own
+//! uptime at that point), then for 1..=max pairs: `ethtool -L eth0 combined N` timed in the
+//! guest (ktime from /proc/timer_list around the command, minus the same measurement around
+//! the `true` builtin), for mqvmm also `last_vq_pairs_set_ns` from its SIGUSR1 metrics line
+//! (control kick to used entry, inside the VMM), the host tap's attached queue count, iperf3
+//! TCP guest->host and host->guest with parallel streams; at the end the VMM's RSS beyond
+//! guest RAM (VmRSS minus the Rss of the guest-memory mapping in /proc/PID/smaps).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mqvmm_tests::console::GuestConsole;
+use mqvmm_tests::{netns, rig};
+
+use crate::record::{self, Record};
+
+const HOST_IP: &str = "10.0.2.1";
+const GUEST_IP: &str = "10.0.2.15";
+const TAP: &str = "mqbt0";
+const STEP: Duration = Duration::from_secs(90);
+const BOOT: Duration = Duration::from_secs(240);
+
+/// A guest benchmark failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A host command (ip, iperf3) failed.
+    #[error("host command `{cmd}` failed: {detail}")]
+    Host {
+        /// The command.
+        cmd: String,
+        /// Exit status or error.
+        detail: String,
+    },
+    /// The VMM could not be started.
+    #[error("cannot start {vmm}")]
+    Spawn {
+        /// Which VMM.
+        vmm: Vmm,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest misbehaved (no readiness marker, a command failed, unreadable output).
+    #[error("{vmm} rep {rep}: {what}")]
+    Guest {
+        /// Which VMM.
+        vmm: Vmm,
+        /// Repetition.
+        rep: usize,
+        /// What happened (with the console tail).
+        what: String,
+    },
+    /// The records could not be written or read.
+    #[error(transparent)]
+    Records(#[from] record::Error),
+    /// The nested rig failed.
+    #[error("nested rig")]
+    Rig(#[source] rig::RigError),
+    /// The run inside the KVM environment failed.
+    #[error("guest benchmark inside L1 ended with {code:?}; its output ends with:\n{tail}")]
+    Inner {
+        /// Exit code.
+        code: Option<i32>,
+        /// Last lines of its output.
+        tail: String,
+    },
+    /// Something the benchmark needs is missing.
+    #[error("missing {0}")]
+    Missing(String),
+}
+
+/// The VMMs compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vmm {
+    /// mqvmm under mqvmm-launch, unprivileged.
+    Mqvmm,
+    /// QEMU, virtio-net-pci, userspace virtio-net.
+    QemuVhostOff,
+    /// QEMU, virtio-net-pci, vhost-net in the host kernel.
+    QemuVhostOn,
+}
+
+impl Vmm {
+    /// All VMMs in report order.
+    pub const ALL: [Vmm; 3] = [Vmm::Mqvmm, Vmm::QemuVhostOff, Vmm::QemuVhostOn];
+
+    /// Key used in records.
+    pub fn key(self) -> &'static str {
+        match self {
+            Vmm::Mqvmm => "mqvmm",
+            Vmm::QemuVhostOff => "qemu-vhost-off",
+            Vmm::QemuVhostOn => "qemu-vhost-on",
+        }
+    }
+
+    /// Parses a key.
+    pub fn from_key(key: &str) -> Option<Vmm> {
+        Vmm::ALL.into_iter().find(|v| v.key() == key)
+    }
+}
+
+impl fmt::Display for Vmm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.key())
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Boots per VMM.
+    pub reps: usize,
+    /// Seconds per iperf3 run.
+    pub iperf_secs: u32,
+    /// Parallel iperf3 streams.
+    pub streams: u32,
+    /// Guest vCPUs.
+    pub cpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Queue pairs offered (the steps go 1..=pairs).
+    pub pairs: u16,
+    /// VMMs to compare.
+    pub vmms: Vec<Vmm>,
+}
+
+impl Options {
+    /// The arguments that reproduce these options on the `guest-inner` command line.
+    pub fn to_args(&self) -> Vec<String> {
+        let vmms: Vec<&str> = self.vmms.iter().map(|v| v.key()).collect();
+        vec![
+            format!("--reps={}", self.reps),
+            format!("--iperf-secs={}", self.iperf_secs),
+            format!("--streams={}", self.streams),
+            format!("--cpus={}", self.cpus),
+            format!("--memory={}", self.memory_mib),
+            format!("--pairs={}", self.pairs),
+            format!("--vmms={}", vmms.join(",")),
+        ]
+    }
+}
+
+fn host(cmd: &str) -> Result<String, Error> {
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::Host {
+            cmd: cmd.into(),
+            detail: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(Error::Host {
+            cmd: cmd.into(),
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A persistent multiqueue tap with the host address; removed on drop.
+struct HostTap;
+
+impl HostTap {
+    fn new() -> Result<HostTap, Error> {
+        let _ = host(&format!("ip link del {TAP} 2>/dev/null"));
+        host(&format!(
+            "ip tuntap add dev {TAP} mode tap multi_queue vnet_hdr && ip addr add {HOST_IP}/24 dev {TAP} && ip link set {TAP} up"
+        ))?;
+        Ok(HostTap)
+    }
+
+    fn attached(&self) -> Option<u32> {
+        netns::tun_info(TAP).ok().map(|i| i.num_queues)
+    }
+}
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        let _ = host(&format!("ip link del {TAP}"));
+    }
+}
+
+/// iperf3 server on the host side; killed on drop.
+struct Iperf(Child);
+
+impl Iperf {
+    fn start() -> Result<Iperf, Error> {
+        let child = Command::new("iperf3")
+            .args(["-s", "-B", HOST_IP])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| Error::Host {
+                cmd: "iperf3 -s".into(),
+                detail: e.to_string(),
+            })?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Iperf(child))
+    }
+}
+
+impl Drop for Iperf {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn vmm_command(vmm: Vmm, opts: &Options) -> Command {
+    let images = rig::guest_images();
+    let cmdline = format!("console=ttyS0 quiet panic=-1 mqvmm.ip={GUEST_IP}/24");
+    match vmm {
+        Vmm::Mqvmm => {
+            let mut cmd = Command::new(rig::bin_path("mqvmm-launch"));
+            cmd.args(["--tap", TAP, "--queues", &opts.pairs.to_string()])
+                .args(["--user", "nobody", "--"])
+                .arg("--kernel")
+                .arg(&images.vmlinux)
+                .arg("--initramfs")
+                .arg(&images.initramfs)
+                .args(["--cpus", &opts.cpus.to_string()])
+                .args(["--memory", &opts.memory_mib.to_string()])
+                // mqvmm has no PCI; the guest would otherwise probe for it.
+                .args(["--cmdline", &format!("{cmdline} pci=off")]);
+            cmd
+        }
+        Vmm::QemuVhostOff | Vmm::QemuVhostOn => {
+            let vhost = if vmm == Vmm::QemuVhostOn { "on" } else { "off" };
+            let n = opts.pairs;
+            let mut cmd = Command::new("qemu-system-x86_64");
+            cmd.args(["-enable-kvm", "-cpu", "host", "-M", "q35"])
+                .args(["-smp", &opts.cpus.to_string()])
+                .args(["-m", &opts.memory_mib.to_string()])
+                .args(["-nodefaults", "-display", "none", "-serial", "stdio"])
+                .args(["-monitor", "none", "-no-reboot"])
+                .arg("-kernel")
+                .arg(&images.bzimage)
+                .arg("-initrd")
+                .arg(&images.initramfs)
+                .args(["-append", &cmdline])
+                .arg("-netdev")
+                .arg(format!(
+                    "tap,id=n0,ifname={TAP},script=no,downscript=no,queues={n},vhost={vhost}"
+                ))
+                .arg("-device")
+                .arg(format!(
+                    "virtio-net-pci,netdev=n0,mq=on,vectors={}",
+                    2 * n + 2
+                ));
+            cmd
+        }
+    }
+}
+
+/// Sum over the queue pairs of every `<queue>_<suffix>` counter in a `mqvmm-metrics:` line
+/// (e.g. suffix `_interrupts`: rx and tx interrupts of every pair).
+pub fn pair_sum(line: &str, suffix: &str) -> u64 {
+    line.split(" | ")
+        .filter(|seg| seg.starts_with("pair"))
+        .flat_map(|seg| seg.split_whitespace())
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| k.ends_with(suffix))
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum()
+}
+
+/// `[SUM] ... receiver` of iperf3 -f m: (Mbit/s, MBytes transferred).
+pub fn iperf_sum(output: &str) -> Option<(f64, f64)> {
+    let line = output
+        .lines()
+        .rev()
+        .find(|l| l.contains("receiver") && (l.contains("[SUM]") || !output.contains("[SUM]")))?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    // "<value> <unit>" with a G/M/K prefix, scaled to mega.
+    let mega = |suffix: &str| -> Option<f64> {
+        let unit = fields.iter().position(|f| f.ends_with(suffix))?;
+        let value: f64 = fields.get(unit.checked_sub(1)?)?.parse().ok()?;
+        let scale = match fields[unit].chars().next()? {
+            'G' => 1e3,
+            'M' => 1.0,
+            'K' => 1e-3,
+            _ => 1e-6,
+        };
+        Some(value * scale)
+    };
+    Some((mega("bits/sec")?, mega("Bytes")?))
+}
+
+/// `key=value` from a `mqvmm-metrics:` line (device fields come before the first `|`).
+pub fn metric(line: &str, key: &str) -> Option<u64> {
+    let device = line.split(" | ").next()?;
+    device
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// RSS of a process beyond its guest memory, in KiB: VmRSS minus the Rss of the mappings at
+/// least `guest_kib` large (the guest RAM block; QEMU and mqvmm map it in one piece).
+pub fn rss_beyond_guest_kib(smaps: &str, status: &str, guest_kib: u64) -> Option<(u64, u64)> {
+    let vm_rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()?;
+    let mut guest_rss = 0;
+    let mut found = false;
+    let mut size: Option<u64> = None;
+    for line in smaps.lines() {
+        let kib = |l: &str| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        if line.starts_with("Size:") {
+            size = kib(line);
+        } else if line.starts_with("Rss:") {
+            if size.is_some_and(|s| s >= guest_kib) {
+                guest_rss += kib(line)?;
+                found = true;
+            }
+            size = None;
+        }
+    }
+    found.then(|| (vm_rss.saturating_sub(guest_rss), guest_rss))
+}
+
+struct Boot<'a> {
+    vmm: Vmm,
+    rep: usize,
+    opts: &'a Options,
+    console: GuestConsole,
+    out: &'a mut Vec<Record>,
+}
+
+impl Boot<'_> {
+    fn fail(&mut self, what: impl Into<String>) -> Error {
+        let transcript = self.console.transcript();
+        let tail: Vec<&str> = transcript.lines().rev().take(25).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Error::Guest {
+            vmm: self.vmm,
+            rep: self.rep,
+            what: format!("{}; console tail:\n{}", what.into(), tail.join("\n")),
+        }
+    }
+
+    fn sample(&mut self, metric: &str, pairs: Option<u16>, value: f64) {
+        let mut r = Record::new("guest")
+            .with("vmm", self.vmm.key())
+            .with("rep", self.rep)
+            .with("metric", metric);
+        if let Some(p) = pairs {
+            r = r.with("pairs", p);
+        }
+        self.out.push(r.with("value", format!("{value:.6}")));
+    }
+
+    fn check(&mut self, cmd: &str) -> Result<String, Error> {
+        match self.console.run(cmd, STEP) {
+            Ok(out) if out.status == 0 => Ok(out.output),
+            Ok(out) => Err(self.fail(format!("`{cmd}` exited {}: {}", out.status, out.output))),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn metrics_line(&mut self) -> Result<String, Error> {
+        let pid = self.console.pid() as i32;
+        // SAFETY: kill only sends a signal to the VMM child we started.
+        if unsafe { libc::kill(pid, libc::SIGUSR1) } != 0 {
+            return Err(self.fail("cannot send SIGUSR1"));
+        }
+        match self
+            .console
+            .wait_for("mqvmm-metrics:", Duration::from_secs(10))
+        {
+            Some(line) => Ok(line),
+            None => Err(self.fail("no metrics line after SIGUSR1")),
+        }
+    }
+
+    fn timed(&mut self, cmd: &str) -> Result<f64, Error> {
+        let out = self.check(&format!(
+            "a=$(nowns); {cmd}; r=$?; b=$(nowns); echo ELAPSED_NS=$((b-a)); [ $r = 0 ]"
+        ))?;
+        match out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("ELAPSED_NS="))
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            Some(ns) => Ok(ns),
+            None => Err(self.fail(format!("no ELAPSED_NS in {out:?}"))),
+        }
+    }
+
+    fn run(&mut self, tap: &HostTap) -> Result<(), Error> {
+        let wall = {
+            let uptime = self
+                .console
+                .wait_for("MQVMM-UPTIME=", BOOT)
+                .ok_or_else(|| self.fail("no MQVMM-UPTIME line"))?;
+            let ready = self.console.wait_for("MQVMM-READY", BOOT);
+            let wall = self.console.elapsed().as_secs_f64();
+            if ready.is_none() {
+                return Err(self.fail("no MQVMM-READY"));
+            }
+            let up: f64 = uptime
+                .trim()
+                .trim_start_matches("MQVMM-UPTIME=")
+                .trim()
+                .parse()
+                .map_err(|_| self.fail(format!("unreadable {uptime:?}")))?;
+            self.sample("boot_guest_uptime_s", None, up);
+            wall
+        };
+        self.sample("boot_wall_s", None, wall);
+        self.sync_shell()?;
+        self.check(
+            "nowns() { { read -r _; read -r _; read -r _ _ n _; } </proc/timer_list; echo $n; }; irqs() { awk '/virtio/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i } END { print s + 0 }' /proc/interrupts; }",
+        )?;
+        let kernel = self.check("uname -r")?;
+        self.out.push(
+            Record::new("fact")
+                .with("key", format!("l2_kernel_{}", self.vmm.key()))
+                .with("value", kernel.trim()),
+        );
+        let mut baseline = Vec::new();
+        for n in 1..=self.opts.pairs {
+            baseline.push(self.timed("true")?);
+            let set_ns = self.timed(&format!("ethtool -L eth0 combined {n}"))?;
+            let base = baseline.iter().copied().fold(f64::INFINITY, f64::min);
+            self.sample("ethtool_l_ms", Some(n), (set_ns - base).max(0.0) / 1e6);
+            if self.vmm == Vmm::Mqvmm {
+                let line = self.metrics_line()?;
+                let ns = metric(&line, "last_vq_pairs_set_ns")
+                    .ok_or_else(|| self.fail(format!("no last_vq_pairs_set_ns in {line:?}")))?;
+                self.sample("vq_pairs_set_us", Some(n), ns as f64 / 1e3);
+            }
+            if let Some(q) = tap.attached() {
+                self.sample("host_queues", Some(n), f64::from(q));
+            }
+            let secs = self.opts.iperf_secs;
+            let p = self.opts.streams;
+            for (dir, extra) in [("up", ""), ("down", " -R")] {
+                let before = match self.vmm {
+                    Vmm::Mqvmm => Some(self.metrics_line()?),
+                    _ => None,
+                };
+                let out = self.check(&format!(
+                    "i0=$(irqs); iperf3 -c {HOST_IP} -P {p} -t {secs} -f m{extra} | grep -E 'SUM|receiver|sender'; r=$?; i1=$(irqs); echo GUEST_IRQS=$((i1-i0)); [ $r = 0 ]"
+                ))?;
+                let (mbps, mbytes) = iperf_sum(&out)
+                    .ok_or_else(|| self.fail(format!("no iperf3 summary in {out:?}")))?;
+                self.sample(&format!("iperf_{dir}_mbps"), Some(n), mbps);
+                let irqs = out
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("GUEST_IRQS="))
+                    .and_then(|v| v.parse::<f64>().ok());
+                if let (Some(irqs), true) = (irqs, mbytes > 0.0) {
+                    self.sample(&format!("guest_irqs_per_mb_{dir}"), Some(n), irqs / mbytes);
+                }
+                if let Some(before) = before {
+                    let after = self.metrics_line()?;
+                    for (kind, suffix) in [("irqs", "_interrupts"), ("kicks", "_notifications")] {
+                        let delta =
+                            pair_sum(&after, suffix).saturating_sub(pair_sum(&before, suffix));
+                        if mbytes > 0.0 {
+                            self.sample(
+                                &format!("vmm_{kind}_per_mb_{dir}"),
+                                Some(n),
+                                delta as f64 / mbytes,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        self.rss()?;
+        self.console
+            .send("poweroff\n")
+            .map_err(|e| self.fail(format!("cannot type poweroff: {e}")))?;
+        if self.console.wait_exit(Duration::from_secs(60)).is_none() {
+            return Err(self.fail("did not exit within 60 s of poweroff"));
+        }
+        Ok(())
+    }
+
+    fn sync_shell(&mut self) -> Result<(), Error> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            self.console
+                .send("echo MQSYNC:$((20+22))\n")
+                .map_err(|e| self.fail(format!("cannot type: {e}")))?;
+            if self
+                .console
+                .wait_for("MQSYNC:42", Duration::from_secs(3))
+                .is_some()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(self.fail("the guest shell does not answer"));
+            }
+        }
+    }
+
+    fn rss(&mut self) -> Result<(), Error> {
+        let pid = self.console.pid();
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"));
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"));
+        let (Ok(smaps), Ok(status)) = (smaps, status) else {
+            return Err(self.fail(format!("cannot read /proc/{pid}/smaps or status")));
+        };
+        let guest_kib = u64::from(self.opts.memory_mib) * 1024;
+        match rss_beyond_guest_kib(&smaps, &status, guest_kib) {
+            Some((beyond, guest)) => {
+                self.sample("rss_beyond_guest_mib", None, beyond as f64 / 1024.0);
+                self.sample("rss_guest_mib", None, guest as f64 / 1024.0);
+                Ok(())
+            }
+            None => Err(self.fail(format!(
+                "no mapping of {guest_kib} KiB or more in /proc/{pid}/smaps"
+            ))),
+        }
+    }
+}
+
+fn one_boot(vmm: Vmm, rep: usize, opts: &Options, out: &mut Vec<Record>) -> Result<(), Error> {
+    let tap = HostTap::new()?;
+    let _iperf = Iperf::start()?;
+    let console = GuestConsole::spawn(vmm_command(vmm, opts))
+        .map_err(|source| Error::Spawn { vmm, source })?;
+    let mut boot = Boot {
+        vmm,
+        rep,
+        opts,
+        console,
+        out,
+    };
+    boot.run(&tap)
+}
+
+/// Facts about the KVM environment the guests run in.
+fn environment_facts() -> Vec<Record> {
+    let fact = |k: &str, v: String| Record::new("fact").with("key", k).with("value", v);
+    let first_line = |cmd: &str| {
+        host(cmd)
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_string))
+            .unwrap_or_else(|| "unknown".into())
+    };
+    vec![
+        fact(
+            "kvm_env",
+            if rig::in_l1() {
+                "nested rig L1 (QEMU TCG, emulated SVM)".into()
+            } else {
+                "direct (host KVM)".into()
+            },
+        ),
+        fact("kvm_host_kernel", first_line("uname -r")),
+        fact("qemu_version", first_line("qemu-system-x86_64 --version")),
+        fact("kvm_host_cpus", first_line("nproc")),
+    ]
+}
+
+/// Runs every boot here (where /dev/kvm works), appending records to `path` after each boot
+/// so that a failure keeps what was measured.
+pub fn run_inner(opts: &Options, path: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), Error> {
+    for (what, ok) in [
+        ("/dev/kvm", Path::new("/dev/kvm").exists()),
+        ("/dev/net/tun", Path::new("/dev/net/tun").exists()),
+        (
+            "qemu-system-x86_64",
+            mqvmm_tests::skip::find_in_path("qemu-system-x86_64").is_some(),
+        ),
+        (
+            "iperf3",
+            mqvmm_tests::skip::find_in_path("iperf3").is_some(),
+        ),
+    ] {
+        if !ok {
+            return Err(Error::Missing(what.into()));
+        }
+    }
+    let mut out = environment_facts();
+    out.push(Record::new("fact").with("key", "guest_config").with(
+        "value",
+        format!(
+            "{} vCPUs, {} MiB, {} queue pairs, iperf3 -P {} -t {}",
+            opts.cpus, opts.memory_mib, opts.pairs, opts.streams, opts.iperf_secs
+        ),
+    ));
+    record::write_all(path, &out)?;
+    for rep in 1..=opts.reps {
+        // Rotate the order so no VMM always runs first (or right after another).
+        let k = opts.vmms.len();
+        for i in 0..k {
+            let vmm = opts.vmms[(i + rep - 1) % k];
+            let started = Instant::now();
+            let mut samples = Vec::new();
+            let result = one_boot(vmm, rep, opts, &mut samples);
+            let summary = summarize_boot(&samples);
+            out.extend(samples);
+            record::write_all(path, &out)?;
+            result?;
+            progress(&format!(
+                "guest: rep {rep} {vmm}: {summary} ({:.0} s)",
+                started.elapsed().as_secs_f64()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn summarize_boot(samples: &[Record]) -> String {
+    let get = |m: &str| {
+        samples
+            .iter()
+            .filter(|r| r.get("metric") == Some(m))
+            .filter_map(|r| r.num("value"))
+            .collect::<Vec<f64>>()
+    };
+    let fmt = |v: Vec<f64>| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    format!(
+        "boot {:.1} s, up Mbit/s {}, down Mbit/s {}",
+        get("boot_wall_s").first().copied().unwrap_or(f64::NAN),
+        fmt(get("iperf_up_mbps")),
+        fmt(get("iperf_down_mbps"))
+    )
+}
+
+/// Runs the guest benchmarks where KVM works: in-process in direct mode (or inside L1),
+/// otherwise as `<this binary> guest-inner` inside one L1 of the nested rig. Records end up in
+/// `path`.
+pub fn run(opts: &Options, path: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), Error> {
+    let images = rig::guest_images();
+    for p in [&images.vmlinux, &images.bzimage, &images.initramfs] {
+        if !p.is_file() {
+            return Err(Error::Missing(format!(
+                "{} (run `make resources`)",
+                p.display()
+            )));
+        }
+    }
+    for bin in ["mqvmm", "mqvmm-launch"] {
+        if !rig::bin_path(bin).is_file() {
+            return Err(Error::Missing(format!(
+                "{} (run `make build`)",
+                rig::bin_path(bin).display()
+            )));
+        }
+    }
+    if rig::in_l1() || rig::mode() == rig::Mode::Direct {
+        return run_inner(opts, path, progress);
+    }
+    let scratch = rig::scratch_dir();
+    std::fs::create_dir_all(&scratch).map_err(|e| Error::Host {
+        cmd: format!("mkdir {}", scratch.display()),
+        detail: e.to_string(),
+    })?;
+    let inner_path: PathBuf = scratch.join(format!("bench-guest-{}.rec", std::process::id()));
+    let exe = std::env::current_exe().map_err(|e| Error::Missing(format!("own path: {e}")))?;
+    let mut cmd = format!(
+        "{} guest-inner --records {}",
+        rig::shell_quote(&exe.to_string_lossy()),
+        rig::shell_quote(&inner_path.to_string_lossy())
+    );
+    for a in opts.to_args() {
+        cmd.push(' ');
+        cmd.push_str(&rig::shell_quote(&a));
+    }
+    let l1_facts = "uname -r; nproc";
+    let mut tail: Vec<String> = Vec::new();
+    let mut sink = |chunk: &str| {
+        for line in chunk.lines() {
+            if line.starts_with("guest:") || line.starts_with("error") {
+                progress(line);
+            }
+            tail.push(line.to_string());
+            if tail.len() > 40 {
+                tail.remove(0);
+            }
+        }
+    };
+    let timeout = Duration::from_secs(60 * 30);
+    let out = rig::try_exec_in_l1_streaming(&format!("{l1_facts}; exec {cmd}"), timeout, &mut sink)
+        .map_err(Error::Rig)?;
+    let records_ok = inner_path.is_file();
+    if records_ok {
+        let _ = std::fs::copy(&inner_path, path);
+        let _ = std::fs::remove_file(&inner_path);
+    }
+    if !out.success() {
+        return Err(Error::Inner {
+            code: out.code,
+            tail: tail.join("\n"),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iperf_summary_is_read_from_the_receiver_sum() {
+        let out = "[SUM]   0.00-2.02   sec  14.0 MBytes  58.3 Mbits/sec    0             sender\n\
+                   [SUM]   0.00-2.08   sec  12.1 MBytes  48.7 Mbits/sec                  receiver\n";
+        assert_eq!(iperf_sum(out), Some((48.7, 12.1)));
+        let g = "[SUM]   0.00-2.08   sec  1.5 GBytes  1.25 Gbits/sec                  receiver";
+        assert_eq!(iperf_sum(g), Some((1250.0, 1500.0)));
+        assert_eq!(iperf_sum("iperf3: error"), None);
+    }
+
+    #[test]
+    fn metric_reads_device_fields_only() {
+        let line = "mqvmm-metrics: virtio-net max_pairs=4 vq_pairs_set=3 last_vq_pairs_set_ns=81234 | pair0 attached=1 rx_packets=5";
+        assert_eq!(metric(line, "last_vq_pairs_set_ns"), Some(81234));
+        assert_eq!(metric(line, "vq_pairs_set"), Some(3));
+        assert_eq!(metric(line, "rx_packets"), None);
+    }
+
+    #[test]
+    fn pair_sum_adds_every_queue_of_every_pair() {
+        let line = "mqvmm-metrics: virtio-net rx_interrupts=99 | pair0 attached=1 rx_interrupts=3 tx_interrupts=4 tx_notifications=7 | pair1 rx_interrupts=10 tx_interrupts=0 | ctrl interrupts=5";
+        assert_eq!(pair_sum(line, "_interrupts"), 17);
+        assert_eq!(pair_sum(line, "_notifications"), 7);
+    }
+
+    #[test]
+    fn rss_beyond_guest_subtracts_the_big_mapping() {
+        let smaps = "7f00-7f10 rw-p 00000000 00:00 0\nSize:             524288 kB\nRss:              200000 kB\n\
+                     5600-5610 r-xp 00000000 08:01 12 /usr/bin/x\nSize:               4096 kB\nRss:                3000 kB\n";
+        let status = "Name:\tx\nVmRSS:\t  215000 kB\n";
+        assert_eq!(
+            rss_beyond_guest_kib(smaps, status, 524288),
+            Some((15000, 200000))
+        );
+        assert_eq!(rss_beyond_guest_kib(smaps, status, 1 << 30), None);
+    }
+}

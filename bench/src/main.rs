@@ -1,0 +1,478 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `mqvmm-bench`: what `make bench` runs.
+//!
+//! - `all`: the device data path against the raw tap ceiling (a child process in its own
+//!   network namespace), then the guests (mqvmm vs QEMU vhost off/on, in the nested rig's L1
+//!   when /dev/kvm cannot run guests here), then the report: `bench/results/latest.json`,
+//!   `latest.md`, `device-vs-ceiling.svg`, `guest-throughput.svg`.
+//! - `device`, `guest`: one part, records to a file; `report`: render records files.
+//! - `guest-inner`: the guest part where KVM works (started inside L1 by `guest`).
+//!
+//! Needs root (taps, network namespaces, packet sockets).
+
+mod device;
+mod guest;
+mod record;
+mod report;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+
+use record::Record;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mqvmm-bench",
+    about = "mqvmm benchmarks: device data path vs the raw tap ceiling, guests vs QEMU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Device path, guests and report (what `make bench` runs).
+    All {
+        /// Where latest.json, latest.md and the plots go.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Where the raw records go (default: $MQVMM_BUILD/bench).
+        #[arg(long)]
+        work: Option<PathBuf>,
+        /// Skip the guest part.
+        #[arg(long)]
+        no_guest: bool,
+        /// Skip the device part.
+        #[arg(long)]
+        no_device: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        guest: GuestArgs,
+    },
+    /// Device data path only (root; runs in a private network namespace).
+    Device {
+        /// Records file to write.
+        #[arg(long)]
+        records: PathBuf,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Guest benchmarks only (where KVM works, else in the nested rig).
+    Guest {
+        /// Records file to write.
+        #[arg(long)]
+        records: PathBuf,
+        #[command(flatten)]
+        guest: GuestArgs,
+    },
+    /// The guest benchmarks, here (run inside L1 by `guest`).
+    #[command(hide = true)]
+    GuestInner {
+        /// Records file to write.
+        #[arg(long)]
+        records: PathBuf,
+        #[command(flatten)]
+        guest: GuestArgs,
+    },
+    /// Render records files into latest.json, latest.md and the plots.
+    Report {
+        /// Records files (meta, device, guest).
+        #[arg(long, required = true, num_args = 1..)]
+        records: Vec<PathBuf>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct DeviceArgs {
+    /// Pair counts.
+    #[arg(long = "device-pairs", value_delimiter = ',', default_value = "1,2,4")]
+    pairs: Vec<usize>,
+    /// Ethernet frame lengths in bytes (above 1514: TSO frames).
+    #[arg(long, value_delimiter = ',', default_value = "64,1514,65536")]
+    sizes: Vec<usize>,
+    /// Directions: tx (guest->host), rx (host->guest).
+    #[arg(long, value_delimiter = ',', default_value = "tx,rx")]
+    dirs: Vec<String>,
+    /// Paths: ceiling, device (profiling runs use one).
+    #[arg(long, value_delimiter = ',', default_value = "ceiling,device")]
+    paths: Vec<String>,
+    /// Samples per configuration and path (after the warm-up).
+    #[arg(long, default_value_t = 5)]
+    samples: usize,
+    /// Target length of one ceiling sample, in ms.
+    #[arg(long, default_value_t = 100)]
+    sample_ms: u64,
+    /// Warm-up per configuration, in ms.
+    #[arg(long, default_value_t = 200)]
+    warmup_ms: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+struct GuestArgs {
+    /// Boots per VMM.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 3)]
+    iperf_secs: u32,
+    /// Parallel iperf3 streams.
+    #[arg(long, default_value_t = 4)]
+    streams: u32,
+    /// Guest vCPUs.
+    #[arg(long, default_value_t = 2)]
+    cpus: u8,
+    /// Guest memory (MiB).
+    #[arg(long, default_value_t = 512)]
+    memory: u32,
+    /// Queue pairs (steps 1..=N).
+    #[arg(long, default_value_t = 4)]
+    pairs: u16,
+    /// VMMs to compare.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "mqvmm,qemu-vhost-off,qemu-vhost-on"
+    )]
+    vmms: Vec<String>,
+}
+
+/// Command-line values that do not parse.
+#[derive(Debug, thiserror::Error)]
+enum Error {
+    #[error("unknown {what} {value:?} (expected {expected})")]
+    Value {
+        what: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("needs root (creates taps and network namespaces, opens packet sockets)")]
+    NotRoot,
+    #[error(transparent)]
+    Device(#[from] device::Error),
+    #[error(transparent)]
+    Guest(#[from] guest::Error),
+    #[error(transparent)]
+    Records(#[from] record::Error),
+    #[error(transparent)]
+    Report(#[from] report::Error),
+    #[error("cannot run {what}")]
+    Run {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} exited with {status}")]
+    Child {
+        what: String,
+        status: std::process::ExitStatus,
+    },
+}
+
+impl DeviceArgs {
+    fn options(&self) -> Result<device::Options, Error> {
+        let dirs = self
+            .dirs
+            .iter()
+            .map(|d| match d.as_str() {
+                "tx" => Ok(device::Dir::Tx),
+                "rx" => Ok(device::Dir::Rx),
+                _ => Err(Error::Value {
+                    what: "direction",
+                    value: d.clone(),
+                    expected: "tx or rx",
+                }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let paths = self
+            .paths
+            .iter()
+            .map(|p| match p.as_str() {
+                "ceiling" => Ok(device::PathKind::Ceiling),
+                "device" => Ok(device::PathKind::Device),
+                _ => Err(Error::Value {
+                    what: "path",
+                    value: p.clone(),
+                    expected: "ceiling or device",
+                }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(device::Options {
+            pairs: self.pairs.clone(),
+            sizes: self.sizes.clone(),
+            dirs,
+            paths,
+            samples: self.samples,
+            sample_ms: self.sample_ms,
+            warmup_ms: self.warmup_ms,
+        })
+    }
+
+    fn to_args(&self) -> Vec<String> {
+        let join = |v: &[String]| v.join(",");
+        let nums = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        vec![
+            format!("--device-pairs={}", nums(&self.pairs)),
+            format!("--sizes={}", nums(&self.sizes)),
+            format!("--dirs={}", join(&self.dirs)),
+            format!("--paths={}", join(&self.paths)),
+            format!("--samples={}", self.samples),
+            format!("--sample-ms={}", self.sample_ms),
+            format!("--warmup-ms={}", self.warmup_ms),
+        ]
+    }
+}
+
+impl GuestArgs {
+    fn options(&self) -> Result<guest::Options, Error> {
+        let vmms = self
+            .vmms
+            .iter()
+            .map(|v| {
+                guest::Vmm::from_key(v).ok_or_else(|| Error::Value {
+                    what: "VMM",
+                    value: v.clone(),
+                    expected: "mqvmm, qemu-vhost-off or qemu-vhost-on",
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(guest::Options {
+            reps: self.reps,
+            iperf_secs: self.iperf_secs,
+            streams: self.streams,
+            cpus: self.cpus,
+            memory_mib: self.memory,
+            pairs: self.pairs,
+            vmms,
+        })
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn say(line: &str) {
+    println!("{line}");
+}
+
+fn run_device(records: &Path, args: &DeviceArgs) -> Result<(), Error> {
+    if !is_root() {
+        return Err(Error::NotRoot);
+    }
+    let opts = args.options()?;
+    device::net::enter_private_netns().map_err(device::Error::from)?;
+    let mut out = Vec::new();
+    device::run(&opts, &mut |r| out.push(r), &mut |l| say(l))?;
+    record::write_all(records, &out)?;
+    Ok(())
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn machine_meta() -> Vec<Record> {
+    let meta = |k: &str, v: String| Record::new("meta").with("key", k).with("value", v);
+    let ws = mqvmm_tests::rig::workspace_dir();
+    let ws = ws.to_string_lossy();
+    let commit = first_line("git", &["-C", &ws, "rev-parse", "HEAD"]);
+    let dirty = Command::new("git")
+        .args(["-C", &ws, "status", "--porcelain", "--untracked-files=no"])
+        .output()
+        .map(|o| !o.stdout.is_empty())
+        .unwrap_or(false);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    vec![
+        meta("date", first_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])),
+        meta(
+            "commit",
+            format!(
+                "{commit}{}",
+                if dirty { " (with local changes)" } else { "" }
+            ),
+        ),
+        meta("cpu_model", cpu),
+        meta("cores", cores.to_string()),
+        meta("host_kernel", first_line("uname", &["-r"])),
+        meta("loadavg_start", loadavg()),
+    ]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_all(
+    out: Option<PathBuf>,
+    work: Option<PathBuf>,
+    no_guest: bool,
+    no_device: bool,
+    dargs: &DeviceArgs,
+    gargs: &GuestArgs,
+) -> Result<(), Error> {
+    if !is_root() {
+        return Err(Error::NotRoot);
+    }
+    let out = out.unwrap_or_else(|| mqvmm_tests::rig::workspace_dir().join("bench/results"));
+    let work = work.unwrap_or_else(|| mqvmm_tests::rig::build_dir().join("bench"));
+    std::fs::create_dir_all(&work).map_err(|source| Error::Run {
+        what: format!("mkdir {}", work.display()),
+        source,
+    })?;
+    let started = Instant::now();
+    let meta_path = work.join("meta.rec");
+    let device_path = work.join("device.rec");
+    let guest_path = work.join("guest.rec");
+    let mut meta = machine_meta();
+    say(&format!(
+        "bench: {} cores, load average {} (numbers are only comparable within one run)",
+        meta.iter()
+            .find(|r| r.get("key") == Some("cores"))
+            .and_then(|r| r.get("value"))
+            .unwrap_or("?"),
+        loadavg()
+    ));
+    let mut parts = vec![meta_path.clone()];
+    if !no_device {
+        let t = Instant::now();
+        let exe = std::env::current_exe().map_err(|source| Error::Run {
+            what: "own executable".into(),
+            source,
+        })?;
+        let status = Command::new(exe)
+            .arg("device")
+            .arg("--records")
+            .arg(&device_path)
+            .args(dargs.to_args())
+            .status()
+            .map_err(|source| Error::Run {
+                what: "mqvmm-bench device".into(),
+                source,
+            })?;
+        if !status.success() {
+            return Err(Error::Child {
+                what: "mqvmm-bench device".into(),
+                status,
+            });
+        }
+        say(&format!(
+            "bench: device path done in {:.0} s",
+            t.elapsed().as_secs_f64()
+        ));
+        parts.push(device_path);
+    }
+    if !no_guest {
+        let t = Instant::now();
+        let decision = mqvmm_tests::rig::decision();
+        meta.push(
+            Record::new("meta")
+                .with("key", "rig_decision")
+                .with("value", format!("{}: {}", decision.mode, decision.reason)),
+        );
+        guest::run(&gargs.options()?, &guest_path, &mut |l| say(l))?;
+        say(&format!(
+            "bench: guests done in {:.0} s",
+            t.elapsed().as_secs_f64()
+        ));
+        parts.push(guest_path);
+    }
+    meta.push(
+        Record::new("meta")
+            .with("key", "loadavg_end")
+            .with("value", loadavg()),
+    );
+    meta.push(
+        Record::new("meta")
+            .with("key", "duration_s")
+            .with("value", format!("{:.0}", started.elapsed().as_secs_f64())),
+    );
+    record::write_all(&meta_path, &meta)?;
+    render(&parts, &out)
+}
+
+fn render(parts: &[PathBuf], out: &Path) -> Result<(), Error> {
+    let mut records = Vec::new();
+    for p in parts {
+        records.extend(record::read_all(p)?);
+    }
+    let data = report::Data::from_records(&records);
+    let written = report::write(&data, out)?;
+    say("");
+    if !data.device.is_empty() {
+        say(&written.device_table);
+    }
+    if !data.guest.is_empty() {
+        say(&written.guest_table);
+    }
+    for f in &written.files {
+        say(&format!("bench: wrote {}", f.display()));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::All {
+            out,
+            work,
+            no_guest,
+            no_device,
+            device,
+            guest,
+        } => run_all(out, work, no_guest, no_device, &device, &guest),
+        Cmd::Device { records, device } => run_device(&records, &device),
+        Cmd::Guest { records, guest } => guest
+            .options()
+            .and_then(|o| guest::run(&o, &records, &mut |l| say(l)).map_err(Error::from)),
+        Cmd::GuestInner { records, guest } => guest
+            .options()
+            .and_then(|o| guest::run_inner(&o, &records, &mut |l| say(l)).map_err(Error::from)),
+        Cmd::Report { records, out } => render(&records, &out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = format!("mqvmm-bench: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,961 @@
+// SPDX-License-Identifier: Apache-2.0
+//! From records to `latest.json` (every sample, with the machine and the method),
+//! `latest.md` (tables) and two SVG plots.
+
+pub mod json;
+pub mod svg;
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::device::frames;
+use crate::guest::Vmm;
+use crate::record::Record;
+use crate::stats::{paired_ratio, Summary};
+use json::Json;
+use svg::{Panel, Point, Series, Svg};
+
+/// Writing the report failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An output file could not be written.
+    #[error("cannot write {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How the device-path numbers were made (goes into the JSON and the markdown).
+pub const DEVICE_METHOD: &str = "In-process, no guest: mqvmm's QueuePair::process_tx/process_rx (the functions the \
+device's worker threads run) over split rings in mmap'd guest memory, a driver side posting and reaping 256-entry \
+rings, and a real multiqueue tap in a private network namespace (vnet header 12 B, TUNSETOFFLOAD CSUM|TSO4|TSO6, \
+txqueuelen 4096, IPv6 off); one thread per pair. Ceiling: the same writev/readv calls on the same tap queues with the \
+same buffers and iovec shapes, no virtqueue. tx = guest->host: 256 frames per unit written to the tap, which hands them \
+to the stack (dropped: foreign destination MAC). rx = host->guest: an AF_PACKET socket (PACKET_VNET_HDR, qdisc bypass) \
+first queues K frames on every tap queue (K=2048, 128 for 64 KiB TSO; flows chosen so the tap steers one to each \
+queue), untimed; then all pairs drain at once, timed, device into 4 KiB mergeable buffers, ceiling into the same \
+buffers with the same 17-segment iovecs; both read until EAGAIN. Frame sizes are Ethernet frame lengths without the \
+vnet header; 64 KiB frames carry gso_type TCPV4 (gso_size 1448, checksum offsets). Wall time: first thread start to \
+last thread end; CPU time: sum of CLOCK_THREAD_CPUTIME_ID (user+kernel) of the pair threads. Warm-up, then 5 samples \
+per path of the same number of units, ceiling and device alternating; ratio = device/ceiling of samples taken \
+back to back. The driver's ring work is counted in the device path. Interrupts go to an eventfd (irqfd stand-in); \
+kicks and epoll are not exercised (the worker loop's per-batch cost).";
+
+/// How the guest numbers were made.
+pub const GUEST_METHOD: &str = "mqvmm (under mqvmm-launch, uid nobody, virtio-mmio, vmlinux) and Debian's QEMU \
+(-enable-kvm -cpu host -M q35, virtio-net-pci mq=on vectors=2N+2, tap queues=N, vhost=off and vhost=on, bzImage via \
+SeaBIOS) boot the same guest kernel and initramfs with the same vCPUs and memory on the same kind of multiqueue tap, \
+one boot after the other in one KVM host (the nested rig's L1 on this machine: an emulator, so only ratios within \
+this run mean anything), repeated in rotating order. Boot: VMM spawn to the guest's MQVMM-READY (wall) and the \
+guest's uptime at that line. Throughput: iperf3 TCP, parallel streams, guest client to an L1 server (guest->host) \
+and with -R (host->guest), after `ethtool -L eth0 combined N`. ethtool -L: guest ktime around the command minus the \
+same around `true`. VQ_PAIRS_SET: mqvmm's last_vq_pairs_set_ns (control kick to used entry, inside the VMM). RSS \
+beyond guest RAM: VmRSS minus the Rss of the guest-RAM mapping, after the traffic. Ratios are mqvmm/QEMU per \
+repetition (same L1, consecutive boots); median and range.";
+
+/// One device-path sample.
+#[derive(Debug, Clone)]
+pub struct DevSample {
+    /// tx or rx.
+    pub dir: String,
+    /// Pair count.
+    pub pairs: u64,
+    /// Ethernet frame length.
+    pub frame: u64,
+    /// device or ceiling.
+    pub path: String,
+    /// Sample index.
+    pub sample: u64,
+    /// Units per sample.
+    pub units: u64,
+    /// Frames moved.
+    pub frames: u64,
+    /// Frame bytes moved.
+    pub bytes: u64,
+    /// Wall time.
+    pub wall_ns: u64,
+    /// CPU time of the pair threads.
+    pub cpu_ns: u64,
+    /// Interrupts signalled.
+    pub irqs: u64,
+}
+
+impl DevSample {
+    fn pps(&self) -> f64 {
+        self.frames as f64 * 1e9 / self.wall_ns.max(1) as f64
+    }
+
+    fn gbps(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.wall_ns.max(1) as f64
+    }
+
+    fn cpu_per_frame(&self) -> f64 {
+        self.cpu_ns as f64 / self.frames.max(1) as f64
+    }
+}
+
+/// One guest sample.
+#[derive(Debug, Clone)]
+pub struct GuestSample {
+    /// VMM key.
+    pub vmm: String,
+    /// Repetition.
+    pub rep: u64,
+    /// Metric name.
+    pub metric: String,
+    /// Active pairs, for per-step metrics.
+    pub pairs: Option<u64>,
+    /// Value.
+    pub value: f64,
+}
+
+/// Everything a report is made of.
+#[derive(Debug, Default)]
+pub struct Data {
+    /// Facts about the run (date, commit, machine, kernels), in order.
+    pub meta: Vec<(String, String)>,
+    /// Device samples.
+    pub device: Vec<DevSample>,
+    /// Guest samples.
+    pub guest: Vec<GuestSample>,
+}
+
+impl Data {
+    /// Collects `records` (kinds `meta`/`fact`, `device`, `guest`; others are ignored).
+    pub fn from_records(records: &[Record]) -> Data {
+        let mut d = Data::default();
+        let u = |r: &Record, k: &str| r.num(k).unwrap_or(0.0) as u64;
+        for r in records {
+            match r.kind.as_str() {
+                "meta" | "fact" => {
+                    if let (Some(k), Some(v)) = (r.get("key"), r.get("value")) {
+                        if !d.meta.iter().any(|(mk, _)| mk == k) {
+                            d.meta.push((k.to_string(), v.to_string()));
+                        }
+                    }
+                }
+                "device" => d.device.push(DevSample {
+                    dir: r.get("dir").unwrap_or_default().to_string(),
+                    pairs: u(r, "pairs"),
+                    frame: u(r, "frame"),
+                    path: r.get("path").unwrap_or_default().to_string(),
+                    sample: u(r, "sample"),
+                    units: u(r, "units"),
+                    frames: u(r, "frames"),
+                    bytes: u(r, "bytes"),
+                    wall_ns: u(r, "wall_ns"),
+                    cpu_ns: u(r, "cpu_ns"),
+                    irqs: u(r, "irqs"),
+                }),
+                "guest" => {
+                    if let Some(value) = r.num("value") {
+                        d.guest.push(GuestSample {
+                            vmm: r.get("vmm").unwrap_or_default().to_string(),
+                            rep: u(r, "rep"),
+                            metric: r.get("metric").unwrap_or_default().to_string(),
+                            pairs: r.num("pairs").map(|p| p as u64),
+                            value,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        d
+    }
+
+    fn meta(&self, key: &str) -> &str {
+        self.meta
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or("unknown", |(_, v)| v.as_str())
+    }
+}
+
+/// Device-path summary of one (direction, frame, pairs).
+#[derive(Debug, Clone)]
+pub struct DevRow {
+    /// tx or rx.
+    pub dir: String,
+    /// Frame length.
+    pub frame: u64,
+    /// Pairs.
+    pub pairs: u64,
+    /// Ceiling packets/s, Gbit/s, CPU ns per frame.
+    pub ceiling: [Option<Summary>; 3],
+    /// Device packets/s, Gbit/s, CPU ns per frame.
+    pub device: [Option<Summary>; 3],
+    /// device/ceiling packets/s of back-to-back samples.
+    pub ratio: Option<Summary>,
+    /// device/ceiling CPU time per frame of back-to-back samples.
+    pub cpu_ratio: Option<Summary>,
+}
+
+/// Summarises the device samples per configuration (tx before rx, then frame, then pairs).
+pub fn device_rows(data: &Data) -> Vec<DevRow> {
+    let keys: BTreeSet<(bool, u64, u64)> = data
+        .device
+        .iter()
+        .map(|s| (s.dir == "rx", s.frame, s.pairs))
+        .collect();
+    keys.into_iter()
+        .map(|(rx, frame, pairs)| {
+            let dir = if rx { "rx" } else { "tx" };
+            let of = |path: &str| -> Vec<&DevSample> {
+                let mut v: Vec<&DevSample> = data
+                    .device
+                    .iter()
+                    .filter(|s| {
+                        s.dir == dir && s.frame == frame && s.pairs == pairs && s.path == path
+                    })
+                    .collect();
+                v.sort_by_key(|s| s.sample);
+                v
+            };
+            let (c, d) = (of("ceiling"), of("device"));
+            let sums = |v: &[&DevSample]| {
+                [
+                    Summary::of(&v.iter().map(|s| s.pps()).collect::<Vec<_>>()),
+                    Summary::of(&v.iter().map(|s| s.gbps()).collect::<Vec<_>>()),
+                    Summary::of(&v.iter().map(|s| s.cpu_per_frame()).collect::<Vec<_>>()),
+                ]
+            };
+            let paired = |f: fn(&DevSample) -> f64| {
+                let pairs: Vec<(f64, f64)> = d
+                    .iter()
+                    .filter_map(|ds| {
+                        c.iter()
+                            .find(|cs| cs.sample == ds.sample)
+                            .map(|cs| (f(ds), f(cs)))
+                    })
+                    .collect();
+                paired_ratio(&pairs)
+            };
+            DevRow {
+                dir: dir.to_string(),
+                frame,
+                pairs,
+                ceiling: sums(&c),
+                device: sums(&d),
+                ratio: paired(DevSample::pps),
+                cpu_ratio: paired(DevSample::cpu_per_frame),
+            }
+        })
+        .collect()
+}
+
+/// A guest metric as shown in the report.
+pub struct MetricInfo {
+    /// Record name.
+    pub key: &'static str,
+    /// Table label.
+    pub label: &'static str,
+    /// Whether each pair step gets its own row (otherwise all steps are pooled).
+    pub per_pairs: bool,
+    /// Decimals in the table.
+    pub digits: usize,
+}
+
+/// Guest metrics in table order.
+pub const METRICS: [MetricInfo; 13] = [
+    MetricInfo {
+        key: "boot_wall_s",
+        label: "boot: spawn to MQVMM-READY, wall (s, lower is better)",
+        per_pairs: false,
+        digits: 2,
+    },
+    MetricInfo {
+        key: "boot_guest_uptime_s",
+        label: "boot: guest uptime at MQVMM-READY (s, lower is better)",
+        per_pairs: false,
+        digits: 2,
+    },
+    MetricInfo {
+        key: "iperf_up_mbps",
+        label: "iperf3 TCP guest→host (Mbit/s)",
+        per_pairs: true,
+        digits: 0,
+    },
+    MetricInfo {
+        key: "iperf_down_mbps",
+        label: "iperf3 TCP host→guest (Mbit/s)",
+        per_pairs: true,
+        digits: 0,
+    },
+    MetricInfo {
+        key: "ethtool_l_ms",
+        label: "`ethtool -L` in the guest, all steps (ms, lower is better)",
+        per_pairs: false,
+        digits: 1,
+    },
+    MetricInfo {
+        key: "vq_pairs_set_us",
+        label: "VQ_PAIRS_SET kick→used inside the VMM, all steps (µs)",
+        per_pairs: false,
+        digits: 0,
+    },
+    MetricInfo {
+        key: "rss_beyond_guest_mib",
+        label: "RSS beyond guest RAM (MiB, lower is better)",
+        per_pairs: false,
+        digits: 1,
+    },
+    MetricInfo {
+        key: "rss_guest_mib",
+        label: "diagnostic: guest RAM resident after the run (MiB)",
+        per_pairs: false,
+        digits: 0,
+    },
+    MetricInfo {
+        key: "guest_irqs_per_mb_up",
+        label: "diagnostic: guest virtio interrupts per MB, guest→host, all steps",
+        per_pairs: false,
+        digits: 1,
+    },
+    MetricInfo {
+        key: "guest_irqs_per_mb_down",
+        label: "diagnostic: guest virtio interrupts per MB, host→guest, all steps",
+        per_pairs: false,
+        digits: 1,
+    },
+    MetricInfo {
+        key: "vmm_irqs_per_mb_up",
+        label: "diagnostic: interrupts the device raised per MB, guest→host (mqvmm metrics)",
+        per_pairs: false,
+        digits: 1,
+    },
+    MetricInfo {
+        key: "vmm_irqs_per_mb_down",
+        label: "diagnostic: interrupts the device raised per MB, host→guest (mqvmm metrics)",
+        per_pairs: false,
+        digits: 1,
+    },
+    MetricInfo {
+        key: "vmm_kicks_per_mb_up",
+        label: "diagnostic: driver kicks per MB, guest→host (mqvmm metrics)",
+        per_pairs: false,
+        digits: 1,
+    },
+];
+
+/// One row of the guest table.
+#[derive(Debug, Clone)]
+pub struct GuestRow {
+    /// Metric key.
+    pub metric: &'static str,
+    /// Pairs (per-step metrics) or None (pooled).
+    pub pairs: Option<u64>,
+    /// Per VMM (in [`Vmm::ALL`] order).
+    pub vmms: Vec<Option<Summary>>,
+    /// mqvmm / QEMU vhost=off, mqvmm / QEMU vhost=on (paired by repetition and step).
+    pub ratios: [Option<Summary>; 2],
+}
+
+/// Summarises the guest samples.
+pub fn guest_rows(data: &Data) -> Vec<GuestRow> {
+    let mut rows = Vec::new();
+    for m in &METRICS {
+        let steps: Vec<Option<u64>> = if m.per_pairs {
+            data.guest
+                .iter()
+                .filter(|s| s.metric == m.key)
+                .filter_map(|s| s.pairs)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .map(Some)
+                .collect()
+        } else {
+            vec![None]
+        };
+        for pairs in steps {
+            let select = |vmm: Vmm| -> Vec<&GuestSample> {
+                data.guest
+                    .iter()
+                    .filter(|s| s.metric == m.key && s.vmm == vmm.key())
+                    .filter(|s| pairs.is_none() || s.pairs == pairs)
+                    .collect()
+            };
+            let vmms: Vec<Option<Summary>> = Vmm::ALL
+                .iter()
+                .map(|&v| Summary::of(&select(v).iter().map(|s| s.value).collect::<Vec<_>>()))
+                .collect();
+            if vmms.iter().all(Option::is_none) {
+                continue;
+            }
+            let mq = select(Vmm::Mqvmm);
+            let ratio = |peer: Vmm| {
+                let theirs = select(peer);
+                let pairs: Vec<(f64, f64)> = mq
+                    .iter()
+                    .filter_map(|a| {
+                        theirs
+                            .iter()
+                            .find(|b| b.rep == a.rep && b.pairs == a.pairs)
+                            .map(|b| (a.value, b.value))
+                    })
+                    .collect();
+                paired_ratio(&pairs)
+            };
+            rows.push(GuestRow {
+                metric: m.key,
+                pairs,
+                ratios: [ratio(Vmm::QemuVhostOff), ratio(Vmm::QemuVhostOn)],
+                vmms,
+            });
+        }
+    }
+    rows
+}
+
+fn sum_json(s: &Option<Summary>) -> Json {
+    match s {
+        None => Json::Null,
+        Some(s) => Json::obj()
+            .set("median", s.median)
+            .set("min", s.min)
+            .set("max", s.max)
+            .set("n", s.n)
+            .set("spread", s.spread()),
+    }
+}
+
+fn to_json(data: &Data, dev: &[DevRow], guest: &[GuestRow]) -> Json {
+    let mut meta = Json::obj();
+    for (k, v) in &data.meta {
+        meta = meta.set(k, v.as_str());
+    }
+    let dev_samples: Vec<Json> = data
+        .device
+        .iter()
+        .map(|s| {
+            Json::obj()
+                .set("dir", s.dir.as_str())
+                .set("pairs", s.pairs)
+                .set("frame_bytes", s.frame)
+                .set("path", s.path.as_str())
+                .set("sample", s.sample)
+                .set("units", s.units)
+                .set("frames", s.frames)
+                .set("bytes", s.bytes)
+                .set("wall_ns", s.wall_ns)
+                .set("cpu_ns", s.cpu_ns)
+                .set("interrupts", s.irqs)
+                .set("pps", s.pps())
+                .set("gbit_s", s.gbps())
+                .set("cpu_ns_per_frame", s.cpu_per_frame())
+        })
+        .collect();
+    let dev_summary: Vec<Json> = dev
+        .iter()
+        .map(|r| {
+            let part = |s: &[Option<Summary>; 3]| {
+                Json::obj()
+                    .set("pps", sum_json(&s[0]))
+                    .set("gbit_s", sum_json(&s[1]))
+                    .set("cpu_ns_per_frame", sum_json(&s[2]))
+            };
+            Json::obj()
+                .set("dir", r.dir.as_str())
+                .set("frame_bytes", r.frame)
+                .set("pairs", r.pairs)
+                .set("ceiling", part(&r.ceiling))
+                .set("device", part(&r.device))
+                .set("ratio_pps_device_over_ceiling", sum_json(&r.ratio))
+                .set(
+                    "ratio_cpu_per_frame_device_over_ceiling",
+                    sum_json(&r.cpu_ratio),
+                )
+        })
+        .collect();
+    let guest_samples: Vec<Json> = data
+        .guest
+        .iter()
+        .map(|s| {
+            Json::obj()
+                .set("vmm", s.vmm.as_str())
+                .set("rep", s.rep)
+                .set("metric", s.metric.as_str())
+                .set("pairs", s.pairs)
+                .set("value", s.value)
+        })
+        .collect();
+    let guest_summary: Vec<Json> = guest
+        .iter()
+        .map(|r| {
+            let mut vmms = Json::obj();
+            for (v, s) in Vmm::ALL.iter().zip(&r.vmms) {
+                vmms = vmms.set(v.key(), sum_json(s));
+            }
+            Json::obj()
+                .set("metric", r.metric)
+                .set("pairs", r.pairs)
+                .set("vmms", vmms)
+                .set("ratio_mqvmm_over_qemu_vhost_off", sum_json(&r.ratios[0]))
+                .set("ratio_mqvmm_over_qemu_vhost_on", sum_json(&r.ratios[1]))
+        })
+        .collect();
+    Json::obj()
+        .set("schema", "mqvmm-bench/1")
+        .set("meta", meta)
+        .set(
+            "device",
+            Json::obj()
+                .set("method", DEVICE_METHOD)
+                .set("summary", dev_summary)
+                .set("samples", dev_samples),
+        )
+        .set(
+            "guest",
+            Json::obj()
+                .set("method", GUEST_METHOD)
+                .set("summary", guest_summary)
+                .set("samples", guest_samples),
+        )
+}
+
+fn fmt_num(v: f64, digits: usize) -> String {
+    format!("{v:.digits$}")
+}
+
+fn cell(s: &Option<Summary>, digits: usize) -> String {
+    match s {
+        Some(s) => format!("{} ±{:.0}%", fmt_num(s.median, digits), s.spread() * 100.0),
+        None => "–".into(),
+    }
+}
+
+fn ratio_cell(s: &Option<Summary>) -> String {
+    match s {
+        Some(s) => format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max),
+        None => "–".into(),
+    }
+}
+
+/// The device-path table (markdown).
+pub fn device_table(rows: &[DevRow]) -> String {
+    let mut s = String::from(
+        "| dir | frame | pairs | ceiling kpps | device kpps | device Gbit/s | CPU ns/frame ceiling | CPU ns/frame device | device/ceiling (pps) |\n\
+         |---|---|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for r in rows {
+        let k = |x: &Option<Summary>| {
+            x.map(|s| Summary {
+                median: s.median / 1e3,
+                min: s.min / 1e3,
+                max: s.max / 1e3,
+                ..s
+            })
+        };
+        let dir = if r.dir == "tx" {
+            "tx (guest→host)"
+        } else {
+            "rx (host→guest)"
+        };
+        let _ = writeln!(
+            s,
+            "| {dir} | {} | {} | {} | {} | {} | {} | {} | **{}** |",
+            frames::label(r.frame as usize),
+            r.pairs,
+            cell(&k(&r.ceiling[0]), 0),
+            cell(&k(&r.device[0]), 0),
+            cell(&r.device[1], 2),
+            cell(&r.ceiling[2], 0),
+            cell(&r.device[2], 0),
+            ratio_cell(&r.ratio)
+        );
+    }
+    s
+}
+
+/// The guest table (markdown).
+pub fn guest_table(rows: &[GuestRow]) -> String {
+    let mut s = String::from(
+        "| metric | pairs | mqvmm | QEMU vhost=off | QEMU vhost=on | mqvmm / QEMU off | mqvmm / QEMU on |\n\
+         |---|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for r in rows {
+        let Some(m) = METRICS.iter().find(|m| m.key == r.metric) else {
+            continue;
+        };
+        let pairs = r.pairs.map_or("–".to_string(), |p| p.to_string());
+        let _ = writeln!(
+            s,
+            "| {} | {pairs} | {} | {} | {} | {} | {} |",
+            m.label,
+            cell(&r.vmms[0], m.digits),
+            cell(&r.vmms[1], m.digits),
+            cell(&r.vmms[2], m.digits),
+            ratio_cell(&r.ratios[0]),
+            ratio_cell(&r.ratios[1])
+        );
+    }
+    s
+}
+
+fn point(s: &Option<Summary>) -> Option<Point> {
+    s.map(|s| Point {
+        mid: s.median,
+        lo: s.min,
+        hi: s.max,
+    })
+}
+
+/// Device/ceiling ratio per frame size, tx and rx panels, one bar per pair count.
+pub fn device_plot(rows: &[DevRow]) -> String {
+    let sizes: Vec<u64> = rows
+        .iter()
+        .map(|r| r.frame)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let pair_counts: Vec<u64> = rows
+        .iter()
+        .map(|r| r.pairs)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let groups: Vec<String> = sizes.iter().map(|&f| frames::label(f as usize)).collect();
+    let mut svg = Svg::new(900.0, 400.0);
+    svg.text(
+        450.0,
+        22.0,
+        "Device data path vs raw tap ceiling (packets/s ratio; whiskers: min–max of 5 samples)",
+        14.0,
+        "middle",
+        true,
+    );
+    let y_max = rows
+        .iter()
+        .filter_map(|r| r.ratio.map(|s| s.max))
+        .fold(1.05f64, f64::max);
+    for (i, dir) in ["tx", "rx"].iter().enumerate() {
+        let series: Vec<Series> = pair_counts
+            .iter()
+            .map(|&p| Series {
+                points: sizes
+                    .iter()
+                    .map(|&f| {
+                        rows.iter()
+                            .find(|r| r.dir == *dir && r.frame == f && r.pairs == p)
+                            .and_then(|r| point(&r.ratio))
+                    })
+                    .collect(),
+            })
+            .collect();
+        let title = if *dir == "tx" {
+            "tx: guest → tap"
+        } else {
+            "rx: tap → guest"
+        };
+        svg::bar_panel(
+            &mut svg,
+            Panel {
+                x0: 70.0 + 430.0 * i as f64,
+                y0: 60.0,
+                w: 370.0,
+                h: 270.0,
+                y_max,
+            },
+            title,
+            "device / ceiling",
+            &groups,
+            &series,
+            &[(1.0, "ceiling"), (0.8, "0.8")],
+        );
+    }
+    let names: Vec<String> = pair_counts
+        .iter()
+        .map(|&p| format!("{p} pair{}", if p == 1 { "" } else { "s" }))
+        .collect();
+    svg::legend(&mut svg, 330.0, 385.0, &names);
+    svg.finish()
+}
+
+/// Guest throughput vs active pairs, guest->host and host->guest panels, one line per VMM.
+pub fn guest_plot(rows: &[GuestRow]) -> String {
+    let pair_counts: Vec<u64> = rows
+        .iter()
+        .filter_map(|r| r.pairs)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let labels: Vec<String> = pair_counts.iter().map(u64::to_string).collect();
+    let mut svg = Svg::new(900.0, 400.0);
+    svg.text(
+        450.0,
+        22.0,
+        "iperf3 TCP throughput vs active queue pairs (nested rig; median, min–max)",
+        14.0,
+        "middle",
+        true,
+    );
+    for (i, (metric, title)) in [
+        ("iperf_up_mbps", "guest → host"),
+        ("iperf_down_mbps", "host → guest"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let series: Vec<Series> = (0..Vmm::ALL.len())
+            .map(|k| Series {
+                points: pair_counts
+                    .iter()
+                    .map(|&p| {
+                        rows.iter()
+                            .find(|r| r.metric == *metric && r.pairs == Some(p))
+                            .and_then(|r| point(&r.vmms[k]))
+                    })
+                    .collect(),
+            })
+            .collect();
+        let y_max = series
+            .iter()
+            .flat_map(|s| s.points.iter().flatten().map(|p| p.hi))
+            .fold(1.0f64, f64::max);
+        svg::line_panel(
+            &mut svg,
+            Panel {
+                x0: 80.0 + 430.0 * i as f64,
+                y0: 60.0,
+                w: 360.0,
+                h: 260.0,
+                y_max,
+            },
+            title,
+            "Mbit/s",
+            "active queue pairs (ethtool -L combined N)",
+            &labels,
+            &series,
+        );
+    }
+    let names: Vec<String> = Vmm::ALL.iter().map(|v| v.key().to_string()).collect();
+    svg::legend(&mut svg, 300.0, 390.0, &names);
+    svg.finish()
+}
+
+fn markdown(data: &Data, dev: &[DevRow], guest: &[GuestRow]) -> String {
+    let mut s = String::from("# mqvmm benchmark results\n\n");
+    let _ = writeln!(
+        s,
+        "Run {} at commit `{}`. Machine: {} ({} cores), host kernel {}; load average {} at start, {} at end.",
+        data.meta("date"),
+        data.meta("commit"),
+        data.meta("cpu_model"),
+        data.meta("cores"),
+        data.meta("host_kernel"),
+        data.meta("loadavg_start"),
+        data.meta("loadavg_end"),
+    );
+    let _ = writeln!(
+        s,
+        "Cells: median ±spread, spread = (max − min) / median over the samples; ratios: median (min–max) of paired samples.\n"
+    );
+    if !dev.is_empty() {
+        s.push_str("## Device data path (no guest)\n\n");
+        s.push_str(&device_table(dev));
+        s.push_str("\n![device path vs ceiling](device-vs-ceiling.svg)\n\n");
+        let _ = writeln!(s, "Method: {DEVICE_METHOD}\n");
+    }
+    if !guest.is_empty() {
+        s.push_str("## Guests: mqvmm vs QEMU, same run\n\n");
+        let _ = writeln!(
+            s,
+            "KVM host: {} (kernel {}, {} CPUs); guest kernel {}; {}; {}.\n",
+            data.meta("kvm_env"),
+            data.meta("kvm_host_kernel"),
+            data.meta("kvm_host_cpus"),
+            data.meta("l2_kernel_mqvmm"),
+            data.meta("guest_config"),
+            data.meta("qemu_version"),
+        );
+        s.push_str(&guest_table(guest));
+        s.push_str(&host_queue_note(data));
+        s.push_str("\n![guest throughput](guest-throughput.svg)\n\n");
+        let _ = writeln!(s, "Method: {GUEST_METHOD}\n");
+    }
+    s
+}
+
+/// Whether the host tap's attached queue count followed every `ethtool -L` step, per VMM.
+fn host_queue_note(data: &Data) -> String {
+    let mut parts = Vec::new();
+    for v in Vmm::ALL {
+        let steps: Vec<&GuestSample> = data
+            .guest
+            .iter()
+            .filter(|s| s.metric == "host_queues" && s.vmm == v.key())
+            .collect();
+        if steps.is_empty() {
+            continue;
+        }
+        let ok = steps
+            .iter()
+            .filter(|s| s.pairs.is_some_and(|p| p as f64 == s.value))
+            .count();
+        parts.push(format!("{} {ok}/{}", v.key(), steps.len()));
+    }
+    if parts.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nHost tap attached queues equal to the guest's active pairs after each step: {}.\n",
+        parts.join(", ")
+    )
+}
+
+/// What [`write`] produced.
+pub struct Written {
+    /// Files written.
+    pub files: Vec<PathBuf>,
+    /// The device table.
+    pub device_table: String,
+    /// The guest table.
+    pub guest_table: String,
+}
+
+/// Writes latest.json, latest.md and the plots into `dir`.
+pub fn write(data: &Data, dir: &Path) -> Result<Written, Error> {
+    let dev = device_rows(data);
+    let guest = guest_rows(data);
+    let mut files = Vec::new();
+    let mut put = |name: &str, text: String| -> Result<(), Error> {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|source| Error::Write {
+            path: path.clone(),
+            source,
+        })?;
+        files.push(path);
+        Ok(())
+    };
+    std::fs::create_dir_all(dir).map_err(|source| Error::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    put("latest.json", to_json(data, &dev, &guest).pretty())?;
+    put("latest.md", markdown(data, &dev, &guest))?;
+    if !dev.is_empty() {
+        put("device-vs-ceiling.svg", device_plot(&dev))?;
+    }
+    if !guest.is_empty() {
+        put("guest-throughput.svg", guest_plot(&guest))?;
+    }
+    Ok(Written {
+        files,
+        device_table: device_table(&dev),
+        guest_table: guest_table(&guest),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(path: &str, sample: u64, frames: u64, wall_ns: u64) -> Record {
+        Record::new("device")
+            .with("dir", "tx")
+            .with("pairs", 1)
+            .with("frame", 1514)
+            .with("path", path)
+            .with("sample", sample)
+            .with("units", 4)
+            .with("frames", frames)
+            .with("bytes", frames * 1514)
+            .with("wall_ns", wall_ns)
+            .with("cpu_ns", wall_ns)
+            .with("irqs", 4)
+    }
+
+    fn guest(vmm: &str, rep: u64, metric: &str, pairs: Option<u64>, value: f64) -> Record {
+        let mut r = Record::new("guest")
+            .with("vmm", vmm)
+            .with("rep", rep)
+            .with("metric", metric);
+        if let Some(p) = pairs {
+            r = r.with("pairs", p);
+        }
+        r.with("value", value)
+    }
+
+    #[test]
+    fn device_ratio_pairs_samples_taken_together() {
+        let recs = vec![
+            dev("ceiling", 0, 1000, 1_000_000),
+            dev("device", 0, 900, 1_000_000),
+            dev("ceiling", 1, 1000, 2_000_000),
+            dev("device", 1, 800, 2_000_000),
+        ];
+        let rows = device_rows(&Data::from_records(&recs));
+        assert_eq!(rows.len(), 1);
+        let r = rows[0].ratio.unwrap();
+        assert!(
+            (r.median - 0.85).abs() < 1e-9 && r.min == 0.8 && r.max == 0.9,
+            "{r:?}"
+        );
+        assert_eq!(rows[0].device[0].unwrap().n, 2);
+        let table = device_table(&rows);
+        assert!(
+            table.contains("| tx (guest→host) | 1514 B | 1 |"),
+            "{table}"
+        );
+        assert!(table.contains("**0.85 (0.80–0.90)**"), "{table}");
+    }
+
+    #[test]
+    fn guest_rows_pool_or_split_by_pairs_and_pair_ratios_by_rep() {
+        let mut recs = Vec::new();
+        for rep in 1..=3 {
+            recs.push(guest("mqvmm", rep, "boot_wall_s", None, 10.0));
+            recs.push(guest("qemu-vhost-off", rep, "boot_wall_s", None, 20.0));
+            for p in 1..=2 {
+                recs.push(guest(
+                    "mqvmm",
+                    rep,
+                    "iperf_up_mbps",
+                    Some(p),
+                    100.0 * p as f64,
+                ));
+                recs.push(guest("qemu-vhost-on", rep, "iperf_up_mbps", Some(p), 50.0));
+            }
+        }
+        let rows = guest_rows(&Data::from_records(&recs));
+        let boot = rows.iter().find(|r| r.metric == "boot_wall_s").unwrap();
+        assert_eq!(boot.pairs, None);
+        assert_eq!(boot.ratios[0].unwrap().median, 0.5);
+        assert!(boot.ratios[1].is_none() && boot.vmms[2].is_none());
+        let up2 = rows
+            .iter()
+            .find(|r| r.metric == "iperf_up_mbps" && r.pairs == Some(2))
+            .unwrap();
+        assert_eq!(up2.ratios[1].unwrap().median, 4.0);
+        assert_eq!(up2.vmms[0].unwrap().n, 3);
+        let table = guest_table(&rows);
+        assert!(
+            table.contains("| 2 | 200 ±0% | – | 50 ±0% | – | 4.00 (4.00–4.00) |"),
+            "{table}"
+        );
+        let plot = guest_plot(&rows);
+        assert!(plot.contains("<polyline") && plot.contains("qemu-vhost-on"));
+    }
+
+    #[test]
+    fn json_keeps_every_sample_and_meta() {
+        let recs = vec![
+            Record::new("meta")
+                .with("key", "commit")
+                .with("value", "abc"),
+            dev("ceiling", 0, 1000, 1_000_000),
+            dev("device", 0, 900, 1_000_000),
+            guest("mqvmm", 1, "rss_beyond_guest_mib", None, 12.5),
+        ];
+        let data = Data::from_records(&recs);
+        let j = to_json(&data, &device_rows(&data), &guest_rows(&data)).pretty();
+        assert!(j.contains("\"commit\": \"abc\""));
+        assert_eq!(j.matches("\"wall_ns\"").count(), 2);
+        assert!(j.contains("\"metric\": \"rss_beyond_guest_mib\""));
+    }
+}
