@@ -97,7 +97,7 @@ struct DeviceArgs {
     #[arg(long = "device-pairs", value_delimiter = ',', default_value = "1,2,4")]
     pairs: Vec<usize>,
     /// Ethernet frame lengths in bytes (above 1514: TSO frames).
-    #[arg(long, value_delimiter = ',', default_value = "64,1514,65536")]
+    #[arg(long, value_delimiter = ',', default_value = "64,1514,65535")]
     sizes: Vec<usize>,
     /// Directions: tx (guest->host), rx (host->guest).
     #[arg(long, value_delimiter = ',', default_value = "tx,rx")]
@@ -109,10 +109,10 @@ struct DeviceArgs {
     #[arg(long, default_value_t = 5)]
     samples: usize,
     /// Target length of one ceiling sample, in ms.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 200)]
     sample_ms: u64,
     /// Warm-up per configuration, in ms.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 300)]
     warmup_ms: u64,
 }
 

@@ -6,6 +6,9 @@
 //! (`VIRTIO_NET_HDR_F_NEEDS_CSUM`), as a Linux guest sends TCP with CSUM negotiated; larger
 //! frames are TSO frames (`gso_type` TCPV4, `gso_size` 1448, checksum offsets of the TCP
 //! header), i.e. what a guest hands down with HOST_TSO4 and the tap hands up with TUN_F_TSO4.
+//!
+//! The "64 KiB" frame is 65535 bytes: the kernel segments a GSO packet of 65536 bytes or more
+//! (`gso_max_size`) before the tap sees it, so that is the largest TSO frame a tap delivers.
 
 /// Largest frame without segmentation offload: a 1500-byte IP packet plus the Ethernet header.
 pub const MTU_FRAME: usize = 1514;
@@ -124,7 +127,9 @@ pub fn vnet_hdr(len: usize) -> [u8; 10] {
 
 /// A short label for a frame size: `64 B`, `1514 B`, `64 KiB TSO`.
 pub fn label(len: usize) -> String {
-    if is_gso(len) && len.is_multiple_of(1024) {
+    if is_gso(len) && (len + 1).is_multiple_of(1024) {
+        format!("{} KiB TSO", (len + 1) / 1024)
+    } else if is_gso(len) && len.is_multiple_of(1024) {
         format!("{} KiB TSO", len / 1024)
     } else if is_gso(len) {
         format!("{len} B TSO")
@@ -177,5 +182,7 @@ mod tests {
         assert_eq!(label(64), "64 B");
         assert_eq!(label(1514), "1514 B");
         assert_eq!(label(65536), "64 KiB TSO");
+        assert_eq!(label(65535), "64 KiB TSO");
+        assert_eq!(label(9000), "9000 B TSO");
     }
 }

@@ -514,6 +514,7 @@ impl Pair {
         if d1 != d0 {
             return Err(format!("device dropped {} received frames", d1 - d0));
         }
+        self.check_lengths(p1 - p0, b1 - b0)?;
         Ok((p1 - p0, b1 - b0))
     }
 
@@ -546,7 +547,20 @@ impl Pair {
                 Err(e) => return Err(format!("readv: {e}")),
             }
         }
+        self.check_lengths(got, bytes)?;
         Ok((got, bytes))
+    }
+
+    /// Every received frame must be the frame the source sent (not segmented on the way).
+    fn check_lengths(&self, frames: u64, bytes: u64) -> Result<(), String> {
+        if bytes == frames * self.frame_len as u64 {
+            Ok(())
+        } else {
+            Err(format!(
+                "received {frames} frames of {bytes} bytes in all, expected {} bytes each",
+                self.frame_len
+            ))
+        }
     }
 
     fn flush(&mut self) -> Result<u64, String> {
