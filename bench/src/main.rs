@@ -95,7 +95,7 @@ enum Cmd {
 struct DeviceArgs {
     /// Pair counts.
     #[arg(long = "device-pairs", value_delimiter = ',', default_value = "1,2,4")]
-    pairs: Vec<usize>,
+    device_pairs: Vec<usize>,
     /// Ethernet frame lengths in bytes (above 1514: TSO frames).
     #[arg(long, value_delimiter = ',', default_value = "64,1514,65535")]
     sizes: Vec<usize>,
@@ -206,7 +206,7 @@ impl DeviceArgs {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(device::Options {
-            pairs: self.pairs.clone(),
+            pairs: self.device_pairs.clone(),
             sizes: self.sizes.clone(),
             dirs,
             paths,
@@ -220,7 +220,7 @@ impl DeviceArgs {
         let join = |v: &[String]| v.join(",");
         let nums = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
         vec![
-            format!("--device-pairs={}", nums(&self.pairs)),
+            format!("--device-pairs={}", nums(&self.device_pairs)),
             format!("--sizes={}", nums(&self.sizes)),
             format!("--dirs={}", join(&self.dirs)),
             format!("--paths={}", join(&self.paths)),
@@ -474,5 +474,63 @@ fn main() -> ExitCode {
             eprintln!("{msg}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::{Cli, Cmd};
+
+    #[test]
+    fn command_line_is_consistent_and_defaults_parse() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["mqvmm-bench", "all"]).unwrap();
+        let Cmd::All { device, guest, .. } = cli.cmd else {
+            panic!("not all");
+        };
+        let d = device.options().unwrap();
+        assert_eq!(d.pairs, vec![1, 2, 4]);
+        assert_eq!(d.sizes, vec![64, 1514, 65535]);
+        let g = guest.options().unwrap();
+        assert_eq!((g.reps, g.pairs, g.vmms.len()), (3, 4, 3));
+        // The device child and the L1 run get the same options back.
+        let again = Cli::try_parse_from(
+            [
+                "mqvmm-bench".to_string(),
+                "device".into(),
+                "--records".into(),
+                "x".into(),
+            ]
+            .into_iter()
+            .chain(device.to_args()),
+        )
+        .unwrap();
+        let Cmd::Device { device: back, .. } = again.cmd else {
+            panic!("not device");
+        };
+        assert_eq!(back.options().unwrap().sizes, d.sizes);
+        let inner = Cli::try_parse_from(
+            [
+                "mqvmm-bench".to_string(),
+                "guest-inner".into(),
+                "--records".into(),
+                "y".into(),
+            ]
+            .into_iter()
+            .chain(g.to_args()),
+        );
+        assert!(inner.is_ok(), "{inner:?}");
+    }
+
+    #[test]
+    fn unknown_values_are_refused() {
+        let cli = Cli::try_parse_from(["mqvmm-bench", "device", "--records", "x", "--dirs", "up"])
+            .unwrap();
+        let Cmd::Device { device, .. } = cli.cmd else {
+            panic!("not device");
+        };
+        assert!(device.options().unwrap_err().to_string().contains("\"up\""));
     }
 }
