@@ -266,6 +266,28 @@ fn vmm_command(vmm: Vmm, opts: &Options) -> Command {
     }
 }
 
+/// From `/proc/interrupts` lines: how many lines fired at all, and how many of the first `cpus`
+/// CPU columns took any of them.
+pub fn irq_spread(table: &str, cpus: usize) -> (usize, usize) {
+    let mut lines = 0;
+    let mut per_cpu = vec![0u64; cpus];
+    for line in table.lines() {
+        let counts: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(cpus)
+            .map_while(|f| f.parse().ok())
+            .collect();
+        if counts.iter().any(|&c| c > 0) {
+            lines += 1;
+        }
+        for (total, c) in per_cpu.iter_mut().zip(counts) {
+            *total += c;
+        }
+    }
+    (lines, per_cpu.iter().filter(|&&c| c > 0).count())
+}
+
 /// Sum over the queue pairs of every `<queue>_<suffix>` counter in a `mqvmm-metrics:` line
 /// (e.g. suffix `_interrupts`: rx and tx interrupts of every pair).
 pub fn pair_sum(line: &str, suffix: &str) -> u64 {
@@ -491,6 +513,7 @@ impl Boot<'_> {
                 }
             }
         }
+        self.irq_spread()?;
         self.rss()?;
         self.console
             .send("poweroff\n")
@@ -518,6 +541,16 @@ impl Boot<'_> {
                 return Err(self.fail("the guest shell does not answer"));
             }
         }
+    }
+
+    /// How the guest's virtio interrupts were spread: lines that fired and CPUs that took them
+    /// (virtio-mmio has one line for every queue; virtio-pci with MSI-X one per queue).
+    fn irq_spread(&mut self) -> Result<(), Error> {
+        let table = self.check("grep virtio /proc/interrupts")?;
+        let (lines, cpus) = irq_spread(&table, usize::from(self.opts.cpus));
+        self.sample("guest_virtio_irq_lines", None, lines as f64);
+        self.sample("guest_virtio_irq_cpus", None, cpus as f64);
+        Ok(())
     }
 
     fn rss(&mut self) -> Result<(), Error> {
@@ -741,6 +774,14 @@ mod tests {
         assert_eq!(metric(line, "last_vq_pairs_set_ns"), Some(81234));
         assert_eq!(metric(line, "vq_pairs_set"), Some(3));
         assert_eq!(metric(line, "rx_packets"), None);
+    }
+
+    #[test]
+    fn irq_spread_counts_lines_and_cpus_that_fired() {
+        let mmio = " 24:          0       2456   IO-APIC   5-edge      virtio0\n";
+        assert_eq!(irq_spread(mmio, 2), (1, 1));
+        let msix = " 24:  0  0   PCI-MSI 16384-edge virtio0-config\n 25:  820  1   PCI-MSI 16385-edge virtio0-input.0\n 27:  0  1259   PCI-MSI 16387-edge virtio0-input.1\n";
+        assert_eq!(irq_spread(msix, 2), (2, 2));
     }
 
     #[test]

@@ -263,7 +263,7 @@ pub struct MetricInfo {
 }
 
 /// Guest metrics in table order.
-pub const METRICS: [MetricInfo; 13] = [
+pub const METRICS: [MetricInfo; 15] = [
     MetricInfo {
         key: "boot_wall_s",
         label: "boot: spawn to MQVMM-READY, wall (s, lower is better)",
@@ -309,6 +309,18 @@ pub const METRICS: [MetricInfo; 13] = [
     MetricInfo {
         key: "rss_guest_mib",
         label: "diagnostic: guest RAM resident after the run (MiB)",
+        per_pairs: false,
+        digits: 0,
+    },
+    MetricInfo {
+        key: "guest_virtio_irq_lines",
+        label: "diagnostic: guest virtio interrupt lines that fired",
+        per_pairs: false,
+        digits: 0,
+    },
+    MetricInfo {
+        key: "guest_virtio_irq_cpus",
+        label: "diagnostic: guest vCPUs that took virtio interrupts",
         per_pairs: false,
         digits: 0,
     },
