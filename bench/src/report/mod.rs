@@ -586,8 +586,29 @@ pub fn device_table(rows: &[DevRow]) -> String {
     s
 }
 
-/// The guest table (markdown).
-pub fn guest_table(rows: &[GuestRow]) -> String {
+/// The device-path summary (markdown): throughput and the two ratios per configuration.
+pub fn device_summary_table(rows: &[DevRow]) -> String {
+    let mut s = String::from(
+        "| dir | frame | pairs | device Gbit/s | device/ceiling (pps) | ceiling/device (CPU per frame) |\n\
+         |---|---|--:|--:|--:|--:|\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | **{}** | {} |",
+            r.dir,
+            frames::label(r.frame as usize),
+            r.pairs,
+            cell(&r.device[1], 2),
+            ratio_cell(&r.ratio),
+            ratio_cell(&r.cpu_ratio)
+        );
+    }
+    s
+}
+
+/// The guest table (markdown); `diagnostics` adds the diagnostic rows.
+pub fn guest_table(rows: &[GuestRow], diagnostics: bool) -> String {
     let mut s = String::from(
         "| metric | pairs | mqvmm | QEMU vhost=off | QEMU vhost=on | mqvmm / QEMU off | mqvmm / QEMU on |\n\
          |---|--:|--:|--:|--:|--:|--:|\n",
@@ -596,6 +617,9 @@ pub fn guest_table(rows: &[GuestRow]) -> String {
         let Some(m) = METRICS.iter().find(|m| m.key == r.metric) else {
             continue;
         };
+        if !diagnostics && m.label.starts_with("diagnostic") {
+            continue;
+        }
         let pairs = r.pairs.map_or("–".to_string(), |p| p.to_string());
         let _ = writeln!(
             s,
@@ -769,6 +793,15 @@ fn markdown(data: &Data, dev: &[DevRow], guest: &[GuestRow]) -> String {
         s,
         "Cells: median ±spread, spread = (max − min) / median over the samples; ratios: median (min–max) of paired samples.\n"
     );
+    s.push_str("## Summary\n\n");
+    if !dev.is_empty() {
+        s.push_str(&device_summary_table(dev));
+        s.push('\n');
+    }
+    if !guest.is_empty() {
+        s.push_str(&guest_table(guest, false));
+        s.push('\n');
+    }
     if !dev.is_empty() {
         s.push_str("## Device data path (no guest)\n\n");
         s.push_str(&device_table(dev));
@@ -787,7 +820,7 @@ fn markdown(data: &Data, dev: &[DevRow], guest: &[GuestRow]) -> String {
             data.meta("guest_config"),
             data.meta("qemu_version"),
         );
-        s.push_str(&guest_table(guest));
+        s.push_str(&guest_table(guest, true));
         s.push_str(&host_queue_note(data));
         s.push_str("\n![guest throughput](guest-throughput.svg)\n\n");
         let _ = writeln!(s, "Method: {GUEST_METHOD}\n");
@@ -861,7 +894,7 @@ pub fn write(data: &Data, dir: &Path) -> Result<Written, Error> {
     Ok(Written {
         files,
         device_table: device_table(&dev),
-        guest_table: guest_table(&guest),
+        guest_table: guest_table(&guest, true),
     })
 }
 
@@ -947,7 +980,7 @@ mod tests {
             .unwrap();
         assert_eq!(up2.ratios[1].unwrap().median, 4.0);
         assert_eq!(up2.vmms[0].unwrap().n, 3);
-        let table = guest_table(&rows);
+        let table = guest_table(&rows, true);
         assert!(
             table.contains("| 2 | 200 ±0% | – | 50 ±0% | – | 4.00 (4.00–4.00) |"),
             "{table}"

@@ -317,7 +317,7 @@ pub fn legend(svg: &mut Svg, x: f64, y: f64, names: &[String]) {
         let colour = COLOURS[k % COLOURS.len()];
         svg.rect(cx, y - 9.0, 12.0, 12.0, colour, None);
         svg.text(cx + 16.0, y + 1.0, name, 12.0, "start", false);
-        cx += 26.0 + 7.0 * name.len() as f64;
+        cx += 36.0 + 8.0 * name.len() as f64;
     }
 }
 
