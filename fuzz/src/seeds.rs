@@ -208,8 +208,34 @@ fn mmio_conversation(device: u8, queues: u8) -> Vec<u8> {
     v
 }
 
+/// mmio, 2 pairs: after DRIVER_OK, VQ_PAIRS_SET(2) then (1) on the control queue (index 4),
+/// then the reset of `mmio_conversation` while the control thread runs.
+fn mmio_ctrl() -> Vec<u8> {
+    let mut v = mmio_conversation(0x01, 5);
+    let reset = v.split_off(v.len() - 5);
+    for (i, n) in [(0u8, 2u8), (2, 1)] {
+        let slot = 40 + 2 * i;
+        // Patch the command bytes: class MQ (4), VQ_PAIRS_SET (0), n.
+        v.extend([5, 4, 5]);
+        v.extend(&data(slot));
+        v.extend([4, 4, 0, n, 0]);
+        v.extend([5, 4, 0, i]);
+        v.extend(&data(slot));
+        v.extend(&len8(4));
+        v.extend([NEXT, i + 1]);
+        v.extend([5, 4, 0, i + 1]);
+        v.extend(&data(slot + 1));
+        v.extend(&len8(1));
+        v.extend([WRITE, 0]);
+        v.extend([5, 4, 2, i, 6, 4]);
+    }
+    v.extend(reset);
+    v
+}
+
 pub fn mmio() -> Vec<(&'static str, Vec<u8>)> {
     vec![
+        ("two-pairs-ctrl", mmio_ctrl()),
         ("two-pairs", mmio_conversation(0x01, 5)),
         ("one-pair-no-mq", mmio_conversation(0x10, 2)),
         ("four-pairs-mtu", mmio_conversation(0x23, 9)),
