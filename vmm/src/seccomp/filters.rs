@@ -8,8 +8,9 @@
 //! falls back to it on hosts without a stable TSC, as in the nested rig), `getrandom`
 //! (hash-map seeds of a thread's first map), what a thread does when it ends (`close`,
 //! `sigaltstack`, `rt_sigprocmask`, `exit`, `exit_group`), what `abort()` needs
-//! (`getpid`, `gettid`, `tgkill` with SIGABRT only), and TCSETS on fd 0 (the panic hook
-//! restores the terminal from whichever thread panics).
+//! (`getpid`, `gettid`, `tgkill` with SIGABRT only), and TCSETS plus TCGETS on fd 0 (the
+//! terminal is restored at exit, and by the panic hook from whichever thread panics; glibc's
+//! tcsetattr reads the settings back).
 //!
 //! Not allowed anywhere after setup: opening files or sockets, `execve`, `fork`-style
 //! `clone`, `ptrace`, `kill` of other processes, signal handler changes (`rt_sigaction`:
@@ -171,6 +172,11 @@ fn base() -> Result<Builder, BackendError> {
         .allow_if(
             libc::SYS_ioctl,
             vec![arg_eq(0, 0)?, arg_eq(1, libc::TCSETS)?],
+        )?
+        // glibc's tcsetattr reads the settings back to check them.
+        .allow_if(
+            libc::SYS_ioctl,
+            vec![arg_eq(0, 0)?, arg_eq(1, libc::TCGETS)?],
         )?;
     Ok(b)
 }

@@ -41,6 +41,9 @@
 //! SECCOMP_RET_KILL_PROCESS plus the name of the call. No filter allows `rt_sigaction`, so the
 //! handler cannot be replaced; blocking SIGSYS does not help either (the kernel then kills
 //! the process with the default action).
+//! The line also gives the call's first two arguments (an ioctl's fd and request). A panic
+//! with `RUST_BACKTRACE` set prints its message and then ends the same way: symbolizing the
+//! backtrace opens files.
 //! [`Mode::Log`] (debugging): the calls are allowed and the kernel logs them (SECCOMP_RET_LOG,
 //! in the kernel log / audit). [`Mode::Off`]: no filters; mqvmm says so loudly at start.
 //!
@@ -314,13 +317,29 @@ impl Line {
         self.push(&digits[i..]);
     }
 
+    fn push_hex(&mut self, value: u64) {
+        let mut digits = [0u8; 16];
+        let mut v = value;
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b"0123456789abcdef"[(v & 0xf) as usize];
+            v >>= 4;
+            if v == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+
     fn bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
 }
 
-/// The violation line for syscall `nr` in `thread` (a NUL-padded name).
-fn violation_line(nr: i64, thread: &[u8; 16]) -> Line {
+/// The violation line for syscall `nr` in `thread` (a NUL-padded name), with the call's first
+/// two arguments when known (an ioctl's fd and request, an openat's directory fd and path).
+fn violation_line(nr: i64, thread: &[u8; 16], args: Option<[u64; 2]>) -> Line {
     let mut line = Line {
         buf: [0; 160],
         len: 0,
@@ -344,11 +363,18 @@ fn violation_line(nr: i64, thread: &[u8; 16]) -> Line {
     } else {
         line.push(&thread[..thread_len]);
     }
+    if let Some([a0, a1]) = args {
+        line.push(b" (arguments 0x");
+        line.push_hex(a0);
+        line.push(b", 0x");
+        line.push_hex(a1);
+        line.push(b")");
+    }
     line.push(b"\n");
     line
 }
 
-extern "C" fn on_sigsys(_signo: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+extern "C" fn on_sigsys(_signo: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let (code, nr) = if info.is_null() {
         (0, -1)
     } else {
@@ -364,8 +390,17 @@ extern "C" fn on_sigsys(_signo: libc::c_int, info: *mut libc::siginfo_t, _ctx: *
         }
     };
     let thread = THREAD_NAME.try_with(|c| c.get()).unwrap_or([0; 16]);
+    let args = (!ctx.is_null()).then(|| {
+        // SAFETY: for an SA_SIGINFO handler the kernel passes the interrupted context as a
+        // ucontext_t; at a seccomp trap its registers hold the system call's arguments.
+        let gregs = unsafe { (*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+        [
+            gregs[libc::REG_RDI as usize] as u64,
+            gregs[libc::REG_RSI as usize] as u64,
+        ]
+    });
     let line = if code == SYS_SECCOMP {
-        violation_line(i64::from(nr), &thread)
+        violation_line(i64::from(nr), &thread, args)
     } else {
         let mut line = Line {
             buf: [0; 160],
@@ -410,24 +445,32 @@ mod tests {
 
     #[test]
     fn violation_line_names_syscall_and_thread() {
-        let line = violation_line(257, &name16("net-pair0"));
+        let line = violation_line(257, &name16("net-pair0"), None);
         assert_eq!(
             std::str::from_utf8(line.bytes()).unwrap(),
             "mqvmm: seccomp violation: syscall 257 (openat) in thread net-pair0\n"
         );
-        let line = violation_line(0, &[0; 16]);
+        let line = violation_line(16, &name16("main"), Some([0, 0x5401]));
+        assert_eq!(
+            std::str::from_utf8(line.bytes()).unwrap(),
+            "mqvmm: seccomp violation: syscall 16 (ioctl) in thread main (arguments 0x0, 0x5401)\n"
+        );
+        let line = violation_line(0, &[0; 16], None);
         assert_eq!(
             std::str::from_utf8(line.bytes()).unwrap(),
             "mqvmm: seccomp violation: syscall 0 (read) in thread ? (starting)\n"
         );
-        let line = violation_line(9999, &name16("vcpu0"));
+        let line = violation_line(9999, &name16("vcpu0"), None);
         assert!(std::str::from_utf8(line.bytes())
             .unwrap()
             .contains("syscall 9999 (unknown) in thread vcpu0"));
-        let line = violation_line(-1, &name16("main"));
-        assert!(std::str::from_utf8(line.bytes())
-            .unwrap()
-            .contains("-1 (unknown)"));
+        let line = violation_line(-1, &name16("main"), Some([u64::MAX, 1]));
+        let text = std::str::from_utf8(line.bytes()).unwrap().to_string();
+        assert!(text.contains("-1 (unknown)"), "{text}");
+        assert!(
+            text.contains("(arguments 0xffffffffffffffff, 0x1)"),
+            "{text}"
+        );
     }
 
     #[test]
