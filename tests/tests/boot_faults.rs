@@ -314,3 +314,36 @@ fn deleting_the_tap_under_a_running_guest_takes_its_link_down_and_mqvmm_stays_up
         },
     );
 }
+
+/// On a terminal mqvmm puts it in raw mode and restores it at exit (TCSETS, which glibc
+/// follows with TCGETS): the main thread's filter allows both, so the run ends cleanly.
+#[test]
+fn on_a_terminal_the_filters_let_mqvmm_restore_it_and_exit_cleanly() {
+    if !requirements() || !skip::require_program("script") {
+        return;
+    }
+    rig::in_kvm_env(
+        "on_a_terminal_the_filters_let_mqvmm_restore_it_and_exit_cleanly",
+        || {
+            let tap = HostTap::new("mqsec2");
+            let mqvmm = mqvmm_cmd(&tap, 2, "mqvmm.scenario=poweroff", &[]);
+            let line = std::iter::once(mqvmm.get_program())
+                .chain(mqvmm.get_args())
+                .map(|a| rig::shell_quote(&a.to_string_lossy()))
+                .collect::<Vec<_>>()
+                .join(" ");
+            // `script` runs the command with a pseudo-terminal as its stdin, stdout and stderr.
+            let mut cmd = Command::new("script");
+            cmd.args(["-qec", &format!("{line}; echo MQVMM-EXIT=$?"), "/dev/null"]);
+            let run = rig::run_guest(cmd, BOOT, false).expect("start script");
+            let transcript = run.transcript();
+            assert!(run.time_of("MQVMM-READY").is_some(), "{transcript}");
+            assert_eq!(
+                run.value_of("MQVMM-EXIT").as_deref(),
+                Some("0"),
+                "mqvmm on a terminal did not exit 0:\n{transcript}"
+            );
+            assert!(!transcript.contains("seccomp violation"), "{transcript}");
+        },
+    );
+}
