@@ -647,8 +647,22 @@ pub fn run_inner(opts: &Options, path: &Path, progress: &mut dyn FnMut(&str)) ->
         for i in 0..k {
             let vmm = opts.vmms[(i + rep - 1) % k];
             let started = Instant::now();
+            // One retry: a boot that fails is reported and run again from scratch (its
+            // samples discarded); a second failure ends the run.
             let mut samples = Vec::new();
-            let result = one_boot(vmm, rep, opts, &mut samples);
+            let mut result = one_boot(vmm, rep, opts, &mut samples);
+            if let Err(e) = &result {
+                progress(&format!(
+                    "guest: rep {rep} {vmm} failed, retrying once: {e}"
+                ));
+                out.push(
+                    Record::new("fact")
+                        .with("key", format!("retried_{vmm}_rep{rep}"))
+                        .with("value", e.to_string().lines().next().unwrap_or_default()),
+                );
+                samples.clear();
+                result = one_boot(vmm, rep, opts, &mut samples);
+            }
             let summary = summarize_boot(&samples);
             out.extend(samples);
             record::write_all(path, &out)?;

@@ -365,6 +365,7 @@ fn run_all(
         loadavg()
     ));
     let mut parts = vec![meta_path.clone()];
+    let mut guest_failed = None;
     if !no_device {
         let t = Instant::now();
         let exe = std::env::current_exe().map_err(|source| Error::Run {
@@ -401,12 +402,21 @@ fn run_all(
                 .with("key", "rig_decision")
                 .with("value", format!("{}: {}", decision.mode, decision.reason)),
         );
-        guest::run(&gargs.options()?, &guest_path, &mut |l| say(l))?;
+        // A failed guest run still leaves what it measured; render it, then report the failure.
+        let _ = std::fs::remove_file(&guest_path);
+        guest_failed = guest::run(&gargs.options()?, &guest_path, &mut |l| say(l)).err();
         say(&format!(
-            "bench: guests done in {:.0} s",
+            "bench: guests {} in {:.0} s",
+            if guest_failed.is_some() {
+                "FAILED"
+            } else {
+                "done"
+            },
             t.elapsed().as_secs_f64()
         ));
-        parts.push(guest_path);
+        if guest_path.is_file() {
+            parts.push(guest_path);
+        }
     }
     meta.push(
         Record::new("meta")
@@ -419,7 +429,11 @@ fn run_all(
             .with("value", format!("{:.0}", started.elapsed().as_secs_f64())),
     );
     record::write_all(&meta_path, &meta)?;
-    render(&parts, &out)
+    render(&parts, &out)?;
+    match guest_failed {
+        Some(e) => Err(Error::Guest(e)),
+        None => Ok(()),
+    }
 }
 
 fn render(parts: &[PathBuf], out: &Path) -> Result<(), Error> {
