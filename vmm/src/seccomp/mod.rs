@@ -147,7 +147,9 @@ pub enum Error {
     },
     #[error("cannot install the SIGSYS handler for seccomp violations")]
     Handler(#[source] io::Error),
-    #[error("cannot install the seccomp filter of thread {thread}")]
+    #[error(
+        "cannot install the seccomp filter of thread {thread} (--seccomp=off runs without filters)"
+    )]
     Install {
         thread: String,
         #[source]
