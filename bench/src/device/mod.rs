@@ -15,11 +15,11 @@
 //! its tap queue. Interrupts go to an eventfd, as irqfd would take them.
 //!
 //! # Transmit (guest -> host)
-//! One unit = the driver publishes all 256 slots (slot i: the vnet header and frame in
+//! One round = the driver publishes all 256 slots (slot i: the vnet header and frame in
 //! buffer i; one descriptor up to 1514 B, an indirect table of 4 KiB segments for 64 KiB TSO),
 //! asks for one interrupt at the last entry (EVENT_IDX), the device runs `process_tx`, the
 //! driver reaps 256 used entries. The ceiling writes the same 256 buffers with `writev`, the
-//! same iovec shape. The kernel consumes each frame inside the `writev` (the tap passes it to
+//! same iovec shape. A unit is 8 rounds (2048 frames). The kernel consumes each frame inside the `writev` (the tap passes it to
 //! the stack, which drops it: the destination MAC is not the tap's), identical for both.
 //!
 //! # Receive (host -> guest)
@@ -32,11 +32,12 @@
 //! until EAGAIN.
 //!
 //! # Numbers
-//! A sample of a configuration is U units on every pair at once; wall time is from the first
-//! thread's start to the last thread's end (summed over units for receive, which pauses for
-//! the fill), CPU time the sum of the threads' `CLOCK_THREAD_CPUTIME_ID` (user + kernel).
-//! U is fixed per configuration after a warm-up (so every sample does the same work), chosen
-//! so a ceiling sample lasts about `sample_ms`. Ceiling and device samples alternate (ABBA).
+//! A unit runs on every pair at once; its wall time is from the first thread's start to the
+//! last thread's end, its CPU time the sum of the threads' `CLOCK_THREAD_CPUTIME_ID` (user +
+//! kernel). A sample is U units of each path, interleaved unit by unit (ceiling, device,
+//! device, ceiling, ...), so that whatever else the machine does hits both paths alike; U is
+//! fixed per configuration after a warm-up (every sample does the same work), chosen so the
+//! ceiling's share of a sample lasts about `sample_ms`.
 
 pub mod driver;
 pub mod frames;
@@ -73,6 +74,8 @@ const BUF: u64 = 4096;
 /// Frames queued per receive unit (small frames, TSO frames).
 const RX_UNIT: u64 = 2048;
 const RX_UNIT_GSO: u64 = 128;
+/// Rounds of 256 frames per transmit unit (2048 frames, as a receive unit of small frames).
+const TX_UNIT_ROUNDS: u64 = 8;
 /// Transmit queue length set on the tap: the capacity of each queue's frame ring.
 const TXQUEUELEN: i32 = 4096;
 /// Tap name inside the private namespace.
@@ -746,25 +749,32 @@ impl Config<'_> {
         }
     }
 
-    /// Runs `units` units of `dir` on `path` on every pair.
-    fn measure(&self, dir: Dir, path: PathKind, units: u64) -> Result<Totals, Error> {
-        let mut t = Totals::default();
-        match dir {
-            Dir::Tx => t.add(&self.threads.all(|_| Cmd::Tx {
-                path,
-                rounds: units,
-            })?),
-            Dir::Rx => {
-                let k = self.unit_frames();
-                for _ in 0..units {
-                    for msg in self.rx_msgs {
-                        self.source.send(msg, k as usize)?;
+    /// Runs `units` units of `dir` on every pair for each of `paths`, interleaved unit by
+    /// unit (order reversed every other unit), so that anything else the machine does in the
+    /// meantime hits every path alike. Returns one total per path.
+    fn measure(&self, dir: Dir, paths: &[PathKind], units: u64) -> Result<Vec<Totals>, Error> {
+        let mut totals = vec![Totals::default(); paths.len()];
+        let k = self.unit_frames();
+        for u in 0..units {
+            for j in 0..paths.len() {
+                let i = if u % 2 == 0 { j } else { paths.len() - 1 - j };
+                let path = paths[i];
+                let parts = match dir {
+                    Dir::Tx => self.threads.all(|_| Cmd::Tx {
+                        path,
+                        rounds: TX_UNIT_ROUNDS,
+                    })?,
+                    Dir::Rx => {
+                        for msg in self.rx_msgs {
+                            self.source.send(msg, k as usize)?;
+                        }
+                        self.threads.all(|_| Cmd::Rx { path, frames: k })?
                     }
-                    t.add(&self.threads.all(|_| Cmd::Rx { path, frames: k })?);
-                }
+                };
+                totals[i].add(&parts);
             }
         }
-        Ok(t)
+        Ok(totals)
     }
 }
 
@@ -869,19 +879,14 @@ fn run_size(
         frame_len,
     };
     for &dir in &opts.dirs {
-        // Warm-up: both paths, until the warm-up time is spent on the first one; its pace
-        // fixes the units per sample.
-        let pace_path = opts.paths[0];
+        // Warm-up: every path, interleaved, for the warm-up time; the first path's pace fixes
+        // the units per sample.
         let mut units_done = 0u64;
         let mut wall = 0u64;
         let started = Instant::now();
         while units_done < 2 || started.elapsed() < Duration::from_millis(opts.warmup_ms) {
-            let t = cfg.measure(dir, pace_path, 1)?;
-            wall += t.wall_ns;
+            wall += cfg.measure(dir, &opts.paths, 1)?[0].wall_ns;
             units_done += 1;
-        }
-        for &path in &opts.paths[1..] {
-            cfg.measure(dir, path, units_done.min(8))?;
         }
         let per_unit = (wall / units_done).max(1);
         let units = (opts.sample_ms * 1_000_000).div_ceil(per_unit).max(1);
@@ -891,12 +896,8 @@ fn run_size(
             frames::label(frame_len)
         );
         for s in 0..opts.samples {
-            let mut order = opts.paths.clone();
-            if s % 2 == 1 {
-                order.reverse();
-            }
-            for path in order {
-                let t = cfg.measure(dir, path, units)?;
+            let totals = cfg.measure(dir, &opts.paths, units)?;
+            for (&path, t) in opts.paths.iter().zip(totals) {
                 let pps = t.frames as f64 / (t.wall_ns as f64 / 1e9);
                 if s == 0 {
                     line.push_str(&format!(" {}={:.0}kpps", path.name(), pps / 1e3));

@@ -35,15 +35,15 @@ pub const DEVICE_METHOD: &str = "In-process, no guest: mqvmm's QueuePair::proces
 device's worker threads run) over split rings in mmap'd guest memory, a driver side posting and reaping 256-entry \
 rings, and a real multiqueue tap in a private network namespace (vnet header 12 B, TUNSETOFFLOAD CSUM|TSO4|TSO6, \
 txqueuelen 4096, IPv6 off); one thread per pair. Ceiling: the same writev/readv calls on the same tap queues with the \
-same buffers and iovec shapes, no virtqueue. tx = guest->host: 256 frames per unit written to the tap, which hands them \
+same buffers and iovec shapes, no virtqueue. tx = guest->host: units of 8 x 256 frames written to the tap, which hands them \
 to the stack (dropped: foreign destination MAC). rx = host->guest: an AF_PACKET socket (PACKET_VNET_HDR, qdisc bypass) \
 first queues K frames on every tap queue (K=2048, 128 for 64 KiB TSO; flows chosen so the tap steers one to each \
 queue), untimed; then all pairs drain at once, timed, device into 4 KiB mergeable buffers, ceiling into the same \
 buffers with the same 17-segment iovecs; both read until EAGAIN. Frame sizes are Ethernet frame lengths without the \
 vnet header; the 64 KiB TSO frame is 65535 bytes (the kernel segments larger GSO packets before the tap sees them) with gso_type TCPV4, gso_size 1448 and checksum offsets. Wall time: first thread start to \
 last thread end; CPU time: sum of CLOCK_THREAD_CPUTIME_ID (user+kernel) of the pair threads. Warm-up, then 5 samples \
-per path of the same number of units, ceiling and device alternating; ratio = device/ceiling of samples taken \
-back to back; the CPU ratio (ceiling CPU time per frame over the device's) is what the pps ratio would be with both CPU-bound on an idle machine, and is robust to other load. The driver's ring work is counted in the device path. Interrupts go to an eventfd (irqfd stand-in); \
+of the same number of units per path, the paths interleaved unit by unit (ABBA) so that other load hits both alike; ratio = device/ceiling \
+per sample; the CPU ratio (ceiling CPU time per frame over the device's) is what the pps ratio would be with both CPU-bound on an idle machine, and is robust to other load. The driver's ring work is counted in the device path. Interrupts go to an eventfd (irqfd stand-in); \
 kicks and epoll are not exercised (the worker loop's per-batch cost).";
 
 /// How the guest numbers were made.
