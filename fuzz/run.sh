@@ -40,12 +40,10 @@ for t in "${targets[@]}"; do
     [ -x "$bin_dir/$t" ] || { echo "fuzz: target $t was not built" >&2; exit 1; }
 done
 
+# One line per target; a run replaces the lines of the targets it ran and keeps the others.
 summary=$here/last-run.txt
 mkdir -p "$work"
-{
-    echo "# make fuzz: $(date -u +%Y-%m-%dT%H:%M:%SZ), ${seconds} s per target, $(nproc) cores, -workers=1 -jobs=1"
-    echo "# rustc: $(rustc -V), cargo-fuzz: $(cargo fuzz --version 2>/dev/null || echo '?')"
-} > "$work/last-run.txt"
+: > "$work/last-run.lines"
 
 failed=0
 for t in "${targets[@]}"; do
@@ -78,9 +76,9 @@ for t in "${targets[@]}"; do
         else
             result="ok, no crash"
         fi
-        line="$t: ${took} s, ${execs} execs (${rate}/s), cov: ${cov} ft: ${ft}, corpus ${corp}, peak RSS ${rss} MB: ${result}"
+        line="$t: ${took} s, ${execs} execs (${rate}/s), cov: ${cov} ft: ${ft}, corpus ${corp}, peak RSS ${rss} MB: ${result} [$(date -u +%Y-%m-%dT%H:%MZ)]"
         echo "fuzz: $line"
-        echo "$line" >> "$work/last-run.txt"
+        echo "$line" >> "$work/last-run.lines"
     fi
     if [ "${FUZZ_MERGE:-0}" = 1 ]; then
         fresh=$work/merged/$t
@@ -96,6 +94,14 @@ for t in "${targets[@]}"; do
     fi
 done
 if [ "$seconds" != 0 ]; then
+    {
+        echo "# make fuzz: libFuzzer's final numbers per target (-workers=1 -jobs=1, debug assertions, ASan)"
+        echo "# machine: $(nproc) cores; rustc: $(rustc -V | cut -d' ' -f2); $(cargo fuzz --version 2>/dev/null || echo 'cargo-fuzz ?')"
+        for t in ctrl queue_pair mmio; do
+            grep -h "^$t: " "$work/last-run.lines" 2>/dev/null ||
+                grep -h "^$t: " "$summary" 2>/dev/null || true
+        done
+    } > "$work/last-run.txt"
     cp "$work/last-run.txt" "$summary"
     echo "fuzz: summary in $summary"
 fi
