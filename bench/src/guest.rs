@@ -652,13 +652,14 @@ pub fn run_inner(opts: &Options, path: &Path, progress: &mut dyn FnMut(&str)) ->
             let mut samples = Vec::new();
             let mut result = one_boot(vmm, rep, opts, &mut samples);
             if let Err(e) = &result {
+                let why = e.to_string().lines().next().unwrap_or_default().to_string();
                 progress(&format!(
-                    "guest: rep {rep} {vmm} failed, retrying once: {e}"
+                    "guest: rep {rep} {vmm} failed, retrying once: {why}"
                 ));
                 out.push(
                     Record::new("fact")
                         .with("key", format!("retried_{vmm}_rep{rep}"))
-                        .with("value", e.to_string().lines().next().unwrap_or_default()),
+                        .with("value", why),
                 );
                 samples.clear();
                 result = one_boot(vmm, rep, opts, &mut samples);
