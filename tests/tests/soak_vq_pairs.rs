@@ -12,6 +12,9 @@
 //!   ring holds;
 //! - no fd leak: /proc/PID/fd has the same entries before and after;
 //! - mqvmm's own RSS (guest RAM excluded) is stable.
+//!
+//! In the nested rig an L2 vCPU triple fault under this load is the emulator's (see
+//! [`EMULATOR_FAULT`]): the soak then runs once more on a fresh guest.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -391,31 +394,65 @@ fn thousand_vq_pairs_set_changes_under_bidirectional_load() {
     }
     rig::in_kvm_env(
         "thousand_vq_pairs_set_changes_under_bidirectional_load",
-        || {
-            let n_changes = changes();
-            let tap = HostTap::new("mqsoak0");
-            let _servers = IperfServers::start(CPUS);
-            let mut console = start_guest(&tap);
-            let pid = console.pid();
-            console.check(&format!("ethtool -L eth0 combined {PAIRS}"), STEP);
-            console.check(&format!("ping -c 2 -W 5 {HOST_IP}"), STEP);
-            // Warm up every pair once so the baselines include the steady-state allocations.
-            traffic(&mut console, 2);
-            let fds_before = fds(pid);
-            let (rss_before, guest_rss_before) = rss_kib(pid);
-            let acct_before = accounting(&mut console, &tap);
-            let m_before = metrics(&mut console);
+        || retrying_emulator_faults(soak_once),
+    );
+}
 
-            // Load: one bidirectional client per vCPU, for longer than the soak lasts.
-            console.check(
+/// What the nested rig's emulator does to an L2 guest under this load now and then: a vCPU
+/// triple-faults (mqvmm reports KVM_EXIT_SHUTDOWN, the vCPU's registers already reset). The same
+/// guest and load under Debian's QEMU with KVM in the same L1 ends the same way (the guest
+/// resets), also with no VQ_PAIRS_SET at all, so it is not the device's; the L1 kernel itself
+/// sometimes dies the same way (the rig retries those). As the design asks for L1 crashes: say
+/// so, run once more on a fresh guest, and fail on the second one.
+const EMULATOR_FAULT: &str = "triple-faulted (KVM_EXIT_SHUTDOWN)";
+
+fn retrying_emulator_faults(attempt: fn()) {
+    for n in 1..=2 {
+        let result = std::panic::catch_unwind(attempt);
+        let Err(panic) = result else {
+            return;
+        };
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if n == 1 && rig::in_l1() && message.contains(EMULATOR_FAULT) {
+            rig::note(
+                "rig: the L2 guest triple-faulted (an emulator fault of the nested rig under this load, \
+                 see soak_vq_pairs.rs); running the soak once more on a fresh guest",
+            );
+            continue;
+        }
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn soak_once() {
+    let n_changes = changes();
+    let tap = HostTap::new("mqsoak0");
+    let _servers = IperfServers::start(CPUS);
+    let mut console = start_guest(&tap);
+    let pid = console.pid();
+    console.check(&format!("ethtool -L eth0 combined {PAIRS}"), STEP);
+    console.check(&format!("ping -c 2 -W 5 {HOST_IP}"), STEP);
+    // Warm up every pair once so the baselines include the steady-state allocations.
+    traffic(&mut console, 2);
+    let fds_before = fds(pid);
+    let (rss_before, guest_rss_before) = rss_kib(pid);
+    let acct_before = accounting(&mut console, &tap);
+    let m_before = metrics(&mut console);
+
+    // Load: one bidirectional client per vCPU, for longer than the soak lasts.
+    console.check(
                 &format!(
                     "for i in $(seq 0 {last}); do taskset -c $i iperf3 -c {HOST_IP} -p $((5201+i)) --bidir -t 3600 > /tmp/soak$i.log 2>&1 & done; sleep 3",
                     last = CPUS - 1
                 ),
                 STEP,
             );
-            let started = Instant::now();
-            let out = console.check(
+    let started = Instant::now();
+    let out = console.check(
                 &format!(
                     "c=0; fail=0; while [ $c -lt {n_changes} ]; do for n in {CIRCUIT}; do [ $c -ge {n_changes} ] && break; \
                      ethtool -L eth0 combined $n > /dev/null 2>&1 || fail=$((fail+1)); c=$((c+1)); done; done; \
@@ -423,99 +460,99 @@ fn thousand_vq_pairs_set_changes_under_bidirectional_load() {
                 ),
                 Duration::from_secs(1500),
             );
-            let elapsed = started.elapsed();
-            let summary = out
-                .lines()
-                .find(|l| l.starts_with("SOAK "))
-                .unwrap_or_else(|| panic!("no summary:\n{out}"))
-                .to_string();
-            // Stop the clients (SIGINT: they print their totals) and collect what they moved.
-            let totals = console.check(
-                "killall -INT iperf3; sleep 3; grep -h -E 'sender|receiver' /tmp/soak*.log",
-                STEP,
-            );
-            assert!(
-                summary.contains(&format!("changes={n_changes} failures=0 ")),
-                "ethtool -L failed during the soak: {summary}\n{}",
-                console.transcript()
-            );
-            assert!(
-                summary.ends_with(&format!("running={CPUS}")),
-                "an iperf3 client died during the soak: {summary}\n{totals}"
-            );
-            let m_after = metrics(&mut console);
-            let set = field(&m_after, "device", "vq_pairs_set")
-                - field(&m_before, "device", "vq_pairs_set");
-            let errors = field(&m_after, "device", "vq_pairs_set_errors");
-            let rollback_failures = field(&m_after, "device", "rollback_failures");
-            let moved = |key: &str| pair_sum(&m_after, key) - pair_sum(&m_before, key);
-            let (soak_rx, soak_tx) = (moved("rx_packets"), moved("tx_packets"));
-            println!(
+    let elapsed = started.elapsed();
+    let summary = out
+        .lines()
+        .find(|l| l.starts_with("SOAK "))
+        .unwrap_or_else(|| panic!("no summary:\n{out}"))
+        .to_string();
+    // Stop the clients (SIGINT: they print their totals) and collect what they moved.
+    let totals = console.check(
+        "killall -INT iperf3; sleep 3; grep -h -E 'sender|receiver' /tmp/soak*.log",
+        STEP,
+    );
+    assert!(
+        summary.contains(&format!("changes={n_changes} failures=0 ")),
+        "ethtool -L failed during the soak: {summary}\n{}",
+        console.transcript()
+    );
+    assert!(
+        summary.ends_with(&format!("running={CPUS}")),
+        "an iperf3 client died during the soak: {summary}\n{totals}"
+    );
+    let m_after = metrics(&mut console);
+    let set =
+        field(&m_after, "device", "vq_pairs_set") - field(&m_before, "device", "vq_pairs_set");
+    let errors = field(&m_after, "device", "vq_pairs_set_errors");
+    let rollback_failures = field(&m_after, "device", "rollback_failures");
+    let moved = |key: &str| pair_sum(&m_after, key) - pair_sum(&m_before, key);
+    let (soak_rx, soak_tx) = (moved("rx_packets"), moved("tx_packets"));
+    println!(
                 "soak: {n_changes} changes in {:.1} s = {:.1} changes/s under load; device saw {set} VQ_PAIRS_SET, {errors} ERR, {rollback_failures} rollback failures; frames during the soak: host->guest {soak_rx}, guest->host {soak_tx}",
                 elapsed.as_secs_f64(),
                 f64::from(n_changes) / elapsed.as_secs_f64()
             );
-            assert_eq!(
-                set,
-                u64::from(n_changes),
-                "VQ_PAIRS_SET commands seen by mqvmm"
-            );
-            assert_eq!(errors, 0);
-            assert_eq!(rollback_failures, 0);
-            assert!(
-                soak_rx > 0 && soak_tx > 0,
-                "no traffic moved during the soak:\n{totals}"
-            );
-            assert!(
-                !console.transcript().contains("timed out"),
-                "a guest transmit queue timed out:\n{}",
-                console.transcript()
-            );
+    assert_eq!(
+        set,
+        u64::from(n_changes),
+        "VQ_PAIRS_SET commands seen by mqvmm"
+    );
+    assert_eq!(errors, 0);
+    assert_eq!(rollback_failures, 0);
+    assert!(
+        soak_rx > 0 && soak_tx > 0,
+        "no traffic moved during the soak:\n{totals}"
+    );
+    assert!(
+        !console.transcript().contains("timed out"),
+        "a guest transmit queue timed out:\n{}",
+        console.transcript()
+    );
 
-            // No stuck queue, at every pair and with some disabled.
-            check_queues_at(&mut console, &tap, PAIRS);
-            check_queues_at(&mut console, &tap, 2);
-            console.check(&format!("ethtool -L eth0 combined {PAIRS}"), STEP);
+    // No stuck queue, at every pair and with some disabled.
+    check_queues_at(&mut console, &tap, PAIRS);
+    check_queues_at(&mut console, &tap, 2);
+    console.check(&format!("ethtool -L eth0 combined {PAIRS}"), STEP);
 
-            // Frame accounting over everything since the baseline.
-            let a = accounting(&mut console, &tap);
-            let b = acct_before;
-            let d = |x: u64, y: u64| x as i64 - y as i64;
-            let guest_tx = d(a.guest_tx, b.guest_tx);
-            let dev_tx = d(a.dev_tx, b.dev_tx);
-            let dev_tx_drops = d(a.dev_tx_drops, b.dev_tx_drops);
-            let bad = d(a.dev_bad_chains, b.dev_bad_chains);
-            let tap_rx = d(a.tap_rx, b.tap_rx);
-            let tap_tx = d(a.tap_tx, b.tap_tx);
-            let dev_rx = d(a.dev_rx, b.dev_rx);
-            let dev_rx_drops = d(a.dev_rx_drops, b.dev_rx_drops);
-            let guest_rx = d(a.guest_rx, b.guest_rx);
-            // Guest -> host: every chain the driver got back was written to the tap or
-            // dropped by a parked pair (its queue purged by VQ_PAIRS_SET); every frame written
-            // reached the host.
-            let tx_unaccounted = guest_tx - (dev_tx + dev_tx_drops + bad);
-            let tx_lost_to_host = dev_tx - tap_rx;
-            // Host -> guest: every frame mqvmm read from the tap reached the guest driver or
-            // was counted as too big; frames the kernel purged from a detached queue are never
-            // read and never counted by the tap.
-            let rx_lost_in_device = tap_tx - (dev_rx + dev_rx_drops);
-            let rx_lost_to_guest = dev_rx - guest_rx;
-            let lost = tx_unaccounted.abs()
-                + tx_lost_to_host.abs()
-                + rx_lost_in_device.abs()
-                + rx_lost_to_guest.abs();
-            println!(
+    // Frame accounting over everything since the baseline.
+    let a = accounting(&mut console, &tap);
+    let b = acct_before;
+    let d = |x: u64, y: u64| x as i64 - y as i64;
+    let guest_tx = d(a.guest_tx, b.guest_tx);
+    let dev_tx = d(a.dev_tx, b.dev_tx);
+    let dev_tx_drops = d(a.dev_tx_drops, b.dev_tx_drops);
+    let bad = d(a.dev_bad_chains, b.dev_bad_chains);
+    let tap_rx = d(a.tap_rx, b.tap_rx);
+    let tap_tx = d(a.tap_tx, b.tap_tx);
+    let dev_rx = d(a.dev_rx, b.dev_rx);
+    let dev_rx_drops = d(a.dev_rx_drops, b.dev_rx_drops);
+    let guest_rx = d(a.guest_rx, b.guest_rx);
+    // Guest -> host: every chain the driver got back was written to the tap or
+    // dropped by a parked pair (its queue purged by VQ_PAIRS_SET); every frame written
+    // reached the host.
+    let tx_unaccounted = guest_tx - (dev_tx + dev_tx_drops + bad);
+    let tx_lost_to_host = dev_tx - tap_rx;
+    // Host -> guest: every frame mqvmm read from the tap reached the guest driver or
+    // was counted as too big; frames the kernel purged from a detached queue are never
+    // read and never counted by the tap.
+    let rx_lost_in_device = tap_tx - (dev_rx + dev_rx_drops);
+    let rx_lost_to_guest = dev_rx - guest_rx;
+    let lost = tx_unaccounted.abs()
+        + tx_lost_to_host.abs()
+        + rx_lost_in_device.abs()
+        + rx_lost_to_guest.abs();
+    println!(
                 "frames: guest->host: guest driver {guest_tx} completed, mqvmm wrote {dev_tx}, dropped on parked pairs {dev_tx_drops}, malformed {bad}, host tap received {tap_rx} (kernel rx_dropped {}); \
                  host->guest: mqvmm read {tap_tx} from the tap (kernel tx_dropped {} on full queues), delivered {dev_rx}, too big {dev_rx_drops}, guest driver received {guest_rx}; \
                  lost outside the purged queues: {lost} (tx unaccounted {tx_unaccounted}, tx not received by the host {tx_lost_to_host}, rx lost in mqvmm {rx_lost_in_device}, rx not received by the guest {rx_lost_to_guest})",
                 d(a.tap_rx_dropped, b.tap_rx_dropped),
                 d(a.tap_tx_dropped, b.tap_tx_dropped),
             );
-            if lost != 0 {
-                let m = metrics(&mut console);
-                let g = guest_stats(&mut console);
-                for p in 0..PAIRS {
-                    println!(
+    if lost != 0 {
+        let m = metrics(&mut console);
+        let g = guest_stats(&mut console);
+        for p in 0..PAIRS {
+            println!(
                         "debug: pair{p}: device rx {} tx {} tx_drops {} rx_drops {} | guest rx {} tx {} | guest all: {:?}",
                         field(&m, &format!("pair{p}"), "rx_packets"),
                         field(&m, &format!("pair{p}"), "tx_packets"),
@@ -525,23 +562,23 @@ fn thousand_vq_pairs_set_changes_under_bidirectional_load() {
                         guest_queue(&g, "tx", p),
                         g.iter().filter(|(k, _)| k.contains(&format!("_{p}_"))).collect::<Vec<_>>()
                     );
-                }
-                println!(
-                    "debug: {}",
-                    console.check(
-                        "cat /sys/class/net/eth0/statistics/rx_*; grep -i virtio /proc/interrupts",
-                        STEP
-                    )
-                );
-            }
-            assert_eq!(bad, 0, "malformed chains from a well-behaved driver");
-            assert_eq!(lost, 0, "frames lost outside the purged queues");
+        }
+        println!(
+            "debug: {}",
+            console.check(
+                "cat /sys/class/net/eth0/statistics/rx_*; grep -i virtio /proc/interrupts",
+                STEP
+            )
+        );
+    }
+    assert_eq!(bad, 0, "malformed chains from a well-behaved driver");
+    assert_eq!(lost, 0, "frames lost outside the purged queues");
 
-            let fds_after = fds(pid);
-            let (rss_after, guest_rss_after) = rss_kib(pid);
-            let own_before = rss_before - guest_rss_before;
-            let own_after = rss_after - guest_rss_after;
-            println!(
+    let fds_after = fds(pid);
+    let (rss_after, guest_rss_after) = rss_kib(pid);
+    let own_before = rss_before - guest_rss_before;
+    let own_after = rss_after - guest_rss_after;
+    println!(
                 "resources: fds {} before, {} after; RSS {} KiB before, {} KiB after (guest RAM {} -> {} KiB; mqvmm's own {} -> {} KiB)",
                 fds_before.len(),
                 fds_after.len(),
@@ -552,19 +589,17 @@ fn thousand_vq_pairs_set_changes_under_bidirectional_load() {
                 own_before,
                 own_after
             );
-            assert_eq!(fds_before, fds_after, "mqvmm's open fds changed");
-            assert!(
-                own_after <= own_before + 4096,
-                "mqvmm's own RSS grew from {own_before} KiB to {own_after} KiB"
-            );
+    assert_eq!(fds_before, fds_after, "mqvmm's open fds changed");
+    assert!(
+        own_after <= own_before + 4096,
+        "mqvmm's own RSS grew from {own_before} KiB to {own_after} KiB"
+    );
 
-            console.send("poweroff\n").expect("type");
-            assert_eq!(
-                console.wait_exit(Duration::from_secs(60)),
-                Some(0),
-                "mqvmm did not exit 0:\n{}",
-                console.transcript()
-            );
-        },
+    console.send("poweroff\n").expect("type");
+    assert_eq!(
+        console.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "mqvmm did not exit 0:\n{}",
+        console.transcript()
     );
 }
