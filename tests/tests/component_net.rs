@@ -529,7 +529,7 @@ impl<'a> Ctx<'a> {
             host.1,
             host.2,
             per_queue.iter().sum::<u64>(),
-            parked.map_or(String::new(), |p| format!(", 1 sent on parked pair {p} dropped by the device")),
+            parked.map_or(String::new(), |p| format!(", 1 sent on parked pair {p} left through pair 0")),
         );
         self.say(&line);
     }
@@ -627,7 +627,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// Sends [`TX_PER_PAIR`] frames on every active pair and one on the first parked pair (if
-    /// any), and checks that exactly the active pairs' frames reach the host socket. Returns
+    /// any), and checks that every one of them reaches the host socket. Returns
     /// the number received and the parked pair used.
     fn transmit(&mut self, n: u16) -> (usize, Option<u16>) {
         let step = self.step;
@@ -638,9 +638,14 @@ impl<'a> Ctx<'a> {
             .iter()
             .map(|p| (get(&p.tx.packets), get(&p.tx.drops)))
             .collect();
+        let mut expected = Vec::new();
         let parked = (n < PAIRS).then_some(n);
         if let Some(p) = parked {
-            let frame = self.guest_frame(p, 0, &format!("mqvmm-cn parked s{step} p{p}"));
+            // The guest raced VQ_PAIRS_SET: its frame on a disabled pair is not lost, it
+            // leaves through pair 0's tap queue.
+            let payload = format!("mqvmm-cn parked s{step} p{p}");
+            let frame = self.guest_frame(p, 0, &payload);
+            expected.push(payload);
             self.drv.send(p, &frame);
             assert!(
                 self.drv.wait_tx_done(p, ARRIVAL),
@@ -648,7 +653,6 @@ impl<'a> Ctx<'a> {
                 self.drv.describe_queue(2 * p + 1)
             );
         }
-        let mut expected = Vec::new();
         for p in 0..n {
             for k in 0..TX_PER_PAIR {
                 let payload = format!("mqvmm-cn tx s{step} p{p} k{k}");
@@ -669,7 +673,7 @@ impl<'a> Ctx<'a> {
                 Err(e) => panic!("host receive: {e}"),
             }
         }
-        // Anything late (the parked pair's frame, if it had been forwarded) shows up now.
+        // Anything late or unexpected shows up now.
         std::thread::sleep(Duration::from_millis(20));
         while let Ok(len) = self.receiver.recv(&mut buf) {
             got.push(String::from_utf8_lossy(&buf[..len]).into_owned());
@@ -698,7 +702,7 @@ impl<'a> Ctx<'a> {
             let want = if p < usize::from(n) {
                 (u64::from(TX_PER_PAIR), 0)
             } else if Some(p as u16) == parked {
-                (0, 1)
+                (1, 0)
             } else {
                 (0, 0)
             };

@@ -23,8 +23,10 @@
 //!   Rx: on backend readability or an rx kick, frames are `readv`'d straight into guest
 //!   buffers until the backend says EAGAIN (edge-triggered) or the guest has no buffers
 //!   left; then the worker asks for an rx kick and resumes when the guest adds buffers.
-//!   A parked worker still serves kicks but never touches its backend: tx chains are
-//!   returned and counted as drops, rx waits.
+//!   A parked worker still serves kicks but never touches its own (detached) backend: rx
+//!   waits, and tx chains the guest still queued (racing its own VQ_PAIRS_SET) are written
+//!   through pair 0's backend, so nothing the guest sent is lost; before it parks, a worker
+//!   flushes its transmit queue to its own backend.
 //! - `net-ctrl`, the control queue. It runs on its own thread, not the vCPU (the kick is an
 //!   ioeventfd, so the vCPU never waits for it) and not the VMM main loop: a VQ_PAIRS_SET
 //!   waits (bounded, 2 s per step) for workers to confirm they parked or resumed, and does

@@ -32,7 +32,7 @@ pub const WORKER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum RunState {
     /// Polls and uses its backend.
     Running,
-    /// Serves kicks but never touches its backend (tx frames are dropped).
+    /// Serves kicks but never touches its backend (tx frames leave through pair 0).
     Parked,
     /// Leaves its loop.
     Stopped,
@@ -193,11 +193,23 @@ impl<B: Backend> PairWorker<B> {
     }
 
     fn run_tx(&mut self) {
-        let backend = self.running.then(|| &self.shared.backends[self.pair]);
         let link_up = self.shared.link_up.load(Ordering::Relaxed);
+        let shared = Arc::clone(&self.shared);
+        let backend = tx_backend(&shared, self.pair, self.running, self.lost);
         self.pending_tx = self.qp.process_tx(backend, link_up) == Work::More;
         if self.pending_tx {
             self.schedule();
+        }
+    }
+
+    /// Before parking: everything the guest queued so far leaves on this pair's own queue,
+    /// while it is still attached (bounded: a few ring's worth).
+    fn flush_tx(&mut self) {
+        for _ in 0..8 {
+            self.run_tx();
+            if !self.pending_tx {
+                break;
+            }
         }
     }
 
@@ -243,10 +255,14 @@ impl<B: Backend> PairWorker<B> {
         let Some((seq, state)) = ctl.pending() else {
             return;
         };
-        let metrics = &self.shared.metrics.pairs[self.pair];
+        let shared = Arc::clone(&self.shared);
+        let metrics = &shared.metrics.pairs[self.pair];
         let mut result = None;
         match state {
             RunState::Parked | RunState::Stopped => {
+                if self.running && state == RunState::Parked && !self.lost {
+                    self.flush_tx();
+                }
                 if self.running {
                     // The fd may already be gone from the set; either way it is not polled.
                     let _ = ops.remove(self.backend_events());
@@ -285,6 +301,27 @@ impl<B: Backend> PairWorker<B> {
             self.run_rx();
             self.run_tx();
         }
+    }
+}
+
+/// Where a pair's transmit frames go. A running pair writes to its own tap queue. A parked
+/// pair never touches its own (detached) queue, but the guest may still queue frames on it —
+/// VQ_PAIRS_SET races with transmits on other vCPUs until the driver has shrunk its real
+/// queue count — and the host stack does not care which queue of the tap a frame was written
+/// to: they leave through pair 0's queue, attached whenever the device runs, so nothing the
+/// guest sent is lost. Without any attached queue (reset, tap gone) the frames are dropped.
+fn tx_backend<B: Backend>(
+    shared: &Shared<B>,
+    pair: usize,
+    running: bool,
+    lost: bool,
+) -> Option<&B> {
+    if running {
+        Some(&shared.backends[pair])
+    } else if pair != 0 && !lost && shared.metrics.pairs[0].attached.load(Ordering::Acquire) {
+        Some(&shared.backends[0])
+    } else {
+        None
     }
 }
 

@@ -323,8 +323,10 @@ fn vq_pairs_set_switches_backends_and_workers_and_acks_last() {
     assert_eq!(rig.set_pairs(1), ACK_OK);
     assert_eq!(rig.journal.ops().len(), n_ops);
 
-    // Parked pairs never touch their backends, whatever the guest or host does.
-    rig.transmit(2, &frame(&payload(60, 5)));
+    // Parked pairs never touch their backends, whatever the guest or host does; a frame the
+    // guest still queues on a parked pair leaves through pair 0's backend instead of being lost.
+    let late = frame(&payload(60, 5));
+    rig.transmit(2, &late);
     rig.peers[3].send(&frame(&payload(60, 6)));
     rig.kick(6);
     assert!(
@@ -332,10 +334,16 @@ fn vq_pairs_set_switches_backends_and_workers_and_acks_last() {
         "tx chain of a parked pair is returned"
     );
     assert!(rig.peers[2].recv().is_none());
+    assert_eq!(
+        rig.peers[0].recv().as_deref(),
+        Some(&late[..]),
+        "the parked pair's frame went out through pair 0"
+    );
     for b in rig.net.backends() {
         assert_eq!(b.touched_detached.load(Ordering::SeqCst), 0);
     }
-    assert_eq!(get(&metrics.pairs[2].tx.drops), 1);
+    assert_eq!(get(&metrics.pairs[2].tx.drops), 0);
+    assert_eq!(get(&metrics.pairs[2].tx.packets), 1);
     assert_eq!(get(&metrics.vq_pairs_set), 3);
     assert!(get(&metrics.last_vq_pairs_set_ns) > 0);
 }
