@@ -3,8 +3,9 @@
 //!
 //! The crate is split the way the data flows: [`arch`] lays out guest memory and boots Linux
 //! (64-bit boot protocol, ACPI), [`vcpu`] runs KVM_RUN and dispatches exits to the [`bus`]es,
-//! [`devices`] holds the platform devices, [`virtio`] the virtio-mmio transport that hosts the
-//! `virtio-net` device, and [`vm`] puts it together and runs the main loop. [`seccomp`] confines
+//! [`devices`] holds the platform devices, [`virtio`] the two transports (virtio-mmio, and
+//! virtio-pci with MSI-X on the [`pci`] root bus) that host the `virtio-net` device, and [`vm`]
+//! puts it together and runs the main loop. [`seccomp`] confines
 //! every thread to the system calls its job needs once the VM is built.
 
 pub mod arch;
@@ -12,6 +13,7 @@ pub mod bus;
 pub mod devices;
 pub mod exit;
 pub mod logger;
+pub mod pci;
 pub mod seccomp;
 pub mod signals;
 pub mod terminal;
