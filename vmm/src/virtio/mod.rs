@@ -2,6 +2,7 @@
 
 pub mod mmio;
 pub mod net;
+pub mod pci;
 
 use std::sync::Arc;
 
@@ -12,8 +13,8 @@ use vmm_sys_util::eventfd::EventFd;
 /// How a device raises interrupts; implemented by each transport.
 pub use virtio_net::Interrupt;
 
-/// What a transport needs from a device. Kept small so that a future virtio-pci transport
-/// drives the same devices unchanged.
+/// What a transport needs from a device. Kept small so that both transports (virtio-mmio and
+/// virtio-pci) drive the same devices unchanged.
 pub trait VirtioDevice: Send {
     /// Virtio device id (1 = network).
     fn device_type(&self) -> u32;
