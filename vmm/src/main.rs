@@ -9,12 +9,16 @@ use clap::Parser;
 use log::LevelFilter;
 
 use vmm::exit::VmExit;
-use vmm::seccomp::{Mode as SeccompMode, Sandbox, ThreadKind};
+use vmm::seccomp::{Machine, Mode as SeccompMode, Sandbox, ThreadKind};
 use vmm::signals::SignalFd;
 use vmm::terminal::RawTerminal;
-use vmm::vm::{self, KvmSource, NetSetup, Vm, VmConfig};
+use vmm::vm::{self, KvmSource, NetSetup, Transport, Vm, VmConfig};
 
-const DEFAULT_CMDLINE: &str = "console=ttyS0 pci=off";
+/// Default kernel command lines. With virtio-mmio there is no PCI, and `pci=off` spares the
+/// guest probing for it; with virtio-pci the guest must probe.
+const DEFAULT_CMDLINE_MMIO: &str = "console=ttyS0 pci=off";
+const DEFAULT_CMDLINE_PCI: &str = "console=ttyS0";
+const DEFAULT_TRANSPORT: &str = "mmio";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -33,9 +37,10 @@ struct Args {
     /// Initramfs (cpio archive, optionally compressed).
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
-    cmdline: String,
+    /// Kernel command line [default: "console=ttyS0 pci=off" with --transport mmio,
+    /// "console=ttyS0" with --transport pci].
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
     cpus: u8,
@@ -50,6 +55,11 @@ struct Args {
     /// (opens the tap itself, which needs CAP_NET_ADMIN).
     #[arg(long, value_name = "SPEC", value_parser = parse_net_spec)]
     net: Option<NetSpec>,
+    /// How the network device attaches: `pci` (virtio-pci, one MSI-X vector per queue: no
+    /// interrupt status read or acknowledgement, each queue's interrupt on its own vCPU; the
+    /// guest must not boot with `pci=off`) or `mmio` (virtio-mmio, one interrupt line).
+    #[arg(long, value_name = "pci|mmio", default_value = DEFAULT_TRANSPORT, value_parser = parse_transport)]
+    transport: Transport,
     /// Log level: error, warn, info, debug, trace, off.
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
     log_level: LevelFilter,
@@ -62,6 +72,28 @@ struct Args {
     /// forbidden system call right after entering its filter.
     #[arg(long, value_name = "THREAD", hide = true, value_parser = parse_thread_kind)]
     seccomp_selftest: Option<ThreadKind>,
+}
+
+fn parse_transport(s: &str) -> Result<Transport, String> {
+    Transport::parse(s).ok_or_else(|| format!("unknown transport {s:?} (pci, mmio)"))
+}
+
+/// The command line to boot with: the user's, or the transport's default.
+fn guest_cmdline(cmdline: Option<String>, transport: Transport) -> String {
+    match cmdline {
+        Some(cmdline) => {
+            if transport == Transport::Pci && cmdline.split_whitespace().any(|w| w == "pci=off") {
+                log::warn!(
+                    "--transport pci with pci=off on the kernel command line: the guest will not see its network device"
+                );
+            }
+            cmdline
+        }
+        None => match transport {
+            Transport::Mmio => DEFAULT_CMDLINE_MMIO.to_string(),
+            Transport::Pci => DEFAULT_CMDLINE_PCI.to_string(),
+        },
+    }
 }
 
 fn parse_seccomp_mode(s: &str) -> Result<SeccompMode, String> {
@@ -339,16 +371,20 @@ fn run(args: Args) -> Result<VmExit, Failure> {
              device thread gets every system call this process may make. For debugging only."
         );
     }
-    let sandbox = Sandbox::new(args.seccomp, args.seccomp_selftest)
+    let machine = Machine {
+        pci: net.is_some() && args.transport == Transport::Pci,
+    };
+    let sandbox = Sandbox::for_machine(args.seccomp, args.seccomp_selftest, machine)
         .map_err(|e| Failure::Runtime(error_chain(&e)))?;
     let config = VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
-        cmdline: args.cmdline,
+        cmdline: guest_cmdline(args.cmdline, args.transport),
         cpus: args.cpus,
         memory_mib: args.memory,
         kvm,
         net,
+        transport: args.transport,
         sandbox: std::sync::Arc::new(sandbox),
     };
     let signals = SignalFd::new(&[
@@ -461,6 +497,24 @@ mod tests {
         assert_eq!(a, default_mac("mqtap0"));
         assert_ne!(a, default_mac("mqtap1"));
         assert_eq!(a[0] & 0x03, 0x02, "locally administered unicast");
+    }
+
+    #[test]
+    fn transport_option_and_its_default_cmdline() {
+        let args = Args::try_parse_from(["mqvmm", "--kernel", "k"]).unwrap();
+        assert_eq!(args.transport, Transport::parse(DEFAULT_TRANSPORT).unwrap());
+        let args = Args::try_parse_from(["mqvmm", "--kernel", "k", "--transport", "pci"]).unwrap();
+        assert_eq!(args.transport, Transport::Pci);
+        assert_eq!(guest_cmdline(None, Transport::Pci), "console=ttyS0");
+        assert_eq!(
+            guest_cmdline(None, Transport::Mmio),
+            "console=ttyS0 pci=off"
+        );
+        assert_eq!(guest_cmdline(Some("quiet".into()), Transport::Pci), "quiet");
+        let err = Args::try_parse_from(["mqvmm", "--kernel", "k", "--transport", "isa"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown transport"), "{err}");
     }
 
     #[test]

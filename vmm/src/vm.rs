@@ -22,10 +22,14 @@ use crate::bus::{self, Bus};
 use crate::devices::legacy::{AcpiPm, Sink, I8042};
 use crate::devices::serial::{ConsoleOut, SerialConsole};
 use crate::exit::{self, ExitHandle, VmExit};
+use crate::pci::kvm::KvmPlatform;
+use crate::pci::{self, HostBridge, PciConfigIo, PciMmioWindow, PciPlatform, PciRoot};
 use crate::seccomp::{self, Sandbox, Spawner, ThreadKind};
 use crate::signals::{self, SignalFd};
 use crate::vcpu::{self, Vcpu};
 use crate::virtio::mmio::{self, MmioTransport, REG_QUEUE_NOTIFY};
+use crate::virtio::pci::{self as virtio_pci, PciTransportConfig, VirtioPciDevice};
+use crate::virtio::VirtioDevice;
 
 /// Where /dev/kvm comes from.
 pub enum KvmSource {
@@ -43,6 +47,36 @@ pub struct NetSetup {
     pub mq: bool,
 }
 
+/// How the network device is attached to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// virtio-mmio: one interrupt line for all queues, InterruptStatus read and ack per interrupt.
+    Mmio,
+    /// virtio-pci with MSI-X: one vector per queue, no status read or ack.
+    Pci,
+}
+
+impl Transport {
+    pub fn parse(s: &str) -> Option<Transport> {
+        match s {
+            "mmio" => Some(Transport::Mmio),
+            "pci" => Some(Transport::Pci),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Mmio => "mmio",
+            Transport::Pci => "pci",
+        }
+    }
+}
+
+/// PCI slots: the host bridge, then the network function.
+const HOST_BRIDGE_SLOT: usize = 0;
+const NET_PCI_SLOT: usize = 1;
+
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initramfs: Option<PathBuf>,
@@ -51,6 +85,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub kvm: KvmSource,
     pub net: Option<NetSetup>,
+    /// The network device's transport.
+    pub transport: Transport,
     /// Seccomp filters, entered by every thread once the VM is built.
     pub sandbox: Arc<Sandbox>,
 }
@@ -122,6 +158,10 @@ pub enum Error {
     Net(#[source] virtio_net::Error),
     #[error(transparent)]
     Transport(#[from] mmio::Error),
+    #[error(transparent)]
+    PciTransport(#[from] virtio_pci::Error),
+    #[error(transparent)]
+    PciBus(#[from] pci::root::Error),
     #[error(transparent)]
     Exit(#[from] exit::Error),
     #[error(transparent)]
@@ -231,7 +271,7 @@ fn create_memory(vm: &VmFd, memory_size: u64) -> Result<GuestMemoryMmap> {
 /// A VM ready to run: memory loaded, devices on their buses, vCPUs configured but not started.
 pub struct Vm {
     _kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     _mem: GuestMemoryMmap,
     exit: ExitHandle,
     vcpus: Vec<Vcpu>,
@@ -244,7 +284,7 @@ pub struct Vm {
 impl Vm {
     pub fn new(config: VmConfig) -> Result<Vm> {
         let kvm = open_kvm(config.kvm)?;
-        let vm = kvm.create_vm().map_err(Error::CreateVm)?;
+        let vm = Arc::new(kvm.create_vm().map_err(Error::CreateVm)?);
         let setup = |what| move |source| Error::VmSetup { what, source };
         vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
             .map_err(setup("KVM_SET_TSS_ADDR"))?;
@@ -332,10 +372,9 @@ impl Vm {
         }
 
         let mut mmio_devices = Vec::new();
+        let mut pci_root = None;
         let mut net_metrics = None;
         if let Some(net) = config.net {
-            let base = layout::VIRTIO_MMIO_START;
-            let gsi = layout::VIRTIO_GSI_BASE;
             let mut device = virtio_net::Net::new(
                 virtio_net::NetConfig {
                     mac: net.mac,
@@ -349,34 +388,19 @@ impl Vm {
             // The device starts its threads at activation, on a vCPU; they are created by the
             // spawner thread instead, so each enters its own filter (see seccomp).
             device.set_thread_spawner(Arc::new(Spawner::start(config.sandbox.clone())?));
-            let metrics = device.metrics();
-            net_metrics = Some(metrics);
-            let irq = event("the network interrupt")?;
-            vm.register_irqfd(&irq, gsi)
-                .map_err(|source| Error::Irqfd { gsi, source })?;
-            let transport = MmioTransport::new(Box::new(device), mem.clone(), irq)?;
-            for (queue, kick) in transport.queue_kicks().iter().enumerate() {
-                let addr = base + REG_QUEUE_NOTIFY;
-                vm.register_ioevent(kick, &IoEventAddress::Mmio(addr), queue as u32)
-                    .map_err(|source| Error::Ioeventfd {
-                        queue,
-                        addr,
-                        source,
-                    })?;
+            net_metrics = Some(device.metrics());
+            match config.transport {
+                Transport::Mmio => {
+                    mmio_devices.push(attach_mmio(&vm, &mem, &mut mmio_bus, Box::new(device))?);
+                }
+                Transport::Pci => {
+                    let root = attach_pci(&vm, &mem, &mut pio, &mut mmio_bus, Box::new(device))?;
+                    pci_root = Some(root);
+                }
             }
-            mmio_bus.insert(
-                base,
-                layout::VIRTIO_MMIO_SIZE,
-                Arc::new(Mutex::new(transport)),
-            )?;
-            mmio_devices.push(acpi::MmioDeviceInfo {
-                base,
-                size: layout::VIRTIO_MMIO_SIZE,
-                gsi,
-            });
         }
 
-        let rsdp = acpi::write_tables(&mem, config.cpus, &mmio_devices)?;
+        let rsdp = acpi::write_tables(&mem, config.cpus, &mmio_devices, pci_root.as_ref())?;
         boot::write_boot_params(&mem, &kernel, &cmdline, initramfs, rsdp, memory_size)?;
         boot::write_page_tables(&mem)?;
         boot::write_gdt_idt(&mem)?;
@@ -463,6 +487,100 @@ impl Vm {
             .reason()
             .unwrap_or(VmExit::Error("the VM stopped without a reason".to_string())))
     }
+}
+
+fn event_fd(what: &'static str) -> Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd { what, source })
+}
+
+/// The device behind a virtio-mmio transport at the first slot: one irqfd for the line, one
+/// ioeventfd per queue on the QueueNotify register (matching the queue index).
+fn attach_mmio(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio_bus: &mut Bus,
+    device: Box<dyn VirtioDevice>,
+) -> Result<acpi::MmioDeviceInfo> {
+    let base = layout::VIRTIO_MMIO_START;
+    let gsi = layout::VIRTIO_GSI_BASE;
+    let irq = event_fd("the network interrupt")?;
+    vm.register_irqfd(&irq, gsi)
+        .map_err(|source| Error::Irqfd { gsi, source })?;
+    let transport = MmioTransport::new(device, mem.clone(), irq)?;
+    for (queue, kick) in transport.queue_kicks().iter().enumerate() {
+        let addr = base + REG_QUEUE_NOTIFY;
+        vm.register_ioevent(kick, &IoEventAddress::Mmio(addr), queue as u32)
+            .map_err(|source| Error::Ioeventfd {
+                queue,
+                addr,
+                source,
+            })?;
+    }
+    mmio_bus.insert(
+        base,
+        layout::VIRTIO_MMIO_SIZE,
+        Arc::new(Mutex::new(transport)),
+    )?;
+    Ok(acpi::MmioDeviceInfo {
+        base,
+        size: layout::VIRTIO_MMIO_SIZE,
+        gsi,
+    })
+}
+
+/// A PCI root (host bridge at 00:00.0, conf1 ports, the 32-bit BAR window) with the device
+/// behind a virtio-pci function at 00:01.0: one irqfd and MSI GSI per MSI-X vector; the
+/// ioeventfds are registered by the function itself where its BAR is decoded.
+fn attach_pci(
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+    pio: &mut Bus,
+    mmio_bus: &mut Bus,
+    device: Box<dyn VirtioDevice>,
+) -> Result<acpi::PciRootInfo> {
+    let vectors = virtio_pci::vector_count(device.queue_max_sizes().len());
+    let mut irqfds = Vec::with_capacity(vectors);
+    for vector in 0..vectors {
+        let irqfd = event_fd("an MSI-X vector")?;
+        let gsi = layout::MSI_GSI_BASE + vector as u32;
+        vm.register_irqfd(&irqfd, gsi)
+            .map_err(|source| Error::Irqfd { gsi, source })?;
+        irqfds.push(irqfd);
+    }
+    let platform: Arc<dyn PciPlatform> = Arc::new(KvmPlatform::new(vm.clone()));
+    let function = VirtioPciDevice::new(
+        device,
+        mem.clone(),
+        PciTransportConfig {
+            bar_address: layout::PCI_MMIO32_START,
+            msi_gsi_base: layout::MSI_GSI_BASE,
+            irqfds,
+        },
+        platform,
+    )?;
+    let mut root = PciRoot::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE);
+    root.add(HOST_BRIDGE_SLOT, Box::new(HostBridge::new()))?;
+    // Adding it maps its BAR, which registers the notify ioeventfds (still on this thread,
+    // before any filter).
+    root.add(NET_PCI_SLOT, Box::new(function))?;
+    let root = Arc::new(Mutex::new(root));
+    pio.insert(
+        u64::from(pci::root::CONFIG_IO_PORT),
+        pci::root::CONFIG_IO_LEN,
+        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+    )?;
+    mmio_bus.insert(
+        layout::PCI_MMIO32_START,
+        layout::PCI_MMIO32_SIZE,
+        Arc::new(Mutex::new(PciMmioWindow::new(
+            root,
+            layout::PCI_MMIO32_START,
+        ))),
+    )?;
+    Ok(acpi::PciRootInfo {
+        mmio32_start: layout::PCI_MMIO32_START,
+        mmio32_size: layout::PCI_MMIO32_SIZE,
+    })
 }
 
 /// Moves stdin to the serial receive FIFO, pausing stdin while the guest has not drained it.

@@ -7,7 +7,8 @@
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA .. 0x000f_ffff      reserved; ACPI tables at 0x000e_0000
 //! 0x0010_0000  high memory: kernel, then RAM up to the 32-bit MMIO gap
-//! 0xc000_0000  MMIO gap: virtio-mmio devices at 0xd000_0000, IOAPIC, LAPIC
+//! 0xc000_0000  MMIO gap: virtio-mmio devices at 0xd000_0000, the PCI root's 32-bit BAR
+//!              window at 0xe000_0000 (256 MiB), IOAPIC, LAPIC
 //! 0x1_0000_0000 RAM above 4 GiB for guests larger than the gap start
 //! ```
 
@@ -32,6 +33,9 @@ pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// The PCI root's 32-bit MMIO window (DSDT `_CRS`): memory BARs are assigned and decoded here.
+pub const PCI_MMIO32_START: u64 = 0xe000_0000;
+pub const PCI_MMIO32_SIZE: u64 = 0x1000_0000;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 
@@ -44,6 +48,8 @@ pub const VIRTIO_GSI_BASE: u32 = 5;
 pub const SERIAL_GSI: u32 = 4;
 /// Pins of KVM's in-kernel IOAPIC.
 pub const IOAPIC_PINS: u32 = 24;
+/// MSI-X vectors get GSIs from here up (KVM routes them with MSI entries).
+pub const MSI_GSI_BASE: u32 = IOAPIC_PINS;
 
 /// I/O ports of the platform devices mqvmm emulates.
 pub const SERIAL_PORT: u16 = 0x3f8;
@@ -56,8 +62,13 @@ pub const ACPI_RESET_VALUE: u8 = 0x1;
 /// The `\_S5` sleep type our DSDT announces; the guest writes it into SLP_TYP on poweroff.
 pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
 
-// The devices must sit inside the gap, above RAM.
+// The devices must sit inside the gap, above RAM; the PCI window between the virtio-mmio
+// devices and the IOAPIC.
 const _: () = assert!(VIRTIO_MMIO_START >= MMIO_GAP_START && IOAPIC_ADDR < MMIO_GAP_END);
+const _: () = assert!(
+    PCI_MMIO32_START >= VIRTIO_MMIO_START + 0x100_0000
+        && PCI_MMIO32_START + PCI_MMIO32_SIZE <= IOAPIC_ADDR
+);
 
 /// Guest RAM regions for a guest of `size` bytes: split around the 32-bit MMIO gap.
 pub fn ram_regions(size: u64) -> Vec<(u64, u64)> {

@@ -16,11 +16,12 @@
 //! `clone`, `ptrace`, `kill` of other processes, signal handler changes (`rt_sigaction`:
 //! the SIGSYS handler cannot be replaced), `rt_sigreturn`, any tun ioctl but TUNSETQUEUE,
 //! TUNSETOFFLOAD, TUNSETVNETHDRSZ and TUNGETIFF, any KVM ioctl but KVM_RUN and the two
-//! register reads of the vCPU's error reports.
+//! register reads of the vCPU's error reports (plus, on a machine with virtio-pci, the two a
+//! vCPU needs when the guest programs an MSI-X vector or moves a BAR).
 
 use std::collections::BTreeMap;
 
-use kvm_bindings::{kvm_regs, kvm_sregs, KVMIO};
+use kvm_bindings::{kvm_ioeventfd, kvm_irq_routing, kvm_regs, kvm_sregs, KVMIO};
 use seccompiler::{
     BackendError, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond,
     SeccompRule,
@@ -30,6 +31,8 @@ use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
+ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 
 const TUNTAP: u32 = b'T' as u32;
 ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, libc::c_uint);
@@ -61,6 +64,14 @@ pub fn ctrl_tun_ioctls() -> [u64; 4] {
 /// The KVM ioctls of a vCPU thread once it runs.
 pub fn vcpu_kvm_ioctls() -> [u64; 3] {
     [KVM_RUN(), KVM_GET_REGS(), KVM_GET_SREGS()]
+}
+
+/// The KVM ioctls a vCPU thread needs for virtio-pci: an MSI-X table write that unmasks a
+/// vector with a new message replaces KVM's GSI routing table (KVM_SET_GSI_ROUTING); a BAR
+/// the guest moves (or switches off and on while sizing it) moves the queue-notify ioeventfds
+/// (KVM_IOEVENTFD).
+pub fn vcpu_pci_kvm_ioctls() -> [u64; 2] {
+    [KVM_SET_GSI_ROUTING(), KVM_IOEVENTFD()]
 }
 
 struct Builder {
@@ -203,7 +214,8 @@ pub fn main_thread() -> Result<Rules, BackendError> {
 /// A vCPU: KVM_RUN and the devices it drives. MMIO writes activate and reset the network
 /// device on this thread: eventfds are created and duplicated (F_DUPFD_CLOEXEC), tap queues
 /// attached, detached and configured, device threads requested from the spawner and joined.
-pub fn vcpu() -> Result<Rules, BackendError> {
+/// With `pci`, also the MSI route and ioeventfd updates of [`vcpu_pci_kvm_ioctls`].
+pub fn vcpu(pci: bool) -> Result<Rules, BackendError> {
     let mut b = base()?;
     b.allow(&[libc::SYS_read, libc::SYS_eventfd2])
         .allow_if(
@@ -212,6 +224,9 @@ pub fn vcpu() -> Result<Rules, BackendError> {
         )?
         .ioctls(&vcpu_kvm_ioctls())?
         .ioctls(&ctrl_tun_ioctls())?;
+    if pci {
+        b.ioctls(&vcpu_pci_kvm_ioctls())?;
+    }
     Ok(b.build())
 }
 
@@ -284,6 +299,8 @@ mod tests {
         assert_eq!(KVM_RUN(), 0xae80);
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS(), 0x8138_ae83);
+        assert_eq!(KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
+        assert_eq!(KVM_IOEVENTFD(), 0x4040_ae79);
         assert_eq!(TUNSETQUEUE(), libc::TUNSETQUEUE);
         assert_eq!(TUNGETIFF(), libc::TUNGETIFF);
         assert_eq!(TUNSETOFFLOAD(), libc::TUNSETOFFLOAD);
@@ -294,7 +311,8 @@ mod tests {
     fn no_thread_may_open_exec_or_change_signal_handlers() {
         for (name, rules) in [
             ("main", main_thread().unwrap()),
-            ("vcpu", vcpu().unwrap()),
+            ("vcpu", vcpu(false).unwrap()),
+            ("vcpu with pci", vcpu(true).unwrap()),
             ("net-pair", net_pair().unwrap()),
             ("net-ctrl", net_ctrl().unwrap()),
             ("spawner", spawner().unwrap()),
@@ -319,7 +337,13 @@ mod tests {
 
     #[test]
     fn only_the_spawner_creates_threads_and_installs_filters() {
-        for rules in [main_thread(), vcpu(), net_pair(), net_ctrl()] {
+        for rules in [
+            main_thread(),
+            vcpu(false),
+            vcpu(true),
+            net_pair(),
+            net_ctrl(),
+        ] {
             let rules = rules.unwrap();
             for nr in [
                 libc::SYS_clone,
@@ -354,6 +378,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The PCI ioctls are allowed on vCPUs only, only on PCI machines, and only by request
+    /// number (KVM_SET_GSI_ROUTING and KVM_IOEVENTFD, not any other KVM ioctl).
+    #[test]
+    fn pci_ioctls_only_for_vcpus_of_pci_machines() {
+        let has = |rules: &Rules, request: u64| {
+            let rule = SeccompRule::new(vec![arg_eq(1, request).unwrap()]).unwrap();
+            rules
+                .get(&libc::SYS_ioctl)
+                .is_some_and(|r| r.contains(&rule))
+        };
+        for request in vcpu_pci_kvm_ioctls() {
+            assert!(has(&vcpu(true).unwrap(), request));
+            assert!(!has(&vcpu(false).unwrap(), request));
+            for rules in [main_thread(), net_pair(), net_ctrl(), spawner()] {
+                assert!(!has(&rules.unwrap(), request));
+            }
+        }
+        assert!(
+            !vcpu(true).unwrap()[&libc::SYS_ioctl].is_empty(),
+            "ioctl stays conditional"
+        );
     }
 
     #[test]

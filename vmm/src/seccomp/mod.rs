@@ -5,7 +5,7 @@
 //! | thread | filter ([`filters`]) | installed |
 //! |---|---|---|
 //! | `main` | main loop: epoll, read, write, TCSETS on fd 0 | in [`crate::vm::Vm::run`], after the vCPUs started |
-//! | `vcpuN` | KVM_RUN (+ register reads for error reports), MMIO device work: eventfds, the tun ioctls of activation and reset | first thing on the vCPU thread |
+//! | `vcpuN` | KVM_RUN (+ register reads for error reports), MMIO device work: eventfds, the tun ioctls of activation and reset; with virtio-pci also KVM_SET_GSI_ROUTING (MSI-X table writes) and KVM_IOEVENTFD (BAR moves) | first thing on the vCPU thread |
 //! | `spawner` | thread creation, plus everything the device threads need | first thing on the spawner thread, started while the VM is built |
 //! | `net-pairN` | epoll, eventfds, readv/writev on its tap queue, TUNGETIFF | by the new thread itself, before it runs the device's code |
 //! | `net-ctrl` | epoll, eventfds, TUNSETQUEUE, TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNGETIFF | likewise |
@@ -126,10 +126,10 @@ impl ThreadKind {
         self as usize
     }
 
-    fn rules(self) -> Result<filters::Rules, BackendError> {
+    fn rules(self, machine: Machine) -> Result<filters::Rules, BackendError> {
         match self {
             ThreadKind::Main => filters::main_thread(),
-            ThreadKind::Vcpu => filters::vcpu(),
+            ThreadKind::Vcpu => filters::vcpu(machine.pci),
             ThreadKind::Spawner => filters::spawner(),
             ThreadKind::NetPair => filters::net_pair(),
             ThreadKind::NetCtrl => filters::net_ctrl(),
@@ -159,6 +159,14 @@ pub enum Error {
     StartSpawner(#[source] io::Error),
 }
 
+/// What the VM has that some thread's filter must allow for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Machine {
+    /// A PCI bus with MSI-X devices: vCPUs update KVM's MSI routes when the guest programs a
+    /// vector, and move ioeventfds when it moves a BAR.
+    pub pci: bool,
+}
+
 /// The compiled filters and how to apply them; shared by every thread.
 pub struct Sandbox {
     mode: Mode,
@@ -170,6 +178,15 @@ impl Sandbox {
     /// Compiles every filter and, in [`Mode::On`], installs the SIGSYS handler. No filter is
     /// installed yet: each thread calls [`Sandbox::enter`] once its setup is done.
     pub fn new(mode: Mode, selftest: Option<ThreadKind>) -> Result<Sandbox, Error> {
+        Sandbox::for_machine(mode, selftest, Machine::default())
+    }
+
+    /// [`Sandbox::new`] for a VM with `machine`'s devices.
+    pub fn for_machine(
+        mode: Mode,
+        selftest: Option<ThreadKind>,
+        machine: Machine,
+    ) -> Result<Sandbox, Error> {
         let mut programs = Vec::new();
         if mode != Mode::Off {
             let mismatch = match mode {
@@ -182,7 +199,7 @@ impl Sandbox {
                     source,
                 };
                 let filter = SeccompFilter::new(
-                    kind.rules().map_err(build)?,
+                    kind.rules(machine).map_err(build)?,
                     mismatch.clone(),
                     SeccompAction::Allow,
                     TargetArch::x86_64,
@@ -491,9 +508,13 @@ mod tests {
 
     #[test]
     fn every_filter_compiles() {
-        for kind in ThreadKind::ALL {
+        let machines = [Machine::default(), Machine { pci: true }];
+        for (kind, machine) in ThreadKind::ALL
+            .into_iter()
+            .flat_map(|k| machines.map(|m| (k, m)))
+        {
             let filter = SeccompFilter::new(
-                kind.rules().unwrap(),
+                kind.rules(machine).unwrap(),
                 SeccompAction::Trap,
                 SeccompAction::Allow,
                 TargetArch::x86_64,
