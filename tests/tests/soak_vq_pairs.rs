@@ -14,7 +14,7 @@
 //! - mqvmm's own RSS (guest RAM excluded) is stable.
 //!
 //! In the nested rig an L2 vCPU triple fault under this load is the emulator's (see
-//! [`EMULATOR_FAULT`]): the soak then runs once more on a fresh guest.
+//! [`rig::EMULATOR_FAULT`]): the rig then runs the soak once more.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -394,38 +394,8 @@ fn thousand_vq_pairs_set_changes_under_bidirectional_load() {
     }
     rig::in_kvm_env(
         "thousand_vq_pairs_set_changes_under_bidirectional_load",
-        || retrying_emulator_faults(soak_once),
+        soak_once,
     );
-}
-
-/// What the nested rig's emulator does to an L2 guest under this load now and then: a vCPU
-/// triple-faults (mqvmm reports KVM_EXIT_SHUTDOWN, the vCPU's registers already reset). The same
-/// guest and load under Debian's QEMU with KVM in the same L1 ends the same way (the guest
-/// resets), also with no VQ_PAIRS_SET at all, so it is not the device's; the L1 kernel itself
-/// sometimes dies the same way (the rig retries those). As the design asks for L1 crashes: say
-/// so, run once more on a fresh guest, and fail on the second one.
-const EMULATOR_FAULT: &str = "triple-faulted (KVM_EXIT_SHUTDOWN)";
-
-fn retrying_emulator_faults(attempt: fn()) {
-    for n in 1..=2 {
-        let result = std::panic::catch_unwind(attempt);
-        let Err(panic) = result else {
-            return;
-        };
-        let message = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        if n == 1 && rig::in_l1() && message.contains(EMULATOR_FAULT) {
-            rig::note(
-                "rig: the L2 guest triple-faulted (an emulator fault of the nested rig under this load, \
-                 see soak_vq_pairs.rs); running the soak once more on a fresh guest",
-            );
-            continue;
-        }
-        std::panic::resume_unwind(panic);
-    }
 }
 
 fn soak_once() {
