@@ -1,7 +1,9 @@
 //! The multiqueue network device with a real Linux guest (issue 4): `ethtool -L` in the guest
 //! switches the host tap's queues, traffic flows both ways at every count, and mqvmm runs as
-//! uid 65534 with no capabilities under mqvmm-launch the whole time. Runs where KVM works
-//! (directly, or inside the nested rig's L1, where these tests are root).
+//! uid 65534 with no capabilities under mqvmm-launch the whole time. Every scenario runs over
+//! both transports (`--transport mmio` and `--transport pci`); over virtio-pci the guest also
+//! has a separate MSI-X vector per queue, and with several pairs more than one of them fires.
+//! Runs where KVM works (directly, or inside the nested rig's L1, where these tests are root).
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
@@ -89,8 +91,39 @@ impl Drop for IperfServer {
     }
 }
 
+/// How mqvmm attaches the network device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Mmio,
+    Pci,
+}
+
+impl Transport {
+    fn arg(self) -> &'static str {
+        match self {
+            Transport::Mmio => "mmio",
+            Transport::Pci => "pci",
+        }
+    }
+
+    /// The guest probes for PCI only where there is some.
+    fn cmdline(self) -> String {
+        let base = format!("console=ttyS0 quiet panic=-1 mqvmm.ip={GUEST_IP}/24");
+        match self {
+            Transport::Mmio => format!("{base} pci=off"),
+            Transport::Pci => base,
+        }
+    }
+}
+
 /// Starts mqvmm through mqvmm-launch as `nobody` on `tap` and waits for the guest's shell.
-fn start_guest(tap: &HostTap, queues: u16, cpus: u8, launch_extra: &[&str]) -> GuestConsole {
+fn start_guest(
+    tap: &HostTap,
+    queues: u16,
+    cpus: u8,
+    transport: Transport,
+    launch_extra: &[&str],
+) -> GuestConsole {
     let images = rig::guest_images();
     let mut cmd = Command::new(rig::bin_path("mqvmm-launch"));
     cmd.args(["--tap", &tap.name, "--queues", &queues.to_string()])
@@ -102,10 +135,8 @@ fn start_guest(tap: &HostTap, queues: u16, cpus: u8, launch_extra: &[&str]) -> G
         .arg("--initramfs")
         .arg(&images.initramfs)
         .args(["--cpus", &cpus.to_string(), "--memory", "512"])
-        .args([
-            "--cmdline",
-            &format!("console=ttyS0 quiet panic=-1 pci=off mqvmm.ip={GUEST_IP}/24"),
-        ]);
+        .args(["--transport", transport.arg()])
+        .args(["--cmdline", &transport.cmdline()]);
     let mut console = GuestConsole::spawn(cmd).expect("start mqvmm-launch");
     if console
         .wait_for("MQVMM-READY", Duration::from_secs(180))
@@ -145,6 +176,30 @@ fn assert_unprivileged(console: &mut GuestConsole) {
     for key in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
         assert_eq!(netns::cap_mask(&status, key), 0, "{key} of mqvmm");
     }
+}
+
+/// Per-queue interrupt counts from the guest's /proc/interrupts: the virtio lines named
+/// `virtioN-input.K` / `virtioN-output.K` (one MSI-X vector each), summed over the CPUs.
+fn guest_queue_interrupts(console: &mut GuestConsole) -> BTreeMap<String, u64> {
+    let table = console.check("cat /proc/interrupts", STEP);
+    let mut lines = table.lines();
+    let cpus = lines.next().map_or(0, |h| h.split_whitespace().count());
+    lines
+        .filter_map(|line| {
+            let name = line.split_whitespace().last()?;
+            let queue = name.contains("-input.") || name.contains("-output.");
+            if !name.starts_with("virtio") || !queue {
+                return None;
+            }
+            let total = line
+                .split_whitespace()
+                .skip(1)
+                .take(cpus)
+                .map_while(|f| f.parse::<u64>().ok())
+                .sum();
+            Some((name.to_string(), total))
+        })
+        .collect()
 }
 
 /// `ethtool -S eth0` rx packet counters per queue.
@@ -202,122 +257,183 @@ fn iperf_receiver_rate(output: &str) -> Option<f64> {
     Some(value * scale)
 }
 
+fn requirements() -> bool {
+    skip::require_kvm_env()
+        && skip::require_guest_images()
+        && skip::require_binary("mqvmm")
+        && skip::require_binary("mqvmm-launch")
+}
+
 #[test]
-fn ethtool_l_switches_host_tap_queues_with_traffic_at_every_count() {
-    if !skip::require_kvm_env()
-        || !skip::require_guest_images()
-        || !skip::require_binary("mqvmm")
-        || !skip::require_binary("mqvmm-launch")
-    {
+fn ethtool_l_switches_host_tap_queues_with_traffic_at_every_count_mmio() {
+    if !requirements() {
         return;
     }
     rig::in_kvm_env(
-        "ethtool_l_switches_host_tap_queues_with_traffic_at_every_count",
-        || {
-            let tap = HostTap::new("mqnet4");
-            let _iperf = IperfServer::start();
-            let mut console = start_guest(&tap, 4, 4, &[]);
-            assert_unprivileged(&mut console);
-
-            let l = console.check("ethtool -l eth0", STEP);
-            assert!(l.contains("Combined:\t4"), "maximum is not 4 pairs:\n{l}");
-            for n in [4u32, 1, 3, 2, 4, 1] {
-                let started = Instant::now();
-                console.check(&format!("ethtool -L eth0 combined {n}"), STEP);
-                let set_time = started.elapsed();
-                // The device acks only after the taps are switched: no waiting needed, but
-                // netlink is polled briefly anyway so a failure shows the value it settled on.
-                let host = tap.wait_attached(n);
-                assert_eq!(
-                    host, n,
-                    "host tap has {host} attached queues after combined {n}"
-                );
-                let l = console.check("ethtool -l eth0", STEP);
-                assert_eq!(
-                    combined_current(&l),
-                    Some(n),
-                    "ethtool -l in the guest:\n{l}"
-                );
-                console.check(&format!("ping -c 2 -W 5 {HOST_IP}"), STEP);
-
-                let device_before = device_rx_counters(&mut console);
-                let guest_before = guest_rx_counters(&mut console);
-                let up = console.check(&format!("iperf3 -c {HOST_IP} -t 2"), STEP);
-                let down = console.check(&format!("iperf3 -c {HOST_IP} -t 2 -R -P 16"), STEP);
-                let guest_after = guest_rx_counters(&mut console);
-                let device_after = device_rx_counters(&mut console);
-
-                let device_delta: Vec<u64> = device_after
-                    .iter()
-                    .zip(&device_before)
-                    .map(|(a, b)| a - b)
-                    .collect();
-                for (pair, delta) in device_delta.iter().enumerate() {
-                    if pair as u32 >= n {
-                        assert_eq!(
-                            *delta, 0,
-                            "disabled rx queue {pair} received {delta} frames at combined {n}"
-                        );
-                    }
-                }
-                let busy_guest_queues = guest_after
-                    .iter()
-                    .filter(|(q, after)| **after > guest_before.get(q).copied().unwrap_or(0))
-                    .count();
-                if n > 1 {
-                    assert!(
-                        busy_guest_queues >= 2,
-                        "16 flows used only {busy_guest_queues} rx queue(s) at combined {n}: before {guest_before:?} after {guest_after:?}"
-                    );
-                }
-                let up_rate = iperf_receiver_rate(&up).unwrap_or(0.0);
-                let down_rate = iperf_receiver_rate(&down).unwrap_or(0.0);
-                assert!(up_rate > 0.0 && down_rate > 0.0, "iperf3:\n{up}\n{down}");
-                println!(
-                    "step: combined {n}: ethtool -L {:.2} s, host attached {host}, guest->host {:.0} Mbit/s, host->guest (16 flows) {:.0} Mbit/s, device rx per pair {device_delta:?}, guest rx queues used {busy_guest_queues}",
-                    set_time.as_secs_f64(),
-                    up_rate / 1e6,
-                    down_rate / 1e6
-                );
-                assert_unprivileged(&mut console);
-            }
-            console.send("poweroff\n").expect("type");
-            let code = console.wait_exit(Duration::from_secs(60));
-            assert_eq!(
-                code,
-                Some(0),
-                "mqvmm did not exit 0:\n{}",
-                console.transcript()
-            );
-        },
+        "ethtool_l_switches_host_tap_queues_with_traffic_at_every_count_mmio",
+        || ethtool_l_walk(Transport::Mmio),
     );
 }
 
 #[test]
-fn mq_off_keeps_the_guest_on_one_pair() {
-    if !skip::require_kvm_env()
-        || !skip::require_guest_images()
-        || !skip::require_binary("mqvmm")
-        || !skip::require_binary("mqvmm-launch")
-    {
+fn ethtool_l_switches_host_tap_queues_with_traffic_at_every_count_pci() {
+    if !requirements() {
         return;
     }
-    rig::in_kvm_env("mq_off_keeps_the_guest_on_one_pair", || {
-        let tap = HostTap::new("mqnet1");
-        let mut console = start_guest(&tap, 2, 2, &["--no-mq"]);
-        assert_unprivileged(&mut console);
-        assert_eq!(tap.wait_attached(1), 1, "host queues with mq=off");
-        let set = console
-            .run("ethtool -L eth0 combined 2", STEP)
-            .expect("run ethtool");
-        assert_ne!(
-            set.status, 0,
-            "ethtool -L combined 2 succeeded without MQ:\n{}",
-            set.output
+    rig::in_kvm_env(
+        "ethtool_l_switches_host_tap_queues_with_traffic_at_every_count_pci",
+        || ethtool_l_walk(Transport::Pci),
+    );
+}
+
+/// 4 pairs, 4 vCPUs: `ethtool -L` 4 -> 1 -> 3 -> 2 -> 4 -> 1 with the host tap's queue count,
+/// ping and iperf3 both ways after each step.
+fn ethtool_l_walk(transport: Transport) {
+    let tap = HostTap::new("mqnet4");
+    let _iperf = IperfServer::start();
+    let mut console = start_guest(&tap, 4, 4, transport, &[]);
+    assert_unprivileged(&mut console);
+    if transport == Transport::Pci {
+        // One MSI-X vector per queue: 4 input and 4 output lines of their own.
+        let vectors = guest_queue_interrupts(&mut console);
+        for k in 0..4 {
+            for dir in ["input", "output"] {
+                assert!(
+                    vectors.keys().any(|n| n.ends_with(&format!("-{dir}.{k}"))),
+                    "no interrupt line for {dir} queue {k}: {vectors:?}"
+                );
+            }
+        }
+    }
+
+    let l = console.check("ethtool -l eth0", STEP);
+    assert!(l.contains("Combined:\t4"), "maximum is not 4 pairs:\n{l}");
+    for n in [4u32, 1, 3, 2, 4, 1] {
+        let started = Instant::now();
+        console.check(&format!("ethtool -L eth0 combined {n}"), STEP);
+        let set_time = started.elapsed();
+        // The device acks only after the taps are switched: no waiting needed, but
+        // netlink is polled briefly anyway so a failure shows the value it settled on.
+        let host = tap.wait_attached(n);
+        assert_eq!(
+            host, n,
+            "host tap has {host} attached queues after combined {n}"
         );
-        assert_eq!(tap.attached(), 1, "host queues after the refused change");
+        let l = console.check("ethtool -l eth0", STEP);
+        assert_eq!(
+            combined_current(&l),
+            Some(n),
+            "ethtool -l in the guest:\n{l}"
+        );
         console.check(&format!("ping -c 2 -W 5 {HOST_IP}"), STEP);
-        console.send("poweroff\n").expect("type");
-        assert_eq!(console.wait_exit(Duration::from_secs(60)), Some(0));
+
+        let device_before = device_rx_counters(&mut console);
+        let guest_before = guest_rx_counters(&mut console);
+        let irqs_before = guest_queue_interrupts(&mut console);
+        let up = console.check(&format!("iperf3 -c {HOST_IP} -t 2"), STEP);
+        let down = console.check(&format!("iperf3 -c {HOST_IP} -t 2 -R -P 16"), STEP);
+        let guest_after = guest_rx_counters(&mut console);
+        let device_after = device_rx_counters(&mut console);
+        let irqs_after = guest_queue_interrupts(&mut console);
+        let busy_vectors: Vec<&String> = irqs_after
+            .iter()
+            .filter(|(name, after)| **after > irqs_before.get(*name).copied().unwrap_or(0))
+            .map(|(name, _)| name)
+            .collect();
+        // Over PCI each receive queue has its own vector: 16 flows spread over n > 1 pairs must
+        // fire more than one of them (over mmio every queue shares one line).
+        let busy_rx_vectors = busy_vectors
+            .iter()
+            .filter(|name| name.contains("-input."))
+            .count();
+        if transport == Transport::Pci && n > 1 {
+            assert!(
+                busy_rx_vectors > 1,
+                "16 flows at combined {n} fired only the queue vectors {busy_vectors:?}: before {irqs_before:?} after {irqs_after:?}"
+            );
+        }
+
+        let device_delta: Vec<u64> = device_after
+            .iter()
+            .zip(&device_before)
+            .map(|(a, b)| a - b)
+            .collect();
+        for (pair, delta) in device_delta.iter().enumerate() {
+            if pair as u32 >= n {
+                assert_eq!(
+                    *delta, 0,
+                    "disabled rx queue {pair} received {delta} frames at combined {n}"
+                );
+            }
+        }
+        let busy_guest_queues = guest_after
+            .iter()
+            .filter(|(q, after)| **after > guest_before.get(q).copied().unwrap_or(0))
+            .count();
+        if n > 1 {
+            assert!(
+                busy_guest_queues >= 2,
+                "16 flows used only {busy_guest_queues} rx queue(s) at combined {n}: before {guest_before:?} after {guest_after:?}"
+            );
+        }
+        let up_rate = iperf_receiver_rate(&up).unwrap_or(0.0);
+        let down_rate = iperf_receiver_rate(&down).unwrap_or(0.0);
+        assert!(up_rate > 0.0 && down_rate > 0.0, "iperf3:\n{up}\n{down}");
+        println!(
+            "step ({}): combined {n}: ethtool -L {:.2} s, host attached {host}, guest->host {:.0} Mbit/s, host->guest (16 flows) {:.0} Mbit/s, device rx per pair {device_delta:?}, guest rx queues used {busy_guest_queues}, queue vectors fired {} ({busy_rx_vectors} rx)",
+            transport.arg(),
+            set_time.as_secs_f64(),
+            up_rate / 1e6,
+            down_rate / 1e6,
+            busy_vectors.len()
+        );
+        assert_unprivileged(&mut console);
+    }
+    console.send("poweroff\n").expect("type");
+    let code = console.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        code,
+        Some(0),
+        "mqvmm did not exit 0:\n{}",
+        console.transcript()
+    );
+}
+
+#[test]
+fn mq_off_keeps_the_guest_on_one_pair_mmio() {
+    if !requirements() {
+        return;
+    }
+    rig::in_kvm_env("mq_off_keeps_the_guest_on_one_pair_mmio", || {
+        mq_off(Transport::Mmio)
     });
+}
+
+#[test]
+fn mq_off_keeps_the_guest_on_one_pair_pci() {
+    if !requirements() {
+        return;
+    }
+    rig::in_kvm_env("mq_off_keeps_the_guest_on_one_pair_pci", || {
+        mq_off(Transport::Pci)
+    });
+}
+
+fn mq_off(transport: Transport) {
+    let tap = HostTap::new("mqnet1");
+    let mut console = start_guest(&tap, 2, 2, transport, &["--no-mq"]);
+    assert_unprivileged(&mut console);
+    assert_eq!(tap.wait_attached(1), 1, "host queues with mq=off");
+    let set = console
+        .run("ethtool -L eth0 combined 2", STEP)
+        .expect("run ethtool");
+    assert_ne!(
+        set.status, 0,
+        "ethtool -L combined 2 succeeded without MQ:\n{}",
+        set.output
+    );
+    assert_eq!(tap.attached(), 1, "host queues after the refused change");
+    console.check(&format!("ping -c 2 -W 5 {HOST_IP}"), STEP);
+    console.send("poweroff\n").expect("type");
+    assert_eq!(console.wait_exit(Duration::from_secs(60)), Some(0));
 }
