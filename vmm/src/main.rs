@@ -14,11 +14,10 @@ use vmm::signals::SignalFd;
 use vmm::terminal::RawTerminal;
 use vmm::vm::{self, KvmSource, NetSetup, Transport, Vm, VmConfig};
 
-/// Default kernel command lines. With virtio-mmio there is no PCI, and `pci=off` spares the
-/// guest probing for it; with virtio-pci the guest must probe.
-const DEFAULT_CMDLINE_MMIO: &str = "console=ttyS0 pci=off";
+/// Default kernel command lines. Without a PCI device `pci=off` spares the guest probing for
+/// one; with virtio-pci the guest must probe.
+const DEFAULT_CMDLINE_NO_PCI: &str = "console=ttyS0 pci=off";
 const DEFAULT_CMDLINE_PCI: &str = "console=ttyS0";
-const DEFAULT_TRANSPORT: &str = "mmio";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,8 +36,8 @@ struct Args {
     /// Initramfs (cpio archive, optionally compressed).
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
-    /// Kernel command line [default: "console=ttyS0 pci=off" with --transport mmio,
-    /// "console=ttyS0" with --transport pci].
+    /// Kernel command line [default: "console=ttyS0", plus "pci=off" when there is no PCI
+    /// device (no --net, or --transport mmio)].
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
     /// Number of vCPUs.
@@ -56,10 +55,11 @@ struct Args {
     #[arg(long, value_name = "SPEC", value_parser = parse_net_spec)]
     net: Option<NetSpec>,
     /// How the network device attaches: `pci` (virtio-pci, one MSI-X vector per queue: no
-    /// interrupt status read or acknowledgement, each queue's interrupt on its own vCPU; the
-    /// guest must not boot with `pci=off`) or `mmio` (virtio-mmio, one interrupt line).
-    #[arg(long, value_name = "pci|mmio", default_value = DEFAULT_TRANSPORT, value_parser = parse_transport)]
-    transport: Transport,
+    /// interrupt status read or acknowledgement, each queue's interrupt on its own vCPU) or
+    /// `mmio` (virtio-mmio, one interrupt line for all queues). Default: pci, unless --cmdline
+    /// has `pci=off` (a guest that will not look for PCI devices): then mmio.
+    #[arg(long, value_name = "pci|mmio", value_parser = parse_transport)]
+    transport: Option<Transport>,
     /// Log level: error, warn, info, debug, trace, off.
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_log_level)]
     log_level: LevelFilter,
@@ -78,22 +78,45 @@ fn parse_transport(s: &str) -> Result<Transport, String> {
     Transport::parse(s).ok_or_else(|| format!("unknown transport {s:?} (pci, mmio)"))
 }
 
-/// The command line to boot with: the user's, or the transport's default.
-fn guest_cmdline(cmdline: Option<String>, transport: Transport) -> String {
-    match cmdline {
-        Some(cmdline) => {
-            if transport == Transport::Pci && cmdline.split_whitespace().any(|w| w == "pci=off") {
-                log::warn!(
-                    "--transport pci with pci=off on the kernel command line: the guest will not see its network device"
-                );
+/// The network device's transport and the guest's command line, from what was asked for:
+/// without `--transport`, virtio-pci unless the command line turns PCI off in the guest
+/// (`pci=off`), then virtio-mmio; `--transport pci` with `pci=off` is refused (the guest would
+/// have no network device). Without `--cmdline`, the default, with `pci=off` when the VM has
+/// no PCI device.
+fn transport_and_cmdline(
+    transport: Option<Transport>,
+    cmdline: Option<String>,
+    has_net: bool,
+) -> Result<(Transport, String), String> {
+    let pci_off = cmdline
+        .as_deref()
+        .is_some_and(|c| c.split_whitespace().any(|w| w == "pci=off"));
+    let transport =
+        match transport {
+            Some(Transport::Pci) if pci_off && has_net => return Err(
+                "--transport pci with pci=off on the kernel command line: the guest would not see \
+                 its network device (drop pci=off, or use --transport mmio)"
+                    .into(),
+            ),
+            Some(transport) => transport,
+            None if pci_off => {
+                if has_net {
+                    log::info!(
+                        "the kernel command line has pci=off: the network device uses virtio-mmio"
+                    );
+                }
+                Transport::Mmio
             }
-            cmdline
+            None => Transport::Pci,
+        };
+    let cmdline = cmdline.unwrap_or_else(|| {
+        if has_net && transport == Transport::Pci {
+            DEFAULT_CMDLINE_PCI.to_string()
+        } else {
+            DEFAULT_CMDLINE_NO_PCI.to_string()
         }
-        None => match transport {
-            Transport::Mmio => DEFAULT_CMDLINE_MMIO.to_string(),
-            Transport::Pci => DEFAULT_CMDLINE_PCI.to_string(),
-        },
-    }
+    });
+    Ok((transport, cmdline))
 }
 
 fn parse_seccomp_mode(s: &str) -> Result<SeccompMode, String> {
@@ -371,20 +394,22 @@ fn run(args: Args) -> Result<VmExit, Failure> {
              device thread gets every system call this process may make. For debugging only."
         );
     }
+    let (transport, cmdline) = transport_and_cmdline(args.transport, args.cmdline, net.is_some())
+        .map_err(Failure::Usage)?;
     let machine = Machine {
-        pci: net.is_some() && args.transport == Transport::Pci,
+        pci: net.is_some() && transport == Transport::Pci,
     };
     let sandbox = Sandbox::for_machine(args.seccomp, args.seccomp_selftest, machine)
         .map_err(|e| Failure::Runtime(error_chain(&e)))?;
     let config = VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
-        cmdline: guest_cmdline(args.cmdline, args.transport),
+        cmdline,
         cpus: args.cpus,
         memory_mib: args.memory,
         kvm,
         net,
-        transport: args.transport,
+        transport,
         sandbox: std::sync::Arc::new(sandbox),
     };
     let signals = SignalFd::new(&[
@@ -500,21 +525,45 @@ mod tests {
     }
 
     #[test]
-    fn transport_option_and_its_default_cmdline() {
+    fn transport_defaults_to_pci_unless_the_guest_turns_pci_off() {
         let args = Args::try_parse_from(["mqvmm", "--kernel", "k"]).unwrap();
-        assert_eq!(args.transport, Transport::parse(DEFAULT_TRANSPORT).unwrap());
-        let args = Args::try_parse_from(["mqvmm", "--kernel", "k", "--transport", "pci"]).unwrap();
-        assert_eq!(args.transport, Transport::Pci);
-        assert_eq!(guest_cmdline(None, Transport::Pci), "console=ttyS0");
-        assert_eq!(
-            guest_cmdline(None, Transport::Mmio),
-            "console=ttyS0 pci=off"
-        );
-        assert_eq!(guest_cmdline(Some("quiet".into()), Transport::Pci), "quiet");
+        assert_eq!(args.transport, None);
+        let args = Args::try_parse_from(["mqvmm", "--kernel", "k", "--transport", "mmio"]).unwrap();
+        assert_eq!(args.transport, Some(Transport::Mmio));
         let err = Args::try_parse_from(["mqvmm", "--kernel", "k", "--transport", "isa"])
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown transport"), "{err}");
+
+        let resolve = |t, c: Option<&str>, net| transport_and_cmdline(t, c.map(String::from), net);
+        assert_eq!(
+            resolve(None, None, true),
+            Ok((Transport::Pci, "console=ttyS0".to_string()))
+        );
+        assert_eq!(
+            resolve(Some(Transport::Mmio), None, true),
+            Ok((Transport::Mmio, "console=ttyS0 pci=off".to_string()))
+        );
+        assert_eq!(
+            resolve(None, None, false).unwrap().1,
+            "console=ttyS0 pci=off",
+            "no device, no PCI probing"
+        );
+        assert_eq!(
+            resolve(None, Some("console=ttyS0 pci=off quiet"), true),
+            Ok((Transport::Mmio, "console=ttyS0 pci=off quiet".to_string()))
+        );
+        assert_eq!(
+            resolve(None, Some("quiet"), true),
+            Ok((Transport::Pci, "quiet".to_string()))
+        );
+        assert_eq!(
+            resolve(Some(Transport::Mmio), Some("quiet"), true),
+            Ok((Transport::Mmio, "quiet".to_string()))
+        );
+        let err = resolve(Some(Transport::Pci), Some("pci=off"), true).unwrap_err();
+        assert!(err.contains("drop pci=off"), "{err}");
+        assert!(resolve(Some(Transport::Pci), Some("pci=off"), false).is_ok());
     }
 
     #[test]
