@@ -130,6 +130,8 @@ pub struct Options {
     pub pairs: u16,
     /// VMMs to compare.
     pub vmms: Vec<Vmm>,
+    /// mqvmm's `--transport` (`mmio` or `pci`).
+    pub mqvmm_transport: String,
 }
 
 impl Options {
@@ -144,6 +146,7 @@ impl Options {
             format!("--memory={}", self.memory_mib),
             format!("--pairs={}", self.pairs),
             format!("--vmms={}", vmms.join(",")),
+            format!("--mqvmm-transport={}", self.mqvmm_transport),
         ]
     }
 }
@@ -234,8 +237,13 @@ fn vmm_command(vmm: Vmm, opts: &Options) -> Command {
                 .arg(&images.initramfs)
                 .args(["--cpus", &opts.cpus.to_string()])
                 .args(["--memory", &opts.memory_mib.to_string()])
-                // mqvmm has no PCI; the guest would otherwise probe for it.
-                .args(["--cmdline", &format!("{cmdline} pci=off")]);
+                .args(["--transport", &opts.mqvmm_transport]);
+            if opts.mqvmm_transport == "pci" {
+                cmd.args(["--cmdline", &cmdline]);
+            } else {
+                // Without PCI devices; the guest would otherwise probe for them.
+                cmd.args(["--cmdline", &format!("{cmdline} pci=off")]);
+            }
             cmd
         }
         Vmm::QemuVhostOff | Vmm::QemuVhostOn => {

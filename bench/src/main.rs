@@ -143,6 +143,9 @@ struct GuestArgs {
         default_value = "mqvmm,qemu-vhost-off,qemu-vhost-on"
     )]
     vmms: Vec<String>,
+    /// How mqvmm attaches its network device (`mqvmm --transport`).
+    #[arg(long, default_value = "mmio", value_parser = ["mmio", "pci"])]
+    mqvmm_transport: String,
 }
 
 /// Command-line values that do not parse.
@@ -252,6 +255,7 @@ impl GuestArgs {
             memory_mib: self.memory,
             pairs: self.pairs,
             vmms,
+            mqvmm_transport: self.mqvmm_transport.clone(),
         })
     }
 }
@@ -536,6 +540,30 @@ mod tests {
             .chain(g.to_args()),
         );
         assert!(inner.is_ok(), "{inner:?}");
+        assert_eq!(g.mqvmm_transport, "mmio");
+        let pci = Cli::try_parse_from([
+            "mqvmm-bench",
+            "guest",
+            "--records",
+            "z",
+            "--mqvmm-transport",
+            "pci",
+        ])
+        .unwrap();
+        let Cmd::Guest { guest: pci, .. } = pci.cmd else {
+            panic!("not guest");
+        };
+        let pci = pci.options().unwrap();
+        assert!(pci.to_args().contains(&"--mqvmm-transport=pci".to_string()));
+        assert!(Cli::try_parse_from([
+            "mqvmm-bench",
+            "guest",
+            "--records",
+            "z",
+            "--mqvmm-transport",
+            "isa"
+        ])
+        .is_err());
     }
 
     #[test]
