@@ -2,8 +2,13 @@
 //! with kvm_amd, the host's root shared read-only over 9p, and a command agent on a virtio-serial
 //! port (protocol in resources/l1/agent) reached through a unix socket.
 
-/// The L1 CPU model: see [`L1::boot`].
-pub const L1_CPU: &str = "EPYC,+svm,+npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
+/// The L1 CPU model: EPYC with SVM but *without* nested paging, so L1's KVM runs L2 on shadow
+/// page tables. With `+npt` (what DESIGN.md first measured) QEMU's TCG emulation of nested paging
+/// loses L2's state under network load: L2 "triple-faults" with its vCPU back in the power-on
+/// reset state (RIP 0xfff0), several times per `make test` in boot_net and the soak, with Debian's
+/// QEMU in L1 as well as mqvmm. With `-npt` boot_net passed every run at the same speed.
+/// `MQVMM_RIG_L1_CPU` and `MQVMM_RIG_ACCEL` override the model and the accelerator.
+pub const L1_CPU: &str = "EPYC,+svm,-npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -128,9 +133,11 @@ fn qemu_command(config: &L1Config, extra_cmdline: &str) -> Result<Command, RigEr
         source,
     })?;
     let mut cmd = Command::new("qemu-system-x86_64");
-    // EPYC with SVM and nested paging, minus the features TCG cannot emulate anyway (asking
-    // for them only makes QEMU print a warning per vCPU on the user's terminal).
-    cmd.args(["-accel", "tcg,thread=multi", "-cpu", L1_CPU])
+    // EPYC with SVM (see L1_CPU), minus the features TCG cannot emulate anyway (asking for them
+    // only makes QEMU print a warning per vCPU on the user's terminal).
+    let accel = std::env::var("MQVMM_RIG_ACCEL").unwrap_or_else(|_| "tcg,thread=multi".into());
+    let cpu = std::env::var("MQVMM_RIG_L1_CPU").unwrap_or_else(|_| L1_CPU.into());
+    cmd.args(["-accel", &accel, "-cpu", &cpu])
         .args(["-smp", &config.cpus.to_string()])
         .args(["-m", &config.memory_mib.to_string()])
         .args(["-nographic", "-no-reboot", "-nic", "none"])
