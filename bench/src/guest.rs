@@ -644,8 +644,13 @@ pub fn run_inner(opts: &Options, path: &Path, progress: &mut dyn FnMut(&str)) ->
     out.push(Record::new("fact").with("key", "guest_config").with(
         "value",
         format!(
-            "{} vCPUs, {} MiB, {} queue pairs, iperf3 -P {} -t {}",
-            opts.cpus, opts.memory_mib, opts.pairs, opts.streams, opts.iperf_secs
+            "{} vCPUs, {} MiB, {} queue pairs, mqvmm --transport {}, iperf3 -P {} -t {}",
+            opts.cpus,
+            opts.memory_mib,
+            opts.pairs,
+            opts.mqvmm_transport,
+            opts.streams,
+            opts.iperf_secs
         ),
     ));
     record::write_all(path, &out)?;

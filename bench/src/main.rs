@@ -143,8 +143,9 @@ struct GuestArgs {
         default_value = "mqvmm,qemu-vhost-off,qemu-vhost-on"
     )]
     vmms: Vec<String>,
-    /// How mqvmm attaches its network device (`mqvmm --transport`).
-    #[arg(long, default_value = "mmio", value_parser = ["mmio", "pci"])]
+    /// How mqvmm attaches its network device (`mqvmm --transport`; pci, mqvmm's default, is
+    /// the transport QEMU's virtio-net-pci peer uses too).
+    #[arg(long, default_value = "pci", value_parser = ["mmio", "pci"])]
     mqvmm_transport: String,
 }
 
@@ -540,21 +541,23 @@ mod tests {
             .chain(g.to_args()),
         );
         assert!(inner.is_ok(), "{inner:?}");
-        assert_eq!(g.mqvmm_transport, "mmio");
-        let pci = Cli::try_parse_from([
+        assert_eq!(g.mqvmm_transport, "pci");
+        let mmio = Cli::try_parse_from([
             "mqvmm-bench",
             "guest",
             "--records",
             "z",
             "--mqvmm-transport",
-            "pci",
+            "mmio",
         ])
         .unwrap();
-        let Cmd::Guest { guest: pci, .. } = pci.cmd else {
+        let Cmd::Guest { guest: mmio, .. } = mmio.cmd else {
             panic!("not guest");
         };
-        let pci = pci.options().unwrap();
-        assert!(pci.to_args().contains(&"--mqvmm-transport=pci".to_string()));
+        let mmio = mmio.options().unwrap();
+        assert!(mmio
+            .to_args()
+            .contains(&"--mqvmm-transport=mmio".to_string()));
         assert!(Cli::try_parse_from([
             "mqvmm-bench",
             "guest",
