@@ -379,14 +379,14 @@ fn ethtool_l_walk(transport: Transport) {
         let up_rate = iperf_receiver_rate(&up).unwrap_or(0.0);
         let down_rate = iperf_receiver_rate(&down).unwrap_or(0.0);
         assert!(up_rate > 0.0 && down_rate > 0.0, "iperf3:\n{up}\n{down}");
-        println!(
-            "step ({}): combined {n}: ethtool -L {:.2} s, host attached {host}, guest->host {:.0} Mbit/s, host->guest (16 flows) {:.0} Mbit/s, device rx per pair {device_delta:?}, guest rx queues used {busy_guest_queues}, queue vectors fired {} ({busy_rx_vectors} rx)",
+        rig::note(&format!(
+            "timing: {}: combined {n}: ethtool -L {:.2} s, host attached {host}, guest->host {:.0} Mbit/s, host->guest (16 flows) {:.0} Mbit/s, device rx per pair {device_delta:?}, guest rx queues used {busy_guest_queues}, queue vectors fired {} ({busy_rx_vectors} rx)",
             transport.arg(),
             set_time.as_secs_f64(),
             up_rate / 1e6,
             down_rate / 1e6,
             busy_vectors.len()
-        );
+        ));
         assert_unprivileged(&mut console);
     }
     console.send("poweroff\n").expect("type");
