@@ -200,6 +200,12 @@ impl ConfigSpace {
         self.read_u16(COMMAND) & COMMAND_MEMORY != 0
     }
 
+    /// Bus-master enable: without it the function may neither access guest memory nor send
+    /// MSI-X messages (which are memory writes).
+    pub fn bus_master_enabled(&self) -> bool {
+        self.read_u16(COMMAND) & COMMAND_BUS_MASTER != 0
+    }
+
     /// The programmed address of the memory BAR at `index` (type bits removed).
     pub fn bar_address(&self, index: usize) -> Option<u64> {
         self.bar_sizes.get(index).copied().flatten()?;

@@ -8,10 +8,13 @@
 //! - the device side ([`MsixVectors::trigger`], on device threads, lock-free) writes the
 //!   vector's irqfd, or sets its pending bit while the vector or the function is masked.
 //!
-//! The state of a vector is one atomic byte (masked, function-masked, disabled, pending), so an
-//! unmask racing with a trigger can neither lose the interrupt nor deliver it twice: whichever
-//! of the two comes second sees the other's update and fires. While MSI-X is disabled
-//! interrupts are dropped (this transport has no INTx to fall back on) and nothing is pending.
+//! The state of a vector is one atomic byte (masked, function-masked, bus mastering off,
+//! disabled, pending), so an unmask racing with a trigger can neither lose the interrupt nor
+//! deliver it twice: whichever of the two comes second sees the other's update and fires. While
+//! MSI-X is disabled interrupts are dropped (this transport has no INTx to fall back on) and
+//! nothing is pending. An MSI-X message is a memory write by the function, so while bus-master
+//! enable is off in the command register a vector holds its interrupt pending, as if the
+//! function were masked, and sends it when bus mastering comes back.
 
 use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -39,7 +42,8 @@ const MASKED: u8 = 1;
 const FUNCTION_MASKED: u8 = 2;
 const DISABLED: u8 = 4;
 const PENDING: u8 = 8;
-const BLOCKED: u8 = MASKED | FUNCTION_MASKED | DISABLED;
+const NO_BUS_MASTER: u8 = 16;
+const BLOCKED: u8 = MASKED | FUNCTION_MASKED | DISABLED | NO_BUS_MASTER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -127,11 +131,14 @@ pub struct Msix {
     routed: Vec<Option<MsiMessage>>,
     platform: Arc<dyn PciPlatform>,
     control: u16,
+    /// Bus-master enable of the function's command register.
+    bus_master: bool,
 }
 
 impl Msix {
     /// One vector per irqfd; vector `i` is GSI `gsi_base + i`, the irqfd already registered
-    /// for it. Every vector starts masked, MSI-X disabled (the reset state).
+    /// for it. Every vector starts masked, MSI-X disabled, bus mastering off (the reset
+    /// state).
     pub fn new(
         irqfds: Vec<EventFd>,
         gsi_base: u32,
@@ -144,7 +151,7 @@ impl Msix {
         let mut entry = [0u8; ENTRY_SIZE as usize];
         entry[ENTRY_VECTOR_CONTROL..].copy_from_slice(&VECTOR_CONTROL_MASKED.to_le_bytes());
         let states = (0..count)
-            .map(|_| AtomicU8::new(MASKED | DISABLED))
+            .map(|_| AtomicU8::new(MASKED | DISABLED | NO_BUS_MASTER))
             .collect();
         Ok(Msix {
             table: vec![entry; count],
@@ -153,6 +160,7 @@ impl Msix {
             routed: vec![None; count],
             platform,
             control: 0,
+            bus_master: false,
         })
     }
 
@@ -201,6 +209,17 @@ impl Msix {
             return;
         }
         self.control = control;
+        for vector in 0..self.table.len() {
+            self.sync(vector);
+        }
+    }
+
+    /// The guest changed bus-master enable in the command register.
+    pub fn set_bus_master(&mut self, enabled: bool) {
+        if enabled == self.bus_master {
+            return;
+        }
+        self.bus_master = enabled;
         for vector in 0..self.table.len() {
             self.sync(vector);
         }
@@ -276,6 +295,9 @@ impl Msix {
         if self.control & CONTROL_ENABLE == 0 {
             flags |= DISABLED;
         }
+        if !self.bus_master {
+            flags |= NO_BUS_MASTER;
+        }
         // The route must be right before an unmask can fire a pending interrupt through it.
         if flags == 0 {
             let message = self.message(vector);
@@ -308,7 +330,10 @@ mod tests {
         let irqfds = (0..count)
             .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
             .collect();
-        (Msix::new(irqfds, 24, recorder.clone()).unwrap(), recorder)
+        let mut m = Msix::new(irqfds, 24, recorder.clone()).unwrap();
+        // As a driver has it before it enables MSI-X.
+        m.set_bus_master(true);
+        (m, recorder)
     }
 
     fn fired(m: &Msix, vector: usize) -> u64 {
@@ -441,6 +466,31 @@ mod tests {
         assert_eq!(pba(&m), 1);
         m.set_control(0);
         assert_eq!(pba(&m), 0);
+    }
+
+    #[test]
+    fn bus_master_off_holds_interrupts_pending_until_it_is_back_on() {
+        let (mut m, rec) = msix(2);
+        m.set_control(CONTROL_ENABLE);
+        write_entry(&mut m, 0, 0xfee0_0000, 0x30, false);
+        write_entry(&mut m, 1, 0xfee0_0000, 0x31, false);
+        rec.take();
+        m.set_bus_master(false);
+        m.vectors().trigger(1).unwrap();
+        assert_eq!(fired(&m, 1), 0, "no MSI write without bus mastering");
+        assert_eq!(pba(&m), 1 << 1);
+        m.set_bus_master(true);
+        assert_eq!(fired(&m, 1), 1, "the held interrupt goes out");
+        assert_eq!(fired(&m, 0), 0);
+        assert_eq!(pba(&m), 0);
+        assert!(rec.take().is_empty(), "the routes did not change");
+        // Out of reset bus mastering is off.
+        let irqfds = vec![EventFd::new(EFD_NONBLOCK).unwrap()];
+        let mut m = Msix::new(irqfds, 24, Arc::new(Recorder::default())).unwrap();
+        m.set_control(CONTROL_ENABLE);
+        write_entry(&mut m, 0, 0xfee0_0000, 0x30, false);
+        m.vectors().trigger(0).unwrap();
+        assert_eq!((fired(&m, 0), pba(&m)), (0, 1));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! feature pages, FEATURES_OK validation (a subset of what was offered, VERSION_1 included),
 //! queue setup only between FEATURES_OK and DRIVER_OK, activation with the ready queues, and
 //! DEVICE_NEEDS_RESET when activation fails. What PCI adds: MSI-X vectors per queue and for
-//! configuration changes, and queue notifications at `queue_notify_off` of the notify region.
+//! configuration changes, queue notifications at `queue_notify_off` of the notify region, and
+//! bus-master enable: the device only runs while the function may access guest memory.
 
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -135,6 +136,8 @@ pub struct CommonConfig {
     driver_features: u64,
     status: u8,
     activated: bool,
+    /// Bus-master enable of the function's command register.
+    bus_master: bool,
 }
 
 impl CommonConfig {
@@ -159,6 +162,7 @@ impl CommonConfig {
             driver_features: 0,
             status: 0,
             activated: false,
+            bus_master: false,
         }
     }
 
@@ -176,6 +180,30 @@ impl CommonConfig {
 
     pub fn status(&self) -> u8 {
         self.status
+    }
+
+    /// The guest changed bus-master enable in the command register. Without it the function
+    /// may not access guest memory, so, as QEMU's virtio-pci does, a running device is stopped
+    /// (device reset) and DRIVER_OK leaves the status: the driver has to initialise the device
+    /// again. A DRIVER_OK written while bus mastering is off takes effect when it comes on
+    /// (Linux enables bus mastering before it starts the handshake).
+    pub fn set_bus_master(&mut self, enabled: bool) {
+        if enabled == self.bus_master {
+            return;
+        }
+        self.bus_master = enabled;
+        if enabled {
+            if self.status & STATUS_DRIVER_OK as u8 != 0 && !self.activated {
+                self.activate();
+            }
+            return;
+        }
+        if self.activated {
+            log::info!("virtio-pci: bus mastering turned off while the device runs: device stopped, driver must reset it");
+            self.device.reset();
+            self.activated = false;
+        }
+        self.status &= !(STATUS_DRIVER_OK as u8);
     }
 
     /// A write to queue `queue`'s notify address that reached us (no ioeventfd caught it).
@@ -445,7 +473,11 @@ impl CommonConfig {
         }
         self.status = old | (new & known);
         if added & STATUS_DRIVER_OK as u8 != 0 {
-            self.activate();
+            if self.bus_master {
+                self.activate();
+            } else {
+                log::warn!("virtio-pci: DRIVER_OK while bus mastering is off: the device starts when the driver turns it on");
+            }
         }
     }
 

@@ -24,6 +24,10 @@
 //! queue's interrupt goes to whichever vCPU the guest aims that vector at. There is no INTx
 //! (interrupt pin 0): Linux's virtio-pci driver only falls back to it when MSI-X fails. The
 //! ISR byte is still kept (read-to-clear) for completeness.
+//!
+//! Bus-master enable (PCI command bit 2) gates everything the function does to guest memory:
+//! while it is off the device does not run (turning it off stops a running device and clears
+//! DRIVER_OK, as QEMU does) and MSI-X messages wait in the pending bits.
 
 mod common;
 #[cfg(test)]
@@ -373,6 +377,13 @@ impl PciDevice for VirtioPciDevice {
 
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
+        if self.touches(offset, data.len(), COMMAND, 2) {
+            // MSI-X first: turning bus mastering off holds interrupts back before the device
+            // stops, turning it on lets them out before a deferred activation.
+            let bus_master = self.config.bus_master_enabled();
+            self.msix.set_bus_master(bus_master);
+            self.common.set_bus_master(bus_master);
+        }
         let control = self.msix_cap + 2;
         if self.touches(offset, data.len(), control, 2) {
             let value = self.config.read_u16(control);

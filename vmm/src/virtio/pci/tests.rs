@@ -9,7 +9,9 @@ use vm_memory::GuestAddress;
 use super::common::*;
 use super::*;
 use crate::bus::BusDevice;
-use crate::pci::config::{BAR0, CAPABILITIES_POINTER, STATUS, STATUS_CAPABILITIES_LIST};
+use crate::pci::config::{
+    BAR0, CAPABILITIES_POINTER, COMMAND_BUS_MASTER, STATUS, STATUS_CAPABILITIES_LIST,
+};
 use crate::pci::msix::{CONTROL_ENABLE, CONTROL_FUNCTION_MASK};
 use crate::pci::testing::{Call, Recorder};
 use crate::pci::{MsiMessage, PciConfigIo, PciMmioWindow, PciRoot};
@@ -110,7 +112,7 @@ fn harness(fail_activate: bool) -> Harness {
         .collect();
     let ours = irqfds.iter().map(|e| e.try_clone().unwrap()).collect();
     let platform = Arc::new(Recorder::default());
-    let dev = VirtioPciDevice::new(
+    let mut dev = VirtioPciDevice::new(
         Box::new(device),
         mem,
         PciTransportConfig {
@@ -121,6 +123,12 @@ fn harness(fail_activate: bool) -> Harness {
         platform.clone(),
     )
     .unwrap();
+    // What Linux's virtio_pci_probe does before the virtio handshake: pci_enable_device
+    // (memory decode) and pci_set_master.
+    dev.config_write(
+        COMMAND,
+        &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes(),
+    );
     Harness {
         dev,
         record,
@@ -540,6 +548,51 @@ fn masked_vectors_show_in_the_pba_and_fire_when_unmasked() {
     assert_eq!((h.fired(1), h.read(0x5000, 8)), (0, 2));
     h.write(MSIX_TABLE_OFFSET + 16 + 12, 4, 0);
     assert_eq!(h.fired(1), 1);
+}
+
+#[test]
+fn bus_master_off_stops_the_device_and_holds_its_interrupts() {
+    let mut h = harness(false);
+    h.enable_msix();
+    h.bring_up(FEATURES);
+    h.setup_queue(0, 0x10000);
+    h.set_common(QUEUE_MSIX_VECTOR, 2, 1);
+    h.set_status(0xf);
+    let irq = h.interrupt();
+    let command = |bus_master: bool| {
+        let bits = COMMAND_MEMORY | if bus_master { COMMAND_BUS_MASTER } else { 0 };
+        bits.to_le_bytes()
+    };
+    h.set_cfg(COMMAND, &command(false));
+    assert_eq!(h.record.lock().unwrap().resets, 1, "the device was stopped");
+    assert_eq!(h.status(), FEATURES_OK, "DRIVER_OK is gone");
+    irq.signal_used_queue(0).unwrap();
+    assert_eq!(h.fired(1), 0, "no MSI-X message without bus mastering");
+    assert_eq!(h.read(0x5000, 8), 1 << 1, "held in the PBA");
+    h.set_cfg(COMMAND, &command(true));
+    assert_eq!(h.fired(1), 1, "sent once bus mastering is back");
+    assert_eq!(
+        h.record.lock().unwrap().activations.len(),
+        1,
+        "bus mastering alone does not restart the device"
+    );
+    // The driver starts over, as Linux does after a reset.
+    h.set_status(0);
+    h.bring_up(FEATURES);
+    h.setup_queue(0, 0x10000);
+    h.set_status(0xf);
+    assert_eq!(h.record.lock().unwrap().activations.len(), 2);
+
+    // DRIVER_OK while bus mastering is off: the device starts when it comes on.
+    let mut h = harness(false);
+    h.set_cfg(COMMAND, &command(false));
+    h.bring_up(FEATURES);
+    h.setup_queue(0, 0x10000);
+    h.set_status(0xf);
+    assert!(h.record.lock().unwrap().activations.is_empty());
+    h.set_cfg(COMMAND, &command(true));
+    assert_eq!(h.record.lock().unwrap().activations.len(), 1);
+    assert_eq!(h.status(), 0xf);
 }
 
 #[test]
