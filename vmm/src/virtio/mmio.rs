@@ -192,10 +192,12 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        if self.activated {
+        // From FEATURES_OK on the device holds negotiated features, and a failed activation
+        // may have left state behind; the device's reset is idempotent when nothing runs.
+        if self.activated || self.status & STATUS_FEATURES_OK != 0 {
             self.device.reset();
-            self.activated = false;
         }
+        self.activated = false;
         for queue in &mut self.queues {
             queue.reset();
         }
@@ -708,11 +710,26 @@ mod tests {
         setup_queue(&mut t, 1, 0x30000);
         w(&mut t, REG_STATUS, 0xf);
         assert_eq!(record.lock().unwrap().activations.len(), 2);
-        // A reset before activation does not reset the device.
+        // Before FEATURES_OK the device has nothing to forget.
         let (mut t, record) = transport(false);
-        bring_up(&mut t, FEATURES);
+        w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         w(&mut t, REG_STATUS, 0);
         assert_eq!(record.lock().unwrap().resets, 0);
+        // After FEATURES_OK it has acked features, after a failed activation maybe more.
+        bring_up(&mut t, FEATURES);
+        w(&mut t, REG_STATUS, 0);
+        assert_eq!(record.lock().unwrap().resets, 1, "reset after FEATURES_OK");
+        let (mut t, record) = transport(true);
+        bring_up(&mut t, FEATURES);
+        setup_queue(&mut t, 0, 0x10000);
+        w(&mut t, REG_STATUS, 0xf);
+        assert_ne!(r(&mut t, REG_STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+        w(&mut t, REG_STATUS, 0);
+        assert_eq!(
+            record.lock().unwrap().resets,
+            1,
+            "reset after a failed activation"
+        );
     }
 
     #[test]

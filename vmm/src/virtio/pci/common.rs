@@ -417,10 +417,12 @@ impl CommonConfig {
     }
 
     fn reset(&mut self) {
-        if self.activated {
+        // From FEATURES_OK on the device holds negotiated features, and a failed activation
+        // may have left state behind; the device's reset is idempotent when nothing runs.
+        if self.activated || self.status & STATUS_FEATURES_OK as u8 != 0 {
             self.device.reset();
-            self.activated = false;
         }
+        self.activated = false;
         for queue in &mut self.queues {
             queue.reset();
         }

@@ -462,13 +462,29 @@ fn reset_returns_to_initial_state_and_resets_the_device() {
     h.setup_queue(1, 0x30000);
     h.set_status(0xf);
     assert_eq!(h.record.lock().unwrap().activations.len(), 2);
+    // Before FEATURES_OK the device has nothing to forget.
     let mut h = harness(false);
+    h.set_status(ACK_DRIVER);
+    h.set_status(0);
+    assert_eq!(h.record.lock().unwrap().resets, 0);
+    // After FEATURES_OK it has acked features, after a failed activation maybe more.
     h.bring_up(FEATURES);
     h.set_status(0);
     assert_eq!(
         h.record.lock().unwrap().resets,
-        0,
-        "no reset before activation"
+        1,
+        "reset after FEATURES_OK"
+    );
+    let mut h = harness(true);
+    h.bring_up(FEATURES);
+    h.setup_queue(0, 0x10000);
+    h.set_status(0xf);
+    assert_ne!(h.status() & STATUS_DEVICE_NEEDS_RESET as u8, 0);
+    h.set_status(0);
+    assert_eq!(
+        h.record.lock().unwrap().resets,
+        1,
+        "reset after a failed activation"
     );
 }
 
