@@ -375,13 +375,14 @@ impl MmioTransport {
             REG_QUEUE_SEL => self.queue_select = value,
             REG_QUEUE_NOTIFY => {
                 // Under KVM the ioeventfd swallows these writes; in-process drivers land here.
+                // Like the ioeventfd, kick whatever the status: the eventfd holds the kick until
+                // the device reads it after activation.
                 match self.kicks.get(value as usize) {
-                    Some(kick) if self.activated => {
+                    Some(kick) => {
                         if let Err(e) = kick.write(1) {
                             log::error!("virtio-mmio: cannot kick queue {value}: {e}");
                         }
                     }
-                    Some(_) => log::debug!("virtio-mmio: notify of queue {value} before DRIVER_OK"),
                     None => log::warn!("virtio-mmio: notify of nonexistent queue {value}"),
                 }
             }
@@ -750,14 +751,15 @@ mod tests {
     }
 
     #[test]
-    fn notify_kicks_the_queue_eventfd_only_when_active() {
+    fn notify_kicks_the_queue_eventfd_in_any_status() {
         let (mut t, _) = transport(false);
         bring_up(&mut t, FEATURES);
         setup_queue(&mut t, 1, 0x10000);
         w(&mut t, REG_QUEUE_NOTIFY, 1);
-        assert!(
-            t.queue_kicks()[1].read().is_err(),
-            "no kick before DRIVER_OK"
+        assert_eq!(
+            t.queue_kicks()[1].read().unwrap(),
+            1,
+            "a kick before DRIVER_OK latches, as it does in an ioeventfd"
         );
         w(&mut t, REG_STATUS, 0xf);
         w(&mut t, REG_QUEUE_NOTIFY, 1);

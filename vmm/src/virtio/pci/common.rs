@@ -207,14 +207,16 @@ impl CommonConfig {
     }
 
     /// A write to queue `queue`'s notify address that reached us (no ioeventfd caught it).
+    /// Kicks it whatever the status: a notify caught by the ioeventfd latches in the eventfd
+    /// until the device reads it after activation, and one that exits here (the BAR moving,
+    /// an ioeventfd KVM refused, the PCI_CFG window) must not behave differently.
     pub fn notify(&self, queue: usize) {
         match self.kicks.get(queue) {
-            Some(kick) if self.activated => {
+            Some(kick) => {
                 if let Err(e) = kick.write(1) {
                     log::error!("virtio-pci: cannot kick queue {queue}: {e}");
                 }
             }
-            Some(_) => log::debug!("virtio-pci: notify of queue {queue} before DRIVER_OK"),
             None => log::warn!("virtio-pci: notify of nonexistent queue {queue}"),
         }
     }
