@@ -93,6 +93,15 @@ impl PciInterrupt {
         self.config_generation.load(Ordering::Acquire)
     }
 
+    /// Sets an ISR cause bit. Every worker thread signals through this one byte, so the
+    /// read-modify-write (which takes the cache line exclusively) only happens when the bit
+    /// is not set yet; once set, it stays set until the driver's read clears it.
+    fn set_isr(&self, bit: u8) {
+        if self.isr.load(Ordering::Acquire) & bit == 0 {
+            self.isr.fetch_or(bit, Ordering::AcqRel);
+        }
+    }
+
     fn send(&self, vector: u16) -> std::io::Result<()> {
         // NO_VECTOR: the driver wants no interrupt for this source (there is no INTx).
         if vector == NO_VECTOR {
@@ -112,13 +121,13 @@ impl PciInterrupt {
 
 impl Interrupt for PciInterrupt {
     fn signal_used_queue(&self, queue_index: u16) -> std::io::Result<()> {
-        self.isr.fetch_or(ISR_QUEUE, Ordering::AcqRel);
+        self.set_isr(ISR_QUEUE);
         self.send(self.queue_vector(usize::from(queue_index)))
     }
 
     fn signal_config(&self) -> std::io::Result<()> {
         self.config_generation.fetch_add(1, Ordering::AcqRel);
-        self.isr.fetch_or(ISR_CONFIG, Ordering::AcqRel);
+        self.set_isr(ISR_CONFIG);
         self.send(self.config_vector())
     }
 }

@@ -536,6 +536,29 @@ fn each_queue_interrupts_through_its_own_vector_and_irqfd() {
 }
 
 #[test]
+fn isr_keeps_each_cause_until_read_and_sets_it_again_after() {
+    let mut h = harness(false);
+    h.bring_up(FEATURES);
+    h.setup_queue(0, 0x10000);
+    h.set_status(0xf);
+    let irq = h.interrupt();
+    irq.signal_used_queue(0).unwrap();
+    irq.signal_used_queue(0).unwrap();
+    assert_eq!(h.read(ISR_OFFSET, 1) as u8, ISR_QUEUE);
+    assert_eq!(h.read(ISR_OFFSET, 1), 0, "read clears");
+    irq.signal_used_queue(0).unwrap();
+    irq.signal_config().unwrap();
+    assert_eq!(
+        h.read(ISR_OFFSET, 1) as u8,
+        ISR_QUEUE | ISR_CONFIG,
+        "a set queue bit does not hide the config cause"
+    );
+    irq.signal_config().unwrap();
+    irq.signal_used_queue(0).unwrap();
+    assert_eq!(h.read(ISR_OFFSET, 1) as u8, ISR_QUEUE | ISR_CONFIG);
+}
+
+#[test]
 fn masked_vectors_show_in_the_pba_and_fire_when_unmasked() {
     let mut h = harness(false);
     h.enable_msix();
