@@ -71,6 +71,7 @@ pub(crate) mod testing {
     //! A [`PciPlatform`] that records what devices asked for.
     use super::*;
     use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
 
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,9 +81,20 @@ pub(crate) mod testing {
         Unregister(i32, u64),
     }
 
+    /// Every call is recorded, also the ones it is told to fail (as KVM refusing them).
     #[derive(Default)]
     pub struct Recorder {
         pub calls: Mutex<Vec<Call>>,
+        pub fail_routes: AtomicBool,
+        pub fail_unregister: AtomicBool,
+    }
+
+    fn refused(fail: &AtomicBool) -> io::Result<()> {
+        if fail.load(Ordering::Relaxed) {
+            Err(io::Error::from_raw_os_error(libc::ENOMEM))
+        } else {
+            Ok(())
+        }
     }
 
     impl Recorder {
@@ -94,7 +106,7 @@ pub(crate) mod testing {
     impl PciPlatform for Recorder {
         fn set_msi_route(&self, gsi: u32, message: Option<MsiMessage>) -> io::Result<()> {
             self.calls.lock().unwrap().push(Call::Route(gsi, message));
-            Ok(())
+            refused(&self.fail_routes)
         }
         fn register_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()> {
             self.calls
@@ -108,7 +120,7 @@ pub(crate) mod testing {
                 .lock()
                 .unwrap()
                 .push(Call::Unregister(fd.as_raw_fd(), addr));
-            Ok(())
+            refused(&self.fail_unregister)
         }
     }
 }

@@ -299,17 +299,22 @@ impl Msix {
             flags |= NO_BUS_MASTER;
         }
         // The route must be right before an unmask can fire a pending interrupt through it.
+        // Without it the vector stays masked (KVM would deliver to no or the old message):
+        // interrupts latch in the PBA, and the next sync of the vector tries again.
         if flags == 0 {
             let message = self.message(vector);
             if self.routed[vector] != Some(message) {
                 let gsi = self.gsi_base + vector as u32;
                 match self.platform.set_msi_route(gsi, Some(message)) {
                     Ok(()) => self.routed[vector] = Some(message),
-                    Err(e) => log::warn!(
-                        "msix: cannot route vector {vector} (GSI {gsi}) to address {:#x} data {:#x}: {e}",
-                        message.address,
-                        message.data
-                    ),
+                    Err(e) => {
+                        log::warn!(
+                            "msix: cannot route vector {vector} (GSI {gsi}) to address {:#x} data {:#x}; it stays masked: {e}",
+                            message.address,
+                            message.data
+                        );
+                        flags |= MASKED;
+                    }
                 }
             }
         }
@@ -491,6 +496,34 @@ mod tests {
         write_entry(&mut m, 0, 0xfee0_0000, 0x30, false);
         m.vectors().trigger(0).unwrap();
         assert_eq!((fired(&m, 0), pba(&m)), (0, 1));
+    }
+
+    #[test]
+    fn a_vector_whose_route_failed_stays_masked_until_a_sync_routes_it() {
+        let (mut m, rec) = msix(2);
+        m.set_control(CONTROL_ENABLE);
+        rec.fail_routes.store(true, Ordering::Relaxed);
+        write_entry(&mut m, 1, 0xfee0_0000, 0x31, false);
+        assert_eq!(rec.take().len(), 1, "the route was tried");
+        m.vectors().trigger(1).unwrap();
+        assert_eq!(fired(&m, 1), 0, "no interrupt through a missing route");
+        assert_eq!(pba(&m), 1 << 1, "latched instead");
+        // The next sync of the vector (here: the driver rewrites its control) retries.
+        rec.fail_routes.store(false, Ordering::Relaxed);
+        m.table_write(ENTRY_SIZE + 12, &0u32.to_le_bytes());
+        assert_eq!(
+            rec.take(),
+            vec![Call::Route(
+                25,
+                Some(MsiMessage {
+                    address: 0xfee0_0000,
+                    data: 0x31
+                })
+            )]
+        );
+        assert_eq!((fired(&m, 1), pba(&m)), (1, 0));
+        m.vectors().trigger(1).unwrap();
+        assert_eq!(fired(&m, 1), 1);
     }
 
     #[test]
