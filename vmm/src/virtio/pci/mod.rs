@@ -416,12 +416,17 @@ impl PciDevice for VirtioPciDevice {
             if self.ioevents[queue] == wanted {
                 continue;
             }
-            if let Some(old) = self.ioevents[queue].take() {
+            if let Some(old) = self.ioevents[queue] {
+                // Forgotten only once KVM let go of it. Until then it stays on record (retried
+                // at the next BAR change) and no second one is registered: notifies at the
+                // new address exit to us and kick the same eventfd.
                 if let Err(e) = self.platform.unregister_ioevent(kick, old) {
                     log::error!(
-                        "virtio-pci: cannot remove the ioeventfd of queue {queue} at {old:#x}: {e}"
+                        "virtio-pci: cannot remove the ioeventfd of queue {queue} at {old:#x} (retried when the BAR next changes): {e}"
                     );
+                    continue;
                 }
+                self.ioevents[queue] = None;
             }
             if let Some(new) = wanted {
                 match self.platform.register_ioevent(kick, new) {

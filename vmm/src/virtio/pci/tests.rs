@@ -2,6 +2,7 @@
 //! configuration space and BAR accesses, without KVM (a recorder stands in for it).
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use vm_memory::GuestAddress;
@@ -704,6 +705,36 @@ fn ioeventfds_follow_the_bar_through_sizing_and_relocation() {
     assert_eq!(u16::from_le_bytes(d), 3);
     window.read(COMMON_OFFSET + NUM_QUEUES, &mut d);
     assert_eq!(d, [0xff, 0xff], "old address answers nothing");
+}
+
+#[test]
+fn an_ioeventfd_kvm_would_not_remove_stays_on_record_and_is_retried() {
+    let mut h = harness(false);
+    let kicks: Vec<i32> = h.dev.queue_kicks().iter().map(|k| k.as_raw_fd()).collect();
+    let calls = |make: fn(i32, u64) -> Call, base: u64| -> Vec<Call> {
+        (0..3)
+            .map(|q| make(kicks[q], base + NOTIFY_OFFSET + 4 * q as u64))
+            .collect()
+    };
+    h.dev.bar_mapped(0, Some(BAR));
+    assert_eq!(h.platform.take(), calls(Call::Register, BAR));
+    let new = BAR + 0x10_0000;
+    h.platform.fail_unregister.store(true, Ordering::Relaxed);
+    h.dev.bar_mapped(0, Some(new));
+    assert_eq!(
+        h.platform.take(),
+        calls(Call::Unregister, BAR),
+        "nothing registered at the new place while the old one is still there"
+    );
+    // A notify at the new address exits to the transport and still kicks.
+    h.write(NOTIFY_OFFSET + 4, 2, 1);
+    assert_eq!(h.dev.queue_kicks()[1].read().unwrap(), 1);
+    // The next BAR change removes the old ones first.
+    h.platform.fail_unregister.store(false, Ordering::Relaxed);
+    h.dev.bar_mapped(0, None);
+    assert_eq!(h.platform.take(), calls(Call::Unregister, BAR));
+    h.dev.bar_mapped(0, Some(new));
+    assert_eq!(h.platform.take(), calls(Call::Register, new));
 }
 
 #[test]
