@@ -57,7 +57,8 @@ struct Args {
     /// How the network device attaches: `pci` (virtio-pci, one MSI-X vector per queue: no
     /// interrupt status read or acknowledgement, each queue's interrupt on its own vCPU) or
     /// `mmio` (virtio-mmio, one interrupt line for all queues). Default: pci, unless --cmdline
-    /// has `pci=off` (a guest that will not look for PCI devices): then mmio.
+    /// has `pci=off` (a guest that will not look for PCI devices) or `pci=nomsi` (no MSI-X,
+    /// which virtio-pci needs), also among other `pci=` options: then mmio.
     #[arg(long, value_name = "pci|mmio", value_parser = parse_transport)]
     transport: Option<Transport>,
     /// Log level: error, warn, info, debug, trace, off.
@@ -78,37 +79,71 @@ fn parse_transport(s: &str) -> Result<Transport, String> {
     Transport::parse(s).ok_or_else(|| format!("unknown transport {s:?} (pci, mmio)"))
 }
 
+/// What a kernel command line says about PCI: Linux takes every `pci=` parameter as a
+/// comma-separated list of options.
+#[derive(Debug, Default)]
+struct GuestPci {
+    /// `off`: the guest does not look for PCI devices.
+    off: bool,
+    /// `nomsi`: no MSI or MSI-X, which leaves a virtio-pci function without INTx no interrupt.
+    no_msi: bool,
+}
+
+fn guest_pci(cmdline: &str) -> GuestPci {
+    let mut pci = GuestPci::default();
+    let options = cmdline
+        .split_whitespace()
+        .filter_map(|word| word.strip_prefix("pci="))
+        .flat_map(|value| value.split(','));
+    for option in options {
+        match option {
+            "off" => pci.off = true,
+            "nomsi" => pci.no_msi = true,
+            _ => {}
+        }
+    }
+    pci
+}
+
 /// The network device's transport and the guest's command line, from what was asked for:
 /// without `--transport`, virtio-pci unless the command line turns PCI off in the guest
-/// (`pci=off`), then virtio-mmio; `--transport pci` with `pci=off` is refused (the guest would
-/// have no network device). Without `--cmdline`, the default, with `pci=off` when the VM has
-/// no PCI device.
+/// (`pci=off`) or MSI (`pci=nomsi`; the virtio-pci function interrupts through MSI-X only),
+/// then virtio-mmio; `--transport pci` with either is refused (the guest would have no
+/// network device, or no interrupts from it). Without `--cmdline`, the default, with
+/// `pci=off` when the VM has no PCI device.
 fn transport_and_cmdline(
     transport: Option<Transport>,
     cmdline: Option<String>,
     has_net: bool,
 ) -> Result<(Transport, String), String> {
-    let pci_off = cmdline
-        .as_deref()
-        .is_some_and(|c| c.split_whitespace().any(|w| w == "pci=off"));
-    let transport =
-        match transport {
-            Some(Transport::Pci) if pci_off && has_net => return Err(
+    let pci = cmdline.as_deref().map(guest_pci).unwrap_or_default();
+    let transport = match transport {
+        Some(Transport::Pci) if pci.off && has_net => {
+            return Err(
                 "--transport pci with pci=off on the kernel command line: the guest would not see \
                  its network device (drop pci=off, or use --transport mmio)"
                     .into(),
-            ),
-            Some(transport) => transport,
-            None if pci_off => {
-                if has_net {
-                    log::info!(
-                        "the kernel command line has pci=off: the network device uses virtio-mmio"
-                    );
-                }
-                Transport::Mmio
+            )
+        }
+        Some(Transport::Pci) if pci.no_msi && has_net => {
+            return Err(
+                "--transport pci with pci=nomsi on the kernel command line: the virtio-pci \
+                 network device interrupts through MSI-X only (drop pci=nomsi, or use --transport mmio)"
+                    .into(),
+            )
+        }
+        Some(transport) => transport,
+        None if pci.off || pci.no_msi => {
+            if has_net {
+                let option = if pci.off { "pci=off" } else { "pci=nomsi" };
+                log::info!(
+                    "the kernel command line has {option}: the network device uses virtio-mmio"
+                );
             }
-            None => Transport::Pci,
-        };
+            Transport::Mmio
+        }
+        None => Transport::Pci,
+    };
     let cmdline = cmdline.unwrap_or_else(|| {
         if has_net && transport == Transport::Pci {
             DEFAULT_CMDLINE_PCI.to_string()
@@ -564,6 +599,51 @@ mod tests {
         let err = resolve(Some(Transport::Pci), Some("pci=off"), true).unwrap_err();
         assert!(err.contains("drop pci=off"), "{err}");
         assert!(resolve(Some(Transport::Pci), Some("pci=off"), false).is_ok());
+    }
+
+    #[test]
+    fn pci_options_are_read_from_every_comma_separated_pci_value() {
+        let resolve = |t, c: &str| transport_and_cmdline(t, Some(c.to_string()), true);
+        // `off` among other options turns PCI off just the same.
+        for cmdline in [
+            "console=ttyS0 pci=noacpi,off",
+            "pci=off,realloc quiet",
+            "pci=realloc pci=off",
+        ] {
+            assert_eq!(
+                resolve(None, cmdline),
+                Ok((Transport::Mmio, cmdline.to_string())),
+                "{cmdline}"
+            );
+            let err = resolve(Some(Transport::Pci), cmdline).unwrap_err();
+            assert!(err.contains("drop pci=off"), "{cmdline}: {err}");
+        }
+        // Not an option of pci=, or not pci= at all.
+        assert_eq!(resolve(None, "pci=offx").unwrap().0, Transport::Pci);
+        assert_eq!(resolve(None, "xpci=off").unwrap().0, Transport::Pci);
+        assert_eq!(resolve(None, "pci=realloc").unwrap().0, Transport::Pci);
+        // No MSI: no interrupts from the virtio-pci function, so mmio, and pci is refused
+        // with one line.
+        for cmdline in ["pci=nomsi", "console=ttyS0 pci=realloc,nomsi"] {
+            assert_eq!(
+                resolve(None, cmdline).unwrap().0,
+                Transport::Mmio,
+                "{cmdline}"
+            );
+            let err = resolve(Some(Transport::Pci), cmdline).unwrap_err();
+            assert!(
+                err.contains("pci=nomsi") && err.contains("MSI-X only"),
+                "{err}"
+            );
+            assert!(!err.contains('\n'), "one line: {err}");
+            assert_eq!(
+                resolve(Some(Transport::Mmio), cmdline).unwrap().0,
+                Transport::Mmio
+            );
+            assert!(
+                transport_and_cmdline(Some(Transport::Pci), Some(cmdline.into()), false).is_ok()
+            );
+        }
     }
 
     #[test]
