@@ -15,9 +15,6 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{MsiMessage, PciPlatform};
 use crate::arch::layout::IOAPIC_PINS;
 
-/// GSIs below this go through KVM's in-kernel PIC/IOAPIC (serial console, virtio-mmio).
-pub const FIRST_MSI_GSI: u32 = IOAPIC_PINS;
-
 pub struct KvmPlatform {
     vm: Arc<VmFd>,
     msi_routes: Mutex<BTreeMap<u32, MsiMessage>>,
@@ -78,12 +75,9 @@ fn to_io(e: kvm_ioctls::Error) -> io::Error {
 }
 
 impl PciPlatform for KvmPlatform {
-    fn set_msi_route(&self, gsi: u32, message: Option<MsiMessage>) -> io::Result<()> {
+    fn set_msi_route(&self, gsi: u32, message: MsiMessage) -> io::Result<()> {
         let mut routes = self.msi_routes.lock().unwrap_or_else(|e| e.into_inner());
-        let previous = match message {
-            Some(m) => routes.insert(gsi, m),
-            None => routes.remove(&gsi),
-        };
+        let previous = routes.insert(gsi, message);
         let table = KvmIrqRouting::from_entries(&routing_table(&routes))
             .map_err(|e| io::Error::other(format!("routing table: {e:?}")));
         let result = table.and_then(|t| self.vm.set_gsi_routing(&t).map_err(to_io));

@@ -44,8 +44,9 @@ pub struct MsiMessage {
 /// ([`kvm::KvmPlatform`]), a recorder in unit tests. Called on vCPU threads (config and BAR
 /// writes), so the KVM implementation's ioctls are in the vCPU seccomp filter.
 pub trait PciPlatform: Send + Sync {
-    /// Routes `gsi` to the MSI `message` (or removes the route with `None`).
-    fn set_msi_route(&self, gsi: u32, message: Option<MsiMessage>) -> io::Result<()>;
+    /// Routes `gsi` to the MSI `message`. Routes are never removed: a vector that is masked
+    /// or disabled keeps its route, its irqfd is just not written.
+    fn set_msi_route(&self, gsi: u32, message: MsiMessage) -> io::Result<()>;
     /// Makes a guest write of any length to MMIO `addr` signal `fd` instead of exiting.
     fn register_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()>;
     /// Undoes [`PciPlatform::register_ioevent`].
@@ -76,7 +77,7 @@ pub(crate) mod testing {
 
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Call {
-        Route(u32, Option<MsiMessage>),
+        Route(u32, MsiMessage),
         Register(i32, u64),
         Unregister(i32, u64),
     }
@@ -104,7 +105,7 @@ pub(crate) mod testing {
     }
 
     impl PciPlatform for Recorder {
-        fn set_msi_route(&self, gsi: u32, message: Option<MsiMessage>) -> io::Result<()> {
+        fn set_msi_route(&self, gsi: u32, message: MsiMessage) -> io::Result<()> {
             self.calls.lock().unwrap().push(Call::Route(gsi, message));
             refused(&self.fail_routes)
         }

@@ -58,14 +58,6 @@ pub struct MsixVectors {
 }
 
 impl MsixVectors {
-    pub fn len(&self) -> usize {
-        self.irqfds.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.irqfds.is_empty()
-    }
-
     /// Sends `vector`: writes its irqfd, or sets its pending bit while it is masked. Dropped
     /// while MSI-X is disabled; a vector the table does not have is ignored.
     pub fn trigger(&self, vector: u16) -> io::Result<()> {
@@ -170,10 +162,6 @@ impl Msix {
 
     pub fn vectors(&self) -> Arc<MsixVectors> {
         self.vectors.clone()
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.control & CONTROL_ENABLE != 0
     }
 
     pub fn table_len(&self) -> u64 {
@@ -305,7 +293,7 @@ impl Msix {
             let message = self.message(vector);
             if self.routed[vector] != Some(message) {
                 let gsi = self.gsi_base + vector as u32;
-                match self.platform.set_msi_route(gsi, Some(message)) {
+                match self.platform.set_msi_route(gsi, message) {
                     Ok(()) => self.routed[vector] = Some(message),
                     Err(e) => {
                         log::warn!(
@@ -402,10 +390,10 @@ mod tests {
             rec.take(),
             vec![Call::Route(
                 25,
-                Some(MsiMessage {
+                MsiMessage {
                     address: 0xfee0_0000,
                     data: 0x31
-                })
+                }
             )],
             "one route push, at unmask, not per dword"
         );
@@ -437,10 +425,10 @@ mod tests {
             rec.take(),
             vec![Call::Route(
                 26,
-                Some(MsiMessage {
+                MsiMessage {
                     address: 0xfee0_1000,
                     data: 0x42
-                })
+                }
             )]
         );
         assert_eq!(fired(&m, 2), 1);
@@ -515,10 +503,10 @@ mod tests {
             rec.take(),
             vec![Call::Route(
                 25,
-                Some(MsiMessage {
+                MsiMessage {
                     address: 0xfee0_0000,
                     data: 0x31
-                })
+                }
             )]
         );
         assert_eq!((fired(&m, 1), pba(&m)), (1, 0));

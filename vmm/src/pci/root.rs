@@ -83,8 +83,9 @@ impl PciRoot {
     pub fn config_write(&mut self, bus: u8, slot: usize, function: u8, offset: usize, data: &[u8]) {
         if let Some(device) = self.function(bus, slot, function) {
             device.config_write(offset, data);
-            // This slot first (it keeps what it asked for), then the others: one may now fit
-            // where this one was.
+            // The written function first, against what the others decode now (on an overlap
+            // theirs stay and its BAR is not decoded); then the others, since a BAR refused
+            // earlier may now fit where this one's was.
             self.remap(slot);
             for other in (0..SLOTS).filter(|&s| s != slot) {
                 self.remap(other);

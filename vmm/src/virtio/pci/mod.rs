@@ -45,7 +45,8 @@ use crate::pci::config::{self, ConfigSpace, Identity, COMMAND, COMMAND_MEMORY};
 use crate::pci::msix::{self, Msix};
 use crate::pci::{PciDevice, PciPlatform};
 
-pub use common::{PciInterrupt, COMMON_CFG_LEN, NO_VECTOR};
+use common::PciInterrupt;
+pub use common::{COMMON_CFG_LEN, NO_VECTOR};
 
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 /// Modern devices: 0x1040 + virtio device id.
@@ -269,17 +270,9 @@ impl VirtioPciDevice {
         })
     }
 
-    pub fn interrupt(&self) -> &Arc<PciInterrupt> {
-        &self.interrupt
-    }
-
     /// One eventfd per queue; the ioeventfd of its notify address.
     pub fn queue_kicks(&self) -> &[EventFd] {
         self.common.kicks()
-    }
-
-    pub fn device(&self) -> &dyn VirtioDevice {
-        self.common.device()
     }
 
     pub fn status(&self) -> u8 {

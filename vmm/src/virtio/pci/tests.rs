@@ -526,10 +526,10 @@ fn each_queue_interrupts_through_its_own_vector_and_irqfd() {
     assert_eq!(routes.len(), 4);
     assert!(routes.contains(&Call::Route(
         GSI_BASE + 2,
-        Some(MsiMessage {
+        MsiMessage {
             address: 0xfee0_0000,
             data: 0x32
-        })
+        }
     )));
     // ISR: both causes, cleared by the read.
     assert_eq!(h.read(ISR_OFFSET, 1) as u8, ISR_QUEUE | ISR_CONFIG);
