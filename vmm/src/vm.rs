@@ -158,10 +158,14 @@ pub enum Error {
     Net(#[source] virtio_net::Error),
     #[error(transparent)]
     Transport(#[from] mmio::Error),
-    #[error(transparent)]
-    PciTransport(#[from] virtio_pci::Error),
-    #[error(transparent)]
-    PciBus(#[from] pci::root::Error),
+    #[error("cannot create the virtio-pci network function at 00:01.0")]
+    PciTransport(#[source] virtio_pci::Error),
+    #[error("cannot add {what} to the PCI root bus")]
+    PciBus {
+        what: &'static str,
+        #[source]
+        source: pci::root::Error,
+    },
     #[error(transparent)]
     Exit(#[from] exit::Error),
     #[error(transparent)]
@@ -557,12 +561,21 @@ fn attach_pci(
             irqfds,
         },
         platform,
-    )?;
+    )
+    .map_err(Error::PciTransport)?;
     let mut root = PciRoot::new(layout::PCI_MMIO32_START, layout::PCI_MMIO32_SIZE);
-    root.add(HOST_BRIDGE_SLOT, Box::new(HostBridge::new()))?;
+    root.add(HOST_BRIDGE_SLOT, Box::new(HostBridge::new()))
+        .map_err(|source| Error::PciBus {
+            what: "the host bridge at 00:00.0",
+            source,
+        })?;
     // Adding it maps its BAR, which registers the notify ioeventfds (still on this thread,
     // before any filter).
-    root.add(NET_PCI_SLOT, Box::new(function))?;
+    root.add(NET_PCI_SLOT, Box::new(function))
+        .map_err(|source| Error::PciBus {
+            what: "the virtio-pci network function at 00:01.0",
+            source,
+        })?;
     let root = Arc::new(Mutex::new(root));
     pio.insert(
         u64::from(pci::root::CONFIG_IO_PORT),
@@ -716,5 +729,33 @@ impl MutEventSubscriber for SignalWatcher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn pci_errors_name_the_function_and_keep_their_cause() {
+        let e = Error::PciTransport(virtio_pci::Error::NoQueues);
+        assert_eq!(
+            e.to_string(),
+            "cannot create the virtio-pci network function at 00:01.0"
+        );
+        assert_eq!(e.source().unwrap().to_string(), "device offers no queues");
+        let e = Error::PciBus {
+            what: "the virtio-pci network function at 00:01.0",
+            source: pci::root::Error::Slot { slot: NET_PCI_SLOT },
+        };
+        assert_eq!(
+            e.to_string(),
+            "cannot add the virtio-pci network function at 00:01.0 to the PCI root bus"
+        );
+        assert_eq!(
+            e.source().unwrap().to_string(),
+            "PCI slot 1 does not exist or is taken"
+        );
     }
 }

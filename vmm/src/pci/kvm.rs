@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_IRQ_ROUTES,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -70,6 +70,18 @@ pub fn routing_table(msi_routes: &BTreeMap<u32, MsiMessage>) -> Vec<kvm_irq_rout
     table
 }
 
+/// The table in the form KVM_SET_GSI_ROUTING takes.
+fn routing(msi_routes: &BTreeMap<u32, MsiMessage>) -> io::Result<KvmIrqRouting> {
+    let table = routing_table(msi_routes);
+    // The wrapper's only error: more entries than KVM_MAX_IRQ_ROUTES.
+    KvmIrqRouting::from_entries(&table).map_err(|_| {
+        io::Error::other(format!(
+            "a GSI routing table of {} entries is more than KVM takes ({KVM_MAX_IRQ_ROUTES})",
+            table.len()
+        ))
+    })
+}
+
 fn to_io(e: kvm_ioctls::Error) -> io::Error {
     io::Error::from_raw_os_error(e.errno())
 }
@@ -78,9 +90,7 @@ impl PciPlatform for KvmPlatform {
     fn set_msi_route(&self, gsi: u32, message: MsiMessage) -> io::Result<()> {
         let mut routes = self.msi_routes.lock().unwrap_or_else(|e| e.into_inner());
         let previous = routes.insert(gsi, message);
-        let table = KvmIrqRouting::from_entries(&routing_table(&routes))
-            .map_err(|e| io::Error::other(format!("routing table: {e:?}")));
-        let result = table.and_then(|t| self.vm.set_gsi_routing(&t).map_err(to_io));
+        let result = routing(&routes).and_then(|t| self.vm.set_gsi_routing(&t).map_err(to_io));
         if result.is_err() {
             // Keep our copy equal to what KVM has.
             match previous {
@@ -142,6 +152,25 @@ mod tests {
             (m.address_lo, m.address_hi, m.data),
             (0xfee0_1000, 1, 0x4031)
         );
-        assert!(KvmIrqRouting::from_entries(&table).is_ok());
+        assert!(routing(&msi).is_ok());
+    }
+
+    #[test]
+    fn a_table_kvm_cannot_take_is_refused_with_a_readable_message() {
+        let message = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x30,
+        };
+        let msi: BTreeMap<u32, MsiMessage> = (0..KVM_MAX_IRQ_ROUTES as u32)
+            .map(|i| (IOAPIC_PINS + i, message))
+            .collect();
+        let err = routing(&msi).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "a GSI routing table of {} entries is more than KVM takes (4096)",
+                40 + KVM_MAX_IRQ_ROUTES
+            )
+        );
     }
 }
