@@ -739,12 +739,18 @@ mod tests {
 
     #[test]
     fn pci_errors_name_the_function_and_keep_their_cause() {
-        let e = Error::PciTransport(virtio_pci::Error::NoQueues);
+        let e = Error::PciTransport(virtio_pci::Error::Irqfds {
+            irqfds: 1,
+            vectors: 4,
+        });
         assert_eq!(
             e.to_string(),
             "cannot create the virtio-pci network function at 00:01.0"
         );
-        assert_eq!(e.source().unwrap().to_string(), "device offers no queues");
+        assert_eq!(
+            e.source().unwrap().to_string(),
+            "1 irqfds given for 4 MSI-X vectors"
+        );
         let e = Error::PciBus {
             what: "the virtio-pci network function at 00:01.0",
             source: pci::root::Error::Slot { slot: NET_PCI_SLOT },

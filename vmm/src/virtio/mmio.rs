@@ -1,7 +1,8 @@
 //! virtio-mmio transport, version 2 (virtio 1.x "modern" register layout).
 //!
-//! The transport owns the register state machine and the queue configuration the driver writes;
-//! the device behind it ([`VirtioDevice`]) only sees finished queues at activation. Queue
+//! The transport decodes the registers; the device-status state machine and the queue
+//! configuration the driver writes are [`TransportState`]'s, shared with virtio-pci. The device
+//! behind it ([`VirtioDevice`]) only sees finished queues at activation. Queue
 //! notifications arrive on one eventfd per queue — registered with KVM as an ioeventfd by the VM
 //! builder, or written by [`MmioTransport`] itself when a notify write reaches it (the in-process
 //! driver model in the component tests has no KVM). Interrupts leave through one eventfd (an
@@ -10,12 +11,15 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use super::transport::{self, TransportState};
 use super::{Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
+
+pub use super::transport::Error;
 
 pub const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
 pub const MMIO_VERSION: u32 = 2;
@@ -46,18 +50,16 @@ pub const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
 pub const REG_CONFIG: u64 = 0x100;
 
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const STATUS_DEVICE_NEEDS_RESET: u32 = 64;
-pub const STATUS_FAILED: u32 = 128;
+/// The device status bits (see [`transport`]), as the 32-bit Status register holds them.
+pub const STATUS_ACKNOWLEDGE: u32 = transport::STATUS_ACKNOWLEDGE as u32;
+pub const STATUS_DRIVER: u32 = transport::STATUS_DRIVER as u32;
+pub const STATUS_DRIVER_OK: u32 = transport::STATUS_DRIVER_OK as u32;
+pub const STATUS_FEATURES_OK: u32 = transport::STATUS_FEATURES_OK as u32;
+pub const STATUS_DEVICE_NEEDS_RESET: u32 = transport::STATUS_DEVICE_NEEDS_RESET as u32;
+pub const STATUS_FAILED: u32 = transport::STATUS_FAILED as u32;
 
 pub const INT_VRING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
-
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// InterruptStatus bits plus the eventfd that raises the line.
 pub struct MmioInterrupt {
@@ -100,36 +102,9 @@ impl Interrupt for MmioInterrupt {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot create the eventfd for queue {queue}")]
-    Kick {
-        queue: usize,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot create a virtqueue of size {size}")]
-    Queue {
-        size: u16,
-        #[source]
-        source: virtio_queue::Error,
-    },
-    #[error("device offers no queues")]
-    NoQueues,
-}
-
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    state: TransportState,
     interrupt: Arc<MmioInterrupt>,
-    queues: Vec<Queue>,
-    kicks: Vec<EventFd>,
-    queue_select: u32,
-    device_features_select: u32,
-    driver_features_select: u32,
-    driver_features: u64,
-    status: u32,
-    activated: bool,
 }
 
 impl MmioTransport {
@@ -139,35 +114,15 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         irq: EventFd,
     ) -> Result<Self, Error> {
-        let sizes = device.queue_max_sizes();
-        if sizes.is_empty() {
-            return Err(Error::NoQueues);
-        }
-        let queues = sizes
-            .iter()
-            .map(|&size| Queue::new(size).map_err(|source| Error::Queue { size, source }))
-            .collect::<Result<Vec<_>, _>>()?;
-        let kicks = (0..sizes.len())
-            .map(|queue| EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Kick { queue, source }))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(MmioTransport {
-            device,
-            mem,
-            interrupt: Arc::new(MmioInterrupt::new(irq)),
-            queues,
-            kicks,
-            queue_select: 0,
-            device_features_select: 0,
-            driver_features_select: 0,
-            driver_features: 0,
-            status: 0,
-            activated: false,
-        })
+        let interrupt = Arc::new(MmioInterrupt::new(irq));
+        // No bus-master switch on virtio-mmio: the device may always run.
+        let state = TransportState::new("virtio-mmio", device, mem, interrupt.clone(), true)?;
+        Ok(MmioTransport { state, interrupt })
     }
 
     /// One eventfd per queue, to register as ioeventfd for QueueNotify == index.
     pub fn queue_kicks(&self) -> &[EventFd] {
-        &self.kicks
+        self.state.kicks()
     }
 
     pub fn interrupt(&self) -> &Arc<MmioInterrupt> {
@@ -175,147 +130,27 @@ impl MmioTransport {
     }
 
     pub fn status(&self) -> u32 {
-        self.status
+        u32::from(self.state.status())
     }
 
     pub fn device(&self) -> &dyn VirtioDevice {
-        self.device.as_ref()
+        self.state.device()
     }
 
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_select as usize)
-    }
-
-    /// Queue registers may change only while the driver is setting up the device.
-    fn queue_setup_allowed(&self) -> bool {
-        self.status & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER_OK == 0
-    }
-
-    fn reset(&mut self) {
-        // From FEATURES_OK on the device holds negotiated features, and a failed activation
-        // may have left state behind; the device's reset is idempotent when nothing runs.
-        if self.activated || self.status & STATUS_FEATURES_OK != 0 {
-            self.device.reset();
-        }
-        self.activated = false;
-        for queue in &mut self.queues {
-            queue.reset();
-        }
-        self.queue_select = 0;
-        self.device_features_select = 0;
-        self.driver_features_select = 0;
-        self.driver_features = 0;
-        self.status = 0;
-        self.interrupt.status.store(0, Ordering::SeqCst);
-    }
-
-    fn set_status(&mut self, new: u32) {
-        if new == 0 {
-            self.reset();
-            return;
-        }
-        let old = self.status;
-        if new & STATUS_FAILED != 0 {
-            self.status |= STATUS_FAILED;
-            return;
-        }
-        if new & old != old {
-            log::warn!("virtio-mmio: driver cleared status bits ({old:#x} -> {new:#x}); ignored");
-            return;
-        }
-        // The handshake bits must be a prefix of ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK.
-        let handshake = [
-            STATUS_ACKNOWLEDGE,
-            STATUS_DRIVER,
-            STATUS_FEATURES_OK,
-            STATUS_DRIVER_OK,
-        ];
-        let set: Vec<bool> = handshake.iter().map(|bit| new & bit != 0).collect();
-        if set.windows(2).any(|w| !w[0] && w[1]) {
-            log::warn!("virtio-mmio: status {new:#x} skips a step of the handshake (was {old:#x}); ignored");
-            return;
-        }
-        let known = handshake.iter().fold(0, |acc, bit| acc | bit);
-        if new & !known & !STATUS_DEVICE_NEEDS_RESET != 0 {
+    fn set_status(&mut self, value: u32) {
+        // The handshake lives in the low byte; higher bits are unknown to every version.
+        if value > 0xff {
             log::warn!(
                 "virtio-mmio: driver set unknown status bits {:#x}; ignored",
-                new & !known
+                value & !0xff
             );
-        }
-        let added = new & !old;
-        if added & STATUS_FEATURES_OK != 0 && !self.accept_features() {
-            self.status = old | (new & (STATUS_ACKNOWLEDGE | STATUS_DRIVER));
-            return;
-        }
-        self.status = old | (new & known);
-        if added & STATUS_DRIVER_OK != 0 {
-            self.activate();
-        }
-    }
-
-    /// FEATURES_OK only sticks for a subset of what we offered, including VERSION_1.
-    fn accept_features(&mut self) -> bool {
-        let offered = self.device.features();
-        let unknown = self.driver_features & !offered;
-        if unknown != 0 {
-            log::warn!("virtio-mmio: driver acked features {unknown:#x} that were not offered");
-            return false;
-        }
-        if self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-            log::warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)");
-            return false;
-        }
-        self.device.set_acked_features(self.driver_features);
-        true
-    }
-
-    fn activate(&mut self) {
-        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        let mut queues = Vec::new();
-        for (index, queue) in self.queues.iter_mut().enumerate() {
-            if !queue.ready() {
-                continue;
-            }
-            if !queue.is_valid(&self.mem) {
-                log::error!("virtio-mmio: queue {index} is ready but its rings are invalid (size {}, desc {:#x}, avail {:#x}, used {:#x})",
-                    queue.size(), queue.desc_table(), queue.avail_ring(), queue.used_ring());
-                self.fail_activation();
+            if value & 0xff == 0 {
                 return;
             }
-            queue.set_event_idx(event_idx);
-            let kick = match self.kicks[index].try_clone() {
-                Ok(kick) => kick,
-                Err(e) => {
-                    log::error!("virtio-mmio: cannot clone the kick eventfd of queue {index}: {e}");
-                    self.fail_activation();
-                    return;
-                }
-            };
-            // The device gets its own copy; ours is reset with the transport.
-            let queue = match Queue::try_from(queue.state()) {
-                Ok(queue) => queue,
-                Err(e) => {
-                    log::error!("virtio-mmio: queue {index} state is invalid: {e}");
-                    self.fail_activation();
-                    return;
-                }
-            };
-            queues.push((index as u16, queue, kick));
         }
-        let interrupt: Arc<dyn Interrupt> = self.interrupt.clone();
-        match self.device.activate(self.mem.clone(), interrupt, queues) {
-            Ok(()) => self.activated = true,
-            Err(e) => {
-                log::error!("virtio-mmio: device activation failed: {e}");
-                self.fail_activation();
-            }
-        }
-    }
-
-    fn fail_activation(&mut self) {
-        self.status |= STATUS_DEVICE_NEEDS_RESET;
-        if let Err(e) = self.interrupt.signal_config() {
-            log::error!("virtio-mmio: cannot signal DEVICE_NEEDS_RESET: {e}");
+        self.state.set_status(value as u8);
+        if value & 0xff == 0 {
+            self.interrupt.status.store(0, Ordering::SeqCst);
         }
     }
 
@@ -323,17 +158,19 @@ impl MmioTransport {
         match offset {
             REG_MAGIC => MMIO_MAGIC,
             REG_VERSION => MMIO_VERSION,
-            REG_DEVICE_ID => self.device.device_type(),
+            REG_DEVICE_ID => self.state.device().device_type(),
             REG_VENDOR_ID => VENDOR_ID,
-            REG_DEVICE_FEATURES => match self.device_features_select {
-                0 => self.device.features() as u32,
-                1 => (self.device.features() >> 32) as u32,
-                _ => 0,
-            },
-            REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
-            REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            REG_DEVICE_FEATURES => self.state.device_features_word(),
+            REG_QUEUE_NUM_MAX => self
+                .state
+                .selected_queue()
+                .map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self
+                .state
+                .selected_queue()
+                .map_or(0, |q| u32::from(q.ready())),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
-            REG_STATUS => self.status,
+            REG_STATUS => self.status(),
             REG_CONFIG_GENERATION => self.interrupt.config_generation.load(Ordering::SeqCst),
             _ => {
                 log::debug!("virtio-mmio: read of unknown register {offset:#x}");
@@ -344,48 +181,12 @@ impl MmioTransport {
 
     fn write_register(&mut self, offset: u64, value: u32) {
         match offset {
-            REG_DEVICE_FEATURES_SEL => self.device_features_select = value,
-            REG_DRIVER_FEATURES_SEL => self.driver_features_select = value,
-            REG_DRIVER_FEATURES => {
-                if self.status & STATUS_DRIVER == 0 || self.status & STATUS_FEATURES_OK != 0 {
-                    log::warn!(
-                        "virtio-mmio: driver features written in status {:#x}; ignored",
-                        self.status
-                    );
-                    return;
-                }
-                match self.driver_features_select {
-                    0 => {
-                        self.driver_features =
-                            (self.driver_features & !0xffff_ffff) | u64::from(value)
-                    }
-                    1 => {
-                        self.driver_features =
-                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
-                    }
-                    page => {
-                        if value != 0 {
-                            log::warn!(
-                                "virtio-mmio: driver acked features {value:#x} in page {page}"
-                            );
-                        }
-                    }
-                }
-            }
-            REG_QUEUE_SEL => self.queue_select = value,
-            REG_QUEUE_NOTIFY => {
-                // Under KVM the ioeventfd swallows these writes; in-process drivers land here.
-                // Like the ioeventfd, kick whatever the status: the eventfd holds the kick until
-                // the device reads it after activation.
-                match self.kicks.get(value as usize) {
-                    Some(kick) => {
-                        if let Err(e) = kick.write(1) {
-                            log::error!("virtio-mmio: cannot kick queue {value}: {e}");
-                        }
-                    }
-                    None => log::warn!("virtio-mmio: notify of nonexistent queue {value}"),
-                }
-            }
+            REG_DEVICE_FEATURES_SEL => self.state.device_features_select = value,
+            REG_DRIVER_FEATURES_SEL => self.state.driver_features_select = value,
+            REG_DRIVER_FEATURES => self.state.write_driver_features(value),
+            REG_QUEUE_SEL => self.state.queue_select = value,
+            // Under KVM the ioeventfd swallows these writes; in-process drivers land here.
+            REG_QUEUE_NOTIFY => self.state.notify(value as usize),
             REG_INTERRUPT_ACK => {
                 self.interrupt.status.fetch_and(!value, Ordering::SeqCst);
             }
@@ -403,18 +204,7 @@ impl MmioTransport {
     }
 
     fn write_queue_register(&mut self, offset: u64, value: u32) {
-        if !self.queue_setup_allowed() {
-            log::warn!(
-                "virtio-mmio: queue register {offset:#x} written in status {:#x}; ignored",
-                self.status
-            );
-            return;
-        }
-        let select = self.queue_select;
-        let Some(queue) = self.selected_queue() else {
-            log::warn!(
-                "virtio-mmio: queue register {offset:#x} written for nonexistent queue {select}"
-            );
+        let Some(queue) = self.state.queue_mut(offset) else {
             return;
         };
         match offset {
@@ -434,7 +224,7 @@ impl MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= REG_CONFIG {
-            self.device.read_config(offset - REG_CONFIG, data);
+            self.state.device().read_config(offset - REG_CONFIG, data);
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
@@ -451,7 +241,9 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= REG_CONFIG {
-            self.device.write_config(offset - REG_CONFIG, data);
+            self.state
+                .device_mut()
+                .write_config(offset - REG_CONFIG, data);
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
@@ -469,8 +261,11 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtio::transport::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
     use std::sync::Mutex;
+    use virtio_queue::Queue;
     use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[derive(Default)]
     struct Record {
@@ -765,6 +560,20 @@ mod tests {
         w(&mut t, REG_QUEUE_NOTIFY, 1);
         assert_eq!(t.queue_kicks()[1].read().unwrap(), 1);
         w(&mut t, REG_QUEUE_NOTIFY, 99); // ignored, no panic
+    }
+
+    #[test]
+    fn status_bits_above_the_low_byte_are_ignored_not_taken_for_a_reset() {
+        let (mut t, record) = transport(false);
+        bring_up(&mut t, FEATURES);
+        setup_queue(&mut t, 0, 0x10000);
+        w(&mut t, REG_STATUS, 0xf);
+        w(&mut t, REG_STATUS, 0x100);
+        w(&mut t, REG_STATUS, 0x100 | 0xf);
+        assert_eq!(r(&mut t, REG_STATUS), 0xf);
+        assert_eq!(record.lock().unwrap().resets, 0);
+        w(&mut t, REG_STATUS, 0x100 | STATUS_FAILED);
+        assert_eq!(r(&mut t, REG_STATUS), 0xf | STATUS_FAILED);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod mmio;
 pub mod net;
 pub mod pci;
+pub mod transport;
 
 use std::sync::Arc;
 

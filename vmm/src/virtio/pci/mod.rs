@@ -33,13 +33,12 @@ mod common;
 #[cfg(test)]
 mod tests;
 
-use std::io;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use super::transport::{self, TransportState};
 use super::VirtioDevice;
 use crate::pci::config::{self, ConfigSpace, Identity, COMMAND, COMMAND_MEMORY};
 use crate::pci::msix::{self, Msix};
@@ -87,24 +86,12 @@ pub const MAX_QUEUES: usize = (PAGE / NOTIFY_OFF_MULTIPLIER as u64) as usize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("device offers no queues")]
-    NoQueues,
     #[error("device offers {0} queues; virtio-pci here supports at most {MAX_QUEUES}")]
     TooManyQueues(usize),
     #[error("{irqfds} irqfds given for {vectors} MSI-X vectors")]
     Irqfds { irqfds: usize, vectors: usize },
-    #[error("cannot create the eventfd for queue {queue}")]
-    Kick {
-        queue: usize,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot create a virtqueue of size {size}")]
-    Queue {
-        size: u16,
-        #[source]
-        source: virtio_queue::Error,
-    },
+    #[error(transparent)]
+    Transport(#[from] transport::Error),
     #[error(transparent)]
     Msix(#[from] msix::Error),
     #[error(transparent)]
@@ -177,31 +164,23 @@ impl VirtioPciDevice {
         transport: PciTransportConfig,
         platform: Arc<dyn PciPlatform>,
     ) -> Result<VirtioPciDevice, Error> {
-        let sizes = device.queue_max_sizes();
-        if sizes.is_empty() {
-            return Err(Error::NoQueues);
+        let queue_count = device.queue_max_sizes().len();
+        if queue_count > MAX_QUEUES {
+            return Err(Error::TooManyQueues(queue_count));
         }
-        if sizes.len() > MAX_QUEUES {
-            return Err(Error::TooManyQueues(sizes.len()));
-        }
-        let vectors = vector_count(sizes.len());
+        let vectors = vector_count(queue_count);
         if transport.irqfds.len() != vectors {
             return Err(Error::Irqfds {
                 irqfds: transport.irqfds.len(),
                 vectors,
             });
         }
-        let queues = sizes
-            .iter()
-            .map(|&size| Queue::new(size).map_err(|source| Error::Queue { size, source }))
-            .collect::<Result<Vec<_>, _>>()?;
-        let kicks = (0..sizes.len())
-            .map(|queue| EventFd::new(EFD_NONBLOCK).map_err(|source| Error::Kick { queue, source }))
-            .collect::<Result<Vec<_>, _>>()?;
         let msix = Msix::new(transport.irqfds, transport.msi_gsi_base, platform.clone())?;
-        let interrupt = Arc::new(PciInterrupt::new(msix.vectors(), sizes.len()));
+        let interrupt = Arc::new(PciInterrupt::new(msix.vectors(), queue_count));
 
         let device_type = device.device_type();
+        // Bus mastering is off until the driver turns it on (pci_set_master).
+        let state = TransportState::new("virtio-pci", device, mem, interrupt.clone(), false)?;
         let mut config = ConfigSpace::new(&Identity {
             vendor_id: VIRTIO_PCI_VENDOR_ID,
             device_id: VIRTIO_PCI_DEVICE_ID_BASE + device_type as u16,
@@ -216,7 +195,7 @@ impl VirtioPciDevice {
         // As firmware leaves it: memory decode on at the assigned address.
         config.set(COMMAND, &COMMAND_MEMORY.to_le_bytes());
 
-        let notify_len = sizes.len() as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
+        let notify_len = queue_count as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
         config.add_capability(
             CAP_VENDOR_SPECIFIC,
             &virtio_cap(CAP_COMMON_CFG, 16, COMMON_OFFSET, COMMON_CFG_LEN),
@@ -248,7 +227,6 @@ impl VirtioPciDevice {
         let msix_cap = config.add_capability(msix::CAPABILITY_ID, &body, &writable)?;
 
         let msix_count = msix.count();
-        let queue_count = sizes.len();
         Ok(VirtioPciDevice {
             config,
             msix,
@@ -256,14 +234,7 @@ impl VirtioPciDevice {
             pci_cfg_cap,
             bar_size,
             pba_offset,
-            common: common::CommonConfig::new(
-                device,
-                mem,
-                interrupt.clone(),
-                queues,
-                kicks,
-                msix_count,
-            ),
+            common: common::CommonConfig::new(state, interrupt.clone(), msix_count),
             interrupt,
             platform,
             ioevents: vec![None; queue_count],

@@ -16,18 +16,19 @@ use crate::pci::config::{
 use crate::pci::msix::{CONTROL_ENABLE, CONTROL_FUNCTION_MASK};
 use crate::pci::testing::{Call, Recorder};
 use crate::pci::{MsiMessage, PciConfigIo, PciMmioWindow, PciRoot};
-use crate::virtio::mmio::{
+use crate::virtio::transport::{
     STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_FEATURES_OK,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::virtio::Interrupt;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const BAR: u64 = 0xe000_0000;
 const GSI_BASE: u32 = 24;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 0x21;
-const ACK_DRIVER: u8 = (STATUS_ACKNOWLEDGE | STATUS_DRIVER) as u8;
-const FEATURES_OK: u8 = ACK_DRIVER | STATUS_FEATURES_OK as u8;
+const ACK_DRIVER: u8 = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
+const FEATURES_OK: u8 = ACK_DRIVER | STATUS_FEATURES_OK;
 
 #[derive(Default)]
 struct Record {
@@ -184,7 +185,7 @@ impl Harness {
         self.set_common(DRIVER_FEATURE, 4, features >> 32);
     }
     fn bring_up(&mut self, features: u64) {
-        self.set_status(STATUS_ACKNOWLEDGE as u8);
+        self.set_status(STATUS_ACKNOWLEDGE);
         self.set_status(ACK_DRIVER);
         self.set_features(features);
         self.set_status(FEATURES_OK);
@@ -391,13 +392,13 @@ fn features_ok_refused_for_unoffered_or_legacy_features() {
     assert_eq!(h.record.lock().unwrap().acked, None);
     let mut h = harness(false);
     h.bring_up(0x21);
-    assert_eq!(h.status() & STATUS_FEATURES_OK as u8, 0, "no VERSION_1");
+    assert_eq!(h.status() & STATUS_FEATURES_OK, 0, "no VERSION_1");
 }
 
 #[test]
 fn out_of_order_status_and_late_queue_writes_are_ignored() {
     let mut h = harness(false);
-    h.set_status(STATUS_ACKNOWLEDGE as u8 | 4);
+    h.set_status(STATUS_ACKNOWLEDGE | 4);
     assert_eq!(h.status(), 0);
     h.setup_queue(0, 0x10000);
     h.set_common(QUEUE_SELECT, 2, 0);
@@ -414,7 +415,7 @@ fn out_of_order_status_and_late_queue_writes_are_ignored() {
     assert_eq!(h.common(QUEUE_SIZE, 2), 16, "after DRIVER_OK");
     h.set_features(VIRTIO_F_VERSION_1);
     assert_eq!(h.record.lock().unwrap().acked, Some(FEATURES));
-    h.set_status(STATUS_ACKNOWLEDGE as u8);
+    h.set_status(STATUS_ACKNOWLEDGE);
     assert_eq!(h.status(), 0xf, "clearing bits without reset");
     // Wrong widths are refused, not a panic.
     h.set_common(DEVICE_STATUS, 4, 0);
@@ -431,7 +432,7 @@ fn invalid_rings_or_failed_activation_set_needs_reset_and_signal_config() {
     h.set_common(CONFIG_MSIX_VECTOR, 2, 3);
     h.setup_queue(0, 0x1000_0000);
     h.set_status(0xf);
-    assert_ne!(h.status() & STATUS_DEVICE_NEEDS_RESET as u8, 0);
+    assert_ne!(h.status() & STATUS_DEVICE_NEEDS_RESET, 0);
     assert!(h.record.lock().unwrap().activations.is_empty());
     assert_eq!(h.fired(3), 1, "configuration change vector");
     assert_eq!(h.read(ISR_OFFSET, 1) as u8 & ISR_CONFIG, ISR_CONFIG);
@@ -440,7 +441,7 @@ fn invalid_rings_or_failed_activation_set_needs_reset_and_signal_config() {
     h.bring_up(FEATURES);
     h.setup_queue(0, 0x10000);
     h.set_status(0xf);
-    assert_ne!(h.status() & STATUS_DEVICE_NEEDS_RESET as u8, 0);
+    assert_ne!(h.status() & STATUS_DEVICE_NEEDS_RESET, 0);
 }
 
 #[test]
@@ -480,7 +481,7 @@ fn reset_returns_to_initial_state_and_resets_the_device() {
     h.bring_up(FEATURES);
     h.setup_queue(0, 0x10000);
     h.set_status(0xf);
-    assert_ne!(h.status() & STATUS_DEVICE_NEEDS_RESET as u8, 0);
+    assert_ne!(h.status() & STATUS_DEVICE_NEEDS_RESET, 0);
     h.set_status(0);
     assert_eq!(
         h.record.lock().unwrap().resets,
@@ -762,8 +763,8 @@ fn pci_cfg_capability_reaches_bar0() {
         &((COMMON_OFFSET + DEVICE_STATUS) as u32).to_le_bytes(),
     );
     h.set_cfg(cap + PCI_CFG_LENGTH, &1u32.to_le_bytes());
-    h.set_cfg(cap + PCI_CFG_DATA, &[STATUS_ACKNOWLEDGE as u8]);
-    assert_eq!(h.status(), STATUS_ACKNOWLEDGE as u8);
+    h.set_cfg(cap + PCI_CFG_DATA, &[STATUS_ACKNOWLEDGE]);
+    assert_eq!(h.status(), STATUS_ACKNOWLEDGE);
     // Invalid windows (misaligned, other BAR, beyond the BAR) read 0 and write nothing.
     h.set_cfg(
         cap + PCI_CFG_OFFSET,
