@@ -29,6 +29,12 @@ pub(super) fn in_private_netns(f: impl FnOnce() + Send + 'static) -> bool {
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             return false;
         }
+        // No IPv6 in the namespace: a tap coming up would otherwise send its own router
+        // solicitations and MLD reports, which the test would take for the frames it provokes.
+        // (/proc/sys/net is the opening thread's namespace; the files are absent without IPv6.)
+        for knob in ["all", "default"] {
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6"), "1");
+        }
         f();
         true
     });
