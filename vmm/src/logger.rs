@@ -1,6 +1,6 @@
 //! A small stderr logger for the `log` facade: "mqvmm: LEVEL message".
 //!
-//! Errors and warnings pass a token bucket ([`Budget`]): many of them are caused by the guest
+//! Errors and warnings pass a token bucket (`Budget`): many of them are caused by the guest
 //! (a driver that keeps offering bad rings, a queue reset in a loop), and a guest must not be
 //! able to fill the host's log. What the bucket holds back is counted and said with the next
 //! line that passes. Info and lower are what the operator asked for with `--log-level`, and

@@ -82,9 +82,9 @@ pub struct Ring {
     desc: u64,
     avail: u64,
     used: u64,
-    /// Host address of the avail ring (flags, idx, ring[size], used_event).
+    /// Host address of the avail ring (flags, idx, `ring[size]`, used_event).
     avail_host: *mut u8,
-    /// Host address of the used ring (flags, idx, ring[size] of (id, len), avail_event).
+    /// Host address of the used ring (flags, idx, `ring[size]` of (id, len), avail_event).
     used_host: *mut u8,
     avail_idx: u16,
     used_seen: u16,

@@ -855,7 +855,7 @@ fn host_queue_note(data: &Data) -> String {
     )
 }
 
-/// What [`write`] produced.
+/// What [`write()`] produced.
 pub struct Written {
     /// Files written.
     pub files: Vec<PathBuf>,

@@ -2,7 +2,7 @@
 //! The data path of one queue pair, without threads: pop chains, readv/writev straight
 //! between guest buffers and the backend, return used entries, notify per EVENT_IDX.
 //!
-//! The worker thread ([`crate::worker`]) calls [`QueuePair::process_tx`] and
+//! The worker thread (`worker.rs`) calls [`QueuePair::process_tx`] and
 //! [`QueuePair::process_rx`] from its epoll loop; tests call them directly.
 
 use std::io;

@@ -24,12 +24,12 @@ pub const fn desc_table_len(size: u16) -> u64 {
     16 * size as u64
 }
 
-/// Bytes of the available ring: flags, idx, ring[size], used_event.
+/// Bytes of the available ring: flags, idx, `ring[size]`, used_event.
 pub const fn avail_ring_len(size: u16) -> u64 {
     6 + 2 * size as u64
 }
 
-/// Bytes of the used ring: flags, idx, ring[size] of (id, len), avail_event.
+/// Bytes of the used ring: flags, idx, `ring[size]` of (id, len), avail_event.
 pub const fn used_ring_len(size: u16) -> u64 {
     6 + 8 * size as u64
 }

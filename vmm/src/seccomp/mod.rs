@@ -2,7 +2,7 @@
 //! allows only the system calls its job needs (built with `seccompiler`).
 //!
 //! # Threads and their filters
-//! | thread | filter ([`filters`]) | installed |
+//! | thread | filter (`filters`) | installed |
 //! |---|---|---|
 //! | `main` | main loop: epoll, read, write, TCSETS on fd 0 | in [`crate::vm::Vm::run`], after the vCPUs started |
 //! | `vcpuN` | KVM_RUN (+ register reads for error reports), MMIO device work: eventfds, the tun ioctls of activation and reset; with virtio-pci also KVM_SET_GSI_ROUTING (MSI-X table writes) and KVM_IOEVENTFD (BAR moves) | first thing on the vCPU thread |

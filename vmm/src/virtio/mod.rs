@@ -23,7 +23,7 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> Vec<u16>;
     /// Feature bits offered to the driver.
     fn features(&self) -> u64;
-    /// Called once the driver's features passed validation (subset of [`features`]).
+    /// Called once the driver's features passed validation (subset of `features`).
     fn set_acked_features(&mut self, features: u64);
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
