@@ -3,7 +3,7 @@
 # another, one libFuzzer process at a time; writes libFuzzer's final numbers per target to
 # fuzz/last-run.txt. Used by `make fuzz`; see fuzz/README.md.
 #
-#   fuzz/run.sh [TARGET...]            default: ctrl queue_pair mmio
+#   fuzz/run.sh [TARGET...]            default: ctrl queue_pair mmio pci
 #   FUZZ_SECONDS=60 fuzz/run.sh ctrl
 #   FUZZ_MERGE=1 fuzz/run.sh           afterwards, re-minimise fuzz/corpus/<target>
 #   FUZZ_SECONDS=0 FUZZ_MERGE=1 fuzz/run.sh   only re-minimise (no fuzzing, no new stats)
@@ -19,7 +19,8 @@ build=${MQVMM_BUILD:-$root/build}
 tools=$build/tools
 work=$build/fuzz
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(ctrl queue_pair mmio)
+all_targets=(ctrl queue_pair mmio pci)
+[ ${#targets[@]} -gt 0 ] || targets=("${all_targets[@]}")
 
 # cargo-fuzz, installed once into the build cache.
 if ! [ -x "$tools/bin/cargo-fuzz" ]; then
@@ -97,7 +98,7 @@ if [ "$seconds" != 0 ]; then
     {
         echo "# make fuzz: libFuzzer's final numbers per target (-workers=1 -jobs=1, debug assertions, ASan)"
         echo "# machine: $(nproc) cores; rustc: $(rustc -V | cut -d' ' -f2); $(cargo fuzz --version 2>/dev/null || echo 'cargo-fuzz ?')"
-        for t in ctrl queue_pair mmio; do
+        for t in "${all_targets[@]}"; do
             grep -h "^$t: " "$work/last-run.lines" 2>/dev/null ||
                 grep -h "^$t: " "$summary" 2>/dev/null || true
         done

@@ -9,6 +9,7 @@ fn main() -> std::io::Result<()> {
         ("ctrl", mqvmm_fuzz::seeds::ctrl()),
         ("queue_pair", mqvmm_fuzz::seeds::queue_pair()),
         ("mmio", mqvmm_fuzz::seeds::mmio()),
+        ("pci", mqvmm_fuzz::seeds::pci()),
     ] {
         let dir = root.join(target);
         std::fs::create_dir_all(&dir)?;

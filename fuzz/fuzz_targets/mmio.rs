@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use mqvmm_fuzz::{
-    guest_memory, ring_op, thread_and_fd_count, trace, FakeBackend, FaultPlan, Input, Ring, RxEvent,
+    assert_status_prefix, guest_memory, ring_op, thread_and_fd_count, trace, FakeBackend,
+    FaultPlan, Input, Ring, RxEvent, SharedBackend,
 };
-use virtio_net::{Backend, BackendError, Net, NetConfig};
+use virtio_net::{Net, NetConfig};
 use vmm::bus::BusDevice;
 use vmm::virtio::mmio::*;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -55,41 +56,6 @@ const REGS: [u64; 25] = [
     REG_CONFIG + 8,
 ];
 
-/// A backend the harness keeps a handle to after handing it to the device.
-struct Shared(Arc<FakeBackend>);
-
-impl std::os::fd::AsRawFd for Shared {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
-impl Backend for Shared {
-    unsafe fn readv(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { self.0.readv(iov) }
-    }
-    unsafe fn writev(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { self.0.writev(iov) }
-    }
-    fn attach(&self) -> Result<(), BackendError> {
-        self.0.attach()
-    }
-    fn detach(&self) -> Result<(), BackendError> {
-        self.0.detach()
-    }
-    fn is_attached(&self) -> Result<bool, BackendError> {
-        self.0.is_attached()
-    }
-    fn set_vnet_hdr_size(&self, size: i32) -> Result<(), BackendError> {
-        self.0.set_vnet_hdr_size(size)
-    }
-    fn set_offload(&self, tun_flags: u32) -> Result<(), BackendError> {
-        self.0.set_offload(tun_flags)
-    }
-}
-
 fn offset(inp: &mut Input) -> u64 {
     let b = inp.u8();
     match b >> 6 {
@@ -100,15 +66,6 @@ fn offset(inp: &mut Input) -> u64 {
             1 => REGS[usize::from(inp.u8()) % REGS.len()] + u64::from(b >> 2 & 3),
             _ => inp.u64(),
         },
-    }
-}
-
-fn value(inp: &mut Input) -> u64 {
-    match inp.u8() % 4 {
-        0 => u64::from(inp.u8()),
-        1 => 1u64 << (inp.u8() % 64),
-        2 => u64::from(inp.u32()),
-        _ => inp.u64(),
     }
 }
 
@@ -123,25 +80,7 @@ fn r32(t: &mut MmioTransport, offset: u64) -> u32 {
 }
 
 fn check_status(t: &MmioTransport) {
-    let s = t.status();
-    let known = STATUS_ACKNOWLEDGE
-        | STATUS_DRIVER
-        | STATUS_FEATURES_OK
-        | STATUS_DRIVER_OK
-        | STATUS_DEVICE_NEEDS_RESET
-        | STATUS_FAILED;
-    assert_eq!(s & !known, 0, "status {s:#x} has unknown bits");
-    let steps = [
-        STATUS_ACKNOWLEDGE,
-        STATUS_DRIVER,
-        STATUS_FEATURES_OK,
-        STATUS_DRIVER_OK,
-    ];
-    for w in steps.windows(2) {
-        if s & w[1] != 0 {
-            assert_ne!(s & w[0], 0, "status {s:#x} skips a handshake step");
-        }
-    }
+    assert_status_prefix(t.status());
 }
 
 fn run(data: &[u8]) {
@@ -169,7 +108,7 @@ fn run(data: &[u8]) {
         queue_size,
         ..NetConfig::default()
     };
-    let Ok(net) = Net::new(cfg, handles.iter().cloned().map(Shared).collect()) else {
+    let Ok(net) = Net::new(cfg, handles.iter().cloned().map(SharedBackend).collect()) else {
         return;
     };
     let mem = guest_memory();
@@ -205,7 +144,7 @@ fn run(data: &[u8]) {
             1 | 2 => {
                 let off = offset(&mut inp);
                 let width = 1usize << (inp.u8() & 3);
-                let v = value(&mut inp).to_le_bytes();
+                let v = inp.value().to_le_bytes();
                 t.write(off, &v[..width]);
             }
             3 => {

@@ -87,6 +87,16 @@ impl<'a> Input<'a> {
         }
     }
 
+    /// A register value: a byte, a single bit, a dword or anything.
+    pub fn value(&mut self) -> u64 {
+        match self.u8() % 4 {
+            0 => u64::from(self.u8()),
+            1 => 1u64 << (self.u8() % 64),
+            2 => u64::from(self.u32()),
+            _ => self.u64(),
+        }
+    }
+
     /// A buffer length: mostly small, sometimes up to `u32::MAX`.
     pub fn len(&mut self) -> u32 {
         match self.u8() % 4 {
@@ -336,6 +346,87 @@ impl Backend for FakeBackend {
         }
         Ok(())
     }
+}
+
+/// A backend the harness keeps a handle to after handing it to the device.
+pub struct SharedBackend(pub Arc<FakeBackend>);
+
+impl AsRawFd for SharedBackend {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl Backend for SharedBackend {
+    unsafe fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller's contract is passed on unchanged.
+        unsafe { self.0.readv(iov) }
+    }
+    unsafe fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller's contract is passed on unchanged.
+        unsafe { self.0.writev(iov) }
+    }
+    fn attach(&self) -> Result<(), BackendError> {
+        self.0.attach()
+    }
+    fn detach(&self) -> Result<(), BackendError> {
+        self.0.detach()
+    }
+    fn is_attached(&self) -> Result<bool, BackendError> {
+        self.0.is_attached()
+    }
+    fn set_vnet_hdr_size(&self, size: i32) -> Result<(), BackendError> {
+        self.0.set_vnet_hdr_size(size)
+    }
+    fn set_offload(&self, tun_flags: u32) -> Result<(), BackendError> {
+        self.0.set_offload(tun_flags)
+    }
+}
+
+/// Asserts that a device status holds only a prefix of the handshake (ACKNOWLEDGE, DRIVER,
+/// FEATURES_OK, DRIVER_OK) plus DEVICE_NEEDS_RESET and FAILED (the same bits on every
+/// transport).
+pub fn assert_status_prefix(s: u32) {
+    use vmm::virtio::mmio::{
+        STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_DRIVER_OK,
+        STATUS_FAILED, STATUS_FEATURES_OK,
+    };
+    let steps = [
+        STATUS_ACKNOWLEDGE,
+        STATUS_DRIVER,
+        STATUS_FEATURES_OK,
+        STATUS_DRIVER_OK,
+    ];
+    let known = steps
+        .iter()
+        .fold(STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED, |a, b| a | b);
+    assert_eq!(s & !known, 0, "status {s:#x} has unknown bits");
+    for w in steps.windows(2) {
+        if s & w[1] != 0 {
+            assert_ne!(s & w[0], 0, "status {s:#x} skips a handshake step");
+        }
+    }
+}
+
+/// Operation tags of the `pci` target (see its doc comment), shared with its seeds.
+pub mod pci_op {
+    pub const CFG_READ: u8 = 0;
+    pub const CFG_WRITE: u8 = 1;
+    pub const PORT: u8 = 2;
+    pub const BAR_READ: u8 = 3;
+    pub const BAR_WRITE: u8 = 4;
+    pub const HANDSHAKE: u8 = 5;
+    pub const QUEUE: u8 = 6;
+    pub const STATUS: u8 = 7;
+    pub const MSIX_ENTRY: u8 = 8;
+    pub const MSIX_CONTROL: u8 = 9;
+    pub const MSIX_MASK: u8 = 10;
+    pub const VECTOR: u8 = 11;
+    pub const RING: u8 = 12;
+    pub const NOTIFY: u8 = 13;
+    pub const BACKEND: u8 = 14;
+    pub const RELOCATE: u8 = 15;
+    pub const COUNT: u8 = 16;
 }
 
 /// Reads a fault-plan entry from the input: which operation, and the how-manieth call.

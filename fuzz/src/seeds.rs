@@ -241,3 +241,156 @@ pub fn mmio() -> Vec<(&'static str, Vec<u8>)> {
         ("four-pairs-mtu", mmio_conversation(0x23, 9)),
     ]
 }
+
+/// pci: `Vm::vector` encoding of vector `v` (one the table has).
+fn pci_vector(v: u8) -> u8 {
+    v << 2 | 1
+}
+
+/// pci: a driver bringing the function up the way Linux's virtio_pci_modern does: MSI-X on
+/// and every vector aimed at the LAPIC, handshake, `queues` queues of 16 entries each with its
+/// own vector, DRIVER_OK, a transmitted and a received frame with their notifies, ISR,
+/// status and PBA reads, a vector masked and unmasked, reset. `via` 1 goes through the
+/// PCI_CFG window instead of the BAR.
+fn pci_conversation(device: u8, queues: u8, via: u8) -> Vec<u8> {
+    use crate::pci_op as op;
+    // Queue size 16; backends 0 and 1 attached at start.
+    let mut v = vec![device, 3, 0x03];
+    v.extend([op::MSIX_CONTROL, 0x80]);
+    for vector in 0..=queues {
+        v.extend([op::MSIX_ENTRY, via, vector, 0, 0x30 + vector, 0, 0]);
+    }
+    v.push(op::HANDSHAKE);
+    v.push(via);
+    v.extend((u64::MAX >> 1).to_le_bytes());
+    for q in 0..queues {
+        let base = 0x1000 * u16::from(q);
+        v.extend([op::QUEUE, via, q]);
+        v.extend(ring(4, base, base + 0x100, base + 0x200));
+        v.push(pci_vector(q));
+    }
+    v.extend([op::VECTOR, via | 2, pci_vector(queues)]);
+    v.extend([op::STATUS, via | 1 << 1]);
+    // A tx chain on queue 1 and a notify (16-bit, as Linux writes it).
+    v.extend([op::RING, 1, 0, 0]);
+    v.extend(data(0));
+    v.extend(len8(60));
+    v.extend([0, 0]);
+    v.extend([op::RING, 1, 2, 0, op::NOTIFY, via | 2, 1]);
+    // An rx buffer on queue 0, a frame in backend 0, a notify.
+    v.extend([op::RING, 0, 0, 0]);
+    v.extend(data(16));
+    v.extend(len16(1600));
+    v.extend([WRITE, 0]);
+    v.extend([
+        op::RING,
+        0,
+        2,
+        0,
+        op::BACKEND,
+        0,
+        0,
+        80,
+        0,
+        op::NOTIFY,
+        via | 2,
+        0,
+    ]);
+    // ISR (class 1), device status (common field 6) and NUM_QUEUES (field 5), the PBA
+    // (class 5, 8 bytes), device config (class 2, 6 bytes in: status).
+    v.extend([
+        op::BAR_READ,
+        0x20,
+        0,
+        op::BAR_READ,
+        6,
+        0,
+        op::BAR_READ,
+        5,
+        1,
+    ]);
+    v.extend([op::BAR_READ, 0xa0, 3, op::BAR_READ, 0x46, 1]);
+    // Mask vector 1, more rx, unmask.
+    v.extend([op::MSIX_MASK, via | 2, 1, op::BACKEND, 1, 0, 60, 0]);
+    v.extend([op::MSIX_MASK, via, 1]);
+    // Reset.
+    v.extend([op::STATUS, via]);
+    v
+}
+
+/// pci: conf1 probing as Linux does it, BAR 0 sized and moved while the device runs
+/// (ioeventfds follow), decode off and on, an MSI route that fails, and reset.
+fn pci_relocation() -> Vec<u8> {
+    use crate::pci_op as op;
+    let mut v = vec![0x23, 3, 0x0f];
+    // A byte to 0xCFB, 0x80000000 to 0xCF8 and back; the host bridge's class word (register
+    // 0x0a, 16 bits).
+    v.extend([op::PORT, 0x83, 0, 1]);
+    v.extend([op::PORT, 0x90, 2, 0, 0, 0, 0x80]);
+    v.extend([op::PORT, 0x10]);
+    v.extend([op::CFG_READ, 0xc0, 0x0a, 5, 1]);
+    // The second route push fails, then the first ioeventfd removal.
+    v.extend([op::BACKEND, 3 | 2 << 2, 1, op::BACKEND, 3 | 4 << 2, 0]);
+    v.extend([op::MSIX_CONTROL, 0xc0]);
+    for vector in 0..3 {
+        v.extend([op::MSIX_ENTRY, 0, vector, vector, 0x40 + vector, 0, 0]);
+    }
+    // Sizing with decode off, then 32 BARs further, decode on.
+    v.extend([op::RELOCATE, 0x17, 32, 0]);
+    v.push(op::HANDSHAKE);
+    v.push(0);
+    v.extend((u64::MAX >> 1).to_le_bytes());
+    for q in 0..2u8 {
+        let base = 0x1000 * u16::from(q);
+        v.extend([op::QUEUE, 2, q]);
+        v.extend(ring(4, base, base + 0x100, base + 0x200));
+        v.push(pci_vector(q));
+    }
+    v.extend([op::STATUS, 2, op::MSIX_CONTROL, 0x80]);
+    v.extend([op::RING, 1, 0, 0]);
+    v.extend(data(0));
+    v.extend(len8(60));
+    v.extend([0, 0]);
+    v.extend([op::RING, 1, 2, 0, op::NOTIFY, 2, 1]);
+    // Decode off (the BAR stays programmed), a notify that reaches nothing, then the top of
+    // the window with decode on, and a notify there.
+    v.extend([op::RELOCATE, 0x01, op::NOTIFY, 2, 1]);
+    v.extend([op::RELOCATE, 0x1c, 1, op::NOTIFY, 2, 1]);
+    v.extend([op::STATUS, 0]);
+    v
+}
+
+/// pci, 2 pairs: the conversation up to DRIVER_OK, then VQ_PAIRS_SET(2) and (1) on the
+/// control queue (index 4), then reset while the control thread runs.
+fn pci_ctrl() -> Vec<u8> {
+    use crate::pci_op as op;
+    let mut v = pci_conversation(0x01, 5, 0);
+    let reset = v.split_off(v.len() - 2);
+    for (i, n) in [(0u8, 2u8), (2, 1)] {
+        let slot = 40 + 2 * i;
+        // The command bytes: class MQ (4), VQ_PAIRS_SET (0), n.
+        v.extend([op::RING, 4, 5]);
+        v.extend(data(slot));
+        v.extend([4, 4, 0, n, 0]);
+        v.extend([op::RING, 4, 0, i]);
+        v.extend(data(slot));
+        v.extend(len8(4));
+        v.extend([NEXT, i + 1]);
+        v.extend([op::RING, 4, 0, i + 1]);
+        v.extend(data(slot + 1));
+        v.extend(len8(1));
+        v.extend([WRITE, 0]);
+        v.extend([op::RING, 4, 2, i, op::NOTIFY, 2, 4]);
+    }
+    v.extend(reset);
+    v
+}
+
+pub fn pci() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("two-pairs", pci_conversation(0x01, 5, 0)),
+        ("one-pair-pci-cfg", pci_conversation(0x10, 2, 1)),
+        ("two-pairs-ctrl", pci_ctrl()),
+        ("relocation", pci_relocation()),
+    ]
+}
