@@ -47,7 +47,7 @@ per sample; the CPU ratio (ceiling CPU time per frame over the device's) is what
 kicks and epoll are not exercised (the worker loop's per-batch cost).";
 
 /// How the guest numbers were made.
-pub const GUEST_METHOD: &str = "mqvmm (under mqvmm-launch, uid nobody, virtio-mmio, vmlinux) and Debian's QEMU \
+pub const GUEST_METHOD: &str = "mqvmm (under mqvmm-launch, uid nobody, vmlinux; transport in the guest config line: virtio-pci with one MSI-X vector per queue by default) and Debian's QEMU \
 (-enable-kvm -cpu host -M q35, virtio-net-pci mq=on vectors=2N+2, tap queues=N, vhost=off and vhost=on, bzImage via \
 SeaBIOS) boot the same guest kernel and initramfs with the same vCPUs and memory on the same kind of multiqueue tap, \
 one boot after the other in one KVM host (the nested rig's L1 on this machine: an emulator, so only ratios within \
