@@ -146,8 +146,12 @@ fn qemu_command(config: &L1Config, extra_cmdline: &str) -> Result<Command, RigEr
         .arg("-initrd")
         .arg(&images.initramfs)
         .arg("-append")
+        // transparent_hugepage=never: with shadow paging (L1_CPU) two long network runs hung L1
+        // with khugepaged blocked for minutes; hung_task_panic=1 turns any such hang into an L1
+        // crash after 120 s, which the harness recognises and retries, instead of a test that
+        // waits for its timeout.
         .arg(format!(
-            "console=ttyS0 quiet panic=-1 nowatchdog mqvmm.l1scratch={}{} {extra_cmdline}",
+            "console=ttyS0 quiet panic=-1 nowatchdog transparent_hugepage=never hung_task_panic=1 mqvmm.l1scratch={}{} {extra_cmdline}",
             scratch.display(),
             keep_param()
         ))
