@@ -221,7 +221,7 @@ tree_hash() { (cd "$1" && find . -type f | LC_ALL=C sort | xargs sha256sum) | sh
 # --- the L2 guest ------------------------------------------------------------------------------
 
 GUEST_MODULES=(virtio_mmio virtio_pci virtio_net)
-GUEST_CMDLINE="console=ttyS0 reboot=k panic=-1 pci=off mqvmm.ip=10.0.2.15/24 mqvmm.gw=10.0.2.1"
+GUEST_CMDLINE="console=ttyS0 reboot=k panic=-1 mqvmm.ip=10.0.2.15/24 mqvmm.gw=10.0.2.1"
 
 build_guest() {
     local pkg deb ver release kdir out="$BUILD/guest" key root

@@ -166,8 +166,7 @@ pub fn guest_images() -> GuestImages {
     let cmdline = std::fs::read_to_string(dir.join("cmdline"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| {
-            "console=ttyS0 reboot=k panic=-1 pci=off mqvmm.ip=10.0.2.15/24 mqvmm.gw=10.0.2.1"
-                .to_string()
+            "console=ttyS0 reboot=k panic=-1 mqvmm.ip=10.0.2.15/24 mqvmm.gw=10.0.2.1".to_string()
         });
     GuestImages {
         vmlinux: dir.join("vmlinux"),

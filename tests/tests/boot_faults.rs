@@ -80,7 +80,7 @@ fn mqvmm_cmd(tap: &HostTap, queues: u16, guest_extra: &str, extra: &[&str]) -> C
         .args(["--cpus", "2", "--memory", "512"])
         .args([
             "--cmdline",
-            &format!("console=ttyS0 quiet panic=-1 pci=off mqvmm.ip={GUEST_IP}/24 {guest_extra}"),
+            &format!("console=ttyS0 quiet panic=-1 mqvmm.ip={GUEST_IP}/24 {guest_extra}"),
         ])
         .args(["--net", &format!("tap={},queues={queues}", tap.name)])
         .args(extra);
