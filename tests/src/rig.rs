@@ -291,8 +291,10 @@ fn shared_l1() -> &'static Mutex<Option<L1>> {
 }
 
 /// Run `cmd` (a shell snippet) in the shared L1, booting it if needed; `sink` receives the output
-/// as it arrives. An L1 crash (kernel panic, QEMU gone) is reported and the command is retried
-/// once on a fresh L1; a second crash is an error.
+/// as it arrives. An L1 crash (kernel panic, QEMU gone) or an L1 that stops answering (the
+/// command's own `timeout` inside L1 would have reported by then: L1 itself is wedged, which the
+/// emulator does now and then) is reported and the command is retried once on a fresh L1; a
+/// second failure is an error.
 pub fn try_exec_in_l1_streaming(
     cmd: &str,
     timeout: Duration,
@@ -313,6 +315,14 @@ pub fn try_exec_in_l1_streaming(
             Err(RigError::Crashed { reason, console }) if attempt == 1 => {
                 note(&format!(
                     "rig: L1 crashed ({reason}); console log {}; retrying once on a fresh L1",
+                    console.display()
+                ));
+                *guard = None;
+            }
+            Err(RigError::Timeout { secs, console }) if attempt == 1 => {
+                note(&format!(
+                    "rig: L1 stopped answering ({secs} s without the command's own time limit \
+                     reporting); console log {}; retrying once on a fresh L1",
                     console.display()
                 ));
                 *guard = None;
@@ -379,7 +389,7 @@ fn test_timeout() -> Duration {
     let secs = std::env::var("MQVMM_RIG_TEST_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1200);
+        .unwrap_or(600);
     Duration::from_secs(secs)
 }
 

@@ -2,13 +2,14 @@
 //! with kvm_amd, the host's root shared read-only over 9p, and a command agent on a virtio-serial
 //! port (protocol in resources/l1/agent) reached through a unix socket.
 
-/// The L1 CPU model: EPYC with SVM but *without* nested paging, so L1's KVM runs L2 on shadow
-/// page tables. With `+npt` (what DESIGN.md first measured) QEMU's TCG emulation of nested paging
-/// loses L2's state under network load: L2 "triple-faults" with its vCPU back in the power-on
-/// reset state (RIP 0xfff0), several times per `make test` in boot_net and the soak, with Debian's
-/// QEMU in L1 as well as mqvmm. With `-npt` boot_net passed every run at the same speed.
-/// `MQVMM_RIG_L1_CPU` and `MQVMM_RIG_ACCEL` override the model and the accelerator.
-pub const L1_CPU: &str = "EPYC,+svm,-npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
+/// The L1 CPU model: EPYC with SVM and nested paging. Both choices hit emulator bugs under
+/// network load, differently. With `+npt` QEMU's TCG emulation of nested paging now and then
+/// loses an L2 vCPU's state (it "triple-faults" back at the reset vector, with Debian's QEMU as
+/// the L2 VMM too): fast to see, and [`crate::rig::in_kvm_env`] reruns the test. With `-npt`
+/// (shadow paging in L1) L1 itself hung or crashed in KVM's SVM entry path in about one long
+/// run in four: slow to see (the test time limit) and costly. `MQVMM_RIG_L1_CPU` and
+/// `MQVMM_RIG_ACCEL` override the model and the accelerator.
+pub const L1_CPU: &str = "EPYC,+svm,+npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -146,10 +147,10 @@ fn qemu_command(config: &L1Config, extra_cmdline: &str) -> Result<Command, RigEr
         .arg("-initrd")
         .arg(&images.initramfs)
         .arg("-append")
-        // transparent_hugepage=never: with shadow paging (L1_CPU) two long network runs hung L1
-        // with khugepaged blocked for minutes; hung_task_panic=1 turns any such hang into an L1
-        // crash after 120 s, which the harness recognises and retries, instead of a test that
-        // waits for its timeout.
+        // transparent_hugepage=never: with shadow paging (`-npt`) a long network run hung L1 with
+        // khugepaged blocked for minutes; hung_task_panic=1 turns such a hang into an L1 crash
+        // after 120 s, which the harness recognises and retries, instead of a test that waits
+        // for its time limit.
         .arg(format!(
             "console=ttyS0 quiet panic=-1 nowatchdog transparent_hugepage=never hung_task_panic=1 mqvmm.l1scratch={}{} {extra_cmdline}",
             scratch.display(),
