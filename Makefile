@@ -36,7 +36,7 @@ test-boot: resources build
 	$(CARGO) test --release -p mqvmm-tests --test 'boot_*' -- --test-threads=1
 
 test-soak: resources build
-	$(CARGO) test --release -p mqvmm-tests --test 'soak_*' -- --ignored --test-threads=1 --nocapture
+	MQVMM_RIG_TEST_TIMEOUT=$${MQVMM_RIG_TEST_TIMEOUT:-900} $(CARGO) test --release -p mqvmm-tests --test 'soak_*' -- --ignored --test-threads=1 --nocapture
 
 # Benchmarks (not part of `make test`; root): mqvmm's device data path against the raw tap ceiling,
 # then guests under mqvmm and under Debian's QEMU (vhost=off, vhost=on) in the same run, in the

@@ -389,7 +389,7 @@ fn test_timeout() -> Duration {
     let secs = std::env::var("MQVMM_RIG_TEST_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(600);
+        .unwrap_or(300);
     Duration::from_secs(secs)
 }
 

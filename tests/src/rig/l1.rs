@@ -2,14 +2,15 @@
 //! with kvm_amd, the host's root shared read-only over 9p, and a command agent on a virtio-serial
 //! port (protocol in resources/l1/agent) reached through a unix socket.
 
-/// The L1 CPU model: EPYC with SVM and nested paging. Both choices hit emulator bugs under
-/// network load, differently. With `+npt` QEMU's TCG emulation of nested paging now and then
-/// loses an L2 vCPU's state (it "triple-faults" back at the reset vector, with Debian's QEMU as
-/// the L2 VMM too): fast to see, and [`crate::rig::in_kvm_env`] reruns the test. With `-npt`
-/// (shadow paging in L1) L1 itself hung or crashed in KVM's SVM entry path in about one long
-/// run in four: slow to see (the test time limit) and costly. `MQVMM_RIG_L1_CPU` and
-/// `MQVMM_RIG_ACCEL` override the model and the accelerator.
-pub const L1_CPU: &str = "EPYC,+svm,+npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
+/// The L1 CPU model: EPYC with SVM but without nested paging (`-npt`: shadow paging in L1's
+/// KVM). Both choices hit emulator bugs under network load, differently. With `+npt` QEMU's TCG
+/// emulation of nested paging loses L2 vCPU state (the vCPU "triple-faults" back at the reset
+/// vector; Debian's QEMU as the L2 VMM too) several times per `make test`, often twice in a row
+/// for one test, so even a rerun fails. With `-npt` every boot_net run passed; instead L1
+/// itself hung or crashed in about one long run in four, which the harness sees at the test
+/// time limit and answers with a fresh L1 and one rerun ([`crate::rig`]). `MQVMM_RIG_L1_CPU`
+/// and `MQVMM_RIG_ACCEL` override the model and the accelerator.
+pub const L1_CPU: &str = "EPYC,+svm,-npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
