@@ -261,85 +261,15 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::transport::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+    use crate::virtio::transport::VIRTIO_F_VERSION_1;
     use std::sync::Mutex;
-    use virtio_queue::Queue;
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
-    #[derive(Default)]
-    struct Record {
-        acked: Option<u64>,
-        activations: Vec<Vec<(u16, u16, bool)>>,
-        resets: usize,
-        config_writes: Vec<(u64, Vec<u8>)>,
-        interrupt: Option<Arc<dyn Interrupt>>,
-    }
-
-    struct FakeDevice {
-        features: u64,
-        fail_activate: bool,
-        record: Arc<Mutex<Record>>,
-    }
-
-    impl VirtioDevice for FakeDevice {
-        fn device_type(&self) -> u32 {
-            1
-        }
-        fn queue_max_sizes(&self) -> Vec<u16> {
-            vec![256, 256, 64]
-        }
-        fn features(&self) -> u64 {
-            self.features
-        }
-        fn set_acked_features(&mut self, features: u64) {
-            self.record.lock().unwrap().acked = Some(features);
-        }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = (offset as u8).wrapping_add(i as u8);
-            }
-        }
-        fn write_config(&mut self, offset: u64, data: &[u8]) {
-            self.record
-                .lock()
-                .unwrap()
-                .config_writes
-                .push((offset, data.to_vec()));
-        }
-        fn activate(
-            &mut self,
-            _mem: GuestMemoryMmap,
-            interrupt: Arc<dyn Interrupt>,
-            queues: Vec<(u16, Queue, EventFd)>,
-        ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-            if self.fail_activate {
-                return Err("no backend".into());
-            }
-            let mut r = self.record.lock().unwrap();
-            r.activations.push(
-                queues
-                    .iter()
-                    .map(|(i, q, _)| (*i, q.size(), q.event_idx_enabled()))
-                    .collect(),
-            );
-            r.interrupt = Some(interrupt);
-            Ok(())
-        }
-        fn reset(&mut self) {
-            self.record.lock().unwrap().resets += 1;
-        }
-    }
-
-    const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 0x21;
+    use crate::virtio::testing::{FakeDevice, Record, FEATURES};
 
     fn transport(fail_activate: bool) -> (MmioTransport, Arc<Mutex<Record>>) {
-        let record = Arc::new(Mutex::new(Record::default()));
-        let device = FakeDevice {
-            features: FEATURES,
-            fail_activate,
-            record: record.clone(),
-        };
+        let (device, record) = FakeDevice::new(fail_activate);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let t =
             MmioTransport::new(Box::new(device), mem, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();

@@ -3,6 +3,8 @@
 pub mod mmio;
 pub mod net;
 pub mod pci;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod transport;
 
 use std::sync::Arc;

@@ -16,83 +16,18 @@ use crate::pci::config::{
 use crate::pci::msix::{CONTROL_ENABLE, CONTROL_FUNCTION_MASK};
 use crate::pci::testing::{Call, Recorder};
 use crate::pci::{MsiMessage, PciConfigIo, PciMmioWindow, PciRoot};
+use crate::virtio::testing::{FakeDevice, Record, FEATURES};
 use crate::virtio::transport::{
     STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_FEATURES_OK,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
 };
 use crate::virtio::Interrupt;
-use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const BAR: u64 = 0xe000_0000;
 const GSI_BASE: u32 = 24;
-const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 0x21;
 const ACK_DRIVER: u8 = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
 const FEATURES_OK: u8 = ACK_DRIVER | STATUS_FEATURES_OK;
-
-#[derive(Default)]
-struct Record {
-    acked: Option<u64>,
-    activations: Vec<Vec<(u16, u16, bool)>>,
-    resets: usize,
-    config_writes: Vec<(u64, Vec<u8>)>,
-    interrupt: Option<Arc<dyn Interrupt>>,
-}
-
-struct FakeDevice {
-    fail_activate: bool,
-    record: Arc<Mutex<Record>>,
-}
-
-impl VirtioDevice for FakeDevice {
-    fn device_type(&self) -> u32 {
-        1
-    }
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![256, 256, 64]
-    }
-    fn features(&self) -> u64 {
-        FEATURES
-    }
-    fn set_acked_features(&mut self, features: u64) {
-        self.record.lock().unwrap().acked = Some(features);
-    }
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = (offset as u8).wrapping_add(i as u8);
-        }
-    }
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        self.record
-            .lock()
-            .unwrap()
-            .config_writes
-            .push((offset, data.to_vec()));
-    }
-    fn activate(
-        &mut self,
-        _mem: GuestMemoryMmap,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<(u16, Queue, EventFd)>,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        if self.fail_activate {
-            return Err("no backend".into());
-        }
-        use virtio_queue::QueueT;
-        let mut r = self.record.lock().unwrap();
-        r.activations.push(
-            queues
-                .iter()
-                .map(|(i, q, _)| (*i, q.size(), q.event_idx_enabled()))
-                .collect(),
-        );
-        r.interrupt = Some(interrupt);
-        Ok(())
-    }
-    fn reset(&mut self) {
-        self.record.lock().unwrap().resets += 1;
-    }
-}
 
 struct Harness {
     dev: VirtioPciDevice,
@@ -103,11 +38,7 @@ struct Harness {
 }
 
 fn harness(fail_activate: bool) -> Harness {
-    let record = Arc::new(Mutex::new(Record::default()));
-    let device = FakeDevice {
-        fail_activate,
-        record: record.clone(),
-    };
+    let (device, record) = FakeDevice::new(fail_activate);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let irqfds: Vec<EventFd> = (0..vector_count(3))
         .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
@@ -785,13 +716,9 @@ fn pci_cfg_capability_reaches_bar0() {
 
 #[test]
 fn construction_checks_vectors_and_queues() {
-    let record = Arc::new(Mutex::new(Record::default()));
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let result = VirtioPciDevice::new(
-        Box::new(FakeDevice {
-            fail_activate: false,
-            record,
-        }),
+        Box::new(FakeDevice::new(false).0),
         mem,
         PciTransportConfig {
             bar_address: BAR,

@@ -1,0 +1,92 @@
+//! A device double for the transports' unit tests: it records what the transport asks of it.
+
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::transport::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{Interrupt, VirtioDevice};
+
+/// What [`FakeDevice`] offers: VERSION_1, EVENT_IDX and two low device bits.
+pub const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 0x21;
+
+/// What the transport did to the device.
+#[derive(Default)]
+pub struct Record {
+    pub acked: Option<u64>,
+    /// Per activation: (queue index, size, EVENT_IDX enabled) of every queue handed over.
+    pub activations: Vec<Vec<(u16, u16, bool)>>,
+    pub resets: usize,
+    pub config_writes: Vec<(u64, Vec<u8>)>,
+    pub interrupt: Option<Arc<dyn Interrupt>>,
+}
+
+/// A net-typed device with three queues (256, 256, 64) offering [`FEATURES`]; its config space
+/// reads back `offset + i`; activation fails when `fail_activate` is set.
+pub struct FakeDevice {
+    pub fail_activate: bool,
+    pub record: Arc<Mutex<Record>>,
+}
+
+impl FakeDevice {
+    /// A device and the record the test keeps.
+    pub fn new(fail_activate: bool) -> (FakeDevice, Arc<Mutex<Record>>) {
+        let record = Arc::new(Mutex::new(Record::default()));
+        let device = FakeDevice {
+            fail_activate,
+            record: record.clone(),
+        };
+        (device, record)
+    }
+}
+
+impl VirtioDevice for FakeDevice {
+    fn device_type(&self) -> u32 {
+        1
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![256, 256, 64]
+    }
+    fn features(&self) -> u64 {
+        FEATURES
+    }
+    fn set_acked_features(&mut self, features: u64) {
+        self.record.lock().unwrap().acked = Some(features);
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (offset as u8).wrapping_add(i as u8);
+        }
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.record
+            .lock()
+            .unwrap()
+            .config_writes
+            .push((offset, data.to_vec()));
+    }
+    fn activate(
+        &mut self,
+        _mem: GuestMemoryMmap,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<(u16, Queue, EventFd)>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if self.fail_activate {
+            return Err("no backend".into());
+        }
+        let mut r = self.record.lock().unwrap();
+        r.activations.push(
+            queues
+                .iter()
+                .map(|(i, q, _)| (*i, q.size(), q.event_idx_enabled()))
+                .collect(),
+        );
+        r.interrupt = Some(interrupt);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.record.lock().unwrap().resets += 1;
+    }
+}
