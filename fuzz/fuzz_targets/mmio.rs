@@ -15,15 +15,13 @@
 //! thread and no fd behind.
 #![no_main]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use mqvmm_fuzz::{
-    assert_status_prefix, guest_memory, ring_op, thread_and_fd_count, trace, FakeBackend,
-    FaultPlan, Input, Ring, RxEvent, SharedBackend,
+    assert_status_prefix, guest_memory, net_from_input, ring_op, thread_and_fd_count, trace,
+    FuzzNet, Input, Ring, RxEvent,
 };
-use virtio_net::{Net, NetConfig};
 use vmm::bus::BusDevice;
 use vmm::virtio::mmio::*;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -86,31 +84,16 @@ fn check_status(t: &MmioTransport) {
 fn run(data: &[u8]) {
     mqvmm_fuzz::tracing();
     let mut inp = Input::new(data);
-    let dev = inp.u8();
-    let pairs = 1 + usize::from(dev % 4);
-    let mq = dev & 0x10 == 0;
-    let mtu = (dev & 0x20 != 0).then_some(1500 + u16::from(dev >> 6) * 3000);
-    let queue_size = 1u16 << (1 + inp.u8() % 8);
-    let initially = inp.u8();
-    let plan = Arc::new(FaultPlan::default());
-    let handles: Vec<Arc<FakeBackend>> = (0..pairs)
-        .map(|p| {
-            Arc::new(FakeBackend::new(
-                p as u16,
-                initially & (1 << p) != 0,
-                plan.clone(),
-            ))
-        })
-        .collect();
-    let cfg = NetConfig {
-        mq,
-        mtu,
+    let Some(FuzzNet {
+        net,
+        handles,
         queue_size,
-        ..NetConfig::default()
-    };
-    let Ok(net) = Net::new(cfg, handles.iter().cloned().map(SharedBackend).collect()) else {
+        ..
+    }) = net_from_input(&mut inp)
+    else {
         return;
     };
+    let pairs = handles.len();
     let mem = guest_memory();
     let mut t = MmioTransport::new(
         Box::new(net),

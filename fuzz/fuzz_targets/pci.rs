@@ -53,10 +53,9 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use mqvmm_fuzz::pci_op as op;
 use mqvmm_fuzz::{
-    assert_status_prefix, guest_memory, read_fault, ring_op, thread_and_fd_count, trace,
-    FakeBackend, FaultPlan, Input, Ring, RxEvent, SharedBackend,
+    assert_status_prefix, guest_memory, net_from_input, read_fault, ring_op, thread_and_fd_count,
+    trace, FuzzNet, Input, Ring, RxEvent,
 };
-use virtio_net::{Net, NetConfig};
 use vm_memory::GuestMemoryMmap;
 use vmm::arch::layout::{MSI_GSI_BASE, PCI_MMIO32_SIZE, PCI_MMIO32_START};
 use vmm::bus::Bus;
@@ -685,31 +684,16 @@ impl Vm {
 fn run(data: &[u8]) {
     mqvmm_fuzz::tracing();
     let mut inp = Input::new(data);
-    let dev = inp.u8();
-    let pairs = 1 + usize::from(dev % 4);
-    let mq = dev & 0x10 == 0;
-    let mtu = (dev & 0x20 != 0).then_some(1500 + u16::from(dev >> 6) * 3000);
-    let queue_size = 1u16 << (1 + inp.u8() % 8);
-    let initially = inp.u8();
-    let plan = Arc::new(FaultPlan::default());
-    let handles: Vec<Arc<FakeBackend>> = (0..pairs)
-        .map(|p| {
-            Arc::new(FakeBackend::new(
-                p as u16,
-                initially & (1 << p) != 0,
-                plan.clone(),
-            ))
-        })
-        .collect();
-    let cfg = NetConfig {
-        mq,
-        mtu,
+    let Some(FuzzNet {
+        net,
+        plan,
+        handles,
         queue_size,
-        ..NetConfig::default()
-    };
-    let Ok(net) = Net::new(cfg, handles.iter().cloned().map(SharedBackend).collect()) else {
+    }) = net_from_input(&mut inp)
+    else {
         return;
     };
+    let pairs = handles.len();
     let mem = guest_memory();
     let mut vm = Vm::new(Box::new(net), mem.clone());
     let queues = vm.queues;

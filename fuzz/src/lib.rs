@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtio_net::{Backend, BackendError, BackendOp, Interrupt};
+use virtio_net::{Backend, BackendError, BackendOp, Interrupt, Net, NetConfig};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -673,4 +673,48 @@ macro_rules! trace {
             eprintln!($($arg)*);
         }
     };
+}
+
+/// The real device behind a transport target, shaped by the input's first bytes: a device byte
+/// (pairs 1..4, MQ, MTU), a queue-size byte and the initially attached backends. Returns the
+/// device, the fault plan its backends share and the harness' handles to them; `None` when the
+/// configuration is refused.
+pub struct FuzzNet {
+    pub net: Net<SharedBackend>,
+    pub plan: Arc<FaultPlan>,
+    pub handles: Vec<Arc<FakeBackend>>,
+    /// The size of every queue.
+    pub queue_size: u16,
+}
+
+pub fn net_from_input(inp: &mut Input) -> Option<FuzzNet> {
+    let dev = inp.u8();
+    let pairs = 1 + usize::from(dev % 4);
+    let mq = dev & 0x10 == 0;
+    let mtu = (dev & 0x20 != 0).then_some(1500 + u16::from(dev >> 6) * 3000);
+    let queue_size = 1u16 << (1 + inp.u8() % 8);
+    let initially = inp.u8();
+    let plan = Arc::new(FaultPlan::default());
+    let handles: Vec<Arc<FakeBackend>> = (0..pairs)
+        .map(|p| {
+            Arc::new(FakeBackend::new(
+                p as u16,
+                initially & (1 << p) != 0,
+                plan.clone(),
+            ))
+        })
+        .collect();
+    let cfg = NetConfig {
+        mq,
+        mtu,
+        queue_size,
+        ..NetConfig::default()
+    };
+    let net = Net::new(cfg, handles.iter().cloned().map(SharedBackend).collect()).ok()?;
+    Some(FuzzNet {
+        net,
+        plan,
+        handles,
+        queue_size,
+    })
 }
