@@ -127,13 +127,18 @@ impl Drop for IperfServers {
     }
 }
 
-/// The guest's command line; `pci=off` (no `MQVMM_SOAK_TRANSPORT=pci`) makes mqvmm use
-/// virtio-mmio.
+/// The transport the soak runs over: virtio-mmio unless `MQVMM_SOAK_TRANSPORT=pci`.
+fn soak_over_pci() -> bool {
+    std::env::var("MQVMM_SOAK_TRANSPORT").as_deref() == Ok("pci")
+}
+
+/// The guest's command line; `pci=off` makes mqvmm use virtio-mmio.
 fn soak_cmdline() -> String {
     let base = format!("console=ttyS0 quiet panic=-1 mqvmm.ip={GUEST_IP}/24");
-    match std::env::var("MQVMM_SOAK_TRANSPORT").as_deref() {
-        Ok("pci") => base,
-        _ => format!("{base} pci=off"),
+    if soak_over_pci() {
+        base
+    } else {
+        format!("{base} pci=off")
     }
 }
 
@@ -472,10 +477,10 @@ fn soak_once() {
     let rollback_failures = field(&m_after, "device", "rollback_failures");
     let moved = |key: &str| pair_sum(&m_after, key) - pair_sum(&m_before, key);
     let (soak_rx, soak_tx) = (moved("rx_packets"), moved("tx_packets"));
-    let transport = if soak_cmdline().contains("pci=off") {
-        "virtio-mmio"
-    } else {
+    let transport = if soak_over_pci() {
         "virtio-pci"
+    } else {
+        "virtio-mmio"
     };
     println!(
         "soak ({transport}): {n_changes} changes in {:.1} s = {:.1} changes/s under load; device saw {set} VQ_PAIRS_SET, {errors} ERR, {rollback_failures} rollback failures; frames during the soak: host->guest {soak_rx}, guest->host {soak_tx}",
