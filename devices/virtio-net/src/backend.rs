@@ -106,6 +106,14 @@ pub trait Backend: Send + Sync + AsRawFd {
     /// Sets which offloads the receiving side (the guest) accepts, as `TUN_F_*` flags.
     fn set_offload(&self, tun_flags: u32) -> Result<(), BackendError>;
 
+    /// The MTU of the host interface behind the queue, if it can be learned: the largest
+    /// frame (without link-layer header) the host will hand to this queue. The device
+    /// advertises it (VIRTIO_NET_F_MTU) when no MTU was configured, and sizes receive
+    /// buffers by it; unknown means receive buffers are sized for the largest frame.
+    fn mtu(&self) -> Option<u32> {
+        None
+    }
+
     /// Whether the host side of this queue is gone for good (for a tap: the interface was
     /// deleted while we hold its queue fds). Asked only after an operation failed. Backends
     /// that cannot disappear keep the default, `false`.

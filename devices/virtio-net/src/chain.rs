@@ -11,7 +11,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, Volati
 
 /// Size of one split-ring descriptor.
 const DESC_SIZE: u64 = 16;
-/// Largest indirect table we follow (a `next` field cannot address more entries).
+/// Largest indirect table we accept (a `next` field cannot address more entries). How much of
+/// it is walked is bounded by the queue size, like any chain.
 const MAX_INDIRECT_ENTRIES: u32 = 1 << 16;
 /// Largest iovec array the kernel accepts for readv/writev.
 pub const MAX_IOV: usize = libc::UIO_MAXIOV as usize;
@@ -35,10 +36,11 @@ pub enum ChainError {
         /// The entry index.
         index: u16,
     },
-    /// The chain loops or is longer than its table.
-    #[error("chain is longer than its table of {limit} entries")]
+    /// The chain loops, or has more descriptors (direct and indirect together) than the
+    /// queue size, which the spec forbids a driver to build.
+    #[error("chain has more than {limit} descriptors")]
     TooLong {
-        /// Entries in the table.
+        /// The limit: the queue size.
         limit: u32,
     },
     /// VIRTQ_DESC_F_INDIRECT without VIRTIO_RING_F_INDIRECT_DESC negotiated.
@@ -112,6 +114,11 @@ fn table_slice(
 
 /// Calls `f` for every descriptor of the chain starting at `head`, following at most one
 /// level of indirect table, and fails on any malformed link.
+///
+/// A chain may hold at most `table.size` (the queue size) descriptors, direct and indirect
+/// together (virtio 1.x, 2.7.5.3.1: a driver must not build longer ones). That also bounds
+/// the work one chain can cost, whatever the guest put in an indirect table's length: `f`
+/// is called at most `table.size` times.
 pub fn walk<F>(
     mem: &GuestMemoryMmap,
     table: DescTable,
@@ -123,7 +130,8 @@ where
 {
     let mut base = table.addr;
     let mut size = u32::from(table.size);
-    let mut budget = size;
+    let limit = size;
+    let mut budget = limit;
     let mut index = head;
     let mut in_indirect = false;
     let mut slice = table_slice(mem, base, size);
@@ -164,14 +172,13 @@ where
             base = desc.addr();
             size = entries;
             slice = table_slice(mem, base, size);
-            budget = entries;
             index = 0;
             in_indirect = true;
             continue;
         }
 
         if budget == 0 {
-            return Err(ChainError::TooLong { limit: size });
+            return Err(ChainError::TooLong { limit });
         }
         budget -= 1;
         f(&desc)?;
@@ -226,6 +233,8 @@ fn push_segments(
 /// Appends the iovecs of a chain whose descriptors must all be device-readable (tx) or all
 /// device-writable (rx), and returns the chain's byte length. `iov` may already hold
 /// segments; the total is kept at or below `max_segments`. On error `iov` is left as it was.
+/// `descs` is increased by the number of descriptors read, whether the chain was good or
+/// not: callers budget their work in descriptors.
 pub fn chain_iov(
     mem: &GuestMemoryMmap,
     table: DescTable,
@@ -233,10 +242,12 @@ pub fn chain_iov(
     writable: bool,
     iov: &mut Vec<libc::iovec>,
     max_segments: usize,
+    descs: &mut usize,
 ) -> Result<usize, ChainError> {
     let start = iov.len();
     let mut total: usize = 0;
     let result = walk(mem, table, head, |desc| {
+        *descs += 1;
         if desc.is_write_only() != writable {
             return Err(if writable {
                 ChainError::UnexpectedReadable

@@ -23,12 +23,17 @@ use crate::backend::BackendError;
 use crate::chain::{walk, ChainError, DescTable};
 use crate::features::Negotiated;
 use crate::metrics::{NetMetrics, Tally};
+use crate::rxtx::Work;
 use crate::Interrupt;
 
 /// Reply byte for a command that was applied.
 pub const ACK_OK: u8 = VIRTIO_NET_OK as u8;
 /// Reply byte for a command that was refused (state unchanged).
 pub const ACK_ERR: u8 = VIRTIO_NET_ERR as u8;
+
+/// Commands answered per [`CtrlQueue::process`] call before the control thread looks at its
+/// other events (a stop request among them).
+pub const CTRL_BUDGET: usize = 64;
 
 /// Readable bytes of a command we look at (class, command, and the largest payload we
 /// parse, a u64); anything beyond is ignored.
@@ -55,6 +60,12 @@ pub enum SwitchError {
         /// What epoll said.
         #[source]
         source: std::io::Error,
+    },
+    /// The device is being stopped (reset) while the switch waited for a worker.
+    #[error("device is stopping; pair {pair} left as it is")]
+    Stopping {
+        /// The pair.
+        pair: usize,
     },
     /// The pair has no worker because the driver did not set up its queues.
     #[error("pair {pair} has no worker: its virtqueues were not set up")]
@@ -178,11 +189,96 @@ pub trait CtrlTarget {
     fn set_guest_offloads(&mut self, offloads: u64) -> bool;
     /// Change the MAC in the config space.
     fn set_mac(&mut self, mac: [u8; 6]) -> bool;
+    /// Waits until the device may carry out `cmd` (host operations are rate-limited);
+    /// false if the device is being stopped meanwhile, and `cmd` must not run.
+    fn admit(&mut self, _cmd: &Command) -> bool {
+        true
+    }
+    /// Whether the device is being stopped (reset): the control queue then answers no
+    /// further command.
+    fn stopping(&self) -> bool {
+        false
+    }
 }
 
-/// Executes one command and returns the ack byte. `data` is the command-specific data
-/// (possibly truncated to what we read, possibly longer than needed: trailing bytes are
-/// ignored).
+/// A control command that is well-formed and allowed by the negotiated features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, `1 <= n <= max_virtqueue_pairs`.
+    VqPairsSet(u16),
+    /// VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET, only negotiated offload bits.
+    GuestOffloadsSet(u64),
+    /// VIRTIO_NET_CTRL_MAC_ADDR_SET.
+    MacAddrSet([u8; 6]),
+}
+
+/// Parses one command. `data` is the command-specific data (possibly truncated to what we
+/// read, possibly longer than needed: trailing bytes are ignored). `None` means the command
+/// is refused (ERR) with nothing changed: unknown, not negotiated, too short, or out of
+/// range.
+pub fn parse_command(
+    features: Negotiated,
+    class: u8,
+    command: u8,
+    data: &[u8],
+    max_pairs: u16,
+) -> Option<Command> {
+    let parsed = match (u32::from(class), u32::from(command)) {
+        (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if features.mq() => {
+            let b = data.get(..2)?;
+            let n = u16::from_le_bytes([b[0], b[1]]);
+            if n == 0 || n > max_pairs {
+                debug!("virtio-net: VQ_PAIRS_SET({n}) outside 1..={max_pairs}");
+                return None;
+            }
+            Command::VqPairsSet(n)
+        }
+        (VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET)
+            if features.has(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) =>
+        {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(data.get(..8)?);
+            let offloads = u64::from_le_bytes(raw);
+            // Only offloads negotiated at FEATURES_OK may be switched on.
+            if offloads & !features.guest_offloads() != 0 {
+                debug!("virtio-net: GUEST_OFFLOADS_SET({offloads:#x}) not negotiated");
+                return None;
+            }
+            Command::GuestOffloadsSet(offloads)
+        }
+        (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET)
+            if features.has(VIRTIO_NET_F_CTRL_MAC_ADDR) =>
+        {
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(data.get(..6)?);
+            Command::MacAddrSet(mac)
+        }
+        // MAC_TABLE_SET and the RX mode class need VIRTIO_NET_F_CTRL_RX, VLAN needs
+        // CTRL_VLAN, ANNOUNCE needs GUEST_ANNOUNCE, RSS needs RSS: none is offered. Commands
+        // of features that were not negotiated, and unknown ones, are refused.
+        _ => {
+            debug!("virtio-net: control command class {class} command {command} refused");
+            return None;
+        }
+    };
+    Some(parsed)
+}
+
+/// Carries out a parsed command; returns the ack byte.
+pub fn apply<T: CtrlTarget>(cmd: Command, target: &mut T) -> u8 {
+    let ok = match cmd {
+        Command::VqPairsSet(n) => target.set_queue_pairs(n),
+        Command::GuestOffloadsSet(offloads) => target.set_guest_offloads(offloads),
+        Command::MacAddrSet(mac) => target.set_mac(mac),
+    };
+    if ok {
+        ACK_OK
+    } else {
+        ACK_ERR
+    }
+}
+
+/// Parses and carries out one command at once (no rate limit); returns the ack byte.
 pub fn execute<T: CtrlTarget>(
     features: Negotiated,
     class: u8,
@@ -190,67 +286,9 @@ pub fn execute<T: CtrlTarget>(
     data: &[u8],
     target: &mut T,
 ) -> u8 {
-    let ok = match (u32::from(class), u32::from(command)) {
-        (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if features.mq() => {
-            match data.get(..2) {
-                Some(b) => {
-                    let n = u16::from_le_bytes([b[0], b[1]]);
-                    if n == 0 || n > target.max_pairs() {
-                        debug!(
-                            "virtio-net: VQ_PAIRS_SET({n}) outside 1..={}",
-                            target.max_pairs()
-                        );
-                        false
-                    } else {
-                        target.set_queue_pairs(n)
-                    }
-                }
-                None => false,
-            }
-        }
-        (VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET)
-            if features.has(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) =>
-        {
-            match data.get(..8) {
-                Some(b) => {
-                    let mut raw = [0u8; 8];
-                    raw.copy_from_slice(b);
-                    let offloads = u64::from_le_bytes(raw);
-                    // Only offloads negotiated at FEATURES_OK may be switched on.
-                    if offloads & !features.guest_offloads() != 0 {
-                        debug!("virtio-net: GUEST_OFFLOADS_SET({offloads:#x}) not negotiated");
-                        false
-                    } else {
-                        target.set_guest_offloads(offloads)
-                    }
-                }
-                None => false,
-            }
-        }
-        (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET)
-            if features.has(VIRTIO_NET_F_CTRL_MAC_ADDR) =>
-        {
-            match data.get(..6) {
-                Some(b) => {
-                    let mut mac = [0u8; 6];
-                    mac.copy_from_slice(b);
-                    target.set_mac(mac)
-                }
-                None => false,
-            }
-        }
-        // MAC_TABLE_SET and the RX mode class need VIRTIO_NET_F_CTRL_RX, VLAN needs
-        // CTRL_VLAN, ANNOUNCE needs GUEST_ANNOUNCE, RSS needs RSS: none is offered. Commands
-        // of features that were not negotiated, and unknown ones, are refused.
-        _ => {
-            debug!("virtio-net: control command class {class} command {command} refused");
-            false
-        }
-    };
-    if ok {
-        ACK_OK
-    } else {
-        ACK_ERR
+    match parse_command(features, class, command, data, target.max_pairs()) {
+        Some(cmd) => apply(cmd, target),
+        None => ACK_ERR,
     }
 }
 
@@ -380,7 +418,11 @@ impl CtrlQueue {
         &self.queue
     }
 
-    fn finish(&mut self, head: u16, len: u32, tally: &mut Tally) {
+    /// Counts `tally`, then returns `head` with `len` bytes written and signals the driver
+    /// if it asked for it.
+    fn finish(&mut self, head: u16, len: u32, mut tally: Tally) {
+        self.metrics.ctrl.add(&tally);
+        tally = Tally::default();
         if self.queue.add_used(&self.mem, head, len).is_err() {
             return;
         }
@@ -395,20 +437,30 @@ impl CtrlQueue {
                 Err(e) => warn!("virtio-net: ctrl interrupt failed: {e}"),
             }
         }
+        self.metrics.ctrl.add(&tally);
     }
 
-    /// Answers every available command. Each command's ack byte, used entry and interrupt
-    /// are written only after the command took full effect (or was rolled back).
-    /// `kicked_at` is when the kick was seen, for the VQ_PAIRS_SET latency.
-    pub fn process<T: CtrlTarget>(&mut self, target: &mut T, kicked_at: Instant) {
-        let mut tally = Tally::default();
+    /// Answers the available commands, at most [`CTRL_BUDGET`] per call (returns
+    /// [`Work::More`] when some are left). Each command's counters, ack byte, used entry
+    /// and interrupt are written only after the command took full effect (or was rolled
+    /// back), counters first, so whoever sees the used entry also sees the counters. Nothing
+    /// more is answered once the target is stopping. `kicked_at` is when the kick was seen,
+    /// for the VQ_PAIRS_SET latency.
+    pub fn process<T: CtrlTarget>(&mut self, target: &mut T, kicked_at: Instant) -> Work {
         let table = DescTable {
             addr: GuestAddress(self.queue.desc_table()),
             size: self.queue.size(),
             indirect: self.features.indirect_desc(),
         };
+        let mut budget = CTRL_BUDGET;
         loop {
             loop {
+                if target.stopping() {
+                    return Work::Done;
+                }
+                if budget == 0 {
+                    return Work::More;
+                }
                 let head = match self.queue.iter(&self.mem) {
                     Ok(mut it) => match it.next() {
                         Some(chain) => chain.head_index(),
@@ -419,26 +471,38 @@ impl CtrlQueue {
                             warn!("virtio-net: control queue unusable: {e}");
                             self.warned = true;
                         }
-                        self.metrics.ctrl.add(&tally);
-                        return;
+                        return Work::Done;
                     }
                 };
+                budget -= 1;
+                let mut tally = Tally::default();
                 let req = match parse_request(&self.mem, table, head) {
                     Ok(req) => req,
                     Err(e) => {
                         debug!("virtio-net: bad control chain {head}: {e}");
                         tally.bad_chains += 1;
-                        self.finish(head, 0, &mut tally);
+                        self.finish(head, 0, tally);
                         continue;
                     }
                 };
-                let (ack, pairs_set) = match req.header() {
-                    Some((class, command)) => (
-                        execute(self.features, class, command, req.data(), target),
-                        u32::from(class) == VIRTIO_NET_CTRL_MQ
-                            && u32::from(command) == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
-                    ),
-                    None => (ACK_ERR, false),
+                let cmd = req.header().and_then(|(class, command)| {
+                    parse_command(
+                        self.features,
+                        class,
+                        command,
+                        req.data(),
+                        target.max_pairs(),
+                    )
+                });
+                let ack = match cmd {
+                    Some(cmd) => {
+                        if !target.admit(&cmd) {
+                            // Stopping: the reset that follows discards the queue.
+                            return Work::Done;
+                        }
+                        apply(cmd, target)
+                    }
+                    None => ACK_ERR,
                 };
                 if ack == ACK_OK {
                     tally.packets += 1;
@@ -447,11 +511,14 @@ impl CtrlQueue {
                 }
                 if self.mem.write_obj(ack, req.ack_addr).is_err() {
                     tally.bad_chains += 1;
-                    self.finish(head, 0, &mut tally);
+                    self.finish(head, 0, tally);
                     continue;
                 }
-                self.finish(head, 1, &mut tally);
-                if pairs_set {
+                let vq_pairs_set = req.header().is_some_and(|(class, command)| {
+                    u32::from(class) == VIRTIO_NET_CTRL_MQ
+                        && u32::from(command) == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
+                });
+                if vq_pairs_set {
                     let m = &self.metrics;
                     m.vq_pairs_set.fetch_add(1, Ordering::Relaxed);
                     if ack != ACK_OK {
@@ -460,12 +527,12 @@ impl CtrlQueue {
                     let ns = u64::try_from(kicked_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
                     m.last_vq_pairs_set_ns.store(ns, Ordering::Relaxed);
                 }
+                self.finish(head, 1, tally);
             }
             match self.queue.enable_notification(&self.mem) {
                 Ok(true) => continue,
-                Ok(false) | Err(_) => break,
+                Ok(false) | Err(_) => return Work::Done,
             }
         }
-        self.metrics.ctrl.add(&tally);
     }
 }

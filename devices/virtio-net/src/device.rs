@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use virtio_queue::{Queue, QueueT};
@@ -14,13 +14,14 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{Backend, BackendError};
 use crate::config::{ConfigError, ConfigSpace, NetConfig};
-use crate::ctrl::{switch_pairs, CtrlQueue, CtrlTarget, PairSwitch, SwitchError};
+use crate::ctrl::{switch_pairs, Command, CtrlQueue, CtrlTarget, PairSwitch, SwitchError};
 use crate::features::{bit, offered_features, tun_offload_flags, Negotiated};
+use crate::limit::{LogLimit, TokenBucket};
 use crate::metrics::NetMetrics;
 use crate::rxtx::PathConfig;
 use crate::worker::{
-    spawn_ctrl, spawn_worker, PairControl, RunState, StdSpawner, ThreadSpawner, WorkerFds,
-    WorkerStart, WORKER_CONFIRM_TIMEOUT,
+    spawn_ctrl, spawn_worker, DeviceThreadHandle, PairControl, RunState, StdSpawner, StopSignal,
+    ThreadSpawner, WorkerFds, WorkerStart, JOIN_TIMEOUT, WORKER_CONFIRM_TIMEOUT,
 };
 use crate::Interrupt;
 use virtio_bindings::virtio_net::{
@@ -113,8 +114,21 @@ pub struct Shared<B> {
     pub(crate) guest_offloads: AtomicU64,
     pub(crate) interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
     pub(crate) state: Mutex<PairsState>,
+    /// Raised while the threads are being stopped.
+    pub(crate) stop: StopSignal,
+    /// Host operations the guest's control commands may cause (kept across resets, so a
+    /// reset does not refill it).
+    reconfig_limit: Mutex<TokenBucket>,
+    /// The info line of a queue-pair switch, at most once a second.
+    switch_log: Mutex<LogLimit>,
+    /// The MTU in the config space, when one is advertised.
     mtu: Option<u16>,
 }
+
+/// Host operations of one step of a queue-pair switch: detaching a queue is one
+/// TUNSETQUEUE; attaching one is TUNSETQUEUE, TUNSETVNETHDRSZ and TUNSETOFFLOAD.
+const DETACH_OPS: u32 = 1;
+const ATTACH_OPS: u32 = 3;
 
 fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Poisoning only records that a holder panicked; the data is plain values.
@@ -125,12 +139,7 @@ impl<B: Backend> Shared<B> {
     /// Data-path settings for `features` and `guest_offloads`. Takes no lock: workers call
     /// it while the control thread may hold `state` waiting for them.
     pub(crate) fn path_config(&self, features: Negotiated, guest_offloads: u64) -> PathConfig {
-        let gso = guest_offloads
-            & (bit(VIRTIO_NET_F_GUEST_TSO4)
-                | bit(VIRTIO_NET_F_GUEST_TSO6)
-                | bit(VIRTIO_NET_F_GUEST_UFO))
-            != 0;
-        PathConfig::new(features, gso, self.mtu)
+        PathConfig::new(features, gso(guest_offloads), self.mtu)
     }
 
     /// Sets the link state shown to the guest; a change raises a config interrupt while the
@@ -182,6 +191,28 @@ impl<B: Backend> Shared<B> {
         }
     }
 
+    pub(crate) fn count_reconfigs(&self, ops: u32) {
+        self.metrics
+            .host_reconfigs
+            .fetch_add(u64::from(ops), Ordering::Relaxed);
+    }
+
+    /// Asks every worker to confirm its state, so that each has re-read the settings it
+    /// caches; returns false if one did not confirm in time.
+    fn refresh_workers(&self, state: &PairsState) -> bool {
+        let mut all = true;
+        for (pair, ctl) in self.pairs.iter().enumerate() {
+            if !state.has_worker[pair] {
+                continue;
+            }
+            if let Err(e) = ctl.refresh(pair, WORKER_CONFIRM_TIMEOUT, Some(&self.stop)) {
+                warn!("virtio-net: {e}");
+                all = false;
+            }
+        }
+        all
+    }
+
     fn set_attached(&self, state: &mut PairsState, pair: usize, attached: bool) {
         state.attached[pair] = attached;
         self.metrics.pairs[pair]
@@ -228,19 +259,30 @@ impl<B: Backend> PairSwitch for DevicePairs<'_, B> {
         if !self.state.has_worker[pair] {
             return Ok(());
         }
-        self.shared.pairs[pair].request(pair, RunState::Parked, WORKER_CONFIRM_TIMEOUT)
+        self.shared.pairs[pair].request(
+            pair,
+            RunState::Parked,
+            WORKER_CONFIRM_TIMEOUT,
+            Some(&self.shared.stop),
+        )
     }
 
     fn resume(&mut self, pair: usize) -> Result<(), SwitchError> {
         if !self.state.has_worker[pair] {
             return Err(SwitchError::NoWorker { pair });
         }
-        self.shared.pairs[pair].request(pair, RunState::Running, WORKER_CONFIRM_TIMEOUT)
+        self.shared.pairs[pair].request(
+            pair,
+            RunState::Running,
+            WORKER_CONFIRM_TIMEOUT,
+            Some(&self.shared.stop),
+        )
     }
 
     fn attach(&mut self, pair: usize) -> Result<(), SwitchError> {
         let backend = &self.shared.backends[pair];
         let wrap = |source| SwitchError::Backend { pair, source };
+        self.shared.count_reconfigs(ATTACH_OPS);
         backend.attach().map_err(wrap)?;
         self.shared.set_attached(self.state, pair, true);
         // Header size and offloads are per tap device in Linux, but re-applying them on the
@@ -267,6 +309,7 @@ impl<B: Backend> PairSwitch for DevicePairs<'_, B> {
     }
 
     fn detach(&mut self, pair: usize) -> Result<(), SwitchError> {
+        self.shared.count_reconfigs(DETACH_OPS);
         self.shared.backends[pair]
             .detach()
             .map_err(|source| SwitchError::Backend { pair, source })?;
@@ -275,6 +318,10 @@ impl<B: Backend> PairSwitch for DevicePairs<'_, B> {
     }
 
     fn undo_failed(&mut self, pair: usize, err: &SwitchError) {
+        if let SwitchError::Stopping { .. } = err {
+            // The reset under way puts every pair into its reset state.
+            return;
+        }
         error!("virtio-net: rollback of pair {pair} failed: {err}");
         self.shared
             .metrics
@@ -294,9 +341,79 @@ impl<'a, B: Backend> DeviceCtrl<'a, B> {
     }
 }
 
+impl<B: Backend> DeviceCtrl<'_, B> {
+    /// Host operations `cmd` will cause.
+    fn cost(&self, cmd: &Command) -> u32 {
+        let state = relock(&self.shared.state);
+        match *cmd {
+            Command::VqPairsSet(n) => {
+                let (current, target) = (state.active as u32, u32::from(n));
+                if target < current {
+                    (current - target) * DETACH_OPS
+                } else {
+                    (target - current) * ATTACH_OPS
+                }
+            }
+            Command::GuestOffloadsSet(_) => state.attached.iter().filter(|&&a| a).count() as u32,
+            Command::MacAddrSet(_) => 0,
+        }
+    }
+
+    /// Sets TUN_F_* `flags` on every attached backend; on a failure restores `previous` on
+    /// those done and returns false.
+    fn set_offload_all(&self, state: &PairsState, flags: u32, previous: u32) -> bool {
+        let attached: Vec<usize> = (0..self.shared.backends.len())
+            .filter(|&p| state.attached[p])
+            .collect();
+        for (i, &pair) in attached.iter().enumerate() {
+            self.shared.count_reconfigs(1);
+            if let Err(e) = self.shared.backends[pair].set_offload(flags) {
+                warn!("virtio-net: setting offloads {flags:#x} failed: {e}");
+                for &done in &attached[..i] {
+                    self.shared.count_reconfigs(1);
+                    if let Err(e) = self.shared.backends[done].set_offload(previous) {
+                        error!("virtio-net: cannot restore offloads on pair {done}: {e}");
+                    }
+                }
+                return false;
+            }
+        }
+        true
+    }
+}
+
 impl<B: Backend> CtrlTarget for DeviceCtrl<'_, B> {
     fn max_pairs(&self) -> u16 {
         self.shared.backends.len() as u16
+    }
+
+    fn admit(&mut self, cmd: &Command) -> bool {
+        let cost = self.cost(cmd);
+        if cost == 0 {
+            return true;
+        }
+        let mut throttled = false;
+        loop {
+            let wait = relock(&self.shared.reconfig_limit).take(cost, Instant::now());
+            if wait.is_zero() {
+                return true;
+            }
+            if !throttled {
+                throttled = true;
+                self.shared
+                    .metrics
+                    .throttled_commands
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!("virtio-net: {cmd:?} waits {wait:?} for the host-operation limit");
+            }
+            if !self.shared.stop.sleep(wait) {
+                return false;
+            }
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.shared.stop.is_raised()
     }
 
     fn set_queue_pairs(&mut self, n: u16) -> bool {
@@ -321,7 +438,16 @@ impl<B: Backend> CtrlTarget for DeviceCtrl<'_, B> {
                     .metrics
                     .active_pairs
                     .store(target as u64, Ordering::Relaxed);
-                info!("virtio-net: {current} -> {target} queue pairs");
+                if let Some(held) = relock(&self.shared.switch_log).allow(Instant::now()) {
+                    if held == 0 {
+                        info!("virtio-net: {current} -> {target} queue pairs");
+                    } else {
+                        info!(
+                            "virtio-net: {current} -> {target} queue pairs \
+                             ({held} more switches in the last second not logged)"
+                        );
+                    }
+                }
                 true
             }
             Err(e) => {
@@ -333,28 +459,42 @@ impl<B: Backend> CtrlTarget for DeviceCtrl<'_, B> {
         }
     }
 
+    /// Receive buffers must be large enough for what the tap may send before the tap is
+    /// allowed to send it: when the new offloads take larger frames (GSO on), the workers
+    /// re-size their buffers first and TUNSETOFFLOAD follows; when they take smaller ones,
+    /// TUNSETOFFLOAD comes first. The ack is sent only after both.
     fn set_guest_offloads(&mut self, offloads: u64) -> bool {
         let mut state = relock(&self.shared.state);
         let flags = tun_offload_flags(offloads);
         let previous = state.tun_flags;
-        let attached: Vec<usize> = (0..self.shared.backends.len())
-            .filter(|&p| state.attached[p])
-            .collect();
-        for (i, &pair) in attached.iter().enumerate() {
-            if let Err(e) = self.shared.backends[pair].set_offload(flags) {
-                warn!("virtio-net: GUEST_OFFLOADS_SET({offloads:#x}) failed: {e}");
-                for &done in &attached[..i] {
-                    if let Err(e) = self.shared.backends[done].set_offload(previous) {
-                        error!("virtio-net: cannot restore offloads on pair {done}: {e}");
-                    }
-                }
+        let old = self.shared.guest_offloads.load(Ordering::Acquire);
+        let grows = gso(offloads) && !gso(old);
+        if grows {
+            self.shared
+                .guest_offloads
+                .store(offloads, Ordering::Release);
+            if !self.shared.refresh_workers(&state) {
+                self.shared.guest_offloads.store(old, Ordering::Release);
+                self.shared.refresh_workers(&state);
                 return false;
             }
         }
+        if !self.set_offload_all(&state, flags, previous) {
+            if grows {
+                self.shared.guest_offloads.store(old, Ordering::Release);
+                self.shared.refresh_workers(&state);
+            }
+            return false;
+        }
         state.tun_flags = flags;
-        self.shared
-            .guest_offloads
-            .store(offloads, Ordering::Relaxed);
+        if !grows {
+            self.shared
+                .guest_offloads
+                .store(offloads, Ordering::Release);
+            // Smaller buffers are only an optimisation: a worker that is late still has
+            // the larger ones.
+            self.shared.refresh_workers(&state);
+        }
         true
     }
 
@@ -364,9 +504,18 @@ impl<B: Backend> CtrlTarget for DeviceCtrl<'_, B> {
     }
 }
 
+/// Whether `offloads` lets the guest receive GSO frames (up to 64 KiB).
+fn gso(offloads: u64) -> bool {
+    offloads
+        & (bit(VIRTIO_NET_F_GUEST_TSO4)
+            | bit(VIRTIO_NET_F_GUEST_TSO6)
+            | bit(VIRTIO_NET_F_GUEST_UFO))
+        != 0
+}
+
 struct Running {
-    workers: Vec<(usize, JoinHandle<()>)>,
-    ctrl: Option<(EventFd, JoinHandle<()>)>,
+    workers: Vec<(usize, DeviceThreadHandle)>,
+    ctrl: Option<(EventFd, DeviceThreadHandle)>,
 }
 
 /// A multiqueue virtio-net device; one [`Backend`] per queue pair.
@@ -385,8 +534,22 @@ impl<B: Backend + 'static> Net<B> {
 
     /// A device with one queue pair per backend. The backends are put into the reset
     /// state: pair 0 attached, all others detached.
-    pub fn new(cfg: NetConfig, backends: Vec<B>) -> Result<Self, Error> {
+    ///
+    /// Without a configured MTU the device advertises the MTU of the host interface
+    /// ([`Backend::mtu`]) when it can be learned, so that the guest's MTU, and the receive
+    /// buffers, match what the host can send it.
+    pub fn new(mut cfg: NetConfig, backends: Vec<B>) -> Result<Self, Error> {
         cfg.validate(backends.len())?;
+        if cfg.mtu.is_none() {
+            cfg.mtu = backends
+                .first()
+                .and_then(Backend::mtu)
+                .and_then(|m| u16::try_from(m.min(u32::from(u16::MAX))).ok())
+                .filter(|&m| m >= crate::config::MIN_MTU);
+            if let Some(mtu) = cfg.mtu {
+                debug!("virtio-net: advertising the host interface's MTU {mtu}");
+            }
+        }
         let pairs = backends.len();
         let metrics = Arc::new(NetMetrics::new(pairs));
         let mut attached = Vec::with_capacity(pairs);
@@ -418,6 +581,9 @@ impl<B: Backend + 'static> Net<B> {
                 hdr_len: 0,
                 tun_flags: 0,
             }),
+            stop: StopSignal::default(),
+            reconfig_limit: Mutex::new(TokenBucket::for_reconfig(pairs, Instant::now())),
+            switch_log: Mutex::new(LogLimit::new(Duration::from_secs(1))),
             mtu: cfg.mtu,
         });
         shared.enter_reset_state(&mut relock(&shared.state))?;
@@ -597,7 +763,8 @@ impl<B: Backend + 'static> Net<B> {
         }
         self.shared
             .guest_offloads
-            .store(offloads, Ordering::Relaxed);
+            .store(offloads, Ordering::Release);
+        self.shared.stop.clear();
         *relock(&self.shared.interrupt) = Some(interrupt.clone());
 
         let mut running = Running {
@@ -727,20 +894,31 @@ impl<B: Backend + 'static> Net<B> {
 
 impl<B: Backend> Net<B> {
     /// Stops and joins the control thread first (it drives the workers), then the workers.
+    /// Every wait is bounded: the control thread gives up any wait once the stop signal is
+    /// raised, workers confirm between bounded rounds of work, and a thread that still does
+    /// not end within [`JOIN_TIMEOUT`] is left detached (and said so) rather than blocking
+    /// the caller, which may be a vCPU holding the bus.
     fn stop_threads(&self, running: Running) {
+        self.shared.stop.raise();
+        for ctl in &self.shared.pairs {
+            ctl.wake();
+        }
         if let Some((stop, handle)) = running.ctrl {
             if let Err(e) = stop.write(1) {
                 error!("virtio-net: cannot stop the control thread: {e}");
             }
-            let _ = handle.join();
+            handle.join_within(JOIN_TIMEOUT);
         }
         for (pair, handle) in running.workers {
-            if let Err(e) =
-                self.shared.pairs[pair].request(pair, RunState::Stopped, WORKER_CONFIRM_TIMEOUT)
-            {
+            if let Err(e) = self.shared.pairs[pair].request(
+                pair,
+                RunState::Stopped,
+                WORKER_CONFIRM_TIMEOUT,
+                None,
+            ) {
                 error!("virtio-net: {e}");
             }
-            let _ = handle.join();
+            handle.join_within(JOIN_TIMEOUT);
         }
     }
 }

@@ -76,6 +76,7 @@ pub mod config;
 pub mod ctrl;
 mod device;
 pub mod features;
+pub mod limit;
 pub mod metrics;
 pub mod rxtx;
 mod tap_backend;

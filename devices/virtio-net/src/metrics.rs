@@ -98,6 +98,11 @@ pub struct NetMetrics {
     pub rollback_failures: AtomicU64,
     /// Link state shown to the guest.
     pub link_up: AtomicBool,
+    /// Host operations (TUNSETQUEUE, TUNSETOFFLOAD, TUNSETVNETHDRSZ) the control queue's
+    /// commands caused; rate-limited per device.
+    pub host_reconfigs: AtomicU64,
+    /// Control commands that had to wait for the rate limit.
+    pub throttled_commands: AtomicU64,
 }
 
 impl NetMetrics {
@@ -112,6 +117,8 @@ impl NetMetrics {
             active_pairs: AtomicU64::new(1),
             rollback_failures: AtomicU64::new(0),
             link_up: AtomicBool::new(true),
+            host_reconfigs: AtomicU64::new(0),
+            throttled_commands: AtomicU64::new(0),
         }
     }
 
@@ -123,7 +130,7 @@ impl NetMetrics {
             .count()
     }
 
-    fn device_fields(&self) -> [(&'static str, u64); 7] {
+    fn device_fields(&self) -> [(&'static str, u64); 9] {
         [
             ("max_pairs", self.pairs.len() as u64),
             ("active_pairs", self.active_pairs.load(Ordering::Relaxed)),
@@ -140,6 +147,14 @@ impl NetMetrics {
             (
                 "rollback_failures",
                 self.rollback_failures.load(Ordering::Relaxed),
+            ),
+            (
+                "host_reconfigs",
+                self.host_reconfigs.load(Ordering::Relaxed),
+            ),
+            (
+                "throttled_commands",
+                self.throttled_commands.load(Ordering::Relaxed),
             ),
         ]
     }

@@ -23,8 +23,14 @@ use crate::Interrupt;
 
 /// Chains handled per `process_tx` call before yielding to other events.
 pub const TX_BUDGET: usize = 256;
-/// Frames received per `process_rx` call before yielding to other events.
+/// Frames received (and malformed chains returned) per `process_rx` call before yielding to
+/// other events.
 pub const RX_BUDGET: usize = 256;
+/// Descriptors read per `process_tx` / `process_rx` call before yielding to other events
+/// (checked between chains; one chain holds at most a queue size of them). A guest decides
+/// how many descriptors a chain has, so the work of a call is bounded in descriptors, not
+/// only in frames: 256 frames of 17 segments each fit, 256 chains of a queue size do not.
+pub const DESC_BUDGET: usize = 8192;
 /// Used entries after which an interrupt is considered mid-batch.
 const SIGNAL_BATCH: usize = 64;
 /// Largest frame behind the vnet header: a 64 KiB GSO frame plus Ethernet and VLAN headers.
@@ -71,13 +77,14 @@ pub struct PathConfig {
 
 impl PathConfig {
     /// The data-path settings for a negotiated feature set, `gso` telling whether the guest
-    /// currently takes GSO frames, `mtu` the advertised MTU.
+    /// currently takes GSO frames, `mtu` the advertised MTU. Without GSO, frames are at most
+    /// the advertised MTU (the guest cannot raise its MTU above it); without one, nothing
+    /// bounds them below the largest frame.
     pub fn new(features: Negotiated, gso: bool, mtu: Option<u16>) -> Self {
         let hdr_len = features.vnet_hdr_len();
-        let frame = if gso {
-            MAX_GSO_FRAME
-        } else {
-            usize::from(mtu.unwrap_or(1500).max(1500)) + STD_FRAME_OVERHEAD
+        let frame = match mtu {
+            Some(mtu) if !gso => usize::from(mtu.max(1500)) + STD_FRAME_OVERHEAD,
+            _ => MAX_GSO_FRAME,
         };
         PathConfig {
             hdr_len,
@@ -158,8 +165,26 @@ impl RxBuffers {
 /// How `fill_rx` ended.
 enum Fill {
     Ready,
-    Empty { avail_seen: u16 },
+    Empty {
+        avail_seen: u16,
+    },
     Broken,
+    /// The call's budget is spent before a frame could be read.
+    OutOfBudget,
+}
+
+/// The work one `process_rx` call may still do.
+struct RxBudget {
+    /// Frames read plus malformed chains returned.
+    chains: usize,
+    /// Descriptors read.
+    descs: usize,
+}
+
+impl RxBudget {
+    fn spent(&self) -> bool {
+        self.chains >= RX_BUDGET || self.descs >= DESC_BUDGET
+    }
 }
 
 /// One queue pair's rings and scratch buffers. Not `Send` (its scratch vectors hold raw
@@ -387,6 +412,7 @@ impl QueuePair {
         let table = Self::table(&self.tx, self.path.indirect);
         let event_idx = self.tx.event_idx_enabled();
         let mut budget = TX_BUDGET;
+        let mut descs = 0usize;
         let mut used = 0usize;
         let mut work = Work::Done;
         if !event_idx {
@@ -411,14 +437,23 @@ impl QueuePair {
                         break 'drain;
                     }
                 };
-                if budget == 0 {
+                if budget == 0 || descs >= DESC_BUDGET {
                     self.tx.go_to_previous_position();
                     work = Work::More;
                     break 'drain;
                 }
                 budget -= 1;
                 self.tx_iov.clear();
-                match chain_iov(&self.mem, table, head, false, &mut self.tx_iov, MAX_IOV) {
+                let chain = chain_iov(
+                    &self.mem,
+                    table,
+                    head,
+                    false,
+                    &mut self.tx_iov,
+                    MAX_IOV,
+                    &mut descs,
+                );
+                match chain {
                     Ok(len) if len < self.path.hdr_len => {
                         debug!("virtio-net: tx chain {head} too short ({len} bytes)");
                         tally.bad_chains += 1;
@@ -477,8 +512,11 @@ impl QueuePair {
         work
     }
 
-    /// Tops up the held receive chains until a frame fits.
-    fn fill_rx(&mut self, tally: &mut Tally, used: &mut usize) -> Fill {
+    /// Tops up the held receive chains until a frame fits. Every chain read, good or
+    /// malformed, counts against `budget`; once it is spent, no new frame is started, and a
+    /// frame being gathered is read with the space held so far once twice the descriptor
+    /// budget is reached (a legitimate gather is far below it).
+    fn fill_rx(&mut self, tally: &mut Tally, used: &mut usize, budget: &mut RxBudget) -> Fill {
         let table = Self::table(&self.rx, self.path.indirect);
         loop {
             let enough = if self.path.mrg_rxbuf {
@@ -487,6 +525,12 @@ impl QueuePair {
                 self.rx_buf.held() > 0
             };
             if enough {
+                return Fill::Ready;
+            }
+            if self.rx_buf.held() == 0 && budget.spent() {
+                return Fill::OutOfBudget;
+            }
+            if budget.descs >= 2 * DESC_BUDGET {
                 return Fill::Ready;
             }
             let head = match pop_head(&mut self.rx, &self.mem, &mut self.rx_avail) {
@@ -518,6 +562,7 @@ impl QueuePair {
                 true,
                 &mut self.rx_buf.iov,
                 max_segments,
+                &mut budget.descs,
             )
             .and_then(|cap| {
                 if cap < self.path.hdr_len {
@@ -551,6 +596,7 @@ impl QueuePair {
                     self.rx_buf.iov.truncate(iov_start);
                     debug!("virtio-net: bad rx chain {head}: {e}");
                     tally.bad_chains += 1;
+                    budget.chains += 1;
                     if put_used(&mut self.rx, &self.mem, head, 0, &mut self.rx_unsignalled).is_ok()
                     {
                         *used += 1;
@@ -613,13 +659,17 @@ impl QueuePair {
         let mut tally = Tally::default();
         let mut used = 0usize;
         let mut signalled_at = 0usize;
-        let mut frames = 0usize;
+        let mut budget = RxBudget {
+            chains: 0,
+            descs: 0,
+        };
         let state = loop {
-            if frames == RX_BUDGET {
+            if budget.chains >= RX_BUDGET {
                 break RxState::More;
             }
-            match self.fill_rx(&mut tally, &mut used) {
+            match self.fill_rx(&mut tally, &mut used, &mut budget) {
                 Fill::Ready => {}
+                Fill::OutOfBudget => break RxState::More,
                 Fill::Broken => break RxState::QueueBroken,
                 Fill::Empty { avail_seen } => {
                     self.release_rx();
@@ -646,7 +696,7 @@ impl QueuePair {
             // of `self.mem`, which stays mapped for the call.
             match unsafe { backend.readv(iov) } {
                 Ok(n) => {
-                    frames += 1;
+                    budget.chains += 1;
                     self.deliver(n, &mut tally, &mut used);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxState::Drained,

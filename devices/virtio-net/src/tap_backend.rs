@@ -41,6 +41,13 @@ impl Backend for tap::TapQueue {
             .map_err(|e| BackendError::new(BackendOp::SetOffload, self.queue(), e))
     }
 
+    fn mtu(&self) -> Option<u32> {
+        // By name, in our network namespace: right as long as mqvmm runs where the
+        // launcher opened the tap (the usual case); otherwise the lookup fails or finds
+        // another interface of the same name, which is why an explicit mtu= wins.
+        tap::TapQueue::mtu(self).ok()
+    }
+
     fn is_gone(&self) -> bool {
         // Once the interface is unregistered, the queue's file has no tun device any more
         // and the kernel answers TUNGETIFF with EBADFD (attached or detached alike). Any

@@ -94,12 +94,14 @@ impl PairControl {
         let _ = self.evt.read();
     }
 
-    /// Asks the worker of `pair` to move to `state` and waits until it confirms.
-    pub fn request(
+    /// Asks the worker of `pair` to move to `state` and waits until it confirms, at most
+    /// `timeout`, and no longer than `abort` stays unraised (the device is being stopped).
+    pub(crate) fn request(
         &self,
         pair: usize,
         state: RunState,
         timeout: Duration,
+        abort: Option<&StopSignal>,
     ) -> Result<(), SwitchError> {
         let seq = {
             let mut s = self.lock();
@@ -113,6 +115,9 @@ impl PairControl {
         let deadline = Instant::now() + timeout;
         let mut s = self.lock();
         while s.confirmed_seq < seq {
+            if abort.is_some_and(StopSignal::is_raised) {
+                return Err(SwitchError::Stopping { pair });
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(SwitchError::WorkerTimeout {
@@ -135,6 +140,24 @@ impl PairControl {
         }
     }
 
+    /// Asks the worker of `pair` to confirm the state it was last asked for: it re-reads
+    /// the device settings it caches (receive buffer sizing) before it confirms.
+    pub(crate) fn refresh(
+        &self,
+        pair: usize,
+        timeout: Duration,
+        abort: Option<&StopSignal>,
+    ) -> Result<(), SwitchError> {
+        let state = self.lock().requested;
+        self.request(pair, state, timeout, abort)
+    }
+
+    /// Wakes a waiting [`Self::request`] so that it looks at its abort signal.
+    pub(crate) fn wake(&self) {
+        let _s = self.lock();
+        self.cond.notify_all();
+    }
+
     /// Worker side: the latest request, if unconfirmed.
     fn pending(&self) -> Option<(u64, RunState)> {
         let s = self.lock();
@@ -147,6 +170,84 @@ impl PairControl {
         s.confirmed_seq = seq;
         s.result = result;
         self.cond.notify_all();
+    }
+}
+
+/// Raised while the device stops its threads (reset): the control thread then answers no
+/// further command and gives up waiting, for workers or for the rate limit.
+#[derive(Debug, Default)]
+pub(crate) struct StopSignal {
+    raised: AtomicBool,
+    lock: Mutex<()>,
+    cond: Condvar,
+}
+
+impl StopSignal {
+    pub(crate) fn is_raised(&self) -> bool {
+        self.raised.load(Ordering::SeqCst)
+    }
+
+    /// Raises the signal and wakes [`Self::sleep`]. Waiters in [`PairControl::request`] are
+    /// woken by [`PairControl::wake`].
+    pub(crate) fn raise(&self) {
+        self.raised.store(true, Ordering::SeqCst);
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn clear(&self) {
+        self.raised.store(false, Ordering::SeqCst);
+    }
+
+    /// Sleeps for `d`; returns false, early, if the signal is or gets raised.
+    pub(crate) fn sleep(&self, d: Duration) -> bool {
+        let deadline = Instant::now() + d;
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if self.is_raised() {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            g = match self.cond.wait_timeout(g, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+    }
+}
+
+/// How long stopping the device waits for each of its threads to end.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A device thread that can be waited for with a bound.
+#[derive(Debug)]
+pub struct DeviceThreadHandle {
+    handle: std::thread::JoinHandle<()>,
+    /// Disconnected when the thread's body has returned (or was dropped unrun).
+    exited: std::sync::mpsc::Receiver<()>,
+}
+
+impl DeviceThreadHandle {
+    /// Joins the thread if it ends within `timeout`; otherwise leaves it detached (it holds
+    /// only shared references and ends on its own once it sees its stop request) and says so.
+    pub fn join_within(self, timeout: Duration) -> bool {
+        match self.exited.recv_timeout(timeout) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let name = self.handle.thread().name().unwrap_or("?").to_owned();
+                error!(
+                    "virtio-net: thread {name} did not end within {} ms; left detached",
+                    timeout.as_millis()
+                );
+                false
+            }
+            _ => {
+                let _ = self.handle.join();
+                true
+            }
+        }
     }
 }
 
@@ -213,16 +314,21 @@ impl<B: Backend> PairWorker<B> {
         }
     }
 
-    fn run_rx(&mut self) {
-        if !self.running || self.lost {
-            return;
-        }
-        let offloads = self.shared.guest_offloads.load(Ordering::Relaxed);
+    /// Sizes receive buffers for the guest offloads in force.
+    fn refresh_path(&mut self) {
+        let offloads = self.shared.guest_offloads.load(Ordering::Acquire);
         if offloads != self.offloads_seen {
             self.offloads_seen = offloads;
             self.qp
                 .set_path(self.shared.path_config(self.features, offloads));
         }
+    }
+
+    fn run_rx(&mut self) {
+        if !self.running || self.lost {
+            return;
+        }
+        self.refresh_path();
         let state = self.qp.process_rx(&self.shared.backends[self.pair]);
         self.pending_rx = state == RxState::More;
         if state == RxState::BackendError {
@@ -255,6 +361,9 @@ impl<B: Backend> PairWorker<B> {
         let Some((seq, state)) = ctl.pending() else {
             return;
         };
+        // Every confirmation vouches for the settings in force when it was asked for
+        // (GUEST_OFFLOADS_SET waits for it before the tap may send larger frames).
+        self.refresh_path();
         let shared = Arc::clone(&self.shared);
         let metrics = &shared.metrics.pairs[self.pair];
         let mut result = None;
@@ -486,16 +595,25 @@ impl ThreadSpawner for StdSpawner {
 }
 
 /// Spawns `name` running `body` through `spawner`, and waits until its event loop is set up.
-fn spawn_loop(
+pub(crate) fn spawn_loop(
     spawner: &dyn ThreadSpawner,
     kind: DeviceThread,
     name: String,
     body: impl FnOnce(std::sync::mpsc::Sender<io::Result<()>>) + Send + 'static,
-) -> io::Result<std::thread::JoinHandle<()>> {
+) -> io::Result<DeviceThreadHandle> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let handle = spawner.spawn(kind, name, Box::new(move || body(tx)))?;
+    let (exit_tx, exited) = std::sync::mpsc::channel::<()>();
+    let handle = spawner.spawn(
+        kind,
+        name,
+        Box::new(move || {
+            // Dropped when the body returns or unwinds: the thread is done.
+            let _exit = exit_tx;
+            body(tx)
+        }),
+    )?;
     match rx.recv() {
-        Ok(Ok(())) => Ok(handle),
+        Ok(Ok(())) => Ok(DeviceThreadHandle { handle, exited }),
         Ok(Err(e)) => {
             let _ = handle.join();
             Err(e)
@@ -511,7 +629,7 @@ fn spawn_loop(
 pub fn spawn_worker<B: Backend + 'static>(
     spawner: &dyn ThreadSpawner,
     start: WorkerStart<B>,
-) -> io::Result<std::thread::JoinHandle<()>> {
+) -> io::Result<DeviceThreadHandle> {
     let resched = EventFd::new(EFD_NONBLOCK)?;
     let name = format!("net-pair{}", start.pair);
     let kind = DeviceThread::QueuePair(start.pair as u16);
@@ -557,8 +675,21 @@ struct CtrlWorker<B: Backend> {
     cq: CtrlQueue,
     shared: Arc<Shared<B>>,
     kick: EventFd,
+    /// Written to come back after the command budget ran out.
+    resched: EventFd,
     stop_evt: EventFd,
     stop: Arc<AtomicBool>,
+}
+
+impl<B: Backend> CtrlWorker<B> {
+    fn run(&mut self, kicked_at: Instant) {
+        let mut target = crate::device::DeviceCtrl::new(&self.shared);
+        if self.cq.process(&mut target, kicked_at) == Work::More {
+            if let Err(e) = self.resched.write(1) {
+                error!("virtio-net: control thread cannot reschedule: {e}");
+            }
+        }
+    }
 }
 
 impl<B: Backend> MutEventSubscriber for CtrlWorker<B> {
@@ -567,15 +698,21 @@ impl<B: Backend> MutEventSubscriber for CtrlWorker<B> {
             let kicked_at = Instant::now();
             let n = drain(&self.kick);
             self.shared.metrics.ctrl.add_notifications(n);
-            let mut target = crate::device::DeviceCtrl::new(&self.shared);
-            self.cq.process(&mut target, kicked_at);
+            self.run(kicked_at);
+        } else if events.fd() == self.resched.as_raw_fd() {
+            let _ = drain(&self.resched);
+            self.run(Instant::now());
         } else if events.fd() == self.stop_evt.as_raw_fd() {
             self.stop.store(true, Ordering::Relaxed);
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.kick.as_raw_fd(), self.stop_evt.as_raw_fd()] {
+        for fd in [
+            self.kick.as_raw_fd(),
+            self.resched.as_raw_fd(),
+            self.stop_evt.as_raw_fd(),
+        ] {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 error!("virtio-net: control thread cannot poll fd {fd}: {e}");
             }
@@ -590,7 +727,8 @@ pub fn spawn_ctrl<B: Backend + 'static>(
     shared: Arc<Shared<B>>,
     kick: EventFd,
     stop_evt: EventFd,
-) -> io::Result<std::thread::JoinHandle<()>> {
+) -> io::Result<DeviceThreadHandle> {
+    let resched = EventFd::new(EFD_NONBLOCK)?;
     spawn_loop(
         spawner,
         DeviceThread::Control,
@@ -603,6 +741,7 @@ pub fn spawn_ctrl<B: Backend + 'static>(
                     cq,
                     shared,
                     kick,
+                    resched,
                     stop_evt,
                     stop: worker_stop,
                 },

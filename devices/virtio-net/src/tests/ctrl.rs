@@ -12,8 +12,9 @@ use virtio_bindings::virtio_net::{
 };
 
 use super::*;
-use crate::ctrl::{execute, CtrlQueue, CtrlTarget, ACK_ERR, ACK_OK};
+use crate::ctrl::{execute, CtrlQueue, CtrlTarget, ACK_ERR, ACK_OK, CTRL_BUDGET};
 use crate::features::{bit, Negotiated};
+use crate::rxtx::Work;
 
 const MQ: u8 = VIRTIO_NET_CTRL_MQ as u8;
 const SET: u8 = 0;
@@ -25,6 +26,7 @@ struct FakeTarget {
     offloads: Vec<u64>,
     macs: Vec<[u8; 6]>,
     refuse: bool,
+    stopping: bool,
 }
 
 impl CtrlTarget for FakeTarget {
@@ -42,6 +44,9 @@ impl CtrlTarget for FakeTarget {
     fn set_mac(&mut self, mac: [u8; 6]) -> bool {
         self.macs.push(mac);
         true
+    }
+    fn stopping(&self) -> bool {
+        self.stopping
     }
 }
 
@@ -314,4 +319,84 @@ fn short_readable_part_gets_err_and_unanswerable_chains_are_returned_empty() {
     assert_eq!(read_guest(&mem, ack + 2, 3), [0xaa; 3]);
     assert_eq!(get(&rig.metrics.ctrl.bad_chains), 4);
     assert_eq!(get(&rig.metrics.ctrl.drops), 2);
+}
+
+/// A control queue of `size` entries at 0, everything negotiated, with `irq`.
+fn ctrl_queue(
+    mem: &GuestMemoryMmap,
+    size: u16,
+    irq: Arc<dyn Interrupt>,
+    metrics: Arc<NetMetrics>,
+) -> (TestQueue<'_>, CtrlQueue) {
+    let q = TestQueue::new(mem, 0, size);
+    let cq = CtrlQueue::new(q.queue(false), 8, mem.clone(), irq, metrics, all_ctrl());
+    (q, cq)
+}
+
+#[test]
+fn a_bounded_number_of_commands_is_answered_per_call_and_none_once_stopping() {
+    let mem = guest_memory();
+    let irq = Arc::new(RecordingInterrupt::default());
+    let (mut q, mut cq) = ctrl_queue(&mem, 128, irq, metrics(4));
+    let commands = CTRL_BUDGET as u16 + 36;
+    for i in 0..u64::from(commands) {
+        q.add(&[
+            put(&mem, BUF + 0x10 * i, &[MQ, SET, 2, 0]),
+            w(BUF + 0x1000 + i, 1),
+        ]);
+    }
+    let mut t = target();
+    assert_eq!(cq.process(&mut t, Instant::now()), Work::More);
+    assert_eq!(usize::from(q.used_idx()), CTRL_BUDGET);
+    assert_eq!(cq.process(&mut t, Instant::now()), Work::Done);
+    assert_eq!(q.used_idx(), commands);
+
+    // Once the device is stopping, nothing more is answered or carried out.
+    q.add(&[put(&mem, BUF, &[MQ, SET, 3, 0]), w(BUF + 0x1000, 1)]);
+    t.stopping = true;
+    cq.process(&mut t, Instant::now());
+    assert_eq!(q.used_idx(), commands);
+    assert_eq!(t.pairs.len(), usize::from(commands));
+}
+
+/// Records the control counters at the moment the used-buffer interrupt is raised.
+#[derive(Default)]
+struct CountersAtInterrupt {
+    metrics: Mutex<Option<Arc<NetMetrics>>>,
+    seen: Mutex<Vec<(u64, u64, u64)>>,
+}
+
+impl Interrupt for CountersAtInterrupt {
+    fn signal_used_queue(&self, _queue_index: u16) -> io::Result<()> {
+        if let Some(m) = self.metrics.lock().unwrap().as_ref() {
+            self.seen.lock().unwrap().push((
+                get(&m.vq_pairs_set),
+                get(&m.vq_pairs_set_errors),
+                get(&m.ctrl.drops),
+            ));
+        }
+        Ok(())
+    }
+    fn signal_config(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn counters_are_updated_before_the_answer_is_published() {
+    let mem = guest_memory();
+    let irq = Arc::new(CountersAtInterrupt::default());
+    let m = metrics(4);
+    *irq.metrics.lock().unwrap() = Some(m.clone());
+    let (mut q, mut cq) = ctrl_queue(&mem, 16, irq.clone(), m);
+    let mut t = target();
+    // One good and one refused VQ_PAIRS_SET, answered one at a time.
+    for (i, n) in [2u8, 9].into_iter().enumerate() {
+        q.add(&[
+            put(&mem, BUF + 0x10 * i as u64, &[MQ, SET, n, 0]),
+            w(BUF + 0x1000, 1),
+        ]);
+        cq.process(&mut t, Instant::now());
+    }
+    assert_eq!(*irq.seen.lock().unwrap(), [(1, 0, 0), (2, 1, 1)]);
 }

@@ -10,6 +10,7 @@ mod ctrl;
 mod device;
 mod faults;
 mod fuzz_regressions;
+mod hostile;
 mod pairs;
 mod real_tap;
 mod rx;
@@ -403,6 +404,8 @@ pub struct SockBackend {
     pub fail_writes: AtomicBool,
     /// readv/writev calls made while detached (a parked worker must make none).
     pub touched_detached: AtomicU32,
+    /// What [`Backend::mtu`] reports (0: unknown).
+    pub mtu: AtomicU32,
     journal: Arc<Journal>,
 }
 
@@ -466,6 +469,7 @@ impl SockBackend {
                 offload: AtomicU32::new(0),
                 fail_writes: AtomicBool::new(false),
                 touched_detached: AtomicU32::new(0),
+                mtu: AtomicU32::new(0),
                 journal,
             },
             Peer { fd: b },
@@ -559,6 +563,10 @@ impl Backend for SockBackend {
         Ok(())
     }
 
+    fn mtu(&self) -> Option<u32> {
+        Some(self.mtu.load(Ordering::SeqCst)).filter(|&m| m != 0)
+    }
+
     fn set_offload(&self, tun_flags: u32) -> Result<(), BackendError> {
         if Journal::hit(&self.journal.offloads, &self.journal.fail_offload_at) {
             return Err(self.err(BackendOp::SetOffload, libc::EIO));
@@ -629,7 +637,19 @@ pub struct PairRig<'a> {
 
 impl<'a> PairRig<'a> {
     /// Pair 0 with queues of `size` entries; `gso` says whether the guest takes GSO frames.
+    /// The device advertises an MTU of 1500 (as over a default tap).
     pub fn new(mem: &'a GuestMemoryMmap, features: u64, gso: bool, size: u16) -> Self {
+        Self::with_mtu(mem, features, gso, size, Some(1500))
+    }
+
+    /// As [`Self::new`], with `mtu` advertised (`None`: no MTU known).
+    pub fn with_mtu(
+        mem: &'a GuestMemoryMmap,
+        features: u64,
+        gso: bool,
+        size: u16,
+        mtu: Option<u16>,
+    ) -> Self {
         let rxq = TestQueue::new(mem, 0, size);
         let txq = TestQueue::new(mem, queue_footprint(size).next_multiple_of(0x1000), size);
         let irq = Arc::new(RecordingInterrupt::default());
@@ -642,7 +662,7 @@ impl<'a> PairRig<'a> {
             mem.clone(),
             irq.clone(),
             metrics.clone(),
-            crate::rxtx::PathConfig::new(f, gso, None),
+            crate::rxtx::PathConfig::new(f, gso, mtu),
         );
         let (backend, peer) = SockBackend::new(0, Arc::new(Journal::default()));
         PairRig {
