@@ -17,7 +17,8 @@
 //! # Threads
 //! - `net-pairN`, one per queue pair whose queues the driver set up. Its epoll set holds
 //!   the rx kick, the tx kick, a reschedule eventfd (work left after a budget of 256
-//!   frames, so rx and tx of a pair cannot starve each other), a control eventfd, and —
+//!   frames or 8192 descriptors, so rx and tx of a pair cannot starve each other or the
+//!   control eventfd, whatever chains the guest builds), a control eventfd, and —
 //!   only while the pair is enabled — the backend fd, `EPOLLIN | EPOLLET`. Tx: each
 //!   available chain goes to the backend with one `writev` straight from guest memory.
 //!   Rx: on backend readability or an rx kick, frames are `readv`'d straight into guest
@@ -31,7 +32,9 @@
 //!   ioeventfd, so the vCPU never waits for it) and not the VMM main loop: a VQ_PAIRS_SET
 //!   waits (bounded, 2 s per step) for workers to confirm they parked or resumed, and does
 //!   TUNSETQUEUE ioctls; none of that may stall a vCPU or the VMM's other devices, and the
-//!   transport needs to know nothing about it.
+//!   transport needs to know nothing about it. It answers at most 64 commands per wake-up
+//!   and none once the device is stopping; a reset raises a stop signal that ends every
+//!   wait of this thread, and every device thread is joined with a bound.
 //! - Both kinds are started through a [`ThreadSpawner`] ([`Net::set_thread_spawner`]); the
 //!   default spawns them from the activating thread. mqvmm passes one that creates them on
 //!   its spawner thread, so each enters its own seccomp filter (see `vmm::seccomp`).
@@ -49,6 +52,10 @@
 //! # VQ_PAIRS_SET(n)
 //! 1. Validate `1 <= n <= max_virtqueue_pairs` and that MQ was negotiated, else ERR with
 //!    nothing changed (n = 0, n = 0x8001, ...). The same n as now is a no-op answered OK.
+//!    Then wait, if need be, for the host-operation limit ([`limit`]): every TUNSETQUEUE,
+//!    TUNSETVNETHDRSZ and TUNSETOFFLOAD a command causes takes the host's RTNL lock, so a
+//!    device may cause a burst of them and then 32 per second; a command beyond that waits
+//!    and is then carried out and answered as usual.
 //! 2. Shrinking, for each pair from the highest down to n: ask its worker to park and wait
 //!    for its confirmation (it has removed the backend fd from its epoll set), then detach
 //!    the backend queue (TUNSETQUEUE IFF_DETACH_QUEUE).
