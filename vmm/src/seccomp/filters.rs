@@ -256,13 +256,15 @@ pub fn net_ctrl() -> Result<Rules, BackendError> {
 pub fn spawner() -> Result<Rules, BackendError> {
     let mut b = base()?;
     b.allow(&[
-        libc::SYS_clone3,
         libc::SYS_set_robust_list,
         libc::SYS_rseq,
         libc::SYS_sched_getaffinity,
     ])
-    // Threads only: a fork-style clone (no CLONE_THREAD) traps. clone3 passes its flags in
-    // memory, out of a filter's reach; a child it forks keeps this filter and cannot exec.
+    // Not allowed in effect: clone3 fails with ENOSYS ([`spawner_enosys`]). It is on this list
+    // only because the kernel keeps the strictest answer of a thread's filters, and a trap
+    // here would win over that ENOSYS.
+    .allow(&[libc::SYS_clone3])
+    // Threads only: a fork-style clone (no CLONE_THREAD) traps.
     .allow_if(
         libc::SYS_clone,
         vec![Cond::new(
@@ -284,6 +286,18 @@ pub fn spawner() -> Result<Rules, BackendError> {
     .merge(net_pair()?)
     .merge(net_ctrl()?);
     Ok(b.build())
+}
+
+/// What the spawner thread (and every thread it creates) is refused with ENOSYS instead of
+/// a trap: `clone3`. It passes its flags in memory, out of a filter's reach, so an allowed
+/// clone3 could fork; refused with ENOSYS, it makes glibc's thread creation fall back to
+/// `clone` (as on kernels before 5.3), whose flags [`spawner`] checks.
+///
+/// These rules make a filter of their own, whose match action is ERRNO(ENOSYS) and whose
+/// mismatch action is allow: seccompiler compiles one match action per filter. A thread
+/// under both filters gets the strictest of their answers, ENOSYS for clone3.
+pub fn spawner_enosys() -> Rules {
+    Rules::from([(libc::SYS_clone3, Vec::new())])
 }
 
 #[cfg(test)]
@@ -355,8 +369,18 @@ mod tests {
             }
         }
         let spawner = spawner().unwrap();
-        assert!(allows(&spawner, libc::SYS_clone3));
+        assert!(allows(&spawner, libc::SYS_clone));
+        assert!(
+            !spawner[&libc::SYS_clone].is_empty(),
+            "clone stays conditional"
+        );
         assert!(allows(&spawner, libc::SYS_seccomp));
+        // clone3 passes this filter only to meet the ENOSYS of the spawner's second filter.
+        assert!(allows(&spawner, libc::SYS_clone3));
+        assert_eq!(
+            spawner_enosys().into_iter().collect::<Vec<_>>(),
+            vec![(libc::SYS_clone3, Vec::new())]
+        );
     }
 
     /// The spawner's filter stays on the device threads it creates (filters stack), so it
