@@ -7,17 +7,17 @@
 //! (`mmap`, `mprotect`, `munmap`, `madvise`, `brk`, `mremap`), `clock_gettime` (the vDSO
 //! falls back to it on hosts without a stable TSC, as in the nested rig), `getrandom`
 //! (hash-map seeds of a thread's first map), what a thread does when it ends (`close`,
-//! `sigaltstack`, `rt_sigprocmask`, `exit`, `exit_group`), what `abort()` needs
-//! (`getpid`, `gettid`, `tgkill` with SIGABRT only), and TCSETS plus TCGETS on fd 0 (the
-//! terminal is restored at exit, and by the panic hook from whichever thread panics; glibc's
-//! tcsetattr reads the settings back).
+//! `sigaltstack`, `rt_sigprocmask`, `exit`, `exit_group`), what `abort()` needs (`getpid`,
+//! `gettid`, and `tgkill` with SIGABRT to a thread of mqvmm itself, see [`abort_rule`]), and
+//! TCSETS plus TCGETS on fd 0 (the terminal is restored at exit, and by the panic hook from
+//! whichever thread panics; glibc's tcsetattr reads the settings back).
 //!
 //! Not allowed anywhere after setup: opening files or sockets, `execve`, `fork`-style
-//! `clone`, `ptrace`, `kill` of other processes, signal handler changes (`rt_sigaction`:
-//! the SIGSYS handler cannot be replaced), `rt_sigreturn`, any tun ioctl but TUNSETQUEUE,
-//! TUNSETOFFLOAD, TUNSETVNETHDRSZ and TUNGETIFF, any KVM ioctl but KVM_RUN and the two
-//! register reads of the vCPU's error reports (plus, on a machine with virtio-pci, the two a
-//! vCPU needs when the guest programs an MSI-X vector or moves a BAR).
+//! `clone`, `ptrace`, `kill`, signals to other processes, signal handler changes
+//! (`rt_sigaction`: the SIGSYS handler cannot be replaced), `rt_sigreturn`, any tun ioctl
+//! but TUNSETQUEUE, TUNSETOFFLOAD, TUNSETVNETHDRSZ and TUNGETIFF, any KVM ioctl but KVM_RUN
+//! and the two register reads of the vCPU's error reports (plus, on a machine with
+//! virtio-pci, the two a vCPU needs when the guest programs an MSI-X vector or moves a BAR).
 
 use std::collections::BTreeMap;
 
@@ -155,6 +155,18 @@ fn arg_clear(arg: u8, mask: u64) -> Result<Cond, BackendError> {
     Cond::new(arg, Len::Dword, Op::MaskedEq(mask), 0)
 }
 
+/// `tgkill(getpid(), _, SIGABRT)`, the call of glibc's `abort()` (through `raise`), with which
+/// Rust ends a failed allocation or a panic during a panic. Only to mqvmm's own thread group:
+/// with any target, a confined thread could send SIGABRT to any process the user may signal.
+/// The filters are built at run time in the process they confine ([`crate::seccomp::Sandbox`]
+/// at start; mqvmm does not fork), so its pid is known.
+fn abort_rule() -> Result<Vec<Cond>, BackendError> {
+    Ok(vec![
+        arg_eq(0, u64::from(std::process::id()))?,
+        arg_eq(2, libc::SIGABRT as u64)?,
+    ])
+}
+
 /// What every thread needs; see the module documentation.
 fn base() -> Result<Builder, BackendError> {
     let mut b = Builder::new();
@@ -179,7 +191,7 @@ fn base() -> Result<Builder, BackendError> {
     let prot_exec = libc::PROT_EXEC as u64;
     b.allow_if(libc::SYS_mmap, vec![arg_clear(2, prot_exec)?])?
         .allow_if(libc::SYS_mprotect, vec![arg_clear(2, prot_exec)?])?
-        .allow_if(libc::SYS_tgkill, vec![arg_eq(2, libc::SIGABRT as u64)?])?
+        .allow_if(libc::SYS_tgkill, abort_rule()?)?
         .allow_if(
             libc::SYS_ioctl,
             vec![arg_eq(0, 0)?, arg_eq(1, libc::TCSETS)?],
@@ -346,6 +358,11 @@ mod tests {
             }
             assert!(allows(&rules, libc::SYS_write), "{name}");
             assert!(allows(&rules, libc::SYS_exit_group), "{name}");
+            assert_eq!(
+                rules[&libc::SYS_tgkill],
+                vec![SeccompRule::new(abort_rule().unwrap()).unwrap()],
+                "{name}: tgkill only as abort() sends it"
+            );
         }
     }
 

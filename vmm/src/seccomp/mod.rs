@@ -675,4 +675,92 @@ mod tests {
             "{stdout}{stderr}"
         );
     }
+
+    /// `tgkill` with SIGABRT (what `abort()` sends) reaches mqvmm's own threads and no other
+    /// process: a SIGABRT at another thread group is a violation. The second call would be
+    /// harmless even if allowed: the thread it names is not in that group (ESRCH).
+    #[test]
+    fn tgkill_sigabrt_only_within_our_own_thread_group() {
+        const NAME: &str = "tgkill_sigabrt_only_within_our_own_thread_group";
+        if let Some(part) = child_part() {
+            let sandbox = Sandbox::new(Mode::On, None).unwrap();
+            let own = std::process::id() as libc::pid_t;
+            let other = std::os::unix::process::parent_id() as libc::pid_t;
+            std::thread::Builder::new()
+                .name("vcpu3".into())
+                .spawn(move || {
+                    // SAFETY: a sigset_t filled by sigemptyset/sigaddset; blocking SIGABRT in
+                    // this thread keeps the one sent to itself pending instead of fatal.
+                    unsafe {
+                        let mut set: libc::sigset_t = std::mem::zeroed();
+                        libc::sigemptyset(&mut set);
+                        libc::sigaddset(&mut set, libc::SIGABRT);
+                        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                    }
+                    // SAFETY: gettid has no arguments.
+                    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
+                    sandbox.enter(ThreadKind::Vcpu).unwrap();
+                    let tgkill = |tgid: libc::pid_t| {
+                        // SAFETY: tgkill takes plain integers; SIGABRT is blocked in `tid`,
+                        // and `tid` is not a thread of any other group.
+                        let rc =
+                            unsafe { libc::syscall(libc::SYS_tgkill, tgid, tid, libc::SIGABRT) };
+                        (rc, io::Error::last_os_error().raw_os_error())
+                    };
+                    eprintln!("own thread group: {:?}", tgkill(own));
+                    if part == "other" {
+                        eprintln!("other thread group: {:?}", tgkill(other));
+                    }
+                    // The blocked, pending SIGABRT goes with the thread.
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            eprintln!("still alive");
+            return;
+        }
+        let out = run_child(NAME, "own");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(stderr.contains("own thread group: (0, "), "{stderr}");
+        assert!(stderr.contains("still alive"), "{stderr}");
+
+        let out = run_child(NAME, "other");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(VIOLATION_EXIT_CODE), "{stderr}");
+        assert!(stderr.contains("own thread group: (0, "), "{stderr}");
+        assert!(
+            stderr.contains("mqvmm: seccomp violation: syscall 234 (tgkill) in thread vcpu3"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("other thread group"), "{stderr}");
+        assert!(!stderr.contains("still alive"), "{stderr}");
+    }
+
+    /// What the tgkill rule is for: `abort()` in a confined thread still ends mqvmm with
+    /// SIGABRT (glibc's raise sends tgkill(getpid(), gettid(), SIGABRT)), not with a violation.
+    #[test]
+    fn abort_in_a_confined_thread_ends_the_process_with_sigabrt() {
+        const NAME: &str = "abort_in_a_confined_thread_ends_the_process_with_sigabrt";
+        if child_part().is_some() {
+            let sandbox = Sandbox::new(Mode::On, None).unwrap();
+            // SAFETY: prctl(PR_SET_DUMPABLE, 0) only marks this child process as not to be
+            // dumped: the abort below leaves no core file behind.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+            std::thread::spawn(move || {
+                sandbox.enter(ThreadKind::NetPair).unwrap();
+                eprintln!("aborting");
+                std::process::abort();
+            })
+            .join()
+            .unwrap();
+            return;
+        }
+        let out = run_child(NAME, "abort");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{stderr}");
+        assert!(stderr.contains("aborting"), "{stderr}");
+        assert!(!stderr.contains("seccomp violation"), "{stderr}");
+    }
 }
