@@ -269,8 +269,9 @@ impl TransportState {
     }
 
     /// PCI's bus-master enable changed. Without it the function may not access guest memory,
-    /// so, as QEMU's virtio-pci does, a running device is stopped (device reset) and
-    /// DRIVER_OK leaves the status: the driver has to initialise the device again. A
+    /// so, as QEMU's virtio-pci does, a running device is stopped and DRIVER_OK leaves the
+    /// status; the rest of the handshake stays. DRIVER_OK written again restarts the device
+    /// with the features negotiated before (a reset and a new handshake work too). A
     /// DRIVER_OK written while bus mastering is off takes effect when it comes on (Linux
     /// enables bus mastering before it starts the handshake).
     pub fn set_bus_master(&mut self, enabled: bool) {
@@ -286,13 +287,24 @@ impl TransportState {
         }
         if self.activated {
             log::info!(
-                "{}: bus mastering turned off while the device runs: device stopped, driver must reset it",
+                "{}: bus mastering turned off while the device runs: device stopped until DRIVER_OK",
                 self.name
             );
-            self.device.reset();
-            self.activated = false;
+            self.stop();
         }
         self.status &= !STATUS_DRIVER_OK;
+    }
+
+    /// Stops the running device but keeps what FEATURES_OK stands for. The device's only way
+    /// to stop is its reset, which also forgets the acked features (virtio-net's does), so
+    /// they are acked again: the status keeps FEATURES_OK, and a device activated later
+    /// without them would run with none.
+    fn stop(&mut self) {
+        self.device.reset();
+        self.activated = false;
+        if self.status & STATUS_FEATURES_OK != 0 {
+            self.device.set_acked_features(self.driver_features);
+        }
     }
 
     fn reset(&mut self) {

@@ -567,6 +567,54 @@ fn bus_master_off_stops_the_device_and_holds_its_interrupts() {
     assert_eq!(h.status(), 0xf);
 }
 
+/// Bus mastering off stops the device the way QEMU does: DRIVER_OK leaves the status,
+/// FEATURES_OK and the negotiated features stay. DRIVER_OK written again, before or after
+/// bus mastering comes back on, restarts the device with those features, not with none.
+#[test]
+fn bus_master_off_keeps_the_negotiated_features_for_the_restart() {
+    let command = |bus_master: bool| {
+        let bits = COMMAND_MEMORY | if bus_master { COMMAND_BUS_MASTER } else { 0 };
+        bits.to_le_bytes()
+    };
+    // Not everything offered, so that the device cannot pass with its defaults.
+    let negotiated = FEATURES & !0x20;
+    for driver_ok_first in [false, true] {
+        let mut h = harness(false);
+        h.bring_up(negotiated);
+        h.setup_queue(0, 0x10000);
+        h.setup_queue(1, 0x20000);
+        h.set_status(0xf);
+        h.set_cfg(COMMAND, &command(false));
+        assert_eq!(
+            h.status(),
+            FEATURES_OK,
+            "DRIVER_OK is gone, FEATURES_OK stays"
+        );
+        assert_eq!(
+            h.record.lock().unwrap().acked,
+            Some(negotiated),
+            "the stopped device holds the features FEATURES_OK stands for"
+        );
+        if driver_ok_first {
+            h.set_status(0xf);
+            assert_eq!(h.record.lock().unwrap().activations.len(), 1);
+            h.set_cfg(COMMAND, &command(true));
+        } else {
+            h.set_cfg(COMMAND, &command(true));
+            assert_eq!(h.record.lock().unwrap().activations.len(), 1);
+            h.set_status(0xf);
+        }
+        assert_eq!(h.status(), 0xf);
+        let record = h.record.lock().unwrap();
+        assert_eq!(
+            record.activated_features,
+            vec![negotiated, negotiated],
+            "driver_ok_first {driver_ok_first}"
+        );
+        assert_eq!(record.activations[1], record.activations[0]);
+    }
+}
+
 #[test]
 fn notify_writes_kick_the_queue_at_notify_off_times_multiplier() {
     let mut h = harness(false);
