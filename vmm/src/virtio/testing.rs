@@ -22,6 +22,8 @@ pub struct Record {
     pub activations: Vec<Vec<(u16, u16, bool)>>,
     /// Per activation: the features the device held when it started (0 for none).
     pub activated_features: Vec<u64>,
+    /// Per activation: (queue index, next avail, next used) of every queue handed over.
+    pub activated_positions: Vec<Vec<(u16, u16, u16)>>,
     pub resets: usize,
     pub config_writes: Vec<(u64, Vec<u8>)>,
     pub interrupt: Option<Arc<dyn Interrupt>>,
@@ -85,6 +87,12 @@ impl VirtioDevice for FakeDevice {
             queues
                 .iter()
                 .map(|(i, q, _)| (*i, q.size(), q.event_idx_enabled()))
+                .collect(),
+        );
+        r.activated_positions.push(
+            queues
+                .iter()
+                .map(|(i, q, _)| (*i, q.next_avail(), q.next_used()))
                 .collect(),
         );
         let features = r.acked.unwrap_or(0);

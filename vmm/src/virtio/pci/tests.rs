@@ -5,7 +5,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::common::*;
 use super::*;
@@ -31,6 +31,8 @@ const FEATURES_OK: u8 = ACK_DRIVER | STATUS_FEATURES_OK;
 
 struct Harness {
     dev: VirtioPciDevice,
+    /// The guest memory the device sees (shared, not a copy).
+    mem: GuestMemoryMmap,
     record: Arc<Mutex<Record>>,
     platform: Arc<Recorder>,
     /// Our copies of the four vectors' irqfds.
@@ -47,7 +49,7 @@ fn harness(fail_activate: bool) -> Harness {
     let platform = Arc::new(Recorder::default());
     let mut dev = VirtioPciDevice::new(
         Box::new(device),
-        mem,
+        mem.clone(),
         PciTransportConfig {
             bar_address: BAR,
             msi_gsi_base: GSI_BASE,
@@ -64,6 +66,7 @@ fn harness(fail_activate: bool) -> Harness {
     );
     Harness {
         dev,
+        mem,
         record,
         platform,
         irqfds: ours,
@@ -613,6 +616,49 @@ fn bus_master_off_keeps_the_negotiated_features_for_the_restart() {
         );
         assert_eq!(record.activations[1], record.activations[0]);
     }
+}
+
+/// The restart after a bus-master-off stop resumes each ring where the device left it, at
+/// the used index it wrote to guest memory: the driver keeps its rings across the stop, and
+/// a device starting over at 0 would hand it back buffers it already got. A reset starts
+/// the rings over.
+#[test]
+fn restart_after_bus_master_off_resumes_each_ring_at_its_used_index() {
+    let command = |bus_master: bool| {
+        let bits = COMMAND_MEMORY | if bus_master { COMMAND_BUS_MASTER } else { 0 };
+        bits.to_le_bytes()
+    };
+    let mut h = harness(false);
+    h.bring_up(FEATURES);
+    h.setup_queue(0, 0x10000);
+    h.setup_queue(1, 0x20000);
+    h.set_status(0xf);
+    // What the running device wrote: the used index of each ring (`setup_queue` puts the
+    // used ring at base + 0x2000, its index 2 bytes in), one of them wrapped.
+    h.mem
+        .write_slice(&5u16.to_le_bytes(), GuestAddress(0x12002))
+        .unwrap();
+    h.mem
+        .write_slice(&0xfffeu16.to_le_bytes(), GuestAddress(0x22002))
+        .unwrap();
+    h.set_cfg(COMMAND, &command(false));
+    h.set_cfg(COMMAND, &command(true));
+    h.set_status(0xf);
+    assert_eq!(
+        h.record.lock().unwrap().activated_positions,
+        vec![
+            vec![(0, 0, 0), (1, 0, 0)],
+            vec![(0, 5, 5), (1, 0xfffe, 0xfffe)]
+        ]
+    );
+    h.set_status(0);
+    h.bring_up(FEATURES);
+    h.setup_queue(0, 0x10000);
+    h.set_status(0xf);
+    assert_eq!(
+        h.record.lock().unwrap().activated_positions[2],
+        vec![(0, 0, 0)]
+    );
 }
 
 #[test]
