@@ -92,6 +92,12 @@ impl Harness {
     fn set_cfg(&mut self, offset: usize, data: &[u8]) {
         self.dev.config_write(offset, data);
     }
+    /// Memory decoding stays on; bus mastering as `enabled` says (pci_set_master,
+    /// pci_clear_master).
+    fn set_bus_master(&mut self, enabled: bool) {
+        let bits = COMMAND_MEMORY | if enabled { COMMAND_BUS_MASTER } else { 0 };
+        self.set_cfg(COMMAND, &bits.to_le_bytes());
+    }
     fn read(&mut self, offset: u64, len: usize) -> u64 {
         let mut d = [0u8; 8];
         self.dev.bar_read(0, offset, &mut d[..len]);
@@ -534,17 +540,13 @@ fn bus_master_off_stops_the_device_and_holds_its_interrupts() {
     h.set_common(QUEUE_MSIX_VECTOR, 2, 1);
     h.set_status(0xf);
     let irq = h.interrupt();
-    let command = |bus_master: bool| {
-        let bits = COMMAND_MEMORY | if bus_master { COMMAND_BUS_MASTER } else { 0 };
-        bits.to_le_bytes()
-    };
-    h.set_cfg(COMMAND, &command(false));
+    h.set_bus_master(false);
     assert_eq!(h.record.lock().unwrap().resets, 1, "the device was stopped");
     assert_eq!(h.status(), FEATURES_OK, "DRIVER_OK is gone");
     irq.signal_used_queue(0).unwrap();
     assert_eq!(h.fired(1), 0, "no MSI-X message without bus mastering");
     assert_eq!(h.read(0x5000, 8), 1 << 1, "held in the PBA");
-    h.set_cfg(COMMAND, &command(true));
+    h.set_bus_master(true);
     assert_eq!(h.fired(1), 1, "sent once bus mastering is back");
     assert_eq!(
         h.record.lock().unwrap().activations.len(),
@@ -560,12 +562,12 @@ fn bus_master_off_stops_the_device_and_holds_its_interrupts() {
 
     // DRIVER_OK while bus mastering is off: the device starts when it comes on.
     let mut h = harness(false);
-    h.set_cfg(COMMAND, &command(false));
+    h.set_bus_master(false);
     h.bring_up(FEATURES);
     h.setup_queue(0, 0x10000);
     h.set_status(0xf);
     assert!(h.record.lock().unwrap().activations.is_empty());
-    h.set_cfg(COMMAND, &command(true));
+    h.set_bus_master(true);
     assert_eq!(h.record.lock().unwrap().activations.len(), 1);
     assert_eq!(h.status(), 0xf);
 }
@@ -575,10 +577,6 @@ fn bus_master_off_stops_the_device_and_holds_its_interrupts() {
 /// bus mastering comes back on, restarts the device with those features, not with none.
 #[test]
 fn bus_master_off_keeps_the_negotiated_features_for_the_restart() {
-    let command = |bus_master: bool| {
-        let bits = COMMAND_MEMORY | if bus_master { COMMAND_BUS_MASTER } else { 0 };
-        bits.to_le_bytes()
-    };
     // Not everything offered, so that the device cannot pass with its defaults.
     let negotiated = FEATURES & !0x20;
     for driver_ok_first in [false, true] {
@@ -587,7 +585,7 @@ fn bus_master_off_keeps_the_negotiated_features_for_the_restart() {
         h.setup_queue(0, 0x10000);
         h.setup_queue(1, 0x20000);
         h.set_status(0xf);
-        h.set_cfg(COMMAND, &command(false));
+        h.set_bus_master(false);
         assert_eq!(
             h.status(),
             FEATURES_OK,
@@ -601,9 +599,9 @@ fn bus_master_off_keeps_the_negotiated_features_for_the_restart() {
         if driver_ok_first {
             h.set_status(0xf);
             assert_eq!(h.record.lock().unwrap().activations.len(), 1);
-            h.set_cfg(COMMAND, &command(true));
+            h.set_bus_master(true);
         } else {
-            h.set_cfg(COMMAND, &command(true));
+            h.set_bus_master(true);
             assert_eq!(h.record.lock().unwrap().activations.len(), 1);
             h.set_status(0xf);
         }
@@ -624,10 +622,6 @@ fn bus_master_off_keeps_the_negotiated_features_for_the_restart() {
 /// the rings over.
 #[test]
 fn restart_after_bus_master_off_resumes_each_ring_at_its_used_index() {
-    let command = |bus_master: bool| {
-        let bits = COMMAND_MEMORY | if bus_master { COMMAND_BUS_MASTER } else { 0 };
-        bits.to_le_bytes()
-    };
     let mut h = harness(false);
     h.bring_up(FEATURES);
     h.setup_queue(0, 0x10000);
@@ -641,8 +635,8 @@ fn restart_after_bus_master_off_resumes_each_ring_at_its_used_index() {
     h.mem
         .write_slice(&0xfffeu16.to_le_bytes(), GuestAddress(0x22002))
         .unwrap();
-    h.set_cfg(COMMAND, &command(false));
-    h.set_cfg(COMMAND, &command(true));
+    h.set_bus_master(false);
+    h.set_bus_master(true);
     h.set_status(0xf);
     assert_eq!(
         h.record.lock().unwrap().activated_positions,
