@@ -7,17 +7,17 @@
 //! (`mmap`, `mprotect`, `munmap`, `madvise`, `brk`, `mremap`), `clock_gettime` (the vDSO
 //! falls back to it on hosts without a stable TSC, as in the nested rig), `getrandom`
 //! (hash-map seeds of a thread's first map), what a thread does when it ends (`close`,
-//! `sigaltstack`, `rt_sigprocmask`, `exit`, `exit_group`), what `abort()` needs
-//! (`getpid`, `gettid`, `tgkill` with SIGABRT only), and TCSETS plus TCGETS on fd 0 (the
-//! terminal is restored at exit, and by the panic hook from whichever thread panics; glibc's
-//! tcsetattr reads the settings back).
+//! `sigaltstack`, `rt_sigprocmask`, `exit`, `exit_group`), what `abort()` needs (`getpid`,
+//! `gettid`, and `tgkill` with SIGABRT to a thread of mqvmm itself, see [`abort_rule`]), and
+//! TCSETS plus TCGETS on fd 0 (the terminal is restored at exit, and by the panic hook from
+//! whichever thread panics; glibc's tcsetattr reads the settings back).
 //!
 //! Not allowed anywhere after setup: opening files or sockets, `execve`, `fork`-style
-//! `clone`, `ptrace`, `kill` of other processes, signal handler changes (`rt_sigaction`:
-//! the SIGSYS handler cannot be replaced), `rt_sigreturn`, any tun ioctl but TUNSETQUEUE,
-//! TUNSETOFFLOAD, TUNSETVNETHDRSZ and TUNGETIFF, any KVM ioctl but KVM_RUN and the two
-//! register reads of the vCPU's error reports (plus, on a machine with virtio-pci, the two a
-//! vCPU needs when the guest programs an MSI-X vector or moves a BAR).
+//! `clone`, `ptrace`, `kill`, signals to other processes, signal handler changes
+//! (`rt_sigaction`: the SIGSYS handler cannot be replaced), `rt_sigreturn`, any tun ioctl
+//! but TUNSETQUEUE, TUNSETOFFLOAD, TUNSETVNETHDRSZ and TUNGETIFF, any KVM ioctl but KVM_RUN
+//! and the two register reads of the vCPU's error reports (plus, on a machine with
+//! virtio-pci, the two a vCPU needs when the guest programs an MSI-X vector or moves a BAR).
 
 use std::collections::BTreeMap;
 
@@ -155,6 +155,18 @@ fn arg_clear(arg: u8, mask: u64) -> Result<Cond, BackendError> {
     Cond::new(arg, Len::Dword, Op::MaskedEq(mask), 0)
 }
 
+/// `tgkill(getpid(), _, SIGABRT)`, the call of glibc's `abort()` (through `raise`), with which
+/// Rust ends a failed allocation or a panic during a panic. Only to mqvmm's own thread group:
+/// with any target, a confined thread could send SIGABRT to any process the user may signal.
+/// The filters are built at run time in the process they confine ([`crate::seccomp::Sandbox`]
+/// at start; mqvmm does not fork), so its pid is known.
+fn abort_rule() -> Result<Vec<Cond>, BackendError> {
+    Ok(vec![
+        arg_eq(0, u64::from(std::process::id()))?,
+        arg_eq(2, libc::SIGABRT as u64)?,
+    ])
+}
+
 /// What every thread needs; see the module documentation.
 fn base() -> Result<Builder, BackendError> {
     let mut b = Builder::new();
@@ -179,7 +191,7 @@ fn base() -> Result<Builder, BackendError> {
     let prot_exec = libc::PROT_EXEC as u64;
     b.allow_if(libc::SYS_mmap, vec![arg_clear(2, prot_exec)?])?
         .allow_if(libc::SYS_mprotect, vec![arg_clear(2, prot_exec)?])?
-        .allow_if(libc::SYS_tgkill, vec![arg_eq(2, libc::SIGABRT as u64)?])?
+        .allow_if(libc::SYS_tgkill, abort_rule()?)?
         .allow_if(
             libc::SYS_ioctl,
             vec![arg_eq(0, 0)?, arg_eq(1, libc::TCSETS)?],
@@ -256,13 +268,15 @@ pub fn net_ctrl() -> Result<Rules, BackendError> {
 pub fn spawner() -> Result<Rules, BackendError> {
     let mut b = base()?;
     b.allow(&[
-        libc::SYS_clone3,
         libc::SYS_set_robust_list,
         libc::SYS_rseq,
         libc::SYS_sched_getaffinity,
     ])
-    // Threads only: a fork-style clone (no CLONE_THREAD) traps. clone3 passes its flags in
-    // memory, out of a filter's reach; a child it forks keeps this filter and cannot exec.
+    // Not allowed in effect: clone3 fails with ENOSYS ([`spawner_enosys`]). It is on this list
+    // only because the kernel keeps the strictest answer of a thread's filters, and a trap
+    // here would win over that ENOSYS.
+    .allow(&[libc::SYS_clone3])
+    // Threads only: a fork-style clone (no CLONE_THREAD) traps.
     .allow_if(
         libc::SYS_clone,
         vec![Cond::new(
@@ -284,6 +298,18 @@ pub fn spawner() -> Result<Rules, BackendError> {
     .merge(net_pair()?)
     .merge(net_ctrl()?);
     Ok(b.build())
+}
+
+/// What the spawner thread (and every thread it creates) is refused with ENOSYS instead of
+/// a trap: `clone3`. It passes its flags in memory, out of a filter's reach, so an allowed
+/// clone3 could fork; refused with ENOSYS, it makes glibc's thread creation fall back to
+/// `clone` (as on kernels before 5.3), whose flags [`spawner`] checks.
+///
+/// These rules make a filter of their own, whose match action is ERRNO(ENOSYS) and whose
+/// mismatch action is allow: seccompiler compiles one match action per filter. A thread
+/// under both filters gets the strictest of their answers, ENOSYS for clone3.
+pub fn spawner_enosys() -> Rules {
+    Rules::from([(libc::SYS_clone3, Vec::new())])
 }
 
 #[cfg(test)]
@@ -332,6 +358,11 @@ mod tests {
             }
             assert!(allows(&rules, libc::SYS_write), "{name}");
             assert!(allows(&rules, libc::SYS_exit_group), "{name}");
+            assert_eq!(
+                rules[&libc::SYS_tgkill],
+                vec![SeccompRule::new(abort_rule().unwrap()).unwrap()],
+                "{name}: tgkill only as abort() sends it"
+            );
         }
     }
 
@@ -355,8 +386,18 @@ mod tests {
             }
         }
         let spawner = spawner().unwrap();
-        assert!(allows(&spawner, libc::SYS_clone3));
+        assert!(allows(&spawner, libc::SYS_clone));
+        assert!(
+            !spawner[&libc::SYS_clone].is_empty(),
+            "clone stays conditional"
+        );
         assert!(allows(&spawner, libc::SYS_seccomp));
+        // clone3 passes this filter only to meet the ENOSYS of the spawner's second filter.
+        assert!(allows(&spawner, libc::SYS_clone3));
+        assert_eq!(
+            spawner_enosys().into_iter().collect::<Vec<_>>(),
+            vec![(libc::SYS_clone3, Vec::new())]
+        );
     }
 
     /// The spawner's filter stays on the device threads it creates (filters stack), so it

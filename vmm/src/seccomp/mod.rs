@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `main` | main loop: epoll, read, write, TCSETS on fd 0 | in [`crate::vm::Vm::run`], after the vCPUs started |
 //! | `vcpuN` | KVM_RUN (+ register reads for error reports), MMIO device work: eventfds, the tun ioctls of activation and reset; with virtio-pci also KVM_SET_GSI_ROUTING (MSI-X table writes) and KVM_IOEVENTFD (BAR moves) | first thing on the vCPU thread |
-//! | `spawner` | thread creation, plus everything the device threads need | first thing on the spawner thread, started while the VM is built |
+//! | `spawner` | thread creation (`clone` with CLONE_THREAD; `clone3` fails with ENOSYS, see below), plus everything the device threads need | first thing on the spawner thread, started while the VM is built |
 //! | `net-pairN` | epoll, eventfds, readv/writev on its tap queue, TUNGETIFF | by the new thread itself, before it runs the device's code |
 //! | `net-ctrl` | epoll, eventfds, TUNSETQUEUE, TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNGETIFF | likewise |
 //!
@@ -27,6 +27,12 @@
 //! threads for queues a driver never sets up, and ties the device's thread lifecycle (start at
 //! activation, join at reset) to the VMM; a spawner keeps the device unchanged. The spawner
 //! reads no guest memory and no device state; it only creates threads.
+//!
+//! `clone3` takes its flags in memory, where a filter cannot read them, so the spawner could
+//! not tell a thread from a fork. The spawner therefore enters a second filter that makes
+//! `clone3` fail with ENOSYS (`filters::spawner_enosys`); glibc then creates the thread with
+//! `clone`, whose flags the spawner's filter checks. Both filters stay on the threads it
+//! creates, and both apply in [`Mode::Log`] too: ENOSYS is an answer, not a violation.
 //!
 //! Per-thread filters narrow what code running in that thread can ask the kernel for; they
 //! are not a boundary between threads of the same process (they share memory). The union of
@@ -135,6 +141,38 @@ impl ThreadKind {
             ThreadKind::NetCtrl => filters::net_ctrl(),
         }
     }
+
+    /// The calls this thread kind's second filter answers with ENOSYS, if it has one.
+    fn enosys_rules(self) -> Option<filters::Rules> {
+        match self {
+            ThreadKind::Spawner => Some(filters::spawner_enosys()),
+            _ => None,
+        }
+    }
+
+    /// The filters a thread of this kind enters, in order: its allow-list, whose other calls
+    /// get `mismatch`, then the ENOSYS filter if it has one.
+    fn programs(
+        self,
+        machine: Machine,
+        mismatch: SeccompAction,
+    ) -> Result<Vec<BpfProgram>, BackendError> {
+        let mut filters = vec![SeccompFilter::new(
+            self.rules(machine)?,
+            mismatch,
+            SeccompAction::Allow,
+            TargetArch::x86_64,
+        )?];
+        if let Some(rules) = self.enosys_rules() {
+            filters.push(SeccompFilter::new(
+                rules,
+                SeccompAction::Allow,
+                SeccompAction::Errno(libc::ENOSYS as u32),
+                TargetArch::x86_64,
+            )?);
+        }
+        filters.into_iter().map(BpfProgram::try_from).collect()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,7 +208,8 @@ pub struct Machine {
 /// The compiled filters and how to apply them; shared by every thread.
 pub struct Sandbox {
     mode: Mode,
-    programs: Vec<BpfProgram>,
+    /// Per thread kind (in [`ThreadKind::ALL`] order), the filters it enters.
+    programs: Vec<Vec<BpfProgram>>,
     selftest: Option<ThreadKind>,
 }
 
@@ -194,18 +233,13 @@ impl Sandbox {
                 _ => SeccompAction::Trap,
             };
             for kind in ThreadKind::ALL {
-                let build = |source| Error::Build {
-                    thread: kind.name(),
-                    source,
-                };
-                let filter = SeccompFilter::new(
-                    kind.rules(machine).map_err(build)?,
-                    mismatch.clone(),
-                    SeccompAction::Allow,
-                    TargetArch::x86_64,
-                )
-                .map_err(build)?;
-                programs.push(BpfProgram::try_from(filter).map_err(build)?);
+                let kind_programs =
+                    kind.programs(machine, mismatch.clone())
+                        .map_err(|source| Error::Build {
+                            thread: kind.name(),
+                            source,
+                        })?;
+                programs.push(kind_programs);
             }
         }
         if mode != Mode::Off {
@@ -239,7 +273,7 @@ impl Sandbox {
         let current = std::thread::current();
         let thread = current.name().unwrap_or(kind.name());
         remember_thread_name(thread);
-        if let Some(program) = self.programs.get(kind.index()) {
+        for program in self.programs.get(kind.index()).into_iter().flatten() {
             seccompiler::apply_filter(program).map_err(|source| Error::Install {
                 thread: thread.to_string(),
                 source,
@@ -513,16 +547,10 @@ mod tests {
             .into_iter()
             .flat_map(|k| machines.map(|m| (k, m)))
         {
-            let filter = SeccompFilter::new(
-                kind.rules(machine).unwrap(),
-                SeccompAction::Trap,
-                SeccompAction::Allow,
-                TargetArch::x86_64,
-            )
-            .unwrap();
-            let program = BpfProgram::try_from(filter).unwrap();
-            // The kernel refuses programs longer than BPF_MAXINSNS (4096).
-            assert!(program.len() < 4096, "{}: {}", kind.name(), program.len());
+            for program in kind.programs(machine, SeccompAction::Trap).unwrap() {
+                // The kernel refuses programs longer than BPF_MAXINSNS (4096).
+                assert!(program.len() < 4096, "{}: {}", kind.name(), program.len());
+            }
         }
     }
 
@@ -577,5 +605,162 @@ mod tests {
             "{stderr}"
         );
         assert!(!stderr.contains("still alive"), "{stderr}");
+    }
+
+    /// Runs test `name` of this module again in a child process with `MQVMM_SECCOMP_CHILD` set
+    /// to `part`: the filters stay with the child, and a violation ends only the child.
+    fn run_child(name: &str, part: &str) -> std::process::Output {
+        let exe = std::env::current_exe().unwrap();
+        std::process::Command::new(exe)
+            .args([&format!("seccomp::tests::{name}"), "--exact", "--nocapture"])
+            .env("MQVMM_SECCOMP_CHILD", part)
+            .output()
+            .unwrap()
+    }
+
+    fn child_part() -> Option<String> {
+        std::env::var("MQVMM_SECCOMP_CHILD").ok()
+    }
+
+    /// clone3 passes its flags in memory, where no filter can check them: under the spawner's
+    /// filters it fails with ENOSYS (not EINVAL, which the kernel answers to this call when a
+    /// filter lets it through), and threads still start (glibc falls back to clone), both
+    /// plain ones and the device threads the [`Spawner`] starts under their own filter.
+    #[test]
+    fn spawner_filter_refuses_clone3_with_enosys_and_threads_still_start() {
+        const NAME: &str = "spawner_filter_refuses_clone3_with_enosys_and_threads_still_start";
+        if child_part().is_some() {
+            let sandbox = std::sync::Arc::new(Sandbox::new(Mode::On, None).unwrap());
+            let confined = sandbox.clone();
+            let (rc, errno, started) = std::thread::spawn(move || {
+                confined.enter(ThreadKind::Spawner).unwrap();
+                // SAFETY: clone3 with no argument structure (null, size 0) creates nothing:
+                // the kernel refuses it with EINVAL when no filter answers first.
+                let rc = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0) };
+                let errno = io::Error::last_os_error().raw_os_error();
+                let started = std::thread::spawn(|| 7).join();
+                (rc, errno, started.ok())
+            })
+            .join()
+            .unwrap();
+            println!("clone3 returned {rc}, errno {errno:?}; new thread returned {started:?}");
+            let spawner = Spawner::start(sandbox).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let handle = virtio_net::ThreadSpawner::spawn(
+                &spawner,
+                virtio_net::DeviceThread::QueuePair(0),
+                "net-pair0".into(),
+                Box::new(move || {
+                    let _ = tx.send(8);
+                }),
+            )
+            .unwrap();
+            handle.join().unwrap();
+            println!("device thread sent {:?}", rx.recv().ok());
+            return;
+        }
+        let out = run_child(NAME, "clone3");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+        assert!(
+            stdout.contains(&format!(
+                "clone3 returned -1, errno Some({}); new thread returned Some(7)",
+                libc::ENOSYS
+            )),
+            "{stdout}{stderr}"
+        );
+        assert!(
+            stdout.contains("device thread sent Some(8)"),
+            "{stdout}{stderr}"
+        );
+    }
+
+    /// `tgkill` with SIGABRT (what `abort()` sends) reaches mqvmm's own threads and no other
+    /// process: a SIGABRT at another thread group is a violation. The second call would be
+    /// harmless even if allowed: the thread it names is not in that group (ESRCH).
+    #[test]
+    fn tgkill_sigabrt_only_within_our_own_thread_group() {
+        const NAME: &str = "tgkill_sigabrt_only_within_our_own_thread_group";
+        if let Some(part) = child_part() {
+            let sandbox = Sandbox::new(Mode::On, None).unwrap();
+            let own = std::process::id() as libc::pid_t;
+            let other = std::os::unix::process::parent_id() as libc::pid_t;
+            std::thread::Builder::new()
+                .name("vcpu3".into())
+                .spawn(move || {
+                    // SAFETY: a sigset_t filled by sigemptyset/sigaddset; blocking SIGABRT in
+                    // this thread keeps the one sent to itself pending instead of fatal.
+                    unsafe {
+                        let mut set: libc::sigset_t = std::mem::zeroed();
+                        libc::sigemptyset(&mut set);
+                        libc::sigaddset(&mut set, libc::SIGABRT);
+                        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                    }
+                    // SAFETY: gettid has no arguments.
+                    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
+                    sandbox.enter(ThreadKind::Vcpu).unwrap();
+                    let tgkill = |tgid: libc::pid_t| {
+                        // SAFETY: tgkill takes plain integers; SIGABRT is blocked in `tid`,
+                        // and `tid` is not a thread of any other group.
+                        let rc =
+                            unsafe { libc::syscall(libc::SYS_tgkill, tgid, tid, libc::SIGABRT) };
+                        (rc, io::Error::last_os_error().raw_os_error())
+                    };
+                    eprintln!("own thread group: {:?}", tgkill(own));
+                    if part == "other" {
+                        eprintln!("other thread group: {:?}", tgkill(other));
+                    }
+                    // The blocked, pending SIGABRT goes with the thread.
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            eprintln!("still alive");
+            return;
+        }
+        let out = run_child(NAME, "own");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(stderr.contains("own thread group: (0, "), "{stderr}");
+        assert!(stderr.contains("still alive"), "{stderr}");
+
+        let out = run_child(NAME, "other");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(VIOLATION_EXIT_CODE), "{stderr}");
+        assert!(stderr.contains("own thread group: (0, "), "{stderr}");
+        assert!(
+            stderr.contains("mqvmm: seccomp violation: syscall 234 (tgkill) in thread vcpu3"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("other thread group"), "{stderr}");
+        assert!(!stderr.contains("still alive"), "{stderr}");
+    }
+
+    /// What the tgkill rule is for: `abort()` in a confined thread still ends mqvmm with
+    /// SIGABRT (glibc's raise sends tgkill(getpid(), gettid(), SIGABRT)), not with a violation.
+    #[test]
+    fn abort_in_a_confined_thread_ends_the_process_with_sigabrt() {
+        const NAME: &str = "abort_in_a_confined_thread_ends_the_process_with_sigabrt";
+        if child_part().is_some() {
+            let sandbox = Sandbox::new(Mode::On, None).unwrap();
+            // SAFETY: prctl(PR_SET_DUMPABLE, 0) only marks this child process as not to be
+            // dumped: the abort below leaves no core file behind.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+            std::thread::spawn(move || {
+                sandbox.enter(ThreadKind::NetPair).unwrap();
+                eprintln!("aborting");
+                std::process::abort();
+            })
+            .join()
+            .unwrap();
+            return;
+        }
+        let out = run_child(NAME, "abort");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{stderr}");
+        assert!(stderr.contains("aborting"), "{stderr}");
+        assert!(!stderr.contains("seccomp violation"), "{stderr}");
     }
 }

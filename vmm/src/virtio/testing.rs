@@ -15,9 +15,15 @@ pub const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 0x21;
 /// What the transport did to the device.
 #[derive(Default)]
 pub struct Record {
+    /// The features the device holds: what the transport acked last, forgotten at a reset
+    /// (as virtio-net forgets them).
     pub acked: Option<u64>,
     /// Per activation: (queue index, size, EVENT_IDX enabled) of every queue handed over.
     pub activations: Vec<Vec<(u16, u16, bool)>>,
+    /// Per activation: the features the device held when it started (0 for none).
+    pub activated_features: Vec<u64>,
+    /// Per activation: (queue index, next avail, next used) of every queue handed over.
+    pub activated_positions: Vec<Vec<(u16, u16, u16)>>,
     pub resets: usize,
     pub config_writes: Vec<(u64, Vec<u8>)>,
     pub interrupt: Option<Arc<dyn Interrupt>>,
@@ -83,10 +89,20 @@ impl VirtioDevice for FakeDevice {
                 .map(|(i, q, _)| (*i, q.size(), q.event_idx_enabled()))
                 .collect(),
         );
+        r.activated_positions.push(
+            queues
+                .iter()
+                .map(|(i, q, _)| (*i, q.next_avail(), q.next_used()))
+                .collect(),
+        );
+        let features = r.acked.unwrap_or(0);
+        r.activated_features.push(features);
         r.interrupt = Some(interrupt);
         Ok(())
     }
     fn reset(&mut self) {
-        self.record.lock().unwrap().resets += 1;
+        let mut r = self.record.lock().unwrap();
+        r.resets += 1;
+        r.acked = None;
     }
 }

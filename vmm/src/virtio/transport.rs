@@ -10,6 +10,7 @@
 //! fails. Each transport keeps its register decoding and its interrupt type: virtio-mmio
 //! ([`super::mmio`]) and virtio-pci's common configuration ([`super::pci`]).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
@@ -269,8 +270,9 @@ impl TransportState {
     }
 
     /// PCI's bus-master enable changed. Without it the function may not access guest memory,
-    /// so, as QEMU's virtio-pci does, a running device is stopped (device reset) and
-    /// DRIVER_OK leaves the status: the driver has to initialise the device again. A
+    /// so, as QEMU's virtio-pci does, a running device is stopped and DRIVER_OK leaves the
+    /// status; the rest of the handshake stays. DRIVER_OK written again restarts the device
+    /// with the features negotiated before (a reset and a new handshake work too). A
     /// DRIVER_OK written while bus mastering is off takes effect when it comes on (Linux
     /// enables bus mastering before it starts the handshake).
     pub fn set_bus_master(&mut self, enabled: bool) {
@@ -286,13 +288,47 @@ impl TransportState {
         }
         if self.activated {
             log::info!(
-                "{}: bus mastering turned off while the device runs: device stopped, driver must reset it",
+                "{}: bus mastering turned off while the device runs: device stopped until DRIVER_OK",
                 self.name
             );
-            self.device.reset();
-            self.activated = false;
+            self.stop();
         }
         self.status &= !STATUS_DRIVER_OK;
+    }
+
+    /// Stops the running device but keeps what FEATURES_OK stands for. The device's only way
+    /// to stop is its reset, which also forgets the acked features (virtio-net's does), so
+    /// they are acked again: the status keeps FEATURES_OK, and a device activated later
+    /// without them would run with none.
+    ///
+    /// The driver keeps its rings too, so the restart must continue where the device left
+    /// them, not at 0 (it would hand the driver back buffers it already got). The device ran
+    /// on copies of the queues and cannot say where it stopped; the used index it wrote to
+    /// guest memory can, and each ring resumes there: a buffer the device took but never
+    /// returned is taken again (QEMU does the same when a vhost backend cannot report its
+    /// position, virtio_queue_restore_last_avail_idx).
+    fn stop(&mut self) {
+        self.device.reset();
+        self.activated = false;
+        if self.status & STATUS_FEATURES_OK != 0 {
+            self.device.set_acked_features(self.driver_features);
+        }
+        for (index, queue) in self.queues.iter_mut().enumerate() {
+            if !queue.ready() {
+                continue;
+            }
+            match queue.used_idx(&self.mem, Ordering::Acquire) {
+                Ok(used) => {
+                    queue.set_next_avail(used.0);
+                    queue.set_next_used(used.0);
+                }
+                Err(e) => log::warn!(
+                    "{}: cannot read the used index of queue {index} ({e}); it restarts at {}",
+                    self.name,
+                    queue.next_avail()
+                ),
+            }
+        }
     }
 
     fn reset(&mut self) {

@@ -5,7 +5,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::common::*;
 use super::*;
@@ -31,6 +31,8 @@ const FEATURES_OK: u8 = ACK_DRIVER | STATUS_FEATURES_OK;
 
 struct Harness {
     dev: VirtioPciDevice,
+    /// The guest memory the device sees (shared, not a copy).
+    mem: GuestMemoryMmap,
     record: Arc<Mutex<Record>>,
     platform: Arc<Recorder>,
     /// Our copies of the four vectors' irqfds.
@@ -47,7 +49,7 @@ fn harness(fail_activate: bool) -> Harness {
     let platform = Arc::new(Recorder::default());
     let mut dev = VirtioPciDevice::new(
         Box::new(device),
-        mem,
+        mem.clone(),
         PciTransportConfig {
             bar_address: BAR,
             msi_gsi_base: GSI_BASE,
@@ -64,6 +66,7 @@ fn harness(fail_activate: bool) -> Harness {
     );
     Harness {
         dev,
+        mem,
         record,
         platform,
         irqfds: ours,
@@ -88,6 +91,12 @@ impl Harness {
     }
     fn set_cfg(&mut self, offset: usize, data: &[u8]) {
         self.dev.config_write(offset, data);
+    }
+    /// Memory decoding stays on; bus mastering as `enabled` says (pci_set_master,
+    /// pci_clear_master).
+    fn set_bus_master(&mut self, enabled: bool) {
+        let bits = COMMAND_MEMORY | if enabled { COMMAND_BUS_MASTER } else { 0 };
+        self.set_cfg(COMMAND, &bits.to_le_bytes());
     }
     fn read(&mut self, offset: u64, len: usize) -> u64 {
         let mut d = [0u8; 8];
@@ -531,17 +540,13 @@ fn bus_master_off_stops_the_device_and_holds_its_interrupts() {
     h.set_common(QUEUE_MSIX_VECTOR, 2, 1);
     h.set_status(0xf);
     let irq = h.interrupt();
-    let command = |bus_master: bool| {
-        let bits = COMMAND_MEMORY | if bus_master { COMMAND_BUS_MASTER } else { 0 };
-        bits.to_le_bytes()
-    };
-    h.set_cfg(COMMAND, &command(false));
+    h.set_bus_master(false);
     assert_eq!(h.record.lock().unwrap().resets, 1, "the device was stopped");
     assert_eq!(h.status(), FEATURES_OK, "DRIVER_OK is gone");
     irq.signal_used_queue(0).unwrap();
     assert_eq!(h.fired(1), 0, "no MSI-X message without bus mastering");
     assert_eq!(h.read(0x5000, 8), 1 << 1, "held in the PBA");
-    h.set_cfg(COMMAND, &command(true));
+    h.set_bus_master(true);
     assert_eq!(h.fired(1), 1, "sent once bus mastering is back");
     assert_eq!(
         h.record.lock().unwrap().activations.len(),
@@ -557,14 +562,97 @@ fn bus_master_off_stops_the_device_and_holds_its_interrupts() {
 
     // DRIVER_OK while bus mastering is off: the device starts when it comes on.
     let mut h = harness(false);
-    h.set_cfg(COMMAND, &command(false));
+    h.set_bus_master(false);
     h.bring_up(FEATURES);
     h.setup_queue(0, 0x10000);
     h.set_status(0xf);
     assert!(h.record.lock().unwrap().activations.is_empty());
-    h.set_cfg(COMMAND, &command(true));
+    h.set_bus_master(true);
     assert_eq!(h.record.lock().unwrap().activations.len(), 1);
     assert_eq!(h.status(), 0xf);
+}
+
+/// Bus mastering off stops the device the way QEMU does: DRIVER_OK leaves the status,
+/// FEATURES_OK and the negotiated features stay. DRIVER_OK written again, before or after
+/// bus mastering comes back on, restarts the device with those features, not with none.
+#[test]
+fn bus_master_off_keeps_the_negotiated_features_for_the_restart() {
+    // Not everything offered, so that the device cannot pass with its defaults.
+    let negotiated = FEATURES & !0x20;
+    for driver_ok_first in [false, true] {
+        let mut h = harness(false);
+        h.bring_up(negotiated);
+        h.setup_queue(0, 0x10000);
+        h.setup_queue(1, 0x20000);
+        h.set_status(0xf);
+        h.set_bus_master(false);
+        assert_eq!(
+            h.status(),
+            FEATURES_OK,
+            "DRIVER_OK is gone, FEATURES_OK stays"
+        );
+        assert_eq!(
+            h.record.lock().unwrap().acked,
+            Some(negotiated),
+            "the stopped device holds the features FEATURES_OK stands for"
+        );
+        if driver_ok_first {
+            h.set_status(0xf);
+            assert_eq!(h.record.lock().unwrap().activations.len(), 1);
+            h.set_bus_master(true);
+        } else {
+            h.set_bus_master(true);
+            assert_eq!(h.record.lock().unwrap().activations.len(), 1);
+            h.set_status(0xf);
+        }
+        assert_eq!(h.status(), 0xf);
+        let record = h.record.lock().unwrap();
+        assert_eq!(
+            record.activated_features,
+            vec![negotiated, negotiated],
+            "driver_ok_first {driver_ok_first}"
+        );
+        assert_eq!(record.activations[1], record.activations[0]);
+    }
+}
+
+/// The restart after a bus-master-off stop resumes each ring where the device left it, at
+/// the used index it wrote to guest memory: the driver keeps its rings across the stop, and
+/// a device starting over at 0 would hand it back buffers it already got. A reset starts
+/// the rings over.
+#[test]
+fn restart_after_bus_master_off_resumes_each_ring_at_its_used_index() {
+    let mut h = harness(false);
+    h.bring_up(FEATURES);
+    h.setup_queue(0, 0x10000);
+    h.setup_queue(1, 0x20000);
+    h.set_status(0xf);
+    // What the running device wrote: the used index of each ring (`setup_queue` puts the
+    // used ring at base + 0x2000, its index 2 bytes in), one of them wrapped.
+    h.mem
+        .write_slice(&5u16.to_le_bytes(), GuestAddress(0x12002))
+        .unwrap();
+    h.mem
+        .write_slice(&0xfffeu16.to_le_bytes(), GuestAddress(0x22002))
+        .unwrap();
+    h.set_bus_master(false);
+    h.set_bus_master(true);
+    h.set_status(0xf);
+    assert_eq!(
+        h.record.lock().unwrap().activated_positions,
+        vec![
+            vec![(0, 0, 0), (1, 0, 0)],
+            vec![(0, 5, 5), (1, 0xfffe, 0xfffe)]
+        ]
+    );
+    h.set_status(0);
+    h.bring_up(FEATURES);
+    h.setup_queue(0, 0x10000);
+    h.set_status(0xf);
+    assert_eq!(
+        h.record.lock().unwrap().activated_positions[2],
+        vec![(0, 0, 0)]
+    );
 }
 
 #[test]
