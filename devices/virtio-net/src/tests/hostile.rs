@@ -248,6 +248,22 @@ fn guest_offloads_set_resizes_receive_buffers_before_the_tap_may_send_gso() {
     assert_eq!(get(&m.pairs[0].rx.bytes), 20_000);
 }
 
+/// With receive GSO off, sends a frame of `len` bytes from the host side of a device whose
+/// backend reports `mtu` (0: unknown) and returns (rx packets, rx drops, rx bytes).
+fn receive_without_gso(rig: &mut Rig<'_>, len: usize) -> (u64, u64, u64) {
+    let csum = bit(VIRTIO_NET_F_GUEST_CSUM);
+    assert_eq!(
+        rig.command(VIRTIO_NET_CTRL_GUEST_OFFLOADS, 0, &csum.to_le_bytes()),
+        ACK_OK
+    );
+    rig.fill_rx(0);
+    let m = rig.net.metrics();
+    let rx = &m.pairs[0].rx;
+    rig.peers[0].send(&frame(&payload(len, 5)));
+    assert!(wait_for(|| get(&rx.packets) + get(&rx.drops) == 1));
+    (get(&rx.packets), get(&rx.drops), get(&rx.bytes))
+}
+
 #[test]
 fn without_an_mtu_option_the_tap_mtu_is_advertised_and_sizes_receive_buffers() {
     let mem = guest_memory();
@@ -256,20 +272,8 @@ fn without_an_mtu_option_the_tap_mtu_is_advertised_and_sizes_receive_buffers() {
     let mut mtu = [0u8; 2];
     rig.net.read_config(10, &mut mtu);
     assert_eq!(u16::from_le_bytes(mtu), 9000);
-    let csum = bit(VIRTIO_NET_F_GUEST_CSUM);
-    assert_eq!(
-        rig.command(VIRTIO_NET_CTRL_GUEST_OFFLOADS, 0, &csum.to_le_bytes()),
-        ACK_OK
-    );
-    rig.fill_rx(0);
     // A jumbo frame without GSO arrives whole.
-    let m = rig.net.metrics();
-    rig.peers[0].send(&frame(&payload(8900, 5)));
-    assert!(wait_for(|| get(&m.pairs[0].rx.packets)
-        + get(&m.pairs[0].rx.drops)
-        == 1));
-    assert_eq!(get(&m.pairs[0].rx.drops), 0);
-    assert_eq!(get(&m.pairs[0].rx.bytes), 8900);
+    assert_eq!(receive_without_gso(&mut rig, 8900), (1, 0, 8900));
 }
 
 #[test]
@@ -277,20 +281,8 @@ fn with_no_mtu_known_receive_buffers_take_the_largest_frame() {
     let mem = guest_memory();
     let mut rig = rig_with_mtu(&mem, 1, 0);
     assert_eq!(rig.net.avail_features() & bit(VIRTIO_NET_F_MTU), 0);
-    let csum = bit(VIRTIO_NET_F_GUEST_CSUM);
-    assert_eq!(
-        rig.command(VIRTIO_NET_CTRL_GUEST_OFFLOADS, 0, &csum.to_le_bytes()),
-        ACK_OK
-    );
-    rig.fill_rx(0);
     // The guest may have raised its MTU: a 9000-byte frame without GSO still fits.
-    let m = rig.net.metrics();
-    rig.peers[0].send(&frame(&payload(9000, 6)));
-    assert!(wait_for(|| get(&m.pairs[0].rx.packets)
-        + get(&m.pairs[0].rx.drops)
-        == 1));
-    assert_eq!(get(&m.pairs[0].rx.drops), 0);
-    assert_eq!(get(&m.pairs[0].rx.bytes), 9000);
+    assert_eq!(receive_without_gso(&mut rig, 9000), (1, 0, 9000));
 }
 
 #[test]
