@@ -16,13 +16,14 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
     VIRTIO_NET_ERR, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_OK,
 };
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::backend::BackendError;
 use crate::chain::{walk, ChainError, DescTable};
 use crate::features::Negotiated;
 use crate::metrics::{NetMetrics, Tally};
+use crate::ring::Ring;
 use crate::rxtx::Work;
 use crate::Interrupt;
 
@@ -383,7 +384,7 @@ pub fn parse_request(
 
 /// The control virtqueue and what answering on it needs.
 pub struct CtrlQueue {
-    queue: Queue,
+    ring: Ring,
     index: u16,
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn Interrupt>,
@@ -403,7 +404,7 @@ impl CtrlQueue {
         features: Negotiated,
     ) -> Self {
         CtrlQueue {
-            queue,
+            ring: Ring::new(queue),
             index,
             mem,
             interrupt,
@@ -415,7 +416,7 @@ impl CtrlQueue {
 
     /// The queue (tests inspect its indices).
     pub fn queue(&self) -> &Queue {
-        &self.queue
+        self.ring.queue()
     }
 
     /// Counts `tally`, then returns `head` with `len` bytes written and signals the driver
@@ -423,15 +424,10 @@ impl CtrlQueue {
     fn finish(&mut self, head: u16, len: u32, mut tally: Tally) {
         self.metrics.ctrl.add(&tally);
         tally = Tally::default();
-        if self.queue.add_used(&self.mem, head, len).is_err() {
+        if self.ring.put(&self.mem, head, len).is_err() {
             return;
         }
-        let signal = if self.queue.event_idx_enabled() {
-            self.queue.needs_notification(&self.mem).unwrap_or(true)
-        } else {
-            true
-        };
-        if signal {
+        if self.ring.publish(&self.mem) {
             match self.interrupt.signal_used_queue(self.index) {
                 Ok(()) => tally.interrupts += 1,
                 Err(e) => warn!("virtio-net: ctrl interrupt failed: {e}"),
@@ -447,11 +443,7 @@ impl CtrlQueue {
     /// more is answered once the target is stopping. `kicked_at` is when the kick was seen,
     /// for the VQ_PAIRS_SET latency.
     pub fn process<T: CtrlTarget>(&mut self, target: &mut T, kicked_at: Instant) -> Work {
-        let table = DescTable {
-            addr: GuestAddress(self.queue.desc_table()),
-            size: self.queue.size(),
-            indirect: self.features.indirect_desc(),
-        };
+        let table = self.ring.table(self.features.indirect_desc());
         let mut budget = CTRL_BUDGET;
         loop {
             loop {
@@ -461,11 +453,9 @@ impl CtrlQueue {
                 if budget == 0 {
                     return Work::More;
                 }
-                let head = match self.queue.iter(&self.mem) {
-                    Ok(mut it) => match it.next() {
-                        Some(chain) => chain.head_index(),
-                        None => break,
-                    },
+                let head = match self.ring.pop(&self.mem) {
+                    Ok(Some(head)) => head,
+                    Ok(None) => break,
                     Err(e) => {
                         if !self.warned {
                             warn!("virtio-net: control queue unusable: {e}");
@@ -529,7 +519,7 @@ impl CtrlQueue {
                 }
                 self.finish(head, 1, tally);
             }
-            match self.queue.enable_notification(&self.mem) {
+            match self.ring.enable_kicks(&self.mem) {
                 Ok(true) => continue,
                 Ok(false) | Err(_) => return Work::Done,
             }

@@ -85,6 +85,7 @@ mod device;
 pub mod features;
 pub mod limit;
 pub mod metrics;
+pub mod ring;
 pub mod rxtx;
 mod tap_backend;
 mod worker;

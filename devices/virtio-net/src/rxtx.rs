@@ -6,19 +6,17 @@
 //! [`QueuePair::process_rx`] from its epoll loop; tests call them directly.
 
 use std::io;
-use std::num::Wrapping;
-use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use log::{debug, warn};
-use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
 
 use crate::backend::Backend;
-use crate::chain::{chain_iov, write_at, ChainError, DescTable, MAX_IOV};
+use crate::chain::{chain_iov, write_at, ChainError, MAX_IOV};
 use crate::features::{Negotiated, NUM_BUFFERS_OFFSET, VNET_HDR_LEN_V1};
 use crate::metrics::{NetMetrics, Tally};
+use crate::ring::Ring;
 use crate::Interrupt;
 
 /// Chains handled per `process_tx` call before yielding to other events.
@@ -191,8 +189,8 @@ impl RxBudget {
 /// iovecs, valid only during a call): build it on the thread that uses it.
 pub struct QueuePair {
     pair: u16,
-    rx: Queue,
-    tx: Queue,
+    rx: Ring,
+    tx: Ring,
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn Interrupt>,
     metrics: Arc<NetMetrics>,
@@ -204,118 +202,6 @@ pub struct QueuePair {
     warned_rx_broken: bool,
     warned_backend: bool,
     warned_irq: bool,
-    /// The driver's avail index as last read, per queue: entries up to it are popped without
-    /// reading the index again.
-    rx_avail: u16,
-    tx_avail: u16,
-    /// Used entries added since the last notification decision, per queue.
-    rx_unsignalled: u16,
-    tx_unsignalled: u16,
-}
-
-/// Pops the next available head of `queue`. The driver's avail index is read (acquire) only
-/// when every entry up to the last value read (`avail_seen`) has been popped; `None` always
-/// means a fresh read found nothing new. An index more than a queue size ahead is an error,
-/// as in virtio-queue's iterator.
-fn pop_head(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    avail_seen: &mut u16,
-) -> Result<Option<u16>, virtio_queue::Error> {
-    let next = queue.next_avail();
-    if next == *avail_seen {
-        let idx = queue.avail_idx(mem, Ordering::Acquire)?.0;
-        if idx.wrapping_sub(next) > queue.size() {
-            return Err(virtio_queue::Error::InvalidAvailRingIndex);
-        }
-        *avail_seen = idx;
-        if idx == next {
-            return Ok(None);
-        }
-    }
-    let slot = u64::from(next % queue.size().max(1));
-    let addr = queue
-        .avail_ring()
-        .checked_add(4 + 2 * slot)
-        .ok_or(virtio_queue::Error::AddressOverflow)?;
-    let head: u16 = mem
-        .load(GuestAddress(addr), Ordering::Acquire)
-        .map_err(virtio_queue::Error::GuestMemory)?;
-    queue.set_next_avail(next.wrapping_add(1));
-    Ok(Some(u16::from_le(head)))
-}
-
-/// Writes the used element `(head, len)` into the queue's next used slot and counts it in
-/// `unsignalled`. The used index is not stored here but by [`should_signal`], once per batch
-/// and always before a notification decision, so the driver sees the entries no later than
-/// the interrupt (and one index store serves a whole batch).
-fn put_used(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    head: u16,
-    len: u32,
-    unsignalled: &mut u16,
-) -> Result<(), virtio_queue::Error> {
-    let size = queue.size();
-    if head >= size {
-        return Err(virtio_queue::Error::InvalidDescriptorIndex);
-    }
-    let next = queue.next_used();
-    let addr = queue
-        .used_ring()
-        .checked_add(4 + 8 * u64::from(next % size))
-        .map(GuestAddress)
-        .ok_or(virtio_queue::Error::AddressOverflow)?;
-    let mut elem = [0u8; 8];
-    elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-    elem[4..].copy_from_slice(&len.to_le_bytes());
-    match mem.get_slice(addr, elem.len()) {
-        Ok(slot) => slot.copy_from(&elem),
-        // Not in one region (or not in memory): the general path splits or fails.
-        Err(_) => mem
-            .write_slice(&elem, addr)
-            .map_err(virtio_queue::Error::GuestMemory)?,
-    }
-    queue.set_next_used(next.wrapping_add(1));
-    *unsignalled = unsignalled.wrapping_add(1);
-    Ok(())
-}
-
-/// Publishes the used index (release), then tells whether the driver wants a used-buffer
-/// notification for the `unsignalled` entries added since the last call (reset here): with
-/// EVENT_IDX whether the index moved past `used_event`, else whether the driver left
-/// VRING_AVAIL_F_NO_INTERRUPT clear.
-fn should_signal(queue: &Queue, mem: &GuestMemoryMmap, unsignalled: &mut u16) -> bool {
-    let new = queue.next_used();
-    let old = new.wrapping_sub(*unsignalled);
-    *unsignalled = 0;
-    let published = queue.used_ring().checked_add(2).is_some_and(|at| {
-        mem.store(new.to_le(), GuestAddress(at), Ordering::Release)
-            .is_ok()
-    });
-    // The index store must be visible before the driver's event index or flags are read.
-    fence(Ordering::SeqCst);
-    if !published {
-        return true;
-    }
-    if queue.event_idx_enabled() {
-        let used_event = queue
-            .avail_ring()
-            .checked_add(4 + 2 * u64::from(queue.size()))
-            .and_then(|at| mem.load::<u16>(GuestAddress(at), Ordering::Acquire).ok());
-        return match used_event {
-            // The EVENT_IDX test (virtio 1.x, 2.7.10): did new - old entries cross used_event?
-            Some(event) => {
-                let event = u16::from_le(event);
-                new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-            }
-            None => true,
-        };
-    }
-    match mem.read_obj::<u16>(GuestAddress(queue.avail_ring())) {
-        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
-        Err(_) => true,
-    }
 }
 
 impl QueuePair {
@@ -330,11 +216,10 @@ impl QueuePair {
         path: PathConfig,
     ) -> Self {
         let rx_chains = usize::from(rx.size());
-        let (rx_avail, tx_avail) = (rx.next_avail(), tx.next_avail());
         QueuePair {
             pair,
-            rx,
-            tx,
+            rx: Ring::new(rx),
+            tx: Ring::new(tx),
             mem,
             interrupt,
             metrics,
@@ -346,10 +231,6 @@ impl QueuePair {
             warned_rx_broken: false,
             warned_backend: false,
             warned_irq: false,
-            rx_avail,
-            tx_avail,
-            rx_unsignalled: 0,
-            tx_unsignalled: 0,
         }
     }
 
@@ -360,12 +241,12 @@ impl QueuePair {
 
     /// The receive queue (tests inspect its indices).
     pub fn rx_queue(&self) -> &Queue {
-        &self.rx
+        self.rx.queue()
     }
 
     /// The transmit queue.
     pub fn tx_queue(&self) -> &Queue {
-        &self.tx
+        self.tx.queue()
     }
 
     /// Whether rx stopped for lack of guest buffers and waits for an rx kick.
@@ -379,14 +260,6 @@ impl QueuePair {
 
     fn tx_index(&self) -> u16 {
         self.pair * 2 + 1
-    }
-
-    fn table(queue: &Queue, indirect: bool) -> DescTable {
-        DescTable {
-            addr: GuestAddress(queue.desc_table()),
-            size: queue.size(),
-            indirect,
-        }
     }
 
     fn signal(&mut self, queue_index: u16, tally: &mut Tally) {
@@ -409,21 +282,18 @@ impl QueuePair {
     /// counted as bad chains.
     pub fn process_tx<B: Backend + ?Sized>(&mut self, backend: Option<&B>, link_up: bool) -> Work {
         let mut tally = Tally::default();
-        let table = Self::table(&self.tx, self.path.indirect);
-        let event_idx = self.tx.event_idx_enabled();
+        let table = self.tx.table(self.path.indirect);
         let mut budget = TX_BUDGET;
         let mut descs = 0usize;
         let mut used = 0usize;
         let mut work = Work::Done;
-        if !event_idx {
-            // Suppress kicks while draining; re-enabled below.
-            let _ = self.tx.disable_notification(&self.mem);
-        }
+        // No kicks while draining; asked for again below.
+        self.tx.suppress_kicks(&self.mem);
         let mut empty_rounds = 0;
         'drain: loop {
             let mut popped = false;
             loop {
-                let head = match pop_head(&mut self.tx, &self.mem, &mut self.tx_avail) {
+                let head = match self.tx.pop(&self.mem) {
                     Ok(Some(head)) => {
                         popped = true;
                         head
@@ -438,7 +308,7 @@ impl QueuePair {
                     }
                 };
                 if budget == 0 || descs >= DESC_BUDGET {
-                    self.tx.go_to_previous_position();
+                    self.tx.unpop(1);
                     work = Work::More;
                     break 'drain;
                 }
@@ -482,30 +352,26 @@ impl QueuePair {
                     }
                 }
                 self.tx_iov.clear();
-                if put_used(&mut self.tx, &self.mem, head, 0, &mut self.tx_unsignalled).is_ok() {
+                if self.tx.put(&self.mem, head, 0).is_ok() {
                     used += 1;
                 }
                 if used >= SIGNAL_BATCH {
                     used = 0;
-                    if should_signal(&self.tx, &self.mem, &mut self.tx_unsignalled) {
+                    if self.tx.publish(&self.mem) {
                         self.signal(self.tx_index(), &mut tally);
                     }
                 }
             }
             empty_rounds = if popped { 0 } else { empty_rounds + 1 };
-            match self.tx.enable_notification(&self.mem) {
+            match self.tx.enable_kicks(&self.mem) {
                 // "More available" twice in a row with nothing to pop: the driver placed the
                 // used flags over the avail index, so our own flag writes change it. Stop
                 // instead of spinning; the next kick starts over.
-                Ok(true) if empty_rounds < 2 => {
-                    if !event_idx {
-                        let _ = self.tx.disable_notification(&self.mem);
-                    }
-                }
+                Ok(true) if empty_rounds < 2 => self.tx.suppress_kicks(&self.mem),
                 Ok(_) | Err(_) => break,
             }
         }
-        if used > 0 && should_signal(&self.tx, &self.mem, &mut self.tx_unsignalled) {
+        if used > 0 && self.tx.publish(&self.mem) {
             self.signal(self.tx_index(), &mut tally);
         }
         self.metrics.pairs[usize::from(self.pair)].tx.add(&tally);
@@ -517,7 +383,7 @@ impl QueuePair {
     /// frame being gathered is read with the space held so far once twice the descriptor
     /// budget is reached (a legitimate gather is far below it).
     fn fill_rx(&mut self, tally: &mut Tally, used: &mut usize, budget: &mut RxBudget) -> Fill {
-        let table = Self::table(&self.rx, self.path.indirect);
+        let table = self.rx.table(self.path.indirect);
         loop {
             let enough = if self.path.mrg_rxbuf {
                 self.rx_buf.cap >= self.path.rx_frame_max
@@ -533,7 +399,7 @@ impl QueuePair {
             if budget.descs >= 2 * DESC_BUDGET {
                 return Fill::Ready;
             }
-            let head = match pop_head(&mut self.rx, &self.mem, &mut self.rx_avail) {
+            let head = match self.rx.pop(&self.mem) {
                 Ok(Some(head)) => head,
                 Ok(None) => {
                     // The whole ring is ours and still short of a maximal frame: read anyway
@@ -588,7 +454,7 @@ impl QueuePair {
                     // Give it back: only a chain at the front may be returned, so that the
                     // held chains stay consecutive. Read with what we have.
                     self.rx_buf.iov.truncate(iov_start);
-                    self.rx.go_to_previous_position();
+                    self.rx.unpop(1);
                     debug!("virtio-net: rx chain {head} deferred: {e}");
                     return Fill::Ready;
                 }
@@ -597,8 +463,7 @@ impl QueuePair {
                     debug!("virtio-net: bad rx chain {head}: {e}");
                     tally.bad_chains += 1;
                     budget.chains += 1;
-                    if put_used(&mut self.rx, &self.mem, head, 0, &mut self.rx_unsignalled).is_ok()
-                    {
+                    if self.rx.put(&self.mem, head, 0).is_ok() {
                         *used += 1;
                     }
                 }
@@ -608,44 +473,8 @@ impl QueuePair {
 
     /// Gives every held receive chain back to the avail ring.
     fn release_rx(&mut self) {
-        let held = self.rx_buf.held();
-        if held > 0 {
-            let next = Wrapping(self.rx.next_avail()) - Wrapping(held as u16);
-            self.rx.set_next_avail(next.0);
-        }
+        self.rx.unpop(self.rx_buf.held() as u16);
         self.rx_buf.clear();
-    }
-
-    /// Asks for an rx kick when the driver adds buffers beyond `avail_seen`; returns whether
-    /// some were already added (then the caller retries instead of waiting).
-    fn arm_rx_notification(&mut self, avail_seen: u16) -> bool {
-        if self.rx.event_idx_enabled() {
-            // avail_event must be the index we have seen, not next_avail: with chains held
-            // back (too little space for a frame) the driver is already past next_avail and
-            // would never cross it again.
-            let offset = 4 + 8 * u64::from(self.rx.size());
-            let Some(addr) = self.rx.used_ring().checked_add(offset) else {
-                return false;
-            };
-            if self
-                .mem
-                .store(
-                    u16::to_le(avail_seen),
-                    GuestAddress(addr),
-                    Ordering::Release,
-                )
-                .is_err()
-            {
-                return false;
-            }
-        } else if self.rx.enable_notification(&self.mem).is_err() {
-            return false;
-        }
-        fence(Ordering::SeqCst);
-        match self.rx.avail_idx(&self.mem, Ordering::Acquire) {
-            Ok(idx) => idx.0 != avail_seen,
-            Err(_) => false,
-        }
     }
 
     /// Reads frames from `backend` into receive chains until it has none left (EAGAIN), the
@@ -673,7 +502,7 @@ impl QueuePair {
                 Fill::Broken => break RxState::QueueBroken,
                 Fill::Empty { avail_seen } => {
                     self.release_rx();
-                    if self.arm_rx_notification(avail_seen) {
+                    if self.rx.arm_kick(&self.mem, avail_seen) {
                         continue;
                     }
                     self.rx_waiting = true;
@@ -682,9 +511,7 @@ impl QueuePair {
             }
             if self.rx_waiting {
                 self.rx_waiting = false;
-                if !self.rx.event_idx_enabled() {
-                    let _ = self.rx.disable_notification(&self.mem);
-                }
+                self.rx.suppress_kicks(&self.mem);
             }
             let iov = if self.path.mrg_rxbuf {
                 &self.rx_buf.iov[self.rx_buf.iov_front()..]
@@ -711,13 +538,13 @@ impl QueuePair {
             }
             if used - signalled_at >= SIGNAL_BATCH {
                 signalled_at = used;
-                if should_signal(&self.rx, &self.mem, &mut self.rx_unsignalled) {
+                if self.rx.publish(&self.mem) {
                     self.signal(self.rx_index(), &mut tally);
                 }
             }
         };
         self.release_rx();
-        if used > signalled_at && should_signal(&self.rx, &self.mem, &mut self.rx_unsignalled) {
+        if used > signalled_at && self.rx.publish(&self.mem) {
             self.signal(self.rx_index(), &mut tally);
         }
         self.metrics.pairs[usize::from(self.pair)].rx.add(&tally);
@@ -769,15 +596,7 @@ impl QueuePair {
             let c = self.rx_buf.chains[i];
             let len = left.min(c.cap);
             left -= len;
-            if put_used(
-                &mut self.rx,
-                &self.mem,
-                c.head,
-                len as u32,
-                &mut self.rx_unsignalled,
-            )
-            .is_ok()
-            {
+            if self.rx.put(&self.mem, c.head, len as u32).is_ok() {
                 *used += 1;
             }
         }
