@@ -52,11 +52,12 @@ fn a_vq_pairs_set_storm_is_held_to_the_host_operation_rate() {
 }
 
 fn summary_path() -> std::path::PathBuf {
-    // The namespaced child and the outer test share the parent's pid in the name.
-    // SAFETY: getppid and getpid have no preconditions.
+    // The namespaced child and the outer test share the outer process's pid in the name.
     let outer = if netns::in_netns() {
+        // SAFETY: getppid has no preconditions.
         unsafe { libc::getppid() }
     } else {
+        // SAFETY: getpid has no preconditions.
         unsafe { libc::getpid() }
     };
     std::env::temp_dir().join(format!("mqvmm-component-storm-{outer}.txt"))
@@ -86,7 +87,7 @@ fn storm() {
     let start = Instant::now();
     let mut commands = 0u64;
     while start.elapsed() < STORM {
-        let n = if commands % 2 == 0 { PAIRS } else { 1 };
+        let n = if commands.is_multiple_of(2) { PAIRS } else { 1 };
         assert_eq!(drv.set_queue_pairs(n), ACK_OK, "VQ_PAIRS_SET({n})");
         commands += 1;
     }
@@ -94,7 +95,7 @@ fn storm() {
     let cpu = process_cpu().saturating_sub(cpu_before).as_secs_f64();
 
     // Every command was carried out: the host's attached queues follow the last one.
-    let last = if commands % 2 == 1 { PAIRS } else { 1 };
+    let last = if commands.is_multiple_of(2) { 1 } else { PAIRS };
     assert_eq!(
         netns::tx_queue_count("mqstorm0").unwrap(),
         usize::from(last),
