@@ -419,6 +419,11 @@ impl CtrlQueue {
         self.ring.queue()
     }
 
+    /// Counts `n` kicks from the driver.
+    pub fn count_kicks(&self, n: u64) {
+        self.metrics.ctrl.add_notifications(n);
+    }
+
     /// Counts `tally`, then returns `head` with `len` bytes written and signals the driver
     /// if it asked for it.
     fn finish(&mut self, head: u16, len: u32, mut tally: Tally) {

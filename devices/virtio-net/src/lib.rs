@@ -8,11 +8,19 @@
 //! KVM signals as ioeventfd) and an [`Interrupt`] sink (irqfd + interrupt status).
 //!
 //! # Layers
+//! Modules depend one way, from the device down to the ring:
 //! - [`Net`] (`device.rs`): features, config space, activation, reset, link state.
-//! - `worker.rs`: the threads and their epoll loops (event-manager subscribers).
+//! - `worker.rs`: the threads and their epoll loops (event-manager subscribers); the control
+//!   thread runs any [`ctrl::CtrlTarget`].
+//! - `state.rs`: what the device and its threads share, the queue-pair switch over the real
+//!   workers and backends, and the control commands' target (rate-limited).
+//! - `control.rs`: the channel through which the control thread parks, resumes and stops a
+//!   worker and waits, bounded, for its confirmation.
 //! - [`rxtx::QueuePair`]: the pure data path of one pair (`process_tx` / `process_rx`),
 //!   callable without threads.
 //! - [`ctrl`]: control-queue parsing and the VQ_PAIRS_SET sequence, over small traits.
+//! - [`ring::Ring`]: the device side of a split virtqueue, used by every queue.
+//! - [`chain`]: descriptor chains to iovecs, every malformed case told apart.
 //!
 //! # Threads
 //! - `net-pairN`, one per queue pair whose queues the driver set up. Its epoll set holds
@@ -80,6 +88,7 @@
 pub mod backend;
 pub mod chain;
 pub mod config;
+mod control;
 pub mod ctrl;
 mod device;
 pub mod features;
@@ -87,6 +96,7 @@ pub mod limit;
 pub mod metrics;
 pub mod ring;
 pub mod rxtx;
+mod state;
 mod tap_backend;
 mod worker;
 

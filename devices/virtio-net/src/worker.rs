@@ -12,7 +12,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -20,204 +20,10 @@ use log::{error, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::Backend;
-use crate::ctrl::{CtrlQueue, SwitchError};
-use crate::device::Shared;
+use crate::control::RunState;
+use crate::ctrl::{CtrlQueue, CtrlTarget};
 use crate::rxtx::{QueuePair, RxState, Work};
-
-/// How long the control thread waits for a worker to confirm a state change.
-pub const WORKER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The state a worker is asked to be in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunState {
-    /// Polls and uses its backend.
-    Running,
-    /// Serves kicks but never touches its backend (tx frames leave through pair 0).
-    Parked,
-    /// Leaves its loop.
-    Stopped,
-}
-
-impl RunState {
-    fn name(self) -> &'static str {
-        match self {
-            RunState::Running => "running",
-            RunState::Parked => "parked",
-            RunState::Stopped => "stopped",
-        }
-    }
-}
-
-#[derive(Debug)]
-struct ControlState {
-    requested: RunState,
-    seq: u64,
-    confirmed_seq: u64,
-    result: Option<io::ErrorKind>,
-}
-
-/// The channel between the control thread and one worker.
-#[derive(Debug)]
-pub struct PairControl {
-    evt: EventFd,
-    state: Mutex<ControlState>,
-    cond: Condvar,
-}
-
-impl PairControl {
-    /// A control channel whose worker starts in `initial`.
-    pub fn new(initial: RunState) -> io::Result<Self> {
-        Ok(PairControl {
-            evt: EventFd::new(EFD_NONBLOCK)?,
-            state: Mutex::new(ControlState {
-                requested: initial,
-                seq: 0,
-                confirmed_seq: 0,
-                result: None,
-            }),
-            cond: Condvar::new(),
-        })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, ControlState> {
-        // A poisoned lock only means another thread panicked mid-update; the fields are
-        // plain values and remain usable.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Forgets pending requests; the next worker starts in `initial`.
-    pub fn reset(&self, initial: RunState) {
-        let mut s = self.lock();
-        s.requested = initial;
-        s.confirmed_seq = s.seq;
-        s.result = None;
-        let _ = self.evt.read();
-    }
-
-    /// Asks the worker of `pair` to move to `state` and waits until it confirms, at most
-    /// `timeout`, and no longer than `abort` stays unraised (the device is being stopped).
-    pub(crate) fn request(
-        &self,
-        pair: usize,
-        state: RunState,
-        timeout: Duration,
-        abort: Option<&StopSignal>,
-    ) -> Result<(), SwitchError> {
-        let seq = {
-            let mut s = self.lock();
-            s.seq += 1;
-            s.requested = state;
-            s.seq
-        };
-        if let Err(e) = self.evt.write(1) {
-            return Err(SwitchError::WorkerPoll { pair, source: e });
-        }
-        let deadline = Instant::now() + timeout;
-        let mut s = self.lock();
-        while s.confirmed_seq < seq {
-            if abort.is_some_and(StopSignal::is_raised) {
-                return Err(SwitchError::Stopping { pair });
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(SwitchError::WorkerTimeout {
-                    pair,
-                    state: state.name(),
-                    timeout_ms: timeout.as_millis() as u64,
-                });
-            }
-            s = match self.cond.wait_timeout(s, deadline - now) {
-                Ok((guard, _)) => guard,
-                Err(p) => p.into_inner().0,
-            };
-        }
-        match s.result {
-            None => Ok(()),
-            Some(kind) => Err(SwitchError::WorkerPoll {
-                pair,
-                source: io::Error::from(kind),
-            }),
-        }
-    }
-
-    /// Asks the worker of `pair` to confirm the state it was last asked for: it re-reads
-    /// the device settings it caches (receive buffer sizing) before it confirms.
-    pub(crate) fn refresh(
-        &self,
-        pair: usize,
-        timeout: Duration,
-        abort: Option<&StopSignal>,
-    ) -> Result<(), SwitchError> {
-        let state = self.lock().requested;
-        self.request(pair, state, timeout, abort)
-    }
-
-    /// Wakes a waiting [`Self::request`] so that it looks at its abort signal.
-    pub(crate) fn wake(&self) {
-        let _s = self.lock();
-        self.cond.notify_all();
-    }
-
-    /// Worker side: the latest request, if unconfirmed.
-    fn pending(&self) -> Option<(u64, RunState)> {
-        let s = self.lock();
-        (s.confirmed_seq < s.seq).then_some((s.seq, s.requested))
-    }
-
-    /// Worker side: confirms request `seq` (and every earlier one).
-    fn confirm(&self, seq: u64, result: Option<io::ErrorKind>) {
-        let mut s = self.lock();
-        s.confirmed_seq = seq;
-        s.result = result;
-        self.cond.notify_all();
-    }
-}
-
-/// Raised while the device stops its threads (reset): the control thread then answers no
-/// further command and gives up waiting, for workers or for the rate limit.
-#[derive(Debug, Default)]
-pub(crate) struct StopSignal {
-    raised: AtomicBool,
-    lock: Mutex<()>,
-    cond: Condvar,
-}
-
-impl StopSignal {
-    pub(crate) fn is_raised(&self) -> bool {
-        self.raised.load(Ordering::SeqCst)
-    }
-
-    /// Raises the signal and wakes [`Self::sleep`]. Waiters in [`PairControl::request`] are
-    /// woken by [`PairControl::wake`].
-    pub(crate) fn raise(&self) {
-        self.raised.store(true, Ordering::SeqCst);
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.cond.notify_all();
-    }
-
-    pub(crate) fn clear(&self) {
-        self.raised.store(false, Ordering::SeqCst);
-    }
-
-    /// Sleeps for `d`; returns false, early, if the signal is or gets raised.
-    pub(crate) fn sleep(&self, d: Duration) -> bool {
-        let deadline = Instant::now() + d;
-        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if self.is_raised() {
-                return false;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return true;
-            }
-            g = match self.cond.wait_timeout(g, deadline - now) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
-        }
-    }
-}
+use crate::state::Shared;
 
 /// How long stopping the device waits for each of its threads to end.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -357,7 +163,7 @@ impl<B: Backend> PairWorker<B> {
 
     fn handle_control(&mut self, ops: &mut EventOps) {
         let ctl = &self.shared.pairs[self.pair];
-        let _ = ctl.evt.read();
+        let _ = ctl.event().read();
         let Some((seq, state)) = ctl.pending() else {
             return;
         };
@@ -457,7 +263,7 @@ impl<B: Backend> MutEventSubscriber for PairWorker<B> {
             if self.pending_rx {
                 self.run_rx();
             }
-        } else if fd == self.shared.pairs[self.pair].evt.as_raw_fd() {
+        } else if fd == self.shared.pairs[self.pair].event().as_raw_fd() {
             self.handle_control(ops);
         } else if self.running && fd == self.backend_fd() {
             let set = events.event_set();
@@ -480,7 +286,7 @@ impl<B: Backend> MutEventSubscriber for PairWorker<B> {
             self.fds.rx_kick.as_raw_fd(),
             self.fds.tx_kick.as_raw_fd(),
             self.resched.as_raw_fd(),
-            self.shared.pairs[self.pair].evt.as_raw_fd(),
+            self.shared.pairs[self.pair].event().as_raw_fd(),
         ];
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
@@ -671,9 +477,9 @@ pub fn spawn_worker<B: Backend + 'static>(
     })
 }
 
-struct CtrlWorker<B: Backend> {
+struct CtrlWorker<T: CtrlTarget> {
     cq: CtrlQueue,
-    shared: Arc<Shared<B>>,
+    target: T,
     kick: EventFd,
     /// Written to come back after the command budget ran out.
     resched: EventFd,
@@ -681,10 +487,9 @@ struct CtrlWorker<B: Backend> {
     stop: Arc<AtomicBool>,
 }
 
-impl<B: Backend> CtrlWorker<B> {
+impl<T: CtrlTarget> CtrlWorker<T> {
     fn run(&mut self, kicked_at: Instant) {
-        let mut target = crate::device::DeviceCtrl::new(&self.shared);
-        if self.cq.process(&mut target, kicked_at) == Work::More {
+        if self.cq.process(&mut self.target, kicked_at) == Work::More {
             if let Err(e) = self.resched.write(1) {
                 error!("virtio-net: control thread cannot reschedule: {e}");
             }
@@ -692,12 +497,12 @@ impl<B: Backend> CtrlWorker<B> {
     }
 }
 
-impl<B: Backend> MutEventSubscriber for CtrlWorker<B> {
+impl<T: CtrlTarget> MutEventSubscriber for CtrlWorker<T> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.fd() == self.kick.as_raw_fd() {
             let kicked_at = Instant::now();
             let n = drain(&self.kick);
-            self.shared.metrics.ctrl.add_notifications(n);
+            self.cq.count_kicks(n);
             self.run(kicked_at);
         } else if events.fd() == self.resched.as_raw_fd() {
             let _ = drain(&self.resched);
@@ -720,11 +525,12 @@ impl<B: Backend> MutEventSubscriber for CtrlWorker<B> {
     }
 }
 
-/// Spawns the control-queue thread `net-ctrl`; writing `stop_evt` ends it.
-pub fn spawn_ctrl<B: Backend + 'static>(
+/// Spawns the control-queue thread `net-ctrl`, answering `cq`'s commands on `target`;
+/// writing `stop_evt` ends it.
+pub fn spawn_ctrl<T: CtrlTarget + Send + 'static>(
     spawner: &dyn ThreadSpawner,
     cq: CtrlQueue,
-    shared: Arc<Shared<B>>,
+    target: T,
     kick: EventFd,
     stop_evt: EventFd,
 ) -> io::Result<DeviceThreadHandle> {
@@ -739,7 +545,7 @@ pub fn spawn_ctrl<B: Backend + 'static>(
             run_loop(
                 move || CtrlWorker {
                     cq,
-                    shared,
+                    target,
                     kick,
                     resched,
                     stop_evt,
