@@ -56,6 +56,8 @@ use mqvmm_fuzz::{
     assert_status_prefix, guest_memory, net_from_input, read_fault, ring_op, thread_and_fd_count,
     trace, FuzzNet, Input, Ring, RxEvent,
 };
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_net::features::bit;
 use vm_memory::GuestMemoryMmap;
 use vmm::arch::layout::{MSI_GSI_BASE, PCI_MMIO32_SIZE, PCI_MMIO32_START};
 use vmm::bus::Bus;
@@ -105,7 +107,6 @@ const PCI_CFG_BAR: usize = 4;
 const PCI_CFG_OFFSET: usize = 8;
 const PCI_CFG_LENGTH: usize = 12;
 const PCI_CFG_DATA: usize = 16;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// MSI-X table entry: vector control's mask bit.
 const ENTRY_VECTOR_CONTROL: u64 = 12;
 
@@ -771,7 +772,7 @@ fn run(data: &[u8]) {
                 // VERSION_1 is needed for FEATURES_OK; keep it unless the mask's top bit asks
                 // for a legacy-only driver.
                 let version = if mask >> 63 == 0 {
-                    VIRTIO_F_VERSION_1
+                    bit(VIRTIO_F_VERSION_1)
                 } else {
                     0
                 };

@@ -15,7 +15,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::transport::{self, TransportState};
+use super::transport::TransportState;
 use super::{Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
 
@@ -50,13 +50,14 @@ pub const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
 pub const REG_CONFIG: u64 = 0x100;
 
-/// The device status bits (see [`transport`]), as the 32-bit Status register holds them.
-pub const STATUS_ACKNOWLEDGE: u32 = transport::STATUS_ACKNOWLEDGE as u32;
-pub const STATUS_DRIVER: u32 = transport::STATUS_DRIVER as u32;
-pub const STATUS_DRIVER_OK: u32 = transport::STATUS_DRIVER_OK as u32;
-pub const STATUS_FEATURES_OK: u32 = transport::STATUS_FEATURES_OK as u32;
-pub const STATUS_DEVICE_NEEDS_RESET: u32 = transport::STATUS_DEVICE_NEEDS_RESET as u32;
-pub const STATUS_FAILED: u32 = transport::STATUS_FAILED as u32;
+/// The device status bits as the 32-bit Status register holds them: virtio_bindings'
+/// VIRTIO_CONFIG_S_*, under the names the transport uses.
+pub use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE as STATUS_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER as STATUS_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK as STATUS_DRIVER_OK, VIRTIO_CONFIG_S_FAILED as STATUS_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK as STATUS_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET as STATUS_DEVICE_NEEDS_RESET,
+};
 
 pub const INT_VRING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
@@ -261,8 +262,9 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::transport::VIRTIO_F_VERSION_1;
     use std::sync::Mutex;
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_net::features::bit;
     use vm_memory::GuestAddress;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
@@ -395,7 +397,7 @@ mod tests {
         w(&mut t, REG_QUEUE_READY, 0);
         assert_eq!(r(&mut t, REG_QUEUE_READY), 1);
         // Features cannot change after FEATURES_OK either.
-        set_features(&mut t, VIRTIO_F_VERSION_1);
+        set_features(&mut t, bit(VIRTIO_F_VERSION_1));
         assert_eq!(record.lock().unwrap().acked, Some(FEATURES));
         // Clearing bits without a reset is ignored.
         w(&mut t, REG_STATUS, STATUS_ACKNOWLEDGE);

@@ -6,11 +6,13 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::transport::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use super::{Interrupt, VirtioDevice};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_net::features::bit;
 
 /// What [`FakeDevice`] offers: VERSION_1, EVENT_IDX and two low device bits.
-pub const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 0x21;
+pub const FEATURES: u64 = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX) | 0x21;
 
 /// What the transport did to the device.
 #[derive(Default)]

@@ -13,18 +13,27 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_net::features::bit;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Interrupt, VirtioDevice};
 
-pub const STATUS_ACKNOWLEDGE: u8 = 1;
-pub const STATUS_DRIVER: u8 = 2;
-pub const STATUS_DRIVER_OK: u8 = 4;
-pub const STATUS_FEATURES_OK: u8 = 8;
-pub const STATUS_DEVICE_NEEDS_RESET: u8 = 64;
-pub const STATUS_FAILED: u8 = 128;
+// The device status bits (virtio_bindings' VIRTIO_CONFIG_S_*), as the byte both transports
+// keep.
+pub const STATUS_ACKNOWLEDGE: u8 = VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
+pub const STATUS_DRIVER: u8 = VIRTIO_CONFIG_S_DRIVER as u8;
+pub const STATUS_DRIVER_OK: u8 = VIRTIO_CONFIG_S_DRIVER_OK as u8;
+pub const STATUS_FEATURES_OK: u8 = VIRTIO_CONFIG_S_FEATURES_OK as u8;
+pub const STATUS_DEVICE_NEEDS_RESET: u8 = VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+pub const STATUS_FAILED: u8 = VIRTIO_CONFIG_S_FAILED as u8;
 
 /// The handshake bits, in the order the driver must set them.
 const HANDSHAKE: [u8; 4] = [
@@ -33,9 +42,6 @@ const HANDSHAKE: [u8; 4] = [
     STATUS_FEATURES_OK,
     STATUS_DRIVER_OK,
 ];
-
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -359,7 +365,7 @@ impl TransportState {
             );
             return false;
         }
-        if self.driver_features & VIRTIO_F_VERSION_1 == 0 {
+        if self.driver_features & bit(VIRTIO_F_VERSION_1) == 0 {
             log::warn!(
                 "{}: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)",
                 self.name
@@ -371,7 +377,7 @@ impl TransportState {
     }
 
     fn activate(&mut self) {
-        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let event_idx = self.driver_features & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
         let mut queues = Vec::new();
         for (index, queue) in self.queues.iter_mut().enumerate() {
             if !queue.ready() {

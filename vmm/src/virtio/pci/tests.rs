@@ -19,9 +19,10 @@ use crate::pci::{MsiMessage, PciConfigIo, PciMmioWindow, PciRoot};
 use crate::virtio::testing::{FakeDevice, Record, FEATURES};
 use crate::virtio::transport::{
     STATUS_ACKNOWLEDGE, STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER, STATUS_FEATURES_OK,
-    VIRTIO_F_VERSION_1,
 };
 use crate::virtio::Interrupt;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_net::features::bit;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const BAR: u64 = 0xe000_0000;
@@ -353,7 +354,7 @@ fn out_of_order_status_and_late_queue_writes_are_ignored() {
     h.set_common(QUEUE_SELECT, 2, 0);
     h.set_common(QUEUE_SIZE, 2, 8);
     assert_eq!(h.common(QUEUE_SIZE, 2), 16, "after DRIVER_OK");
-    h.set_features(VIRTIO_F_VERSION_1);
+    h.set_features(bit(VIRTIO_F_VERSION_1));
     assert_eq!(h.record.lock().unwrap().acked, Some(FEATURES));
     h.set_status(STATUS_ACKNOWLEDGE);
     assert_eq!(h.status(), 0xf, "clearing bits without reset");
