@@ -618,14 +618,77 @@ fn launcher_runs_the_real_mqvmm_unprivileged() {
 // ---------------------------------------------------------------------------------------------
 // mqvmm refuses fds it cannot use: exit 2, one line naming the fd.
 
+/// Runs `mqvmm ARGS` with `pass` fds inherited at the given numbers and `closed` fds closed.
+fn mqvmm_with(mqvmm: &Path, args: &[&str], pass: &[(RawFd, RawFd)], closed: &[RawFd]) -> Output {
+    let mut cmd = Command::new(mqvmm);
+    cmd.args(args);
+    netns::pass_fds(&mut cmd, pass, closed);
+    run(cmd)
+}
+
 /// Runs `mqvmm --kernel <existing file> --net fds=<fds>` with `pass` fds inherited at the given
 /// numbers and `closed` fds closed.
 fn mqvmm_with_fds(mqvmm: &Path, pass: &[(RawFd, RawFd)], closed: &[RawFd], fds: &str) -> Output {
-    let mut cmd = Command::new(mqvmm);
     // Any existing file: --net is validated before the kernel is read.
-    cmd.args(["--kernel", FDCHECK, "--net", &format!("fds={fds}")]);
-    netns::pass_fds(&mut cmd, pass, closed);
-    run(cmd)
+    let net = format!("fds={fds}");
+    mqvmm_with(mqvmm, &["--kernel", FDCHECK, "--net", &net], pass, closed)
+}
+
+#[test]
+fn mqvmm_refuses_image_fds_that_are_not_open_regular_files() {
+    let Some(mqvmm) = mqvmm() else { return };
+    let (r, _w) = netns::pipe().unwrap();
+    let out = mqvmm_with(
+        &mqvmm,
+        &["--kernel-fd", "100"],
+        &[(r.as_raw_fd(), 100)],
+        &[],
+    );
+    let line = assert_one_line_error(&out, 2, "mqvmm: error:", "--kernel-fd 100");
+    assert!(
+        line.ends_with("is not a regular file: it is a pipe"),
+        "{line}"
+    );
+
+    let out = mqvmm_with(&mqvmm, &["--kernel-fd", "100"], &[], &[100]);
+    assert_one_line_error(
+        &out,
+        2,
+        "mqvmm: error:",
+        "--kernel-fd 100 is not an open file descriptor",
+    );
+
+    let kernel = std::fs::File::open(FDCHECK).unwrap();
+    let out = mqvmm_with(
+        &mqvmm,
+        &["--kernel-fd", "100", "--initramfs-fd", "100"],
+        &[(kernel.as_raw_fd(), 100)],
+        &[],
+    );
+    assert_one_line_error(
+        &out,
+        2,
+        "mqvmm: error:",
+        "--kernel-fd and --initramfs-fd are both fd 100",
+    );
+
+    // A regular file is adopted and read (a deleted one too: only the fd names it).
+    let junk = std::env::temp_dir().join(format!("mqvmm-junk-kernel-{}", std::process::id()));
+    std::fs::write(&junk, b"no kernel here").unwrap();
+    let file = std::fs::File::open(&junk).unwrap();
+    let _ = std::fs::remove_file(&junk);
+    let out = mqvmm_with(
+        &mqvmm,
+        &["--kernel-fd", "100"],
+        &[(file.as_raw_fd(), 100)],
+        &[],
+    );
+    assert_one_line_error(
+        &out,
+        2,
+        "mqvmm: error:",
+        "fd 100 is neither an ELF vmlinux nor a bzImage",
+    );
 }
 
 #[test]
