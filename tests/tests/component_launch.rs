@@ -4,7 +4,8 @@
 //! /dev/net/tun and run in a network namespace of their own. Each skips with one line otherwise.
 
 use std::collections::BTreeSet;
-use std::io::Read;
+use std::ffi::OsStr;
+use std::io::{BufRead, Read};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -14,6 +15,7 @@ use mqvmm_tests::netns::{self, FdCheck};
 use tap::{MultiQueueTap, TapConfig};
 
 const FDCHECK: &str = env!("CARGO_BIN_EXE_tap-fdcheck");
+const PROBE: &str = env!("CARGO_BIN_EXE_same-uid-probe");
 const NOBODY: u32 = 65534;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -494,84 +496,169 @@ fn guest_kernel() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-#[test]
-fn launcher_runs_the_real_mqvmm_unprivileged() {
-    let Some(launcher) = launcher() else { return };
-    let Some(mqvmm) = mqvmm() else { return };
+/// What the tests of the real mqvmm need: the launcher, mqvmm, /dev/kvm, a guest kernel and
+/// network namespaces. Prints one `skip:` line and returns `None` if anything is missing.
+fn real_mqvmm_setup() -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let launcher = launcher()?;
+    let mqvmm = mqvmm()?;
     if !needs_netns() {
-        return;
-    }
-    let help = Command::new(&mqvmm)
-        .arg("--help")
-        .output()
-        .expect("run mqvmm --help");
-    if !String::from_utf8_lossy(&help.stdout).contains("--kvm-fd") {
-        eprintln!("skip: this mqvmm does not accept --kvm-fd yet");
-        return;
+        return None;
     }
     if !Path::new("/dev/kvm").exists() {
         eprintln!("skip: needs /dev/kvm");
-        return;
+        return None;
     }
     let Some(kernel) = guest_kernel() else {
         eprintln!("skip: no guest kernel (make resources, or set MQVMM_BUILD)");
-        return;
+        return None;
     };
-    netns::run_in_netns("launcher_runs_the_real_mqvmm_unprivileged", || {
-        let tap = "mqreal0";
-        let mut cmd = Command::new(&launcher);
+    Some((launcher, mqvmm, kernel))
+}
+
+/// The real mqvmm started by the launcher as `nobody` on a 2-queue tap, with its log (the
+/// launcher's and mqvmm's stderr) and console drained by threads so it never blocks on them.
+struct LaunchedVmm {
+    child: std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    log_drain: std::thread::JoinHandle<()>,
+    console_drain: std::thread::JoinHandle<String>,
+}
+
+impl LaunchedVmm {
+    /// `mqvmm-launch --tap TAP --queues 2 --user nobody --mqvmm MQVMM -- --memory 128
+    /// --cmdline 'console=ttyS0 panic=-1' VMM_ARGS`.
+    fn spawn(launcher: &Path, mqvmm: &Path, tap: &str, vmm_args: &[&OsStr]) -> LaunchedVmm {
+        let mut cmd = Command::new(launcher);
         cmd.args(["--tap", tap, "--queues", "2", "--user", "nobody", "--mqvmm"])
-            .arg(&mqvmm)
+            .arg(mqvmm)
             .args([
                 "--",
                 "--memory",
                 "128",
                 "--cmdline",
                 "console=ttyS0 panic=-1",
-                "--kernel",
             ])
-            .arg(&kernel)
+            .args(vmm_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let pid = child.id();
-        // Drain the console and the log so the VMM never blocks on them.
-        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        let mut child = cmd.spawn().expect("spawn mqvmm-launch");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log_drain = {
+            let log = log.clone();
             std::thread::spawn(move || {
-                let mut s = Vec::new();
-                if let Some(mut p) = pipe {
-                    let _ = p.read_to_end(&mut s);
+                for line in std::io::BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                    log.push_str(&line);
+                    log.push('\n');
                 }
-                String::from_utf8_lossy(&s).into_owned()
             })
         };
-        let console = drain(
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        );
-        let stderr = drain(
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        );
-        // Catch the process as soon as it is mqvmm: its credentials are final from exec on.
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let console_drain = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = stdout.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        });
+        LaunchedVmm {
+            child,
+            log,
+            log_drain,
+            console_drain,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits up to `timeout` for `needle` in the log; false if it never came or the process
+    /// ended first.
+    fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline || !matches!(self.child.try_wait(), Ok(None)) {
+                // One last look: the line may have come with the exit.
+                std::thread::sleep(Duration::from_millis(50));
+                return self.log().contains(needle);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// /proc/PID/status as soon as the process is mqvmm (its credentials are final from exec
+    /// on), `None` if it never got there within 10 s.
+    fn status_once_mqvmm(&self) -> Option<std::collections::HashMap<String, String>> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            let status = netns::proc_status(pid)
+        loop {
+            let status = netns::proc_status(self.pid())
                 .ok()
                 .filter(|s| s.get("State").is_some_and(|st| !st.starts_with('Z')));
             match status {
-                Some(s) if s["Name"] == "mqvmm" => break Some(s),
+                Some(s) if s["Name"] == "mqvmm" => return Some(s),
                 Some(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2))
                 }
-                _ => break None,
+                _ => return None,
             }
+        }
+    }
+
+    /// The tap queue fds the launcher passed (from its exec line).
+    fn tap_fds(&self) -> Vec<RawFd> {
+        let log = self.log();
+        let Some(net) = log
+            .lines()
+            .filter(|l| l.starts_with("mqvmm-launch: exec "))
+            .find_map(|l| l.split_once("--net fds=").map(|(_, rest)| rest.to_owned()))
+        else {
+            panic!("no exec line with --net fds= in the log:\n{log}");
         };
+        net.split(',')
+            .map_while(|part| part.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
+    /// Kills it; returns how it ended, its log and its console.
+    fn stop(self) -> (std::process::ExitStatus, String, String) {
+        let LaunchedVmm {
+            mut child,
+            log,
+            log_drain,
+            console_drain,
+        } = self;
+        let _ = child.kill();
+        let exit = child.wait().expect("wait for mqvmm");
+        let _ = log_drain.join();
+        let console = console_drain.join().unwrap_or_default();
+        let log = log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        (exit, log, console)
+    }
+}
+
+#[test]
+fn launcher_runs_the_real_mqvmm_unprivileged() {
+    let Some((launcher, mqvmm, kernel)) = real_mqvmm_setup() else {
+        return;
+    };
+    netns::run_in_netns("launcher_runs_the_real_mqvmm_unprivileged", || {
+        let vmm = LaunchedVmm::spawn(
+            &launcher,
+            &mqvmm,
+            "mqreal0",
+            &["--kernel".as_ref(), kernel.as_os_str()],
+        );
+        let pid = vmm.pid();
+        let status = vmm.status_once_mqvmm();
         let fd_targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .map(|d| {
                 d.filter_map(|e| {
@@ -585,10 +672,7 @@ fn launcher_runs_the_real_mqvmm_unprivileged() {
                 .collect()
             })
             .unwrap_or_default();
-        let _ = child.kill();
-        let exit = child.wait().unwrap();
-        let log = stderr.join().unwrap_or_default();
-        let console = console.join().unwrap_or_default();
+        let (exit, log, console) = vmm.stop();
         let Some(status) = status else {
             panic!("mqvmm never ran ({exit}); stderr:\n{log}\nconsole:\n{console}");
         };
@@ -611,6 +695,66 @@ fn launcher_runs_the_real_mqvmm_unprivileged() {
         assert!(
             !log.contains("holds capabilities"),
             "mqvmm warned about capabilities: {log}"
+        );
+    });
+}
+
+#[test]
+fn another_process_of_the_vmm_uid_cannot_take_its_fds() {
+    let Some((launcher, mqvmm, kernel)) = real_mqvmm_setup() else {
+        return;
+    };
+    netns::run_in_netns("another_process_of_the_vmm_uid_cannot_take_its_fds", || {
+        let mut vmm = LaunchedVmm::spawn(
+            &launcher,
+            &mqvmm,
+            "mqdump0",
+            &[
+                "--log-level".as_ref(),
+                "info".as_ref(),
+                "--kernel".as_ref(),
+                kernel.as_os_str(),
+            ],
+        );
+        // mqvmm logs this line after making itself non-dumpable, before it builds the VM.
+        let started = vmm.wait_for_log("mqvmm: info: starting as uid 65534", TIMEOUT);
+        let pid = vmm.pid();
+        let tap_fds = vmm.tap_fds();
+        let status_owner = std::os::unix::fs::MetadataExt::uid(
+            &std::fs::metadata(format!("/proc/{pid}/status")).expect("stat /proc/PID/status"),
+        );
+        let probe = Command::new(PROBE)
+            .arg(format!("{NOBODY}:{NOBODY}"))
+            .arg(pid.to_string())
+            .arg(tap_fds[0].to_string())
+            .output()
+            .expect("run same-uid-probe");
+        let still_running = matches!(vmm.child.try_wait(), Ok(None));
+        let (exit, log, console) = vmm.stop();
+        assert!(
+            started && still_running,
+            "mqvmm did not start or did not keep running ({exit}):\n{log}\nconsole:\n{console}"
+        );
+        let report = String::from_utf8_lossy(&probe.stdout);
+        assert!(probe.status.success(), "{report} {probe:?}");
+        let fields = netns::parse_fields(&report);
+        // The pidfd is fine (it only names the process); the fd behind it is not.
+        assert_eq!(fields["pidfd_open"], "ok", "{report}");
+        assert_eq!(
+            fields["pidfd_getfd"],
+            format!("errno:{}", libc::EPERM),
+            "a process of uid 65534 copied mqvmm's tap fd {}: {report}",
+            tap_fds[0]
+        );
+        assert_eq!(
+            fields["proc_fd"],
+            format!("errno:{}", libc::EACCES),
+            "a process of uid 65534 listed /proc/{pid}/fd: {report}"
+        );
+        // The kernel's account of it: a non-dumpable process's /proc files belong to root.
+        assert_eq!(
+            status_owner, 0,
+            "owner of /proc/{pid}/status, mqvmm running as 65534"
         );
     });
 }

@@ -494,7 +494,33 @@ fn run(args: Args) -> Result<VmExit, Failure> {
     Ok(exit)
 }
 
+/// Makes this process non-dumpable: another process of the same uid (mqvmm usually runs as a
+/// shared unprivileged user) may then neither ptrace it nor copy its tap and KVM fds with
+/// pidfd_getfd, /proc/PID belongs to root, and no core dump holds guest memory. The fds are
+/// inherited from the launcher, so this comes first; exec made the process dumpable again.
+fn make_undumpable() -> std::io::Result<()> {
+    // SAFETY: PR_SET_DUMPABLE takes integer arguments only; prctl is variadic, so each is passed
+    // as the unsigned long the kernel reads.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_DUMPABLE,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
+    if let Err(e) = make_undumpable() {
+        eprintln!("mqvmm: error: prctl(PR_SET_DUMPABLE, 0) failed: {e}");
+        return ExitCode::from(1);
+    }
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
