@@ -83,6 +83,30 @@ fn assert_one_line_error(out: &Output, code: i32, prefix: &str, needle: &str) ->
     errors[0].to_owned()
 }
 
+/// A directory of its own under the system temp dir, with `mode`, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(name: &str, mode: u32) -> ScratchDir {
+        let dir = std::env::temp_dir().join(format!("mqvmm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        ScratchDir(dir)
+    }
+
+    /// `name` in the directory, as a string for command lines.
+    fn file(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // mqvmm-launch with the tap-fdcheck stand-in.
 
@@ -96,6 +120,12 @@ fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
         "launcher_runs_the_vmm_as_nobody_without_capabilities",
         || {
             let tap = "mql0";
+            // Images only root can reach: the launcher opens them, the VMM reads them as nobody.
+            let images = ScratchDir::new("launch-images", 0o700);
+            let (kernel, initramfs) = (images.file("vmlinux"), images.file("initrd"));
+            std::fs::write(&kernel, b"KERNEL-1").unwrap();
+            std::fs::write(&initramfs, b"INITRD-1").unwrap();
+            let initramfs_arg = format!("--initramfs={initramfs}");
             let mut cmd = launch_fdcheck(
                 &launcher,
                 &[
@@ -108,7 +138,7 @@ fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
                     "--mac",
                     "52:54:00:12:34:56",
                 ],
-                &["--kernel", "/nonexistent/vmlinux", "--cpus", "2"],
+                &["--kernel", &kernel, "--cpus", "2", &initramfs_arg],
             );
             // An fd the launcher inherits without CLOEXEC must not reach the VMM.
             let stray = std::fs::File::open("/proc/self/status").unwrap();
@@ -146,6 +176,13 @@ fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
             } else {
                 assert_eq!(ready["kvm"], "none");
             }
+            // The images, readable through their fds by a VMM that could not open them.
+            assert_eq!(ready["kernel"], kernel);
+            assert_eq!(ready["kernelhead"], "4b45524e454c2d31", "KERNEL-1");
+            assert_eq!(ready["initramfs"], initramfs);
+            assert_eq!(ready["initramfshead"], "494e495452442d31", "INITRD-1");
+            expected.insert(ready["kernelfd"].parse().unwrap());
+            expected.insert(ready["initramfsfd"].parse().unwrap());
             let open: BTreeSet<RawFd> = ready["open"]
                 .split(',')
                 .map(|s| s.parse().unwrap())
@@ -190,9 +227,25 @@ fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
             );
             assert!(log.contains("mqvmm-launch: running as uid 65534 gid 65534: no supplementary groups, no capabilities"), "{log}");
             assert!(log.contains("--net fds="), "{log}");
+            let (kernel_fd, initramfs_fd) = (&ready["kernelfd"], &ready["initramfsfd"]);
             assert!(
-                log.lines().count() <= 5,
-                "the launcher should log a few lines: {log}"
+                log.contains(&format!(
+                    "mqvmm-launch: kernel image {kernel} on fd {kernel_fd}"
+                )) && log.contains(&format!(
+                    "mqvmm-launch: initramfs {initramfs} on fd {initramfs_fd}"
+                )),
+                "{log}"
+            );
+            let exec = log.lines().find(|l| l.contains(": exec ")).unwrap_or("");
+            assert!(
+                exec.contains(&format!(
+                    " --kernel-fd {kernel_fd} --cpus 2 --initramfs-fd {initramfs_fd} "
+                )) && !exec.contains(&kernel),
+                "the paths are replaced by fds, in place: {exec}"
+            );
+            assert!(
+                log.lines().count() <= 6,
+                "the launcher should log a line per thing it opens, the drop and the exec: {log}"
             );
             assert!(
                 netns::if_index(tap).is_err(),
@@ -357,6 +410,52 @@ fn launcher_setup_failures_exit_1_with_one_line() {
 }
 
 #[test]
+fn launcher_refuses_images_it_cannot_open_before_creating_the_tap() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns(
+        "launcher_refuses_images_it_cannot_open_before_creating_the_tap",
+        || {
+            let dir = ScratchDir::new("launch-bad-images", 0o755);
+            let fifo = dir.file("fifo");
+            let fifo_c = std::ffi::CString::new(fifo.as_str()).unwrap();
+            // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+            assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o644) }, 0);
+            let fifo_arg = format!("--initramfs={fifo}");
+            let cases: &[(&[&str], &str)] = &[
+                (
+                    &["--kernel", "/nonexistent/vmlinux"],
+                    "cannot open kernel image /nonexistent/vmlinux: No such file or directory",
+                ),
+                (
+                    &["--kernel", FDCHECK, "--initramfs", "/"],
+                    "initramfs / is not a regular file",
+                ),
+                // A FIFO with no writer: refused, not waited on.
+                (
+                    &["--kernel", FDCHECK, &fifo_arg],
+                    &format!("initramfs {fifo} is not a regular file"),
+                ),
+            ];
+            for (vmm_args, needle) in cases {
+                let out = run(launch_fdcheck(
+                    &launcher,
+                    &["--tap", "mqimg0", "--queues", "1", "--user", "nobody"],
+                    vmm_args,
+                ));
+                assert_one_line_error(&out, 2, "mqvmm-launch: error:", needle);
+                assert!(
+                    netns::if_index("mqimg0").is_err(),
+                    "tap created before refusing {vmm_args:?}"
+                );
+            }
+        },
+    );
+}
+
+#[test]
 fn launcher_rejects_bad_arguments_with_exit_2() {
     let Some(launcher) = launcher() else { return };
     let check = || {
@@ -440,10 +539,44 @@ fn launcher_rejects_bad_arguments_with_exit_2() {
                 ],
                 "--kvm-fd is added by mqvmm-launch",
             ),
+            (
+                &[
+                    "--tap",
+                    "mqbad0",
+                    "--queues",
+                    "2",
+                    "--user",
+                    "nobody",
+                    "--",
+                    "--kernel-fd",
+                    "3",
+                ],
+                "--kernel-fd is added by mqvmm-launch",
+            ),
+            (
+                &[
+                    "--tap",
+                    "mqbad0",
+                    "--queues",
+                    "2",
+                    "--user",
+                    "nobody",
+                    "--",
+                    "--initramfs-fd=4",
+                ],
+                "--initramfs-fd is added by mqvmm-launch",
+            ),
+            (
+                &[
+                    "--tap", "mqbad0", "--queues", "2", "--user", "nobody", "--", "--kernel",
+                ],
+                "--kernel after -- needs a value",
+            ),
         ];
         for (args, needle) in cases {
             let mut cmd = Command::new(&launcher);
-            cmd.args(*args).args(["--mqvmm", FDCHECK]);
+            // Launcher options first: after a `--` in `args`, everything is mqvmm's.
+            cmd.args(["--mqvmm", FDCHECK]).args(*args);
             let out = run(cmd);
             assert_one_line_error(&out, 2, "mqvmm-launch: error:", needle);
             assert_eq!(
@@ -697,6 +830,62 @@ fn launcher_runs_the_real_mqvmm_unprivileged() {
             "mqvmm warned about capabilities: {log}"
         );
     });
+}
+
+#[test]
+fn an_unprivileged_mqvmm_boots_images_only_root_can_open() {
+    let Some((launcher, mqvmm, kernel)) = real_mqvmm_setup() else {
+        return;
+    };
+    netns::run_in_netns(
+        "an_unprivileged_mqvmm_boots_images_only_root_can_open",
+        || {
+            let dir = ScratchDir::new("root-only-images", 0o700);
+            let (vmlinux, initrd) = (dir.file("vmlinux"), dir.file("initrd"));
+            std::fs::copy(&kernel, &vmlinux).unwrap();
+            std::fs::write(&initrd, vec![0u8; 4096]).unwrap();
+            let mut vmm = LaunchedVmm::spawn(
+                &launcher,
+                &mqvmm,
+                "mqimg1",
+                &[
+                    "--log-level".as_ref(),
+                    "info".as_ref(),
+                    "--kernel".as_ref(),
+                    vmlinux.as_ref(),
+                    "--initramfs".as_ref(),
+                    initrd.as_ref(),
+                ],
+            );
+            // Logged once the kernel and the initramfs are in guest memory.
+            let loaded = vmm.wait_for_log("mqvmm: info: kernel fd ", TIMEOUT);
+            let (exit, log, console) = vmm.stop();
+            assert!(
+                loaded,
+                "mqvmm as nobody did not load the images ({exit}):\n{log}\nconsole:\n{console}"
+            );
+            assert!(!log.contains("Permission denied"), "{log}");
+            let fd_of = |what: &str, path: &str| -> String {
+                let prefix = format!("mqvmm-launch: {what} {path} on fd ");
+                log.lines()
+                    .find_map(|l| l.strip_prefix(&prefix))
+                    .unwrap_or_else(|| panic!("no line {prefix:?}:\n{log}"))
+                    .to_owned()
+            };
+            let (kernel_fd, initrd_fd) =
+                (fd_of("kernel image", &vmlinux), fd_of("initramfs", &initrd));
+            let loaded_line = log
+                .lines()
+                .find(|l| l.starts_with("mqvmm: info: kernel fd "))
+                .unwrap_or_default();
+            assert!(
+                loaded_line.starts_with(&format!("mqvmm: info: kernel fd {kernel_fd} ("))
+                    && loaded_line.contains("; initramfs 4096 bytes at "),
+                "{loaded_line}"
+            );
+            assert_ne!(kernel_fd, initrd_fd);
+        },
+    );
 }
 
 #[test]

@@ -1,16 +1,20 @@
 //! mqvmm-launch: the privileged half of mqvmm's privilege split.
 //!
-//! Creates (or adopts) a multiqueue tap and opens one fd per queue plus /dev/kvm, then gives up
-//! every privilege — no_new_privs, empty bounding set, target uid/gid with no supplementary groups,
-//! empty capability sets including ambient, all verified — and execs mqvmm with exactly those fds:
-//! `mqvmm [ARGS...] --kvm-fd K --net fds=A,B,...[,mac=MAC]`.
+//! Creates (or adopts) a multiqueue tap and opens one fd per queue plus /dev/kvm, and the guest
+//! kernel and initramfs named in mqvmm's arguments (as the caller, so that mqvmm boots images its
+//! own uid may not read), then gives up every privilege — no_new_privs, empty bounding set,
+//! target uid/gid with no supplementary groups, empty capability sets including ambient, all
+//! verified — and execs mqvmm with exactly those fds:
+//! `mqvmm [ARGS...] --kernel-fd F [--initramfs-fd I] --kvm-fd K --net fds=A,B,...[,mac=MAC]`.
 //!
 //! Self-contained on purpose (only the tap crate, clap, libc, thiserror): small enough to audit.
 
-use std::ffi::{CStr, CString, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::raw::{c_char, c_int, c_ulong};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -35,10 +39,13 @@ Example (as root):
   mqvmm-launch --tap mq0 --queues 4 --user nobody -- --kernel ...
 
 mqvmm then runs as nobody:nogroup with no capabilities, as
-  mqvmm --kernel ... --kvm-fd 7 --net fds=3,4,5,6,mac=52:54:00:12:34:56
-(one tap queue per virtio-net queue pair; the guest enables them with `ethtool -L eth0 combined N`).
+  mqvmm --kernel-fd 3 --initramfs-fd 4 ... --kvm-fd 9 --net fds=5,6,7,8,mac=52:54:00:12:34:56
+(the launcher opens the kernel and initramfs as its caller, so nobody need not be able to read
+them; one tap queue per virtio-net queue pair; the guest enables them with
+`ethtool -L eth0 combined N`).
 
-Exit status: 2 for bad arguments, 1 when setting up fails; otherwise mqvmm's own.";
+Exit status: 2 for bad arguments (a kernel or initramfs that cannot be opened among them), 1
+when setting up fails; otherwise mqvmm's own.";
 
 /// Create or adopt a multiqueue tap, open its queues and /dev/kvm, drop every privilege and exec
 /// mqvmm with the fds.
@@ -74,7 +81,8 @@ struct Args {
     /// Do not open /dev/kvm and pass no --kvm-fd (for tests with a stand-in VMM).
     #[arg(long)]
     no_kvm: bool,
-    /// Arguments for mqvmm; --kvm-fd and --net are added by the launcher.
+    /// Arguments for mqvmm; --kvm-fd and --net are added by the launcher, which also opens the
+    /// files of --kernel and --initramfs and passes them as --kernel-fd and --initramfs-fd.
     #[arg(last = true, value_name = "MQVMM ARGS")]
     mqvmm_args: Vec<OsString>,
 }
@@ -96,8 +104,19 @@ enum LaunchError {
     RootGroup,
     #[error("{0} is added by mqvmm-launch: do not pass it after --")]
     Reserved(String),
+    #[error("{0} after -- needs a value")]
+    MissingValue(&'static str),
     #[error("invalid --tap")]
     TapName(#[source] tap::Error),
+    #[error("cannot open {what} {path}")]
+    OpenImage {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} {path} is not a regular file")]
+    ImageNotAFile { what: &'static str, path: String },
 
     // Setup failures (exit 1).
     #[error("looking up {what} {name:?} failed")]
@@ -146,7 +165,10 @@ impl LaunchError {
             | LaunchError::RootUser(_)
             | LaunchError::RootGroup
             | LaunchError::Reserved(_)
-            | LaunchError::TapName(_) => 2,
+            | LaunchError::MissingValue(_)
+            | LaunchError::TapName(_)
+            | LaunchError::OpenImage { .. }
+            | LaunchError::ImageNotAFile { .. } => 2,
             _ => 1,
         }
     }
@@ -201,12 +223,13 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     // Arguments first: nothing is opened before they are all known to be good.
     for arg in &args.mqvmm_args {
         let arg = arg.to_string_lossy();
-        for reserved in ["--kvm-fd", "--net"] {
+        for reserved in ["--kvm-fd", "--net", "--kernel-fd", "--initramfs-fd"] {
             if arg == reserved || arg.starts_with(&format!("{reserved}=")) {
                 return Err(LaunchError::Reserved(reserved.to_owned()));
             }
         }
     }
+    let image_args = image_args(&args.mqvmm_args)?;
     let (uid, primary_gid) = resolve_user(&args.user)?;
     let gid = match &args.group {
         Some(group) => resolve_group(group)?,
@@ -227,6 +250,21 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     if !mqvmm.is_file() {
         return Err(LaunchError::MqvmmMissing(mqvmm.display().to_string()));
     }
+
+    // Still as the caller: the guest images, which mqvmm's uid may not be able to open.
+    let mut images = Vec::with_capacity(image_args.len());
+    for arg in &image_args {
+        let fd = open_image(arg)?;
+        log(&format!(
+            "{} {} on fd {}",
+            arg.image.what(),
+            arg.path.display(),
+            fd.as_raw_fd()
+        ));
+        images.push(fd);
+    }
+    let image_fds: Vec<RawFd> = images.iter().map(AsRawFd::as_raw_fd).collect();
+    let mqvmm_args = pass_images(&args.mqvmm_args, &image_args, &image_fds);
 
     // The privileged part: the tap queues and /dev/kvm.
     let cfg = tap::TapConfig {
@@ -284,6 +322,7 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     // Only the fds we pass survive the exec.
     let mut pass = queue_fds.clone();
     pass.extend(kvm_fd);
+    pass.extend(&image_fds);
     cloexec_all_except(&pass)?;
 
     drop_privileges(uid, gid)?;
@@ -303,7 +342,7 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
         net.push_str(",mq=off");
     }
     let mut cmd = Command::new(&mqvmm);
-    cmd.args(&args.mqvmm_args);
+    cmd.args(&mqvmm_args);
     if let Some(fd) = kvm_fd {
         cmd.arg("--kvm-fd").arg(fd.to_string());
     }
@@ -315,7 +354,7 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     log(&format!("exec {} {}", mqvmm.display(), shown.join(" ")));
     let source = cmd.exec();
     // The fds must stay open until exec; it failed, so they close here.
-    drop((queues, kvm));
+    drop((queues, kvm, images));
     Err(LaunchError::Exec {
         path: mqvmm.display().to_string(),
         uid,
@@ -344,6 +383,132 @@ fn parse_mac(s: &str) -> Result<String, String> {
         return Err(format!("{s} is a multicast address"));
     }
     Ok(s.to_ascii_lowercase())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guest images.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GuestImage {
+    Kernel,
+    Initramfs,
+}
+
+impl GuestImage {
+    const ALL: [GuestImage; 2] = [GuestImage::Kernel, GuestImage::Initramfs];
+
+    /// mqvmm's option naming the image's path.
+    fn path_option(self) -> &'static str {
+        match self {
+            GuestImage::Kernel => "--kernel",
+            GuestImage::Initramfs => "--initramfs",
+        }
+    }
+
+    /// mqvmm's option passing the image as an open fd.
+    fn fd_option(self) -> &'static str {
+        match self {
+            GuestImage::Kernel => "--kernel-fd",
+            GuestImage::Initramfs => "--initramfs-fd",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            GuestImage::Kernel => "kernel image",
+            GuestImage::Initramfs => "initramfs",
+        }
+    }
+}
+
+/// A guest image named in mqvmm's arguments: `--kernel PATH` (two arguments) or
+/// `--kernel=PATH` (one), at `span` in the argument list.
+#[derive(Debug, PartialEq, Eq)]
+struct ImageArg {
+    image: GuestImage,
+    path: PathBuf,
+    span: Range<usize>,
+}
+
+/// Finds `--kernel`/`--initramfs` with their paths among mqvmm's arguments.
+fn image_args(args: &[OsString]) -> Result<Vec<ImageArg>, LaunchError> {
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = args[i].as_bytes();
+        let mut next = i + 1;
+        for image in GuestImage::ALL {
+            let option = image.path_option();
+            if arg == option.as_bytes() {
+                let path = args.get(i + 1).ok_or(LaunchError::MissingValue(option))?;
+                next = i + 2;
+                found.push(ImageArg {
+                    image,
+                    path: PathBuf::from(path),
+                    span: i..next,
+                });
+            } else if let Some(path) = arg
+                .strip_prefix(option.as_bytes())
+                .and_then(|rest| rest.strip_prefix(b"="))
+            {
+                found.push(ImageArg {
+                    image,
+                    path: PathBuf::from(OsStr::from_bytes(path)),
+                    span: i..next,
+                });
+            }
+        }
+        i = next;
+    }
+    Ok(found)
+}
+
+/// Opens an image read-only as the caller. O_NONBLOCK and O_NOCTTY keep a FIFO or a terminal
+/// given by mistake from blocking or becoming ours before it is refused as no regular file.
+fn open_image(arg: &ImageArg) -> Result<OwnedFd, LaunchError> {
+    let path = arg.path.display().to_string();
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(&arg.path)
+        .map_err(|source| LaunchError::OpenImage {
+            what: arg.image.what(),
+            path: path.clone(),
+            source,
+        })?;
+    let meta = file.metadata().map_err(|source| LaunchError::OpenImage {
+        what: arg.image.what(),
+        path: path.clone(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(LaunchError::ImageNotAFile {
+            what: arg.image.what(),
+            path,
+        });
+    }
+    Ok(OwnedFd::from(file))
+}
+
+/// mqvmm's arguments with each image argument replaced by its fd option (`--kernel-fd N`).
+fn pass_images(args: &[OsString], images: &[ImageArg], fds: &[RawFd]) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut replaced = images.iter().zip(fds).peekable();
+    let mut i = 0;
+    while i < args.len() {
+        match replaced.next_if(|(arg, _)| arg.span.start == i) {
+            Some((arg, fd)) => {
+                out.push(arg.image.fd_option().into());
+                out.push(fd.to_string().into());
+                i = arg.span.end;
+            }
+            None => {
+                out.push(args[i].clone());
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -688,6 +853,60 @@ mod tests {
         );
     }
 
+    fn os(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn image_arguments_are_found_in_both_spellings_and_replaced_by_fds() {
+        let args = os(&[
+            "--cpus",
+            "2",
+            "--kernel",
+            "/boot/vmlinux",
+            "--cmdline",
+            "console=ttyS0",
+            "--initramfs=/boot/initrd.img",
+        ]);
+        let found = image_args(&args).unwrap();
+        assert_eq!(
+            found,
+            [
+                ImageArg {
+                    image: GuestImage::Kernel,
+                    path: "/boot/vmlinux".into(),
+                    span: 2..4
+                },
+                ImageArg {
+                    image: GuestImage::Initramfs,
+                    path: "/boot/initrd.img".into(),
+                    span: 6..7
+                },
+            ]
+        );
+        assert_eq!(
+            pass_images(&args, &found, &[7, 8]),
+            os(&[
+                "--cpus",
+                "2",
+                "--kernel-fd",
+                "7",
+                "--cmdline",
+                "console=ttyS0",
+                "--initramfs-fd",
+                "8"
+            ])
+        );
+        // Other options, and values that merely contain the option names, are left alone.
+        let args = os(&["--kernelx=1", "--initramfs-fdx", "--cmdline=--kernel=/x"]);
+        assert_eq!(image_args(&args).unwrap(), []);
+        assert_eq!(pass_images(&args, &[], &[]), args);
+        assert!(matches!(
+            image_args(&os(&["--cpus", "1", "--initramfs"])),
+            Err(LaunchError::MissingValue("--initramfs"))
+        ));
+    }
+
     #[test]
     fn help_shows_a_complete_example() {
         let help = <Args as clap::CommandFactory>::command()
@@ -701,6 +920,7 @@ mod tests {
             "ip addr add",
             "ip link set mq0 up",
             "--kvm-fd",
+            "--kernel-fd",
             "--net fds=",
         ] {
             assert!(help.contains(needle), "help lacks {needle:?}");
