@@ -455,6 +455,160 @@ fn launcher_refuses_images_it_cannot_open_before_creating_the_tap() {
     );
 }
 
+/// `cmd` running as uid and gid 65534 with no supplementary groups and (uid 0 left, no
+/// keep-caps) no capabilities; without no_new_privs, so setuid bits and file capabilities work.
+fn as_nobody(mut cmd: Command) -> Command {
+    std::os::unix::process::CommandExt::uid(&mut cmd, NOBODY);
+    std::os::unix::process::CommandExt::gid(&mut cmd, NOBODY);
+    cmd
+}
+
+/// Gives `path` the file capability cap_net_admin+ep (what `setcap cap_net_admin+ep` writes).
+fn set_file_cap_net_admin(path: &Path) {
+    // struct vfs_cap_data, revision 2: magic_etc, then permitted/inheritable for caps 0-31
+    // and 32-63, little endian.
+    const VFS_CAP_REVISION_2: u32 = 0x0200_0000;
+    const VFS_CAP_FLAGS_EFFECTIVE: u32 = 1;
+    const CAP_NET_ADMIN: u32 = 12;
+    let words = [
+        VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE,
+        1 << CAP_NET_ADMIN,
+        0,
+        0,
+        0,
+    ];
+    let value: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: the path and the value are valid for reads of their lengths for the call.
+    let rc = unsafe {
+        libc::setxattr(
+            c_path.as_ptr(),
+            c"security.capability".as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn launcher_refuses_callers_without_root_or_cap_net_admin() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns(
+        "launcher_refuses_callers_without_root_or_cap_net_admin",
+        || {
+            let args = ["--tap", "mqpriv0", "--queues", "1", "--user", "nobody"];
+            let out = run(as_nobody(launch_fdcheck(&launcher, &args, &[])));
+            assert_one_line_error(
+                &out,
+                2,
+                "mqvmm-launch: error:",
+                "mqvmm-launch needs root or CAP_NET_ADMIN (running as uid 65534 with effective \
+                 capabilities 0x0)",
+            );
+            assert!(netns::if_index("mqpriv0").is_err(), "a tap was created");
+
+            // Copies of the launcher that gain privileges when nobody runs them.
+            let dir = ScratchDir::new("launch-setid", 0o755);
+            let cases: [(&str, u32, &str); 3] = [
+                (
+                    "setuid",
+                    0o4755,
+                    "(uid 65534 euid 0, gid 65534 egid 65534, AT_SECURE 1)",
+                ),
+                (
+                    "setgid",
+                    0o2755,
+                    "(uid 65534 euid 65534, gid 65534 egid 0, AT_SECURE 1)",
+                ),
+                (
+                    "filecap",
+                    0o755,
+                    "(uid 65534 euid 65534, gid 65534 egid 65534, AT_SECURE 1)",
+                ),
+            ];
+            for (name, mode, ids) in cases {
+                let copy = dir.0.join(name);
+                std::fs::copy(&launcher, &copy).unwrap();
+                std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                    .unwrap();
+                if name == "filecap" {
+                    set_file_cap_net_admin(&copy);
+                }
+                let out = run(as_nobody(launch_fdcheck(&copy, &args, &[])));
+                let line = assert_one_line_error(
+                    &out,
+                    2,
+                    "mqvmm-launch: error:",
+                    "refusing to run setuid, setgid or with file capabilities",
+                );
+                assert!(line.contains(ids), "{name}: {line}");
+                assert_eq!(
+                    String::from_utf8_lossy(&out.stderr).lines().count(),
+                    1,
+                    "{name}: nothing but the refusal"
+                );
+                assert!(
+                    netns::if_index("mqpriv0").is_err(),
+                    "{name}: a tap was created"
+                );
+            }
+        },
+    );
+}
+
+#[test]
+fn launcher_runs_for_a_caller_with_only_cap_net_admin() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() || !mqvmm_tests::skip::require_program("setpriv") {
+        return;
+    }
+    netns::run_in_netns("launcher_runs_for_a_caller_with_only_cap_net_admin", || {
+        netns::world_usable_tun().unwrap();
+        let tap = "mqcap0";
+        // What the README suggests for running the launcher without root.
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .args(["--inh-caps", "+net_admin", "--ambient-caps", "+net_admin"])
+            .arg(&launcher)
+            .args([
+                "--tap", tap, "--queues", "2", "--user", "nobody", "--no-kvm",
+            ])
+            .args(["--mqvmm", FDCHECK])
+            .stderr(Stdio::piped());
+        let mut vmm = FdCheck::spawn(cmd);
+        let ready = vmm.ready.clone();
+        assert_eq!(ready["uid"], "65534,65534,65534,65534");
+        assert_eq!(ready["groups"], "none");
+        assert_eq!(ready["nnp"], "1");
+        for key in ["capinh", "capprm", "capeff", "capamb"] {
+            assert_eq!(
+                u64::from_str_radix(&ready[key], 16),
+                Ok(0),
+                "{key}: {ready:?}"
+            );
+        }
+        let info = netns::tun_info(tap).unwrap();
+        assert_eq!((info.owner, info.num_queues), (Some(NOBODY), 2));
+        assert_eq!(vmm.cmd("detach 1"), "ok");
+        let stderr_pipe = vmm.child.stderr.take();
+        vmm.quit();
+        let mut log = String::new();
+        stderr_pipe.unwrap().read_to_string(&mut log).unwrap();
+        assert!(
+            log.contains(
+                "running as uid 65534 gid 65534: no supplementary groups, no capabilities, \
+                 no_new_privs (bounding set left as it was: emptying it needs CAP_SETPCAP)"
+            ),
+            "{log}"
+        );
+    });
+}
+
 #[test]
 fn launcher_rejects_bad_arguments_with_exit_2() {
     let Some(launcher) = launcher() else { return };

@@ -117,6 +117,24 @@ enum LaunchError {
     },
     #[error("{what} {path} is not a regular file")]
     ImageNotAFile { what: &'static str, path: String },
+    // Refused invocations (exit 2, like bad arguments: nothing has been set up).
+    #[error(
+        "refusing to run setuid, setgid or with file capabilities (uid {uid} euid {euid}, gid \
+         {gid} egid {egid}, AT_SECURE {secure}): run mqvmm-launch as root, or give its caller \
+         CAP_NET_ADMIN (e.g. setpriv --inh-caps +net_admin --ambient-caps +net_admin)"
+    )]
+    SecureExec {
+        uid: u32,
+        euid: u32,
+        gid: u32,
+        egid: u32,
+        secure: c_ulong,
+    },
+    #[error(
+        "mqvmm-launch needs root or CAP_NET_ADMIN (running as uid {uid} with effective \
+         capabilities {caps:#x})"
+    )]
+    NotPrivileged { uid: u32, caps: u64 },
 
     // Setup failures (exit 1).
     #[error("looking up {what} {name:?} failed")]
@@ -168,7 +186,9 @@ impl LaunchError {
             | LaunchError::MissingValue(_)
             | LaunchError::TapName(_)
             | LaunchError::OpenImage { .. }
-            | LaunchError::ImageNotAFile { .. } => 2,
+            | LaunchError::ImageNotAFile { .. }
+            | LaunchError::SecureExec { .. }
+            | LaunchError::NotPrivileged { .. } => 2,
             _ => 1,
         }
     }
@@ -186,6 +206,10 @@ fn log(msg: &str) {
 }
 
 fn main() {
+    // Not even the arguments are looked at for a caller who gained privileges by exec.
+    if let Err(err) = refuse_secure_exec() {
+        exit_with(err);
+    }
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
@@ -204,10 +228,14 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let err = match run(args) {
+    match run(args) {
         Ok(never) => match never {},
-        Err(e) => e,
-    };
+        Err(err) => exit_with(err),
+    }
+}
+
+/// One line with the error and its sources, and the error's exit status.
+fn exit_with(err: LaunchError) -> ! {
     let mut line = format!("mqvmm-launch: error: {err}");
     let mut source = std::error::Error::source(&err);
     while let Some(s) = source {
@@ -249,6 +277,15 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     };
     if !mqvmm.is_file() {
         return Err(LaunchError::MqvmmMissing(mqvmm.display().to_string()));
+    }
+    let caps = effective_caps().map_err(|source| LaunchError::Syscall {
+        what: "capget".to_owned(),
+        source,
+    })?;
+    // SAFETY: getuid has no preconditions.
+    let caller = unsafe { libc::getuid() };
+    if caller != 0 && caps & cap_bit(CAP_NET_ADMIN) == 0 {
+        return Err(LaunchError::NotPrivileged { uid: caller, caps });
     }
 
     // Still as the caller: the guest images, which mqvmm's uid may not be able to open.
@@ -325,10 +362,15 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     pass.extend(&image_fds);
     cloexec_all_except(&pass)?;
 
-    drop_privileges(uid, gid)?;
-    verify_dropped(uid, gid)?;
+    let kept_bounding_set = drop_privileges(uid, gid)?;
+    verify_dropped(uid, gid, kept_bounding_set)?;
     log(&format!(
-        "running as uid {uid} gid {gid}: no supplementary groups, no capabilities, no_new_privs"
+        "running as uid {uid} gid {gid}: no supplementary groups, no capabilities, no_new_privs{}",
+        if kept_bounding_set {
+            " (bounding set left as it was: emptying it needs CAP_SETPCAP)"
+        } else {
+            ""
+        }
     ));
 
     let mut net = format!("fds={}", join(&queue_fds));
@@ -683,27 +725,105 @@ fn prctl(option: c_int, arg: c_ulong) -> c_int {
     unsafe { libc::prctl(option, arg, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong) }
 }
 
-fn drop_privileges(uid: u32, gid: u32) -> Result<(), LaunchError> {
+// From linux/capability.h.
+const CAP_SETPCAP: u32 = 8;
+const CAP_NET_ADMIN: u32 = 12;
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+fn cap_bit(cap: u32) -> u64 {
+    1 << cap
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// This process's effective capability set.
+fn effective_caps() -> io::Result<u64> {
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget reads one header and writes two data structs (version 3), live locals.
+    if unsafe { libc::syscall(libc::SYS_capget, &header, data.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from(data[0].effective) | u64::from(data[1].effective) << 32)
+}
+
+/// Refuses a launcher that gained privileges by exec: setuid or setgid (real and effective ids
+/// differ), or anything else the kernel marks AT_SECURE (file capabilities among them). Its
+/// caller would be untrusted, and could attach to any tap or run any program as root.
+fn refuse_secure_exec() -> Result<(), LaunchError> {
+    // SAFETY: these take no arguments and cannot fail.
+    let (uid, euid, gid, egid) = unsafe {
+        (
+            libc::getuid(),
+            libc::geteuid(),
+            libc::getgid(),
+            libc::getegid(),
+        )
+    };
+    // SAFETY: getauxval reads this process's auxiliary vector; 0 when the entry is absent.
+    let secure = unsafe { libc::getauxval(libc::AT_SECURE) };
+    if uid != euid || gid != egid || secure != 0 {
+        return Err(LaunchError::SecureExec {
+            uid,
+            euid,
+            gid,
+            egid,
+            secure,
+        });
+    }
+    Ok(())
+}
+
+/// Gives up everything; returns whether the bounding set had to be left as it was: a caller
+/// that is not root and holds CAP_NET_ADMIN but not CAP_SETPCAP cannot empty it (it is inert
+/// for a process that is not root and has no_new_privs, as verify_dropped then requires).
+fn drop_privileges(uid: u32, gid: u32) -> Result<bool, LaunchError> {
     if prctl(libc::PR_SET_NO_NEW_PRIVS, 1) != 0 {
         return Err(syscall_error("prctl(PR_SET_NO_NEW_PRIVS)"));
     }
+    let caps = effective_caps().map_err(|source| LaunchError::Syscall {
+        what: "capget".to_owned(),
+        source,
+    })?;
     // The bounding set can only shrink while we still hold CAP_SETPCAP, i.e. before setuid.
-    let mut cap: c_ulong = 0;
-    loop {
-        match prctl(libc::PR_CAPBSET_READ, cap) {
-            r if r < 0 => break, // EINVAL: past the last capability this kernel knows
-            0 => {}
-            _ => {
-                if prctl(libc::PR_CAPBSET_DROP, cap) != 0 {
-                    return Err(syscall_error(format!("prctl(PR_CAPBSET_DROP, {cap})")));
+    let keep_bounding_set = caps & cap_bit(CAP_SETPCAP) == 0 && uid != 0;
+    if !keep_bounding_set {
+        let mut cap: c_ulong = 0;
+        loop {
+            match prctl(libc::PR_CAPBSET_READ, cap) {
+                r if r < 0 => break, // EINVAL: past the last capability this kernel knows
+                0 => {}
+                _ => {
+                    if prctl(libc::PR_CAPBSET_DROP, cap) != 0 {
+                        return Err(syscall_error(format!("prctl(PR_CAPBSET_DROP, {cap})")));
+                    }
                 }
             }
+            cap += 1;
         }
-        cap += 1;
     }
-    // SAFETY: setgroups with size 0 reads no memory.
-    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
-        return Err(syscall_error("setgroups(0)"));
+    // setgroups needs CAP_SETGID even to set the empty list a caller without it may already have.
+    // SAFETY: getgroups with size 0 only returns the count.
+    if unsafe { libc::getgroups(0, std::ptr::null_mut()) } != 0 {
+        // SAFETY: setgroups with size 0 reads no memory.
+        if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+            return Err(syscall_error("setgroups(0)"));
+        }
     }
     // SAFETY: setresgid/setresuid take integers only; this process has no other threads.
     if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
@@ -714,29 +834,13 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), LaunchError> {
         return Err(syscall_error(format!("setresuid({uid})")));
     }
     // setresuid away from root already empties the permitted and effective sets; capset clears
-    // them for --user root too, and the inheritable set in every case.
-    #[repr(C)]
-    struct CapHeader {
-        version: u32,
-        pid: c_int,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct CapData {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    // them for --user root and for a caller that was not root, and the inheritable set in every
+    // case.
     let header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [CapData {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
+    let data = [CapData::default(); 2];
     // SAFETY: capset reads one header and two data structs (version 3), both live locals.
     if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
         return Err(syscall_error("capset(all zero)"));
@@ -748,11 +852,12 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), LaunchError> {
     {
         return Err(syscall_error("prctl(PR_CAP_AMBIENT_CLEAR_ALL)"));
     }
-    Ok(())
+    Ok(keep_bounding_set)
 }
 
-/// Checks the drop with the kernel's own account of us, and that it cannot be undone.
-fn verify_dropped(uid: u32, gid: u32) -> Result<(), LaunchError> {
+/// Checks the drop with the kernel's own account of us, and that it cannot be undone. The
+/// bounding set must be empty unless `kept_bounding_set` (then uid is not 0).
+fn verify_dropped(uid: u32, gid: u32, kept_bounding_set: bool) -> Result<(), LaunchError> {
     let (mut r, mut e, mut s) = (0, 0, 0);
     // SAFETY: getresuid writes three ids into live locals.
     if unsafe { libc::getresuid(&mut r, &mut e, &mut s) } != 0 || (r, e, s) != (uid, uid, uid) {
@@ -779,6 +884,9 @@ fn verify_dropped(uid: u32, gid: u32) -> Result<(), LaunchError> {
             source,
         })?;
     for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        if key == "CapBnd" && kept_bounding_set && uid != 0 {
+            continue;
+        }
         let value = status
             .lines()
             .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
@@ -847,6 +955,19 @@ mod tests {
     fn argument_errors_exit_2_setup_errors_exit_1() {
         assert_eq!(LaunchError::RootUser("0".into()).exit_code(), 2);
         assert_eq!(LaunchError::Reserved("--net".into()).exit_code(), 2);
+        // Refused invocations count as bad arguments: nothing was set up.
+        let refused = LaunchError::SecureExec {
+            uid: 1000,
+            euid: 0,
+            gid: 1000,
+            egid: 1000,
+            secure: 1,
+        };
+        assert_eq!(refused.exit_code(), 2);
+        assert_eq!(
+            LaunchError::NotPrivileged { uid: 1000, caps: 0 }.exit_code(),
+            2
+        );
         assert_eq!(
             LaunchError::OpenKvm(io::Error::from_raw_os_error(libc::ENOENT)).exit_code(),
             1
