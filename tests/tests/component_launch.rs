@@ -45,16 +45,24 @@ fn needs_netns() -> bool {
     }
 }
 
-/// The launcher with `args`, running tap-fdcheck instead of mqvmm (without /dev/kvm when the host
-/// has none).
-fn launch_fdcheck(launcher: &Path, args: &[&str], vmm_args: &[&str]) -> Command {
+/// The launcher with `args`, running `vmm` (the launcher's default, the `mqvmm` next to it, if
+/// `None`), without /dev/kvm when the host has none.
+fn launch(launcher: &Path, vmm: Option<&Path>, args: &[&str], vmm_args: &[&str]) -> Command {
     let mut cmd = Command::new(launcher);
-    cmd.args(args).args(["--mqvmm", FDCHECK]);
+    cmd.args(args);
+    if let Some(vmm) = vmm {
+        cmd.arg("--mqvmm").arg(vmm);
+    }
     if !Path::new("/dev/kvm").exists() {
         cmd.arg("--no-kvm");
     }
     cmd.arg("--").args(vmm_args);
     cmd
+}
+
+/// The launcher with `args`, running tap-fdcheck instead of mqvmm.
+fn launch_fdcheck(launcher: &Path, args: &[&str], vmm_args: &[&str]) -> Command {
+    launch(launcher, Some(Path::new(FDCHECK)), args, vmm_args)
 }
 
 fn run(mut cmd: Command) -> Output {
@@ -322,19 +330,83 @@ fn launcher_runs_the_vmm_as_root_only_when_told() {
                 "tap created before refusing"
             );
         }
-        let mut vmm = FdCheck::spawn(launch_fdcheck(
-            &launcher,
-            &["--tap", "mqroot0", "--queues", "1", "--user", "root"],
-            &[],
-        ));
-        assert_eq!(vmm.ready["uid"], "0,0,0,0");
-        let status = netns::proc_status(vmm.pid()).unwrap();
-        for key in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
-            assert_eq!(netns::cap_mask(&status, key), 0, "{key} of a root VMM");
+        // Root runs mqvmm only, not whatever --mqvmm names.
+        let root = ["--tap", "mqroot0", "--queues", "1", "--user", "root"];
+        for other in ["/bin/sh", FDCHECK] {
+            let out = run(launch(&launcher, Some(Path::new(other)), &root, &[]));
+            let canonical = std::fs::canonicalize(other).unwrap();
+            assert_one_line_error(
+                &out,
+                2,
+                "mqvmm-launch: error:",
+                &format!(
+                    "refusing to run {} as root: only the mqvmm next to mqvmm-launch",
+                    canonical.display()
+                ),
+            );
+            assert!(
+                netns::if_index("mqroot0").is_err(),
+                "tap created before refusing"
+            );
         }
-        assert_eq!(vmm.cmd("state"), "attached=1");
-        vmm.quit();
+
+        // A launcher with the stand-in as its own mqvmm: its default, also named through a
+        // symlink, runs as root (with no capabilities).
+        let dir = ScratchDir::new("launch-root", 0o755);
+        let own_launcher = dir.0.join("mqvmm-launch");
+        std::fs::copy(&launcher, &own_launcher).unwrap();
+        std::fs::copy(FDCHECK, dir.0.join("mqvmm")).unwrap();
+        std::os::unix::fs::symlink(dir.0.join("mqvmm"), dir.0.join("vmm-link")).unwrap();
+        let own = std::fs::canonicalize(dir.0.join("mqvmm")).unwrap();
+        for vmm in [None, Some(dir.0.join("vmm-link"))] {
+            let mut cmd = launch(&own_launcher, vmm.as_deref(), &root, &[]);
+            cmd.stderr(Stdio::piped());
+            let mut vmm = FdCheck::spawn(cmd);
+            assert_eq!(vmm.ready["uid"], "0,0,0,0");
+            let status = netns::proc_status(vmm.pid()).unwrap();
+            for key in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
+                assert_eq!(netns::cap_mask(&status, key), 0, "{key} of a root VMM");
+            }
+            assert_eq!(vmm.cmd("state"), "attached=1");
+            let stderr_pipe = vmm.child.stderr.take();
+            vmm.quit();
+            let mut log = String::new();
+            stderr_pipe.unwrap().read_to_string(&mut log).unwrap();
+            assert!(
+                log.contains(&format!("mqvmm-launch: exec {} --", own.display())),
+                "the checked, canonical path is executed: {log}"
+            );
+        }
     });
+}
+
+#[test]
+fn launcher_takes_only_an_absolute_mqvmm_path() {
+    let Some(launcher) = launcher() else { return };
+    let check = || {
+        let fdcheck_dir = Path::new(FDCHECK).parent().unwrap();
+        for relative in ["tap-fdcheck", "./tap-fdcheck"] {
+            // The relative name would resolve, from here or through PATH, to the stand-in.
+            let mut cmd = Command::new(&launcher);
+            cmd.args(["--tap", "mqrel0", "--queues", "1", "--user", "nobody"])
+                .args(["--no-kvm", "--mqvmm", relative])
+                .current_dir(fdcheck_dir)
+                .env("PATH", fdcheck_dir);
+            let out = run(cmd);
+            assert_one_line_error(
+                &out,
+                2,
+                "mqvmm-launch: error:",
+                &format!("--mqvmm {relative} is not an absolute path"),
+            );
+            assert!(netns::if_index("mqrel0").is_err(), "a tap was created");
+        }
+    };
+    if netns::skip_reason().is_none() {
+        netns::run_in_netns("launcher_takes_only_an_absolute_mqvmm_path", check);
+    } else {
+        check();
+    }
 }
 
 #[test]

@@ -75,7 +75,8 @@ struct Args {
     /// queues, all but the first detached.
     #[arg(long)]
     no_mq: bool,
-    /// The mqvmm binary; default: `mqvmm` in the launcher's own directory.
+    /// The mqvmm binary, an absolute path; default: `mqvmm` in the launcher's own directory.
+    /// Only the default may run as root (`--user root`).
     #[arg(long, value_name = "PATH")]
     mqvmm: Option<PathBuf>,
     /// Do not open /dev/kvm and pass no --kvm-fd (for tests with a stand-in VMM).
@@ -104,6 +105,13 @@ enum LaunchError {
     RootGroup,
     #[error("{0} is added by mqvmm-launch: do not pass it after --")]
     Reserved(String),
+    #[error("--mqvmm {0} is not an absolute path")]
+    MqvmmNotAbsolute(String),
+    #[error(
+        "refusing to run {path} as root: only the mqvmm next to mqvmm-launch ({real}) may run \
+         as root"
+    )]
+    RootNeedsRealMqvmm { path: String, real: String },
     #[error("{0} after -- needs a value")]
     MissingValue(&'static str),
     #[error("invalid --tap")]
@@ -148,6 +156,12 @@ enum LaunchError {
     OwnExe(#[source] io::Error),
     #[error("mqvmm binary {0} not found (build it, or pass --mqvmm PATH)")]
     MqvmmMissing(String),
+    #[error("cannot resolve the mqvmm binary {path}")]
+    MqvmmPath {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot set up {queues} queues of tap {name}")]
     Tap {
         name: String,
@@ -183,6 +197,8 @@ impl LaunchError {
             | LaunchError::RootUser(_)
             | LaunchError::RootGroup
             | LaunchError::Reserved(_)
+            | LaunchError::MqvmmNotAbsolute(_)
+            | LaunchError::RootNeedsRealMqvmm { .. }
             | LaunchError::MissingValue(_)
             | LaunchError::TapName(_)
             | LaunchError::OpenImage { .. }
@@ -269,14 +285,30 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     if gid == 0 && args.group.as_deref() != Some("root") && args.user != "root" {
         return Err(LaunchError::RootGroup);
     }
-    let mqvmm = match &args.mqvmm {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
+    // An absolute path, canonical from here on: what is checked is what is executed (a bare
+    // name would be looked up in PATH by exec).
+    let own_mqvmm = || -> Result<PathBuf, LaunchError> {
+        Ok(std::env::current_exe()
             .map_err(LaunchError::OwnExe)?
-            .with_file_name("mqvmm"),
+            .with_file_name("mqvmm"))
     };
-    if !mqvmm.is_file() {
-        return Err(LaunchError::MqvmmMissing(mqvmm.display().to_string()));
+    let mqvmm = match &args.mqvmm {
+        Some(path) if !path.is_absolute() => {
+            return Err(LaunchError::MqvmmNotAbsolute(path.display().to_string()))
+        }
+        Some(path) => path.clone(),
+        None => own_mqvmm()?,
+    };
+    let mqvmm = canonical_file(&mqvmm)?;
+    if uid == 0 {
+        // Root may run mqvmm, not whatever --mqvmm names (a shell, say).
+        let own = own_mqvmm()?;
+        if std::fs::canonicalize(&own).ok().as_ref() != Some(&mqvmm) {
+            return Err(LaunchError::RootNeedsRealMqvmm {
+                path: mqvmm.display().to_string(),
+                real: own.display().to_string(),
+            });
+        }
     }
     let caps = effective_caps().map_err(|source| LaunchError::Syscall {
         what: "capget".to_owned(),
@@ -402,6 +434,25 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
         uid,
         source,
     })
+}
+
+/// `path` with every symlink, `.` and `..` resolved, if it is a file.
+fn canonical_file(path: &std::path::Path) -> Result<PathBuf, LaunchError> {
+    let missing = || LaunchError::MqvmmMissing(path.display().to_string());
+    let canonical = match std::fs::canonicalize(path) {
+        Ok(canonical) => canonical,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
+        Err(source) => {
+            return Err(LaunchError::MqvmmPath {
+                path: path.display().to_string(),
+                source,
+            })
+        }
+    };
+    if !canonical.is_file() {
+        return Err(missing());
+    }
+    Ok(canonical)
 }
 
 fn join(fds: &[RawFd]) -> String {
