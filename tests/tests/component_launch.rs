@@ -410,6 +410,41 @@ fn launcher_takes_only_an_absolute_mqvmm_path() {
 }
 
 #[test]
+fn launcher_passes_seccomp_off_only_when_allowed() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns("launcher_passes_seccomp_off_only_when_allowed", || {
+        let args = ["--tap", "mqsec0", "--queues", "1", "--user", "nobody"];
+        for vmm_args in [&["--seccomp", "off"][..], &["--seccomp=log"]] {
+            let out = run(launch_fdcheck(&launcher, &args, vmm_args));
+            assert_one_line_error(
+                &out,
+                2,
+                "mqvmm-launch: error:",
+                "leaves mqvmm without working system call filters: pass --allow-unsandboxed",
+            );
+            assert!(netns::if_index("mqsec0").is_err(), "a tap was created");
+        }
+        let mut cmd = launch_fdcheck(
+            &launcher,
+            &[&args[..], &["--allow-unsandboxed"]].concat(),
+            &["--seccomp=off"],
+        );
+        cmd.stderr(Stdio::piped());
+        let mut vmm = FdCheck::spawn(cmd);
+        assert_eq!(vmm.ready["uid"], "65534,65534,65534,65534");
+        let stderr_pipe = vmm.child.stderr.take();
+        vmm.quit();
+        let mut log = String::new();
+        stderr_pipe.unwrap().read_to_string(&mut log).unwrap();
+        let exec = log.lines().find(|l| l.contains(": exec ")).unwrap_or("");
+        assert!(exec.contains(" --seccomp=off "), "{log}");
+    });
+}
+
+#[test]
 fn launcher_setup_failures_exit_1_with_one_line() {
     let Some(launcher) = launcher() else { return };
     if !needs_netns() {

@@ -79,6 +79,10 @@ struct Args {
     /// Only the default may run as root (`--user root`).
     #[arg(long, value_name = "PATH")]
     mqvmm: Option<PathBuf>,
+    /// Allow `--seccomp off` or `--seccomp log` among mqvmm's arguments: mqvmm then runs
+    /// without working system call filters (for debugging only).
+    #[arg(long)]
+    allow_unsandboxed: bool,
     /// Do not open /dev/kvm and pass no --kvm-fd (for tests with a stand-in VMM).
     #[arg(long)]
     no_kvm: bool,
@@ -112,6 +116,11 @@ enum LaunchError {
          as root"
     )]
     RootNeedsRealMqvmm { path: String, real: String },
+    #[error(
+        "--seccomp {0} leaves mqvmm without working system call filters: pass \
+         --allow-unsandboxed to mqvmm-launch to do that deliberately"
+    )]
+    Unsandboxed(String),
     #[error("{0} after -- needs a value")]
     MissingValue(&'static str),
     #[error("invalid --tap")]
@@ -199,6 +208,7 @@ impl LaunchError {
             | LaunchError::Reserved(_)
             | LaunchError::MqvmmNotAbsolute(_)
             | LaunchError::RootNeedsRealMqvmm { .. }
+            | LaunchError::Unsandboxed(_)
             | LaunchError::MissingValue(_)
             | LaunchError::TapName(_)
             | LaunchError::OpenImage { .. }
@@ -271,6 +281,11 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
             if arg == reserved || arg.starts_with(&format!("{reserved}=")) {
                 return Err(LaunchError::Reserved(reserved.to_owned()));
             }
+        }
+    }
+    if let Some(mode) = unsandboxed_mode(&args.mqvmm_args) {
+        if !args.allow_unsandboxed {
+            return Err(LaunchError::Unsandboxed(mode));
         }
     }
     let image_args = image_args(&args.mqvmm_args)?;
@@ -453,6 +468,20 @@ fn canonical_file(path: &std::path::Path) -> Result<PathBuf, LaunchError> {
         return Err(missing());
     }
     Ok(canonical)
+}
+
+/// The mode of a `--seccomp off` or `--seccomp log` (either spelling) among mqvmm's arguments:
+/// with both, mqvmm's system calls go unfiltered (`log` only logs them).
+fn unsandboxed_mode(args: &[OsString]) -> Option<String> {
+    args.iter().enumerate().find_map(|(i, arg)| {
+        let arg = arg.to_str()?;
+        let mode = match arg.strip_prefix("--seccomp=") {
+            Some(mode) => mode,
+            None if arg == "--seccomp" => args.get(i + 1)?.to_str()?,
+            None => return None,
+        };
+        matches!(mode, "off" | "log").then(|| mode.to_owned())
+    })
 }
 
 fn join(fds: &[RawFd]) -> String {
@@ -1077,6 +1106,28 @@ mod tests {
             image_args(&os(&["--cpus", "1", "--initramfs"])),
             Err(LaunchError::MissingValue("--initramfs"))
         ));
+    }
+
+    #[test]
+    fn seccomp_off_and_log_are_found_in_both_spellings() {
+        assert_eq!(
+            unsandboxed_mode(&os(&["--cpus", "2", "--seccomp", "off"])).as_deref(),
+            Some("off")
+        );
+        assert_eq!(
+            unsandboxed_mode(&os(&["--seccomp=log", "--cpus", "2"])).as_deref(),
+            Some("log")
+        );
+        for sandboxed in [
+            &["--seccomp", "on"][..],
+            &["--seccomp=on"],
+            &["--seccomp"],
+            &["--cmdline", "seccomp=off"],
+            &["--seccomp-selftest", "off"],
+            &[],
+        ] {
+            assert_eq!(unsandboxed_mode(&os(sandboxed)), None, "{sandboxed:?}");
+        }
     }
 
     #[test]
