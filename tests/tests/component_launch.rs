@@ -264,6 +264,53 @@ fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
 }
 
 #[test]
+fn launcher_never_passes_a_standard_stream_fd_number() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns("launcher_never_passes_a_standard_stream_fd_number", || {
+        let dir = ScratchDir::new("launch-stdfds", 0o755);
+        let kernel = dir.file("vmlinux");
+        std::fs::write(&kernel, b"KERNEL-1").unwrap();
+        let initramfs = format!("--initramfs={kernel}");
+        let mut cmd = launch_fdcheck(
+            &launcher,
+            &["--tap", "mqstd0", "--queues", "2", "--user", "nobody"],
+            &["--kernel", &kernel, &initramfs],
+        );
+        // Started with stdin and stdout closed: the first files it opens would get 0 and 1.
+        netns::pass_fds(&mut cmd, &[], &[0, 1]);
+        let out = run(cmd);
+        let log = String::from_utf8_lossy(&out.stderr);
+        // The stand-in (its stdin at EOF) validated the tap fds and quit.
+        assert!(out.status.success(), "{}: {log}", out.status);
+        let exec = log
+            .lines()
+            .find(|l| l.starts_with("mqvmm-launch: exec "))
+            .unwrap_or_else(|| panic!("no exec line: {log}"));
+        let words: Vec<&str> = exec.split_whitespace().collect();
+        let mut passed = Vec::new();
+        for (option, value) in words.iter().zip(words.iter().skip(1)) {
+            match *option {
+                "--kernel-fd" | "--initramfs-fd" | "--kvm-fd" => passed.push(*value),
+                "--net" => passed.extend(
+                    value
+                        .trim_start_matches("fds=")
+                        .split(',')
+                        .take_while(|p| !p.contains('=')),
+                ),
+                _ => {}
+            }
+        }
+        let passed: Vec<RawFd> = passed.iter().map(|fd| fd.parse().unwrap()).collect();
+        let expected = if Path::new("/dev/kvm").exists() { 5 } else { 4 };
+        assert_eq!(passed.len(), expected, "{exec}");
+        assert!(passed.iter().all(|&fd| fd > 2), "{passed:?} in {exec}");
+    });
+}
+
+#[test]
 fn launcher_adopts_an_existing_multiqueue_tap() {
     let Some(launcher) = launcher() else { return };
     if !needs_netns() {

@@ -178,6 +178,8 @@ enum LaunchError {
         #[source]
         source: tap::Error,
     },
+    #[error("cannot open /dev/null onto a closed standard fd (0, 1 or 2)")]
+    StdFds(#[source] io::Error),
     #[error("cannot open /dev/kvm")]
     OpenKvm(#[source] io::Error),
     #[error("{what} failed")]
@@ -232,6 +234,9 @@ fn log(msg: &str) {
 }
 
 fn main() {
+    if let Err(source) = open_std_fds() {
+        exit_with(LaunchError::StdFds(source));
+    }
     // Not even the arguments are looked at for a caller who gained privileges by exec.
     if let Err(err) = refuse_secure_exec() {
         exit_with(err);
@@ -735,6 +740,35 @@ fn passwd_entry(key: PwKey<'_>) -> io::Result<Option<(u32, u32)>> {
 
 // ---------------------------------------------------------------------------------------------
 // Fds and privileges.
+
+/// Opens /dev/null onto each of fds 0, 1 and 2 that is closed, before anything else is opened:
+/// a tap queue, /dev/kvm or an image landing on one would become mqvmm's stdin, stdout or
+/// stderr. (Rust's runtime does the same before main today; the launcher does not rely on it.)
+fn open_std_fds() -> io::Result<()> {
+    for fd in 0..=2 {
+        // SAFETY: F_GETFD only queries the descriptor table.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+            continue;
+        }
+        // SAFETY: the path is a NUL-terminated literal; the new fd is ours (no CLOEXEC: it is
+        // meant to be inherited as a standard stream).
+        let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        if null < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // open returns the lowest free fd, which is `fd` as the ones below it are open.
+        if null != fd {
+            // SAFETY: dup2 and close take integers; `null` is ours to close.
+            let rc = unsafe { libc::dup2(null, fd) };
+            // SAFETY: as above.
+            unsafe { libc::close(null) };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
 
 fn set_cloexec(fd: RawFd, cloexec: bool) -> io::Result<()> {
     // SAFETY: fcntl(F_GETFD/F_SETFD) takes no pointers; it only changes this fd's flags.
