@@ -44,8 +44,15 @@ mqvmm then runs as nobody:nogroup with no capabilities, as
 them; one tap queue per virtio-net queue pair; the guest enables them with
 `ethtool -L eth0 combined N`).
 
-Exit status: 2 for bad arguments (a kernel or initramfs that cannot be opened among them), 1
-when setting up fails; otherwise mqvmm's own.";
+Who may run it: root, or a caller given CAP_NET_ADMIN, e.g.
+  setpriv --reuid U --regid G --clear-groups --inh-caps +net_admin --ambient-caps +net_admin \\
+      mqvmm-launch --user U ...
+(such a caller runs mqvmm as itself); never setuid, setgid or with file capabilities.
+--mqvmm must be an absolute path; only the default mqvmm may run as --user root;
+--seccomp off|log after -- needs --allow-unsandboxed.
+
+Exit status: 2 for bad arguments or a refused invocation (a kernel or initramfs that cannot be
+opened among them), 1 when setting up fails; otherwise mqvmm's own.";
 
 /// Create or adopt a multiqueue tap, open its queues and /dev/kvm, drop every privilege and exec
 /// mqvmm with the fds.
@@ -1179,6 +1186,8 @@ mod tests {
             "--kvm-fd",
             "--kernel-fd",
             "--net fds=",
+            "--ambient-caps +net_admin",
+            "--allow-unsandboxed",
         ] {
             assert!(help.contains(needle), "help lacks {needle:?}");
         }
