@@ -412,6 +412,49 @@ pub fn set_link_up(ifname: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Inside a test run by [`run_in_netns`]: replaces `/dev/net/tun`, in the test's own mount
+/// namespace only, by a node of the same device that every uid may open (mode 0666, as most
+/// distributions ship it; some hosts have 0600), so that an unprivileged caller holding
+/// CAP_NET_ADMIN can create a tap. Mounts a tmpfs over /dev/net for it.
+pub fn world_usable_tun() -> io::Result<()> {
+    if !in_netns() {
+        return Err(io::Error::other(
+            "world_usable_tun outside run_in_netns would change the host's /dev/net",
+        ));
+    }
+    let tun = std::fs::metadata("/dev/net/tun")?;
+    let rdev = std::os::unix::fs::MetadataExt::rdev(&tun);
+    let dir = CString::new("/dev/net").expect("static path");
+    let tmpfs = CString::new("tmpfs").expect("static string");
+    let mode = CString::new("mode=0755").expect("static string");
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            tmpfs.as_ptr(),
+            dir.as_ptr(),
+            tmpfs.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            mode.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let node = CString::new("/dev/net/tun").expect("static path");
+    // SAFETY: `node` is a NUL-terminated path that outlives the call; umask(0) only changes
+    // this process's file creation mask, restored right after.
+    let rc = unsafe {
+        let old = libc::umask(0);
+        let rc = libc::mknod(node.as_ptr(), libc::S_IFCHR | 0o666, rdev);
+        libc::umask(old);
+        rc
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Opens `/dev/net/tun` and binds it with TUNSETIFF to `name` with exactly `flags` (e.g. a
 /// single-queue tap, a tun, a tap without vnet header): the devices the tap crate must refuse.
 pub fn open_raw_tun(name: &str, flags: libc::c_int) -> io::Result<OwnedFd> {

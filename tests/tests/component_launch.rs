@@ -4,7 +4,8 @@
 //! /dev/net/tun and run in a network namespace of their own. Each skips with one line otherwise.
 
 use std::collections::BTreeSet;
-use std::io::Read;
+use std::ffi::OsStr;
+use std::io::{BufRead, Read};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -14,6 +15,7 @@ use mqvmm_tests::netns::{self, FdCheck};
 use tap::{MultiQueueTap, TapConfig};
 
 const FDCHECK: &str = env!("CARGO_BIN_EXE_tap-fdcheck");
+const PROBE: &str = env!("CARGO_BIN_EXE_same-uid-probe");
 const NOBODY: u32 = 65534;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -43,16 +45,24 @@ fn needs_netns() -> bool {
     }
 }
 
-/// The launcher with `args`, running tap-fdcheck instead of mqvmm (without /dev/kvm when the host
-/// has none).
-fn launch_fdcheck(launcher: &Path, args: &[&str], vmm_args: &[&str]) -> Command {
+/// The launcher with `args`, running `vmm` (the launcher's default, the `mqvmm` next to it, if
+/// `None`), without /dev/kvm when the host has none.
+fn launch(launcher: &Path, vmm: Option<&Path>, args: &[&str], vmm_args: &[&str]) -> Command {
     let mut cmd = Command::new(launcher);
-    cmd.args(args).args(["--mqvmm", FDCHECK]);
+    cmd.args(args);
+    if let Some(vmm) = vmm {
+        cmd.arg("--mqvmm").arg(vmm);
+    }
     if !Path::new("/dev/kvm").exists() {
         cmd.arg("--no-kvm");
     }
     cmd.arg("--").args(vmm_args);
     cmd
+}
+
+/// The launcher with `args`, running tap-fdcheck instead of mqvmm.
+fn launch_fdcheck(launcher: &Path, args: &[&str], vmm_args: &[&str]) -> Command {
+    launch(launcher, Some(Path::new(FDCHECK)), args, vmm_args)
 }
 
 fn run(mut cmd: Command) -> Output {
@@ -81,6 +91,30 @@ fn assert_one_line_error(out: &Output, code: i32, prefix: &str, needle: &str) ->
     errors[0].to_owned()
 }
 
+/// A directory of its own under the system temp dir, with `mode`, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(name: &str, mode: u32) -> ScratchDir {
+        let dir = std::env::temp_dir().join(format!("mqvmm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        ScratchDir(dir)
+    }
+
+    /// `name` in the directory, as a string for command lines.
+    fn file(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // mqvmm-launch with the tap-fdcheck stand-in.
 
@@ -94,6 +128,12 @@ fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
         "launcher_runs_the_vmm_as_nobody_without_capabilities",
         || {
             let tap = "mql0";
+            // Images only root can reach: the launcher opens them, the VMM reads them as nobody.
+            let images = ScratchDir::new("launch-images", 0o700);
+            let (kernel, initramfs) = (images.file("vmlinux"), images.file("initrd"));
+            std::fs::write(&kernel, b"KERNEL-1").unwrap();
+            std::fs::write(&initramfs, b"INITRD-1").unwrap();
+            let initramfs_arg = format!("--initramfs={initramfs}");
             let mut cmd = launch_fdcheck(
                 &launcher,
                 &[
@@ -106,7 +146,7 @@ fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
                     "--mac",
                     "52:54:00:12:34:56",
                 ],
-                &["--kernel", "/nonexistent/vmlinux", "--cpus", "2"],
+                &["--kernel", &kernel, "--cpus", "2", &initramfs_arg],
             );
             // An fd the launcher inherits without CLOEXEC must not reach the VMM.
             let stray = std::fs::File::open("/proc/self/status").unwrap();
@@ -144,6 +184,13 @@ fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
             } else {
                 assert_eq!(ready["kvm"], "none");
             }
+            // The images, readable through their fds by a VMM that could not open them.
+            assert_eq!(ready["kernel"], kernel);
+            assert_eq!(ready["kernelhead"], "4b45524e454c2d31", "KERNEL-1");
+            assert_eq!(ready["initramfs"], initramfs);
+            assert_eq!(ready["initramfshead"], "494e495452442d31", "INITRD-1");
+            expected.insert(ready["kernelfd"].parse().unwrap());
+            expected.insert(ready["initramfsfd"].parse().unwrap());
             let open: BTreeSet<RawFd> = ready["open"]
                 .split(',')
                 .map(|s| s.parse().unwrap())
@@ -188,9 +235,25 @@ fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
             );
             assert!(log.contains("mqvmm-launch: running as uid 65534 gid 65534: no supplementary groups, no capabilities"), "{log}");
             assert!(log.contains("--net fds="), "{log}");
+            let (kernel_fd, initramfs_fd) = (&ready["kernelfd"], &ready["initramfsfd"]);
             assert!(
-                log.lines().count() <= 5,
-                "the launcher should log a few lines: {log}"
+                log.contains(&format!(
+                    "mqvmm-launch: kernel image {kernel} on fd {kernel_fd}"
+                )) && log.contains(&format!(
+                    "mqvmm-launch: initramfs {initramfs} on fd {initramfs_fd}"
+                )),
+                "{log}"
+            );
+            let exec = log.lines().find(|l| l.contains(": exec ")).unwrap_or("");
+            assert!(
+                exec.contains(&format!(
+                    " --kernel-fd {kernel_fd} --cpus 2 --initramfs-fd {initramfs_fd} "
+                )) && !exec.contains(&kernel),
+                "the paths are replaced by fds, in place: {exec}"
+            );
+            assert!(
+                log.lines().count() <= 6,
+                "the launcher should log a line per thing it opens, the drop and the exec: {log}"
             );
             assert!(
                 netns::if_index(tap).is_err(),
@@ -198,6 +261,53 @@ fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
             );
         },
     );
+}
+
+#[test]
+fn launcher_never_passes_a_standard_stream_fd_number() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns("launcher_never_passes_a_standard_stream_fd_number", || {
+        let dir = ScratchDir::new("launch-stdfds", 0o755);
+        let kernel = dir.file("vmlinux");
+        std::fs::write(&kernel, b"KERNEL-1").unwrap();
+        let initramfs = format!("--initramfs={kernel}");
+        let mut cmd = launch_fdcheck(
+            &launcher,
+            &["--tap", "mqstd0", "--queues", "2", "--user", "nobody"],
+            &["--kernel", &kernel, &initramfs],
+        );
+        // Started with stdin and stdout closed: the first files it opens would get 0 and 1.
+        netns::pass_fds(&mut cmd, &[], &[0, 1]);
+        let out = run(cmd);
+        let log = String::from_utf8_lossy(&out.stderr);
+        // The stand-in (its stdin at EOF) validated the tap fds and quit.
+        assert!(out.status.success(), "{}: {log}", out.status);
+        let exec = log
+            .lines()
+            .find(|l| l.starts_with("mqvmm-launch: exec "))
+            .unwrap_or_else(|| panic!("no exec line: {log}"));
+        let words: Vec<&str> = exec.split_whitespace().collect();
+        let mut passed = Vec::new();
+        for (option, value) in words.iter().zip(words.iter().skip(1)) {
+            match *option {
+                "--kernel-fd" | "--initramfs-fd" | "--kvm-fd" => passed.push(*value),
+                "--net" => passed.extend(
+                    value
+                        .trim_start_matches("fds=")
+                        .split(',')
+                        .take_while(|p| !p.contains('=')),
+                ),
+                _ => {}
+            }
+        }
+        let passed: Vec<RawFd> = passed.iter().map(|fd| fd.parse().unwrap()).collect();
+        let expected = if Path::new("/dev/kvm").exists() { 5 } else { 4 };
+        assert_eq!(passed.len(), expected, "{exec}");
+        assert!(passed.iter().all(|&fd| fd > 2), "{passed:?} in {exec}");
+    });
 }
 
 #[test]
@@ -267,18 +377,117 @@ fn launcher_runs_the_vmm_as_root_only_when_told() {
                 "tap created before refusing"
             );
         }
-        let mut vmm = FdCheck::spawn(launch_fdcheck(
-            &launcher,
-            &["--tap", "mqroot0", "--queues", "1", "--user", "root"],
-            &[],
-        ));
-        assert_eq!(vmm.ready["uid"], "0,0,0,0");
-        let status = netns::proc_status(vmm.pid()).unwrap();
-        for key in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
-            assert_eq!(netns::cap_mask(&status, key), 0, "{key} of a root VMM");
+        // Root runs mqvmm only, not whatever --mqvmm names.
+        let root = ["--tap", "mqroot0", "--queues", "1", "--user", "root"];
+        for other in ["/bin/sh", FDCHECK] {
+            let out = run(launch(&launcher, Some(Path::new(other)), &root, &[]));
+            let canonical = std::fs::canonicalize(other).unwrap();
+            assert_one_line_error(
+                &out,
+                2,
+                "mqvmm-launch: error:",
+                &format!(
+                    "refusing to run {} as root: only the mqvmm next to mqvmm-launch",
+                    canonical.display()
+                ),
+            );
+            assert!(
+                netns::if_index("mqroot0").is_err(),
+                "tap created before refusing"
+            );
         }
-        assert_eq!(vmm.cmd("state"), "attached=1");
+
+        // A launcher with the stand-in as its own mqvmm: its default, also named through a
+        // symlink, runs as root (with no capabilities).
+        let dir = ScratchDir::new("launch-root", 0o755);
+        let own_launcher = dir.0.join("mqvmm-launch");
+        std::fs::copy(&launcher, &own_launcher).unwrap();
+        std::fs::copy(FDCHECK, dir.0.join("mqvmm")).unwrap();
+        std::os::unix::fs::symlink(dir.0.join("mqvmm"), dir.0.join("vmm-link")).unwrap();
+        let own = std::fs::canonicalize(dir.0.join("mqvmm")).unwrap();
+        for vmm in [None, Some(dir.0.join("vmm-link"))] {
+            let mut cmd = launch(&own_launcher, vmm.as_deref(), &root, &[]);
+            cmd.stderr(Stdio::piped());
+            let mut vmm = FdCheck::spawn(cmd);
+            assert_eq!(vmm.ready["uid"], "0,0,0,0");
+            let status = netns::proc_status(vmm.pid()).unwrap();
+            for key in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
+                assert_eq!(netns::cap_mask(&status, key), 0, "{key} of a root VMM");
+            }
+            assert_eq!(vmm.cmd("state"), "attached=1");
+            let stderr_pipe = vmm.child.stderr.take();
+            vmm.quit();
+            let mut log = String::new();
+            stderr_pipe.unwrap().read_to_string(&mut log).unwrap();
+            assert!(
+                log.contains(&format!("mqvmm-launch: exec {} --", own.display())),
+                "the checked, canonical path is executed: {log}"
+            );
+        }
+    });
+}
+
+#[test]
+fn launcher_takes_only_an_absolute_mqvmm_path() {
+    let Some(launcher) = launcher() else { return };
+    let check = || {
+        let fdcheck_dir = Path::new(FDCHECK).parent().unwrap();
+        for relative in ["tap-fdcheck", "./tap-fdcheck"] {
+            // The relative name would resolve, from here or through PATH, to the stand-in.
+            let mut cmd = Command::new(&launcher);
+            cmd.args(["--tap", "mqrel0", "--queues", "1", "--user", "nobody"])
+                .args(["--no-kvm", "--mqvmm", relative])
+                .current_dir(fdcheck_dir)
+                .env("PATH", fdcheck_dir);
+            let out = run(cmd);
+            assert_one_line_error(
+                &out,
+                2,
+                "mqvmm-launch: error:",
+                &format!("--mqvmm {relative} is not an absolute path"),
+            );
+            assert!(netns::if_index("mqrel0").is_err(), "a tap was created");
+        }
+    };
+    if netns::skip_reason().is_none() {
+        netns::run_in_netns("launcher_takes_only_an_absolute_mqvmm_path", check);
+    } else {
+        check();
+    }
+}
+
+#[test]
+fn launcher_passes_seccomp_off_only_when_allowed() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns("launcher_passes_seccomp_off_only_when_allowed", || {
+        let args = ["--tap", "mqsec0", "--queues", "1", "--user", "nobody"];
+        for vmm_args in [&["--seccomp", "off"][..], &["--seccomp=log"]] {
+            let out = run(launch_fdcheck(&launcher, &args, vmm_args));
+            assert_one_line_error(
+                &out,
+                2,
+                "mqvmm-launch: error:",
+                "leaves mqvmm without working system call filters: pass --allow-unsandboxed",
+            );
+            assert!(netns::if_index("mqsec0").is_err(), "a tap was created");
+        }
+        let mut cmd = launch_fdcheck(
+            &launcher,
+            &[&args[..], &["--allow-unsandboxed"]].concat(),
+            &["--seccomp=off"],
+        );
+        cmd.stderr(Stdio::piped());
+        let mut vmm = FdCheck::spawn(cmd);
+        assert_eq!(vmm.ready["uid"], "65534,65534,65534,65534");
+        let stderr_pipe = vmm.child.stderr.take();
         vmm.quit();
+        let mut log = String::new();
+        stderr_pipe.unwrap().read_to_string(&mut log).unwrap();
+        let exec = log.lines().find(|l| l.contains(": exec ")).unwrap_or("");
+        assert!(exec.contains(" --seccomp=off "), "{log}");
     });
 }
 
@@ -350,6 +559,206 @@ fn launcher_setup_failures_exit_1_with_one_line() {
         assert!(
             netns::if_index("mqx0").is_err(),
             "the tap outlived the failed launch"
+        );
+    });
+}
+
+#[test]
+fn launcher_refuses_images_it_cannot_open_before_creating_the_tap() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns(
+        "launcher_refuses_images_it_cannot_open_before_creating_the_tap",
+        || {
+            let dir = ScratchDir::new("launch-bad-images", 0o755);
+            let fifo = dir.file("fifo");
+            let fifo_c = std::ffi::CString::new(fifo.as_str()).unwrap();
+            // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+            assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o644) }, 0);
+            let fifo_arg = format!("--initramfs={fifo}");
+            let cases: &[(&[&str], &str)] = &[
+                (
+                    &["--kernel", "/nonexistent/vmlinux"],
+                    "cannot open kernel image /nonexistent/vmlinux: No such file or directory",
+                ),
+                (
+                    &["--kernel", FDCHECK, "--initramfs", "/"],
+                    "initramfs / is not a regular file",
+                ),
+                // A FIFO with no writer: refused, not waited on.
+                (
+                    &["--kernel", FDCHECK, &fifo_arg],
+                    &format!("initramfs {fifo} is not a regular file"),
+                ),
+            ];
+            for (vmm_args, needle) in cases {
+                let out = run(launch_fdcheck(
+                    &launcher,
+                    &["--tap", "mqimg0", "--queues", "1", "--user", "nobody"],
+                    vmm_args,
+                ));
+                assert_one_line_error(&out, 2, "mqvmm-launch: error:", needle);
+                assert!(
+                    netns::if_index("mqimg0").is_err(),
+                    "tap created before refusing {vmm_args:?}"
+                );
+            }
+        },
+    );
+}
+
+/// `cmd` running as uid and gid 65534 with no supplementary groups and (uid 0 left, no
+/// keep-caps) no capabilities; without no_new_privs, so setuid bits and file capabilities work.
+fn as_nobody(mut cmd: Command) -> Command {
+    std::os::unix::process::CommandExt::uid(&mut cmd, NOBODY);
+    std::os::unix::process::CommandExt::gid(&mut cmd, NOBODY);
+    cmd
+}
+
+/// Gives `path` the file capability cap_net_admin+ep (what `setcap cap_net_admin+ep` writes).
+fn set_file_cap_net_admin(path: &Path) {
+    // struct vfs_cap_data, revision 2: magic_etc, then permitted/inheritable for caps 0-31
+    // and 32-63, little endian.
+    const VFS_CAP_REVISION_2: u32 = 0x0200_0000;
+    const VFS_CAP_FLAGS_EFFECTIVE: u32 = 1;
+    const CAP_NET_ADMIN: u32 = 12;
+    let words = [
+        VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE,
+        1 << CAP_NET_ADMIN,
+        0,
+        0,
+        0,
+    ];
+    let value: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: the path and the value are valid for reads of their lengths for the call.
+    let rc = unsafe {
+        libc::setxattr(
+            c_path.as_ptr(),
+            c"security.capability".as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn launcher_refuses_callers_without_root_or_cap_net_admin() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns(
+        "launcher_refuses_callers_without_root_or_cap_net_admin",
+        || {
+            let args = ["--tap", "mqpriv0", "--queues", "1", "--user", "nobody"];
+            let out = run(as_nobody(launch_fdcheck(&launcher, &args, &[])));
+            assert_one_line_error(
+                &out,
+                2,
+                "mqvmm-launch: error:",
+                "mqvmm-launch needs root or CAP_NET_ADMIN (running as uid 65534 with effective \
+                 capabilities 0x0)",
+            );
+            assert!(netns::if_index("mqpriv0").is_err(), "a tap was created");
+
+            // Copies of the launcher that gain privileges when nobody runs them.
+            let dir = ScratchDir::new("launch-setid", 0o755);
+            let cases: [(&str, u32, &str); 3] = [
+                (
+                    "setuid",
+                    0o4755,
+                    "(uid 65534 euid 0, gid 65534 egid 65534, AT_SECURE 1)",
+                ),
+                (
+                    "setgid",
+                    0o2755,
+                    "(uid 65534 euid 65534, gid 65534 egid 0, AT_SECURE 1)",
+                ),
+                (
+                    "filecap",
+                    0o755,
+                    "(uid 65534 euid 65534, gid 65534 egid 65534, AT_SECURE 1)",
+                ),
+            ];
+            for (name, mode, ids) in cases {
+                let copy = dir.0.join(name);
+                std::fs::copy(&launcher, &copy).unwrap();
+                std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                    .unwrap();
+                if name == "filecap" {
+                    set_file_cap_net_admin(&copy);
+                }
+                let out = run(as_nobody(launch_fdcheck(&copy, &args, &[])));
+                let line = assert_one_line_error(
+                    &out,
+                    2,
+                    "mqvmm-launch: error:",
+                    "refusing to run setuid, setgid or with file capabilities",
+                );
+                assert!(line.contains(ids), "{name}: {line}");
+                assert_eq!(
+                    String::from_utf8_lossy(&out.stderr).lines().count(),
+                    1,
+                    "{name}: nothing but the refusal"
+                );
+                assert!(
+                    netns::if_index("mqpriv0").is_err(),
+                    "{name}: a tap was created"
+                );
+            }
+        },
+    );
+}
+
+#[test]
+fn launcher_runs_for_a_caller_with_only_cap_net_admin() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() || !mqvmm_tests::skip::require_program("setpriv") {
+        return;
+    }
+    netns::run_in_netns("launcher_runs_for_a_caller_with_only_cap_net_admin", || {
+        netns::world_usable_tun().unwrap();
+        let tap = "mqcap0";
+        // What the README suggests for running the launcher without root.
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .args(["--inh-caps", "+net_admin", "--ambient-caps", "+net_admin"])
+            .arg(&launcher)
+            .args([
+                "--tap", tap, "--queues", "2", "--user", "nobody", "--no-kvm",
+            ])
+            .args(["--mqvmm", FDCHECK])
+            .stderr(Stdio::piped());
+        let mut vmm = FdCheck::spawn(cmd);
+        let ready = vmm.ready.clone();
+        assert_eq!(ready["uid"], "65534,65534,65534,65534");
+        assert_eq!(ready["groups"], "none");
+        assert_eq!(ready["nnp"], "1");
+        for key in ["capinh", "capprm", "capeff", "capamb"] {
+            assert_eq!(
+                u64::from_str_radix(&ready[key], 16),
+                Ok(0),
+                "{key}: {ready:?}"
+            );
+        }
+        let info = netns::tun_info(tap).unwrap();
+        assert_eq!((info.owner, info.num_queues), (Some(NOBODY), 2));
+        assert_eq!(vmm.cmd("detach 1"), "ok");
+        let stderr_pipe = vmm.child.stderr.take();
+        vmm.quit();
+        let mut log = String::new();
+        stderr_pipe.unwrap().read_to_string(&mut log).unwrap();
+        assert!(
+            log.contains(
+                "running as uid 65534 gid 65534: no supplementary groups, no capabilities, \
+                 no_new_privs (bounding set left as it was: emptying it needs CAP_SETPCAP)"
+            ),
+            "{log}"
         );
     });
 }
@@ -438,10 +847,44 @@ fn launcher_rejects_bad_arguments_with_exit_2() {
                 ],
                 "--kvm-fd is added by mqvmm-launch",
             ),
+            (
+                &[
+                    "--tap",
+                    "mqbad0",
+                    "--queues",
+                    "2",
+                    "--user",
+                    "nobody",
+                    "--",
+                    "--kernel-fd",
+                    "3",
+                ],
+                "--kernel-fd is added by mqvmm-launch",
+            ),
+            (
+                &[
+                    "--tap",
+                    "mqbad0",
+                    "--queues",
+                    "2",
+                    "--user",
+                    "nobody",
+                    "--",
+                    "--initramfs-fd=4",
+                ],
+                "--initramfs-fd is added by mqvmm-launch",
+            ),
+            (
+                &[
+                    "--tap", "mqbad0", "--queues", "2", "--user", "nobody", "--", "--kernel",
+                ],
+                "--kernel after -- needs a value",
+            ),
         ];
         for (args, needle) in cases {
             let mut cmd = Command::new(&launcher);
-            cmd.args(*args).args(["--mqvmm", FDCHECK]);
+            // Launcher options first: after a `--` in `args`, everything is mqvmm's.
+            cmd.args(["--mqvmm", FDCHECK]).args(*args);
             let out = run(cmd);
             assert_one_line_error(&out, 2, "mqvmm-launch: error:", needle);
             assert_eq!(
@@ -494,84 +937,169 @@ fn guest_kernel() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-#[test]
-fn launcher_runs_the_real_mqvmm_unprivileged() {
-    let Some(launcher) = launcher() else { return };
-    let Some(mqvmm) = mqvmm() else { return };
+/// What the tests of the real mqvmm need: the launcher, mqvmm, /dev/kvm, a guest kernel and
+/// network namespaces. Prints one `skip:` line and returns `None` if anything is missing.
+fn real_mqvmm_setup() -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let launcher = launcher()?;
+    let mqvmm = mqvmm()?;
     if !needs_netns() {
-        return;
-    }
-    let help = Command::new(&mqvmm)
-        .arg("--help")
-        .output()
-        .expect("run mqvmm --help");
-    if !String::from_utf8_lossy(&help.stdout).contains("--kvm-fd") {
-        eprintln!("skip: this mqvmm does not accept --kvm-fd yet");
-        return;
+        return None;
     }
     if !Path::new("/dev/kvm").exists() {
         eprintln!("skip: needs /dev/kvm");
-        return;
+        return None;
     }
     let Some(kernel) = guest_kernel() else {
         eprintln!("skip: no guest kernel (make resources, or set MQVMM_BUILD)");
-        return;
+        return None;
     };
-    netns::run_in_netns("launcher_runs_the_real_mqvmm_unprivileged", || {
-        let tap = "mqreal0";
-        let mut cmd = Command::new(&launcher);
+    Some((launcher, mqvmm, kernel))
+}
+
+/// The real mqvmm started by the launcher as `nobody` on a 2-queue tap, with its log (the
+/// launcher's and mqvmm's stderr) and console drained by threads so it never blocks on them.
+struct LaunchedVmm {
+    child: std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+    log_drain: std::thread::JoinHandle<()>,
+    console_drain: std::thread::JoinHandle<String>,
+}
+
+impl LaunchedVmm {
+    /// `mqvmm-launch --tap TAP --queues 2 --user nobody --mqvmm MQVMM -- --memory 128
+    /// --cmdline 'console=ttyS0 panic=-1' VMM_ARGS`.
+    fn spawn(launcher: &Path, mqvmm: &Path, tap: &str, vmm_args: &[&OsStr]) -> LaunchedVmm {
+        let mut cmd = Command::new(launcher);
         cmd.args(["--tap", tap, "--queues", "2", "--user", "nobody", "--mqvmm"])
-            .arg(&mqvmm)
+            .arg(mqvmm)
             .args([
                 "--",
                 "--memory",
                 "128",
                 "--cmdline",
                 "console=ttyS0 panic=-1",
-                "--kernel",
             ])
-            .arg(&kernel)
+            .args(vmm_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let pid = child.id();
-        // Drain the console and the log so the VMM never blocks on them.
-        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        let mut child = cmd.spawn().expect("spawn mqvmm-launch");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log_drain = {
+            let log = log.clone();
             std::thread::spawn(move || {
-                let mut s = Vec::new();
-                if let Some(mut p) = pipe {
-                    let _ = p.read_to_end(&mut s);
+                for line in std::io::BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                    log.push_str(&line);
+                    log.push('\n');
                 }
-                String::from_utf8_lossy(&s).into_owned()
             })
         };
-        let console = drain(
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        );
-        let stderr = drain(
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        );
-        // Catch the process as soon as it is mqvmm: its credentials are final from exec on.
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let console_drain = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = stdout.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        });
+        LaunchedVmm {
+            child,
+            log,
+            log_drain,
+            console_drain,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits up to `timeout` for `needle` in the log; false if it never came or the process
+    /// ended first.
+    fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() > deadline || !matches!(self.child.try_wait(), Ok(None)) {
+                // One last look: the line may have come with the exit.
+                std::thread::sleep(Duration::from_millis(50));
+                return self.log().contains(needle);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// /proc/PID/status as soon as the process is mqvmm (its credentials are final from exec
+    /// on), `None` if it never got there within 10 s.
+    fn status_once_mqvmm(&self) -> Option<std::collections::HashMap<String, String>> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let status = loop {
-            let status = netns::proc_status(pid)
+        loop {
+            let status = netns::proc_status(self.pid())
                 .ok()
                 .filter(|s| s.get("State").is_some_and(|st| !st.starts_with('Z')));
             match status {
-                Some(s) if s["Name"] == "mqvmm" => break Some(s),
+                Some(s) if s["Name"] == "mqvmm" => return Some(s),
                 Some(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2))
                 }
-                _ => break None,
+                _ => return None,
             }
+        }
+    }
+
+    /// The tap queue fds the launcher passed (from its exec line).
+    fn tap_fds(&self) -> Vec<RawFd> {
+        let log = self.log();
+        let Some(net) = log
+            .lines()
+            .filter(|l| l.starts_with("mqvmm-launch: exec "))
+            .find_map(|l| l.split_once("--net fds=").map(|(_, rest)| rest.to_owned()))
+        else {
+            panic!("no exec line with --net fds= in the log:\n{log}");
         };
+        net.split(',')
+            .map_while(|part| part.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
+    /// Kills it; returns how it ended, its log and its console.
+    fn stop(self) -> (std::process::ExitStatus, String, String) {
+        let LaunchedVmm {
+            mut child,
+            log,
+            log_drain,
+            console_drain,
+        } = self;
+        let _ = child.kill();
+        let exit = child.wait().expect("wait for mqvmm");
+        let _ = log_drain.join();
+        let console = console_drain.join().unwrap_or_default();
+        let log = log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        (exit, log, console)
+    }
+}
+
+#[test]
+fn launcher_runs_the_real_mqvmm_unprivileged() {
+    let Some((launcher, mqvmm, kernel)) = real_mqvmm_setup() else {
+        return;
+    };
+    netns::run_in_netns("launcher_runs_the_real_mqvmm_unprivileged", || {
+        let vmm = LaunchedVmm::spawn(
+            &launcher,
+            &mqvmm,
+            "mqreal0",
+            &["--kernel".as_ref(), kernel.as_os_str()],
+        );
+        let pid = vmm.pid();
+        let status = vmm.status_once_mqvmm();
         let fd_targets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
             .map(|d| {
                 d.filter_map(|e| {
@@ -585,10 +1113,7 @@ fn launcher_runs_the_real_mqvmm_unprivileged() {
                 .collect()
             })
             .unwrap_or_default();
-        let _ = child.kill();
-        let exit = child.wait().unwrap();
-        let log = stderr.join().unwrap_or_default();
-        let console = console.join().unwrap_or_default();
+        let (exit, log, console) = vmm.stop();
         let Some(status) = status else {
             panic!("mqvmm never ran ({exit}); stderr:\n{log}\nconsole:\n{console}");
         };
@@ -615,17 +1140,196 @@ fn launcher_runs_the_real_mqvmm_unprivileged() {
     });
 }
 
+#[test]
+fn an_unprivileged_mqvmm_boots_images_only_root_can_open() {
+    let Some((launcher, mqvmm, kernel)) = real_mqvmm_setup() else {
+        return;
+    };
+    netns::run_in_netns(
+        "an_unprivileged_mqvmm_boots_images_only_root_can_open",
+        || {
+            let dir = ScratchDir::new("root-only-images", 0o700);
+            let (vmlinux, initrd) = (dir.file("vmlinux"), dir.file("initrd"));
+            std::fs::copy(&kernel, &vmlinux).unwrap();
+            std::fs::write(&initrd, vec![0u8; 4096]).unwrap();
+            let mut vmm = LaunchedVmm::spawn(
+                &launcher,
+                &mqvmm,
+                "mqimg1",
+                &[
+                    "--log-level".as_ref(),
+                    "info".as_ref(),
+                    "--kernel".as_ref(),
+                    vmlinux.as_ref(),
+                    "--initramfs".as_ref(),
+                    initrd.as_ref(),
+                ],
+            );
+            // Logged once the kernel and the initramfs are in guest memory.
+            let loaded = vmm.wait_for_log("mqvmm: info: kernel fd ", TIMEOUT);
+            let (exit, log, console) = vmm.stop();
+            assert!(
+                loaded,
+                "mqvmm as nobody did not load the images ({exit}):\n{log}\nconsole:\n{console}"
+            );
+            assert!(!log.contains("Permission denied"), "{log}");
+            let fd_of = |what: &str, path: &str| -> String {
+                let prefix = format!("mqvmm-launch: {what} {path} on fd ");
+                log.lines()
+                    .find_map(|l| l.strip_prefix(&prefix))
+                    .unwrap_or_else(|| panic!("no line {prefix:?}:\n{log}"))
+                    .to_owned()
+            };
+            let (kernel_fd, initrd_fd) =
+                (fd_of("kernel image", &vmlinux), fd_of("initramfs", &initrd));
+            let loaded_line = log
+                .lines()
+                .find(|l| l.starts_with("mqvmm: info: kernel fd "))
+                .unwrap_or_default();
+            assert!(
+                loaded_line.starts_with(&format!("mqvmm: info: kernel fd {kernel_fd} ("))
+                    && loaded_line.contains("; initramfs 4096 bytes at "),
+                "{loaded_line}"
+            );
+            assert_ne!(kernel_fd, initrd_fd);
+        },
+    );
+}
+
+#[test]
+fn another_process_of_the_vmm_uid_cannot_take_its_fds() {
+    let Some((launcher, mqvmm, kernel)) = real_mqvmm_setup() else {
+        return;
+    };
+    netns::run_in_netns("another_process_of_the_vmm_uid_cannot_take_its_fds", || {
+        let mut vmm = LaunchedVmm::spawn(
+            &launcher,
+            &mqvmm,
+            "mqdump0",
+            &[
+                "--log-level".as_ref(),
+                "info".as_ref(),
+                "--kernel".as_ref(),
+                kernel.as_os_str(),
+            ],
+        );
+        // mqvmm logs this line after making itself non-dumpable, before it builds the VM.
+        let started = vmm.wait_for_log("mqvmm: info: starting as uid 65534", TIMEOUT);
+        let pid = vmm.pid();
+        let tap_fds = vmm.tap_fds();
+        let status_owner = std::os::unix::fs::MetadataExt::uid(
+            &std::fs::metadata(format!("/proc/{pid}/status")).expect("stat /proc/PID/status"),
+        );
+        let probe = Command::new(PROBE)
+            .arg(format!("{NOBODY}:{NOBODY}"))
+            .arg(pid.to_string())
+            .arg(tap_fds[0].to_string())
+            .output()
+            .expect("run same-uid-probe");
+        let still_running = matches!(vmm.child.try_wait(), Ok(None));
+        let (exit, log, console) = vmm.stop();
+        assert!(
+            started && still_running,
+            "mqvmm did not start or did not keep running ({exit}):\n{log}\nconsole:\n{console}"
+        );
+        let report = String::from_utf8_lossy(&probe.stdout);
+        assert!(probe.status.success(), "{report} {probe:?}");
+        let fields = netns::parse_fields(&report);
+        // The pidfd is fine (it only names the process); the fd behind it is not.
+        assert_eq!(fields["pidfd_open"], "ok", "{report}");
+        assert_eq!(
+            fields["pidfd_getfd"],
+            format!("errno:{}", libc::EPERM),
+            "a process of uid 65534 copied mqvmm's tap fd {}: {report}",
+            tap_fds[0]
+        );
+        assert_eq!(
+            fields["proc_fd"],
+            format!("errno:{}", libc::EACCES),
+            "a process of uid 65534 listed /proc/{pid}/fd: {report}"
+        );
+        // The kernel's account of it: a non-dumpable process's /proc files belong to root.
+        assert_eq!(
+            status_owner, 0,
+            "owner of /proc/{pid}/status, mqvmm running as 65534"
+        );
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // mqvmm refuses fds it cannot use: exit 2, one line naming the fd.
+
+/// Runs `mqvmm ARGS` with `pass` fds inherited at the given numbers and `closed` fds closed.
+fn mqvmm_with(mqvmm: &Path, args: &[&str], pass: &[(RawFd, RawFd)], closed: &[RawFd]) -> Output {
+    let mut cmd = Command::new(mqvmm);
+    cmd.args(args);
+    netns::pass_fds(&mut cmd, pass, closed);
+    run(cmd)
+}
 
 /// Runs `mqvmm --kernel <existing file> --net fds=<fds>` with `pass` fds inherited at the given
 /// numbers and `closed` fds closed.
 fn mqvmm_with_fds(mqvmm: &Path, pass: &[(RawFd, RawFd)], closed: &[RawFd], fds: &str) -> Output {
-    let mut cmd = Command::new(mqvmm);
     // Any existing file: --net is validated before the kernel is read.
-    cmd.args(["--kernel", FDCHECK, "--net", &format!("fds={fds}")]);
-    netns::pass_fds(&mut cmd, pass, closed);
-    run(cmd)
+    let net = format!("fds={fds}");
+    mqvmm_with(mqvmm, &["--kernel", FDCHECK, "--net", &net], pass, closed)
+}
+
+#[test]
+fn mqvmm_refuses_image_fds_that_are_not_open_regular_files() {
+    let Some(mqvmm) = mqvmm() else { return };
+    let (r, _w) = netns::pipe().unwrap();
+    let out = mqvmm_with(
+        &mqvmm,
+        &["--kernel-fd", "100"],
+        &[(r.as_raw_fd(), 100)],
+        &[],
+    );
+    let line = assert_one_line_error(&out, 2, "mqvmm: error:", "--kernel-fd 100");
+    assert!(
+        line.ends_with("is not a regular file: it is a pipe"),
+        "{line}"
+    );
+
+    let out = mqvmm_with(&mqvmm, &["--kernel-fd", "100"], &[], &[100]);
+    assert_one_line_error(
+        &out,
+        2,
+        "mqvmm: error:",
+        "--kernel-fd 100 is not an open file descriptor",
+    );
+
+    let kernel = std::fs::File::open(FDCHECK).unwrap();
+    let out = mqvmm_with(
+        &mqvmm,
+        &["--kernel-fd", "100", "--initramfs-fd", "100"],
+        &[(kernel.as_raw_fd(), 100)],
+        &[],
+    );
+    assert_one_line_error(
+        &out,
+        2,
+        "mqvmm: error:",
+        "--kernel-fd and --initramfs-fd are both fd 100",
+    );
+
+    // A regular file is adopted and read (a deleted one too: only the fd names it).
+    let junk = std::env::temp_dir().join(format!("mqvmm-junk-kernel-{}", std::process::id()));
+    std::fs::write(&junk, b"no kernel here").unwrap();
+    let file = std::fs::File::open(&junk).unwrap();
+    let _ = std::fs::remove_file(&junk);
+    let out = mqvmm_with(
+        &mqvmm,
+        &["--kernel-fd", "100"],
+        &[(file.as_raw_fd(), 100)],
+        &[],
+    );
+    assert_one_line_error(
+        &out,
+        2,
+        "mqvmm: error:",
+        "fd 100 is neither an ELF vmlinux nor a bzImage",
+    );
 }
 
 #[test]

@@ -5,9 +5,10 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{ArgGroup, Parser};
 use log::LevelFilter;
 
+use vmm::arch::boot::{self, Image, ImageKind};
 use vmm::exit::VmExit;
 use vmm::seccomp::{Machine, Mode as SeccompMode, Sandbox, ThreadKind};
 use vmm::signals::SignalFd;
@@ -29,13 +30,22 @@ const DEFAULT_CMDLINE_PCI: &str = "console=ttyS0";
         Exit codes: 0 guest powered off or rebooted, 1 VM error, 2 bad arguments, 128+N signal N.\n\
         SIGUSR1 prints the network device counters as one line on stderr:\n  mqvmm-metrics: virtio-net max_pairs=4 active_pairs=2 ... | pair0 attached=1 parked=0 rx_packets=... | ctrl ..."
 )]
+#[command(group(ArgGroup::new("kernel_image").required(true).args(["kernel", "kernel_fd"])))]
+#[command(group(ArgGroup::new("initramfs_image").args(["initramfs", "initramfs_fd"])))]
 struct Args {
     /// Guest kernel: ELF vmlinux or bzImage (64-bit boot protocol).
     #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
+    /// The guest kernel as an already-open regular file (what mqvmm-launch passes, so that
+    /// mqvmm boots an image its own uid may not open).
+    #[arg(long, value_name = "N")]
+    kernel_fd: Option<RawFd>,
     /// Initramfs (cpio archive, optionally compressed).
     #[arg(long, value_name = "PATH")]
     initramfs: Option<PathBuf>,
+    /// The initramfs as an already-open regular file.
+    #[arg(long, value_name = "N")]
+    initramfs_fd: Option<RawFd>,
     /// Kernel command line [default: "console=ttyS0", plus "pci=off" when there is no PCI
     /// device (no --net, or --transport mmio)].
     #[arg(long, value_name = "STR")]
@@ -394,6 +404,20 @@ fn open_net(spec: NetSpec) -> Result<NetSetup, Failure> {
     })
 }
 
+/// The image given as a path (mqvmm opens it) or as an open fd (mqvmm adopts it); clap
+/// allows at most one of the two.
+fn image(
+    kind: ImageKind,
+    path: Option<PathBuf>,
+    fd: Option<RawFd>,
+) -> Result<Option<Image>, boot::Error> {
+    match (path, fd) {
+        (Some(path), _) => Image::open(kind, &path).map(Some),
+        (None, Some(fd)) => Image::from_fd(kind, fd).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
 fn run(args: Args) -> Result<VmExit, Failure> {
     log::info!("starting as {}", capabilities_line());
     if holds_capabilities() {
@@ -408,21 +432,21 @@ fn run(args: Args) -> Result<VmExit, Failure> {
         None => KvmSource::Open,
     };
     let net = args.net.map(open_net).transpose()?;
-    // Catch a wrong path or a file that is no kernel at all before touching KVM.
-    std::fs::File::open(&args.kernel)
-        .map_err(|e| format!("cannot open kernel image {}: {e}", args.kernel.display()))
-        .and_then(|mut f| {
-            vmm::arch::boot::detect_format(&mut f, &args.kernel).map_err(|e| e.to_string())
-        })
-        .map_err(Failure::Usage)?;
-    if let Some(initramfs) = &args.initramfs {
-        if let Err(e) = std::fs::File::open(initramfs) {
+    if let (Some(kernel), Some(initramfs)) = (args.kernel_fd, args.initramfs_fd) {
+        if kernel == initramfs {
             return Err(Failure::Usage(format!(
-                "cannot open initramfs {}: {e}",
-                initramfs.display()
+                "--kernel-fd and --initramfs-fd are both fd {kernel}"
             )));
         }
     }
+    let usage = |e: boot::Error| Failure::Usage(error_chain(&e));
+    // Catch a wrong path or a file that is no kernel at all before touching KVM.
+    let mut kernel = image(ImageKind::Kernel, args.kernel, args.kernel_fd)
+        .map_err(usage)?
+        .ok_or_else(|| Failure::Usage("give --kernel or --kernel-fd".to_string()))?;
+    boot::detect_format(&mut kernel).map_err(usage)?;
+    let initramfs =
+        image(ImageKind::Initramfs, args.initramfs, args.initramfs_fd).map_err(usage)?;
     if args.seccomp == SeccompMode::Off {
         eprintln!(
             "mqvmm: warning: --seccomp=off: NO SYSTEM CALL FILTERS. A guest that compromises a \
@@ -437,8 +461,8 @@ fn run(args: Args) -> Result<VmExit, Failure> {
     let sandbox = Sandbox::for_machine(args.seccomp, args.seccomp_selftest, machine)
         .map_err(|e| Failure::Runtime(error_chain(&e)))?;
     let config = VmConfig {
-        kernel: args.kernel,
-        initramfs: args.initramfs,
+        kernel,
+        initramfs,
         cmdline,
         cpus: args.cpus,
         memory_mib: args.memory,
@@ -470,7 +494,33 @@ fn run(args: Args) -> Result<VmExit, Failure> {
     Ok(exit)
 }
 
+/// Makes this process non-dumpable: another process of the same uid (mqvmm usually runs as a
+/// shared unprivileged user) may then neither ptrace it nor copy its tap and KVM fds with
+/// pidfd_getfd, /proc/PID belongs to root, and no core dump holds guest memory. The fds are
+/// inherited from the launcher, so this comes first; exec made the process dumpable again.
+fn make_undumpable() -> std::io::Result<()> {
+    // SAFETY: PR_SET_DUMPABLE takes integer arguments only; prctl is variadic, so each is passed
+    // as the unsigned long the kernel reads.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_DUMPABLE,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
+    if let Err(e) = make_undumpable() {
+        eprintln!("mqvmm: error: prctl(PR_SET_DUMPABLE, 0) failed: {e}");
+        return ExitCode::from(1);
+    }
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
@@ -644,6 +694,26 @@ mod tests {
                 transport_and_cmdline(Some(Transport::Pci), Some(cmdline.into()), false).is_ok()
             );
         }
+    }
+
+    #[test]
+    fn cli_takes_exactly_one_kernel_and_at_most_one_initramfs_source() {
+        let parse = |args: &[&str]| Args::try_parse_from([&["mqvmm"], args].concat());
+        let args = parse(&["--kernel-fd", "5", "--initramfs-fd", "6"]).unwrap();
+        assert_eq!((args.kernel, args.kernel_fd), (None, Some(5)));
+        assert_eq!((args.initramfs, args.initramfs_fd), (None, Some(6)));
+        let args = parse(&["--kernel", "k", "--initramfs", "i"]).unwrap();
+        assert_eq!(args.kernel_fd, None);
+        assert!(parse(&["--kernel-fd", "5", "--initramfs", "i"]).is_ok());
+        for both in [
+            &["--kernel", "k", "--kernel-fd", "5"][..],
+            &["--kernel", "k", "--initramfs", "i", "--initramfs-fd", "6"],
+        ] {
+            let err = parse(both).unwrap_err().to_string();
+            assert!(err.contains("cannot be used with"), "{both:?}: {err}");
+        }
+        let err = parse(&["--initramfs-fd", "6"]).unwrap_err().to_string();
+        assert!(err.contains("--kernel"), "{err}");
     }
 
     #[test]

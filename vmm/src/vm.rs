@@ -2,7 +2,6 @@
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
@@ -78,8 +77,9 @@ const HOST_BRIDGE_SLOT: usize = 0;
 const NET_PCI_SLOT: usize = 1;
 
 pub struct VmConfig {
-    pub kernel: PathBuf,
-    pub initramfs: Option<PathBuf>,
+    /// The guest kernel, open (mqvmm opened it, or it was passed in as `--kernel-fd`).
+    pub kernel: boot::Image,
+    pub initramfs: Option<boot::Image>,
     pub cmdline: String,
     pub cpus: u8,
     pub memory_mib: u64,
@@ -313,15 +313,21 @@ impl Vm {
         let memory_size = config.memory_mib << 20;
         let mem = create_memory(&vm, memory_size)?;
 
-        let kernel = boot::load_kernel(&mem, &config.kernel, memory_size)?;
-        let initramfs = match &config.initramfs {
-            Some(path) => Some(boot::load_initramfs(&mem, path, &kernel, memory_size)?),
+        let mut kernel_image = config.kernel;
+        let kernel = boot::load_kernel(&mem, &mut kernel_image, memory_size)?;
+        let initramfs = match config.initramfs {
+            Some(mut image) => Some(boot::load_initramfs(
+                &mem,
+                &mut image,
+                &kernel,
+                memory_size,
+            )?),
             None => None,
         };
         let cmdline = boot::build_cmdline(&config.cmdline)?;
         log::info!(
             "kernel {} ({:?}) entry {:#x}; initramfs {}; {} vCPUs, {} MiB",
-            config.kernel.display(),
+            kernel_image.name(),
             kernel.format,
             kernel.entry.raw_value(),
             initramfs.map_or_else(

@@ -1,9 +1,11 @@
 //! tap-fdcheck: a stand-in for the unprivileged VMM in the tap component tests.
 //!
-//! Accepts mqvmm's command line (`... [--kvm-fd K] --net fds=A,B,...[,mac=M][,mtu=N]`, other
-//! arguments ignored) plus its own options, validates the passed fds with `tap::adopt_queues`
-//! (exit 2 with one line naming the fd if they are not what mqvmm expects), prints one `ready`
-//! line describing its identity and the fds, then answers one line per command on stdin:
+//! Accepts mqvmm's command line (`... [--kernel-fd F] [--initramfs-fd I] [--kvm-fd K]
+//! --net fds=A,B,...[,mac=M][,mtu=N]`, other arguments ignored) plus its own options, validates
+//! the passed tap fds with `tap::adopt_queues` (exit 2 with one line naming the fd if they are
+//! not what mqvmm expects), prints one `ready` line describing its identity and the fds (for an
+//! image fd: its number, the file it names and its first bytes in hex, read through the fd),
+//! then answers one line per command on stdin:
 //!
 //!   detach I | attach I     TUNSETQUEUE on queue I             -> ok | err ...
 //!   state                   attached state of every queue      -> attached=1,0,...
@@ -27,6 +29,8 @@ struct Opts {
     drop_to: Option<(u32, u32)>,
     tun_fd: Option<RawFd>,
     kvm_fd: Option<RawFd>,
+    kernel_fd: Option<RawFd>,
+    initramfs_fd: Option<RawFd>,
     fds: Vec<RawFd>,
     mac: Option<String>,
 }
@@ -36,6 +40,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         drop_to: None,
         tun_fd: None,
         kvm_fd: None,
+        kernel_fd: None,
+        initramfs_fd: None,
         fds: Vec::new(),
         mac: None,
     };
@@ -54,6 +60,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             }
             "--tun-fd" => opts.tun_fd = Some(num(it.next(), "--tun-fd")?),
             "--kvm-fd" => opts.kvm_fd = Some(num(it.next(), "--kvm-fd")?),
+            "--kernel-fd" => opts.kernel_fd = Some(num(it.next(), "--kernel-fd")?),
+            "--initramfs-fd" => opts.initramfs_fd = Some(num(it.next(), "--initramfs-fd")?),
             "--net" => {
                 let v = it.next().ok_or("--net needs a value")?;
                 // fds=A,B,C[,mac=M][,mtu=N]: the comma separates both fds and options.
@@ -101,6 +109,27 @@ fn status_field(status: &std::collections::HashMap<String, String>, key: &str) -
         .replace('\t', " ")
 }
 
+/// `fd=N file=PATH head=HEX` for an image fd (`none` for each when not passed): what the VMM
+/// can read through it, whatever its uid may open.
+fn image_fields(prefix: &str, fd: Option<RawFd>) -> String {
+    let Some(fd) = fd else {
+        return format!("{prefix}fd=none {prefix}=none {prefix}head=none");
+    };
+    let file = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map_or_else(|e| format!("unreadable({e})"), |p| p.display().to_string());
+    let mut head = [0u8; 8];
+    // SAFETY: pread writes at most `head.len()` bytes into `head`; any fd number is safe.
+    let n = unsafe { libc::pread(fd, head.as_mut_ptr().cast(), head.len(), 0) };
+    let head = match usize::try_from(n) {
+        Ok(n) => head[..n].iter().map(|b| format!("{b:02x}")).collect(),
+        Err(_) => format!(
+            "errno:{}",
+            io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        ),
+    };
+    format!("{prefix}fd={fd} {prefix}={file} {prefix}head={head}")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opts = match parse(&args) {
@@ -138,7 +167,7 @@ fn main() {
     let mut out = out.lock();
     let _ = writeln!(
         out,
-        "ready pid={} uid={} gid={} groups={} capinh={} capprm={} capeff={} capbnd={} capamb={} nnp={} tap={} queues={} fds={} kvm={} kvmfd={} mac={} open={}",
+        "ready pid={} uid={} gid={} groups={} capinh={} capprm={} capeff={} capbnd={} capamb={} nnp={} tap={} queues={} fds={} kvm={} kvmfd={} {} {} mac={} open={}",
         std::process::id(),
         status_field(&status, "Uid").replace(' ', ","),
         status_field(&status, "Gid").replace(' ', ","),
@@ -154,6 +183,8 @@ fn main() {
         fds.join(","),
         kvm,
         opts.kvm_fd.map_or_else(|| "none".to_owned(), |fd| fd.to_string()),
+        image_fields("kernel", opts.kernel_fd),
+        image_fields("initramfs", opts.initramfs_fd),
         opts.mac.as_deref().unwrap_or("none"),
         open.join(","),
     );

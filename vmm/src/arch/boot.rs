@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
@@ -24,29 +25,47 @@ const PAGE_SIZE: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open kernel image {path}")]
-    OpenKernel {
+    #[error("cannot open {kind} {path}")]
+    OpenImage {
+        kind: ImageKind,
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot read kernel image {path}")]
+    #[error("{option} {fd} is not an open file descriptor")]
+    ImageFdNotOpen { option: &'static str, fd: RawFd },
+    #[error("{option} {fd} is standard input, output or error, which mqvmm keeps for the console")]
+    ImageFdStdio { option: &'static str, fd: RawFd },
+    #[error("cannot inspect {option} {fd}")]
+    ImageFdStat {
+        option: &'static str,
+        fd: RawFd,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{option} {fd} is not a regular file: it is {what}")]
+    ImageFdNotAFile {
+        option: &'static str,
+        fd: RawFd,
+        what: &'static str,
+    },
+    #[error("cannot read kernel image {image}")]
     ReadKernel {
-        path: PathBuf,
+        image: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is neither an ELF vmlinux nor a bzImage (no ELF magic, no \"HdrS\" header)")]
-    UnknownKernelFormat { path: PathBuf },
-    #[error("bzImage {path} has no 64-bit entry point (boot protocol {version:#x}, xloadflags {xloadflags:#x})")]
+    #[error("{image} is neither an ELF vmlinux nor a bzImage (no ELF magic, no \"HdrS\" header)")]
+    UnknownKernelFormat { image: String },
+    #[error("bzImage {image} has no 64-bit entry point (boot protocol {version:#x}, xloadflags {xloadflags:#x})")]
     NoLongModeEntry {
-        path: PathBuf,
+        image: String,
         version: u16,
         xloadflags: u16,
     },
-    #[error("cannot load kernel image {path}")]
+    #[error("cannot load kernel image {image}")]
     LoadKernel {
-        path: PathBuf,
+        image: String,
         #[source]
         source: loader::Error,
     },
@@ -54,9 +73,9 @@ pub enum Error {
     KernelTooBig { memory_mib: u64, needed: u64 },
     #[error("guest memory of {memory_mib} MiB is too small to hold the kernel image")]
     KernelDoesNotFit { memory_mib: u64 },
-    #[error("cannot open initramfs {path}")]
-    OpenInitramfs {
-        path: PathBuf,
+    #[error("cannot read initramfs {image}")]
+    ReadInitramfsFile {
+        image: String,
         #[source]
         source: std::io::Error,
     },
@@ -66,9 +85,9 @@ pub enum Error {
         size: u64,
         kernel_end: u64,
     },
-    #[error("cannot read initramfs {path} into guest memory")]
+    #[error("cannot read initramfs {image} into guest memory")]
     ReadInitramfs {
-        path: PathBuf,
+        image: String,
         #[source]
         source: vm_memory::GuestMemoryError,
     },
@@ -83,6 +102,100 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Which guest image a file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageKind {
+    Kernel,
+    Initramfs,
+}
+
+impl ImageKind {
+    /// The option that passes this image in as an open fd.
+    pub fn fd_option(self) -> &'static str {
+        match self {
+            ImageKind::Kernel => "--kernel-fd",
+            ImageKind::Initramfs => "--initramfs-fd",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageKind::Kernel => "kernel image",
+            ImageKind::Initramfs => "initramfs",
+        })
+    }
+}
+
+/// An open guest image and the name its errors give it: the path mqvmm opened it at, or
+/// `fd N` when it was passed in open (a launcher opens images that mqvmm's own uid may not).
+#[derive(Debug)]
+pub struct Image {
+    file: File,
+    name: String,
+}
+
+impl Image {
+    /// Opens the image at `path`.
+    pub fn open(kind: ImageKind, path: &Path) -> Result<Image> {
+        let file = File::open(path).map_err(|source| Error::OpenImage {
+            kind,
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Image {
+            file,
+            name: path.display().to_string(),
+        })
+    }
+
+    /// Takes ownership of `fd`, passed in open with `kind`'s fd option: it must be an open
+    /// regular file other than the standard streams (the console keeps those). On error the
+    /// fd is left alone.
+    pub fn from_fd(kind: ImageKind, fd: RawFd) -> Result<Image> {
+        let option = kind.fd_option();
+        if (0..=2).contains(&fd) {
+            return Err(Error::ImageFdStdio { option, fd });
+        }
+        // SAFETY: an all-zero `struct stat` is valid (plain integers).
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes into `st`, a live local; any fd number is a safe argument.
+        if unsafe { libc::fstat(fd, &mut st) } != 0 {
+            let source = std::io::Error::last_os_error();
+            return Err(if source.raw_os_error() == Some(libc::EBADF) {
+                Error::ImageFdNotOpen { option, fd }
+            } else {
+                Error::ImageFdStat { option, fd, source }
+            });
+        }
+        let what = match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => None,
+            libc::S_IFDIR => Some("a directory"),
+            libc::S_IFIFO => Some("a pipe"),
+            libc::S_IFSOCK => Some("a socket"),
+            libc::S_IFCHR => Some("a character device"),
+            libc::S_IFBLK => Some("a block device"),
+            _ => Some("no file (eventfd, epoll, ...)"),
+        };
+        if let Some(what) = what {
+            return Err(Error::ImageFdNotAFile { option, fd, what });
+        }
+        // SAFETY: the fd is open (fstat succeeded) and the command line hands its ownership
+        // to mqvmm; it is adopted once, here.
+        let file = unsafe { File::from_raw_fd(fd) };
+        Ok(Image {
+            file,
+            name: format!("fd {fd}"),
+        })
+    }
+
+    /// The path it was opened at, or `fd N`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
 
 /// Kernel image formats mqvmm boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,9 +216,10 @@ pub struct LoadedKernel {
 }
 
 /// Tells an ELF vmlinux from a bzImage by their magic numbers.
-pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat> {
+pub fn detect_format(kernel: &mut Image) -> Result<KernelFormat> {
+    let Image { file, name } = kernel;
     let read_err = |source| Error::ReadKernel {
-        path: path.to_owned(),
+        image: name.clone(),
         source,
     };
     let mut head = [0u8; 0x206];
@@ -127,17 +241,18 @@ pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat> {
         return Ok(KernelFormat::BzImage);
     }
     Err(Error::UnknownKernelFormat {
-        path: path.to_owned(),
+        image: name.clone(),
     })
 }
 
 /// Loads an ELF vmlinux or a bzImage into guest memory.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, memory_size: u64) -> Result<LoadedKernel> {
-    let mut file = File::open(path).map_err(|source| Error::OpenKernel {
-        path: path.to_owned(),
-        source,
-    })?;
-    let format = detect_format(&mut file, path)?;
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    kernel: &mut Image,
+    memory_size: u64,
+) -> Result<LoadedKernel> {
+    let format = detect_format(kernel)?;
+    let Image { file, name } = kernel;
     let load_err = |source| match source {
         // The loaders report a kernel that does not fit as an I/O failure writing guest memory.
         loader::Error::Elf(loader::elf::Error::ReadKernelImage)
@@ -146,17 +261,16 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, memory_size: u64) -> Resu
             memory_mib: memory_size >> 20,
         },
         source => Error::LoadKernel {
-            path: path.to_owned(),
+            image: name.clone(),
             source,
         },
     };
     let result = match format {
         KernelFormat::Elf => {
-            Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?
+            Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?
         }
         KernelFormat::BzImage => {
-            BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-                .map_err(load_err)?
+            BzImage::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(load_err)?
         }
     };
     let end = match format {
@@ -179,7 +293,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path, memory_size: u64) -> Resu
             let hdr = result.setup_header.unwrap_or_default();
             if hdr.version < 0x020c || hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(Error::NoLongModeEntry {
-                    path: path.to_owned(),
+                    image: name.clone(),
                     version: hdr.version,
                     xloadflags: hdr.xloadflags,
                 });
@@ -206,21 +320,18 @@ pub struct LoadedInitramfs {
 /// 32-bit `ramdisk_image` field can reach it), page aligned, above the kernel.
 pub fn load_initramfs(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    initramfs: &mut Image,
     kernel: &LoadedKernel,
     memory_size: u64,
 ) -> Result<LoadedInitramfs> {
-    let mut file = File::open(path).map_err(|source| Error::OpenInitramfs {
-        path: path.to_owned(),
+    let Image { file, name } = initramfs;
+    let file_err = |source| Error::ReadInitramfsFile {
+        image: name.clone(),
         source,
-    })?;
-    let size = file
-        .metadata()
-        .map_err(|source| Error::OpenInitramfs {
-            path: path.to_owned(),
-            source,
-        })?
-        .len();
+    };
+    let size = file.metadata().map_err(file_err)?.len();
+    // A passed-in fd shares its offset with whoever opened it: read from the start.
+    file.seek(SeekFrom::Start(0)).map_err(file_err)?;
     let mut top = low_ram_end(memory_size);
     if let Some(hdr) = kernel.setup_header {
         if hdr.initrd_addr_max != 0 {
@@ -236,9 +347,9 @@ pub fn load_initramfs(
     if address < kernel.end {
         return Err(too_big());
     }
-    mem.read_exact_volatile_from(GuestAddress(address), &mut file, size as usize)
+    mem.read_exact_volatile_from(GuestAddress(address), file, size as usize)
         .map_err(|source| Error::ReadInitramfs {
-            path: path.to_owned(),
+            image: name.clone(),
             source,
         })?;
     Ok(LoadedInitramfs {
@@ -397,28 +508,97 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn tmpfile(name: &str, bytes: &[u8]) -> (PathBuf, File) {
+    fn tmpfile(name: &str, bytes: &[u8]) -> PathBuf {
         let path = std::env::temp_dir().join(format!("mqvmm-boot-{}-{name}", std::process::id()));
         let mut f = File::create(&path).unwrap();
         f.write_all(bytes).unwrap();
-        (path.clone(), File::open(&path).unwrap())
+        path
+    }
+
+    fn kernel_at(path: &Path) -> Image {
+        Image::open(ImageKind::Kernel, path).unwrap()
     }
 
     #[test]
     fn detects_elf_and_bzimage_and_rejects_garbage() {
-        let (p, mut f) = tmpfile("elf", b"\x7fELF\x02\x01\x01");
-        assert_eq!(detect_format(&mut f, &p).unwrap(), KernelFormat::Elf);
+        let p = tmpfile("elf", b"\x7fELF\x02\x01\x01");
+        assert_eq!(
+            detect_format(&mut kernel_at(&p)).unwrap(),
+            KernelFormat::Elf
+        );
         let mut bz = vec![0u8; 0x300];
         bz[0x202..0x206].copy_from_slice(b"HdrS");
-        let (p, mut f) = tmpfile("bz", &bz);
-        assert_eq!(detect_format(&mut f, &p).unwrap(), KernelFormat::BzImage);
-        let (p, mut f) = tmpfile("junk", b"this is not a kernel");
-        let err = detect_format(&mut f, &p).unwrap_err();
+        let p = tmpfile("bz", &bz);
+        assert_eq!(
+            detect_format(&mut kernel_at(&p)).unwrap(),
+            KernelFormat::BzImage
+        );
+        let p = tmpfile("junk", b"this is not a kernel");
+        let err = detect_format(&mut kernel_at(&p)).unwrap_err();
         assert!(err
             .to_string()
             .contains("neither an ELF vmlinux nor a bzImage"));
-        let (p, mut f) = tmpfile("empty", b"");
-        assert!(detect_format(&mut f, &p).is_err());
+        let p = tmpfile("empty", b"");
+        assert!(detect_format(&mut kernel_at(&p)).is_err());
+    }
+
+    #[test]
+    fn an_image_that_cannot_be_opened_is_named_with_its_kind_and_path() {
+        let err = Image::open(ImageKind::Initramfs, Path::new("/nonexistent/initrd")).unwrap_err();
+        assert_eq!(err.to_string(), "cannot open initramfs /nonexistent/initrd");
+        assert!(matches!(err, Error::OpenImage { .. }));
+    }
+
+    /// `file`'s fd, duplicated to a fresh number that `Image::from_fd` may take.
+    fn dup_fd(file: &impl std::os::fd::AsRawFd) -> RawFd {
+        // SAFETY: dup takes an integer; the new fd is owned by the caller.
+        let fd = unsafe { libc::dup(file.as_raw_fd()) };
+        assert!(fd > 2, "dup: {}", std::io::Error::last_os_error());
+        fd
+    }
+
+    #[test]
+    fn an_image_fd_must_be_an_open_regular_file() {
+        let p = tmpfile("fd-elf", b"\x7fELF\x02\x01\x01");
+        let fd = dup_fd(&File::open(&p).unwrap());
+        let mut image = Image::from_fd(ImageKind::Kernel, fd).unwrap();
+        assert_eq!(image.name(), format!("fd {fd}"));
+        assert_eq!(detect_format(&mut image).unwrap(), KernelFormat::Elf);
+        drop(image);
+
+        // Far above any fd this test process opens, so never taken by a parallel test.
+        let closed = 1 << 20;
+        let err = Image::from_fd(ImageKind::Kernel, closed).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("--kernel-fd {closed} is not an open file descriptor")
+        );
+
+        let dir = dup_fd(&File::open("/").unwrap());
+        let err = Image::from_fd(ImageKind::Initramfs, dir).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("--initramfs-fd {dir} is not a regular file: it is a directory")
+        );
+        // Left open on error, still the caller's.
+        // SAFETY: `dir` is open and owned by this test.
+        drop(unsafe { File::from_raw_fd(dir) });
+
+        let mut ends = [0; 2];
+        // SAFETY: pipe2 writes two fds into `ends`, valid for the call.
+        let rc = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(rc, 0);
+        let err = Image::from_fd(ImageKind::Kernel, ends[0]).unwrap_err();
+        assert!(err.to_string().ends_with("it is a pipe"), "{err}");
+        for end in ends {
+            // SAFETY: both ends are open and owned by this test.
+            drop(unsafe { File::from_raw_fd(end) });
+        }
+
+        for fd in 0..=2 {
+            let err = Image::from_fd(ImageKind::Kernel, fd).unwrap_err();
+            assert!(matches!(err, Error::ImageFdStdio { .. }), "{err}");
+        }
     }
 
     #[test]
@@ -472,13 +652,38 @@ mod tests {
             end: 0x200_0000,
             setup_header: None,
         };
-        let (p, _) = tmpfile("initrd", &[7u8; 10000]);
-        let loaded = load_initramfs(&mem, &p, &kernel, size).unwrap();
+        let p = tmpfile("initrd", &[7u8; 10000]);
+        let mut image = Image::open(ImageKind::Initramfs, &p).unwrap();
+        let loaded = load_initramfs(&mem, &mut image, &kernel, size).unwrap();
         assert_eq!(loaded.address.raw_value() % PAGE_SIZE, 0);
         assert!(loaded.address.raw_value() + loaded.size <= size);
         assert!(loaded.address.raw_value() >= kernel.end);
-        let (p, _) = tmpfile("initrd-big", &vec![0u8; 40 << 20]);
-        let err = load_initramfs(&mem, &p, &kernel, size).unwrap_err();
+        let p = tmpfile("initrd-big", &vec![0u8; 40 << 20]);
+        let mut image = Image::open(ImageKind::Initramfs, &p).unwrap();
+        let err = load_initramfs(&mem, &mut image, &kernel, size).unwrap_err();
         assert!(matches!(err, Error::InitramfsTooBig { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_initramfs_fd_is_read_from_its_start_whatever_its_offset() {
+        let size = 64u64 << 20;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
+        let kernel = LoadedKernel {
+            format: KernelFormat::Elf,
+            entry: GuestAddress(0x100_0000),
+            end: 0x200_0000,
+            setup_header: None,
+        };
+        let bytes: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let p = tmpfile("initrd-fd", &bytes);
+        let mut file = File::open(&p).unwrap();
+        // Whoever opened it may have read some of it: the offset is shared across the exec.
+        file.seek(SeekFrom::Start(1234)).unwrap();
+        let mut image = Image::from_fd(ImageKind::Initramfs, dup_fd(&file)).unwrap();
+        let loaded = load_initramfs(&mem, &mut image, &kernel, size).unwrap();
+        assert_eq!(loaded.size, bytes.len() as u64);
+        let mut back = vec![0u8; bytes.len()];
+        mem.read_slice(&mut back, loaded.address).unwrap();
+        assert_eq!(back, bytes);
     }
 }

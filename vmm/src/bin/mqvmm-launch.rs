@@ -1,16 +1,20 @@
 //! mqvmm-launch: the privileged half of mqvmm's privilege split.
 //!
-//! Creates (or adopts) a multiqueue tap and opens one fd per queue plus /dev/kvm, then gives up
-//! every privilege — no_new_privs, empty bounding set, target uid/gid with no supplementary groups,
-//! empty capability sets including ambient, all verified — and execs mqvmm with exactly those fds:
-//! `mqvmm [ARGS...] --kvm-fd K --net fds=A,B,...[,mac=MAC]`.
+//! Creates (or adopts) a multiqueue tap and opens one fd per queue plus /dev/kvm, and the guest
+//! kernel and initramfs named in mqvmm's arguments (as the caller, so that mqvmm boots images its
+//! own uid may not read), then gives up every privilege — no_new_privs, empty bounding set,
+//! target uid/gid with no supplementary groups, empty capability sets including ambient, all
+//! verified — and execs mqvmm with exactly those fds:
+//! `mqvmm [ARGS...] --kernel-fd F [--initramfs-fd I] --kvm-fd K --net fds=A,B,...[,mac=MAC]`.
 //!
 //! Self-contained on purpose (only the tap crate, clap, libc, thiserror): small enough to audit.
 
-use std::ffi::{CStr, CString, OsString};
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
+use std::ops::Range;
 use std::os::raw::{c_char, c_int, c_ulong};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -35,10 +39,20 @@ Example (as root):
   mqvmm-launch --tap mq0 --queues 4 --user nobody -- --kernel ...
 
 mqvmm then runs as nobody:nogroup with no capabilities, as
-  mqvmm --kernel ... --kvm-fd 7 --net fds=3,4,5,6,mac=52:54:00:12:34:56
-(one tap queue per virtio-net queue pair; the guest enables them with `ethtool -L eth0 combined N`).
+  mqvmm --kernel-fd 3 --initramfs-fd 4 ... --kvm-fd 9 --net fds=5,6,7,8,mac=52:54:00:12:34:56
+(the launcher opens the kernel and initramfs as its caller, so nobody need not be able to read
+them; one tap queue per virtio-net queue pair; the guest enables them with
+`ethtool -L eth0 combined N`).
 
-Exit status: 2 for bad arguments, 1 when setting up fails; otherwise mqvmm's own.";
+Who may run it: root, or a caller given CAP_NET_ADMIN, e.g.
+  setpriv --reuid U --regid G --clear-groups --inh-caps +net_admin --ambient-caps +net_admin \\
+      mqvmm-launch --user U ...
+(such a caller runs mqvmm as itself); never setuid, setgid or with file capabilities.
+--mqvmm must be an absolute path; only the default mqvmm may run as --user root;
+--seccomp off|log after -- needs --allow-unsandboxed.
+
+Exit status: 2 for bad arguments or a refused invocation (a kernel or initramfs that cannot be
+opened among them), 1 when setting up fails; otherwise mqvmm's own.";
 
 /// Create or adopt a multiqueue tap, open its queues and /dev/kvm, drop every privilege and exec
 /// mqvmm with the fds.
@@ -68,13 +82,19 @@ struct Args {
     /// queues, all but the first detached.
     #[arg(long)]
     no_mq: bool,
-    /// The mqvmm binary; default: `mqvmm` in the launcher's own directory.
+    /// The mqvmm binary, an absolute path; default: `mqvmm` in the launcher's own directory.
+    /// Only the default may run as root (`--user root`).
     #[arg(long, value_name = "PATH")]
     mqvmm: Option<PathBuf>,
+    /// Allow `--seccomp off` or `--seccomp log` among mqvmm's arguments: mqvmm then runs
+    /// without working system call filters (for debugging only).
+    #[arg(long)]
+    allow_unsandboxed: bool,
     /// Do not open /dev/kvm and pass no --kvm-fd (for tests with a stand-in VMM).
     #[arg(long)]
     no_kvm: bool,
-    /// Arguments for mqvmm; --kvm-fd and --net are added by the launcher.
+    /// Arguments for mqvmm; --kvm-fd and --net are added by the launcher, which also opens the
+    /// files of --kernel and --initramfs and passes them as --kernel-fd and --initramfs-fd.
     #[arg(last = true, value_name = "MQVMM ARGS")]
     mqvmm_args: Vec<OsString>,
 }
@@ -96,8 +116,49 @@ enum LaunchError {
     RootGroup,
     #[error("{0} is added by mqvmm-launch: do not pass it after --")]
     Reserved(String),
+    #[error("--mqvmm {0} is not an absolute path")]
+    MqvmmNotAbsolute(String),
+    #[error(
+        "refusing to run {path} as root: only the mqvmm next to mqvmm-launch ({real}) may run \
+         as root"
+    )]
+    RootNeedsRealMqvmm { path: String, real: String },
+    #[error(
+        "--seccomp {0} leaves mqvmm without working system call filters: pass \
+         --allow-unsandboxed to mqvmm-launch to do that deliberately"
+    )]
+    Unsandboxed(String),
+    #[error("{0} after -- needs a value")]
+    MissingValue(&'static str),
     #[error("invalid --tap")]
     TapName(#[source] tap::Error),
+    #[error("cannot open {what} {path}")]
+    OpenImage {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} {path} is not a regular file")]
+    ImageNotAFile { what: &'static str, path: String },
+    // Refused invocations (exit 2, like bad arguments: nothing has been set up).
+    #[error(
+        "refusing to run setuid, setgid or with file capabilities (uid {uid} euid {euid}, gid \
+         {gid} egid {egid}, AT_SECURE {secure}): run mqvmm-launch as root, or give its caller \
+         CAP_NET_ADMIN (e.g. setpriv --inh-caps +net_admin --ambient-caps +net_admin)"
+    )]
+    SecureExec {
+        uid: u32,
+        euid: u32,
+        gid: u32,
+        egid: u32,
+        secure: c_ulong,
+    },
+    #[error(
+        "mqvmm-launch needs root or CAP_NET_ADMIN (running as uid {uid} with effective \
+         capabilities {caps:#x})"
+    )]
+    NotPrivileged { uid: u32, caps: u64 },
 
     // Setup failures (exit 1).
     #[error("looking up {what} {name:?} failed")]
@@ -111,6 +172,12 @@ enum LaunchError {
     OwnExe(#[source] io::Error),
     #[error("mqvmm binary {0} not found (build it, or pass --mqvmm PATH)")]
     MqvmmMissing(String),
+    #[error("cannot resolve the mqvmm binary {path}")]
+    MqvmmPath {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot set up {queues} queues of tap {name}")]
     Tap {
         name: String,
@@ -118,6 +185,8 @@ enum LaunchError {
         #[source]
         source: tap::Error,
     },
+    #[error("cannot open /dev/null onto a closed standard fd (0, 1 or 2)")]
+    StdFds(#[source] io::Error),
     #[error("cannot open /dev/kvm")]
     OpenKvm(#[source] io::Error),
     #[error("{what} failed")]
@@ -146,7 +215,15 @@ impl LaunchError {
             | LaunchError::RootUser(_)
             | LaunchError::RootGroup
             | LaunchError::Reserved(_)
-            | LaunchError::TapName(_) => 2,
+            | LaunchError::MqvmmNotAbsolute(_)
+            | LaunchError::RootNeedsRealMqvmm { .. }
+            | LaunchError::Unsandboxed(_)
+            | LaunchError::MissingValue(_)
+            | LaunchError::TapName(_)
+            | LaunchError::OpenImage { .. }
+            | LaunchError::ImageNotAFile { .. }
+            | LaunchError::SecureExec { .. }
+            | LaunchError::NotPrivileged { .. } => 2,
             _ => 1,
         }
     }
@@ -164,6 +241,13 @@ fn log(msg: &str) {
 }
 
 fn main() {
+    if let Err(source) = open_std_fds() {
+        exit_with(LaunchError::StdFds(source));
+    }
+    // Not even the arguments are looked at for a caller who gained privileges by exec.
+    if let Err(err) = refuse_secure_exec() {
+        exit_with(err);
+    }
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
@@ -182,10 +266,14 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let err = match run(args) {
+    match run(args) {
         Ok(never) => match never {},
-        Err(e) => e,
-    };
+        Err(err) => exit_with(err),
+    }
+}
+
+/// One line with the error and its sources, and the error's exit status.
+fn exit_with(err: LaunchError) -> ! {
     let mut line = format!("mqvmm-launch: error: {err}");
     let mut source = std::error::Error::source(&err);
     while let Some(s) = source {
@@ -201,12 +289,18 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     // Arguments first: nothing is opened before they are all known to be good.
     for arg in &args.mqvmm_args {
         let arg = arg.to_string_lossy();
-        for reserved in ["--kvm-fd", "--net"] {
+        for reserved in ["--kvm-fd", "--net", "--kernel-fd", "--initramfs-fd"] {
             if arg == reserved || arg.starts_with(&format!("{reserved}=")) {
                 return Err(LaunchError::Reserved(reserved.to_owned()));
             }
         }
     }
+    if let Some(mode) = unsandboxed_mode(&args.mqvmm_args) {
+        if !args.allow_unsandboxed {
+            return Err(LaunchError::Unsandboxed(mode));
+        }
+    }
+    let image_args = image_args(&args.mqvmm_args)?;
     let (uid, primary_gid) = resolve_user(&args.user)?;
     let gid = match &args.group {
         Some(group) => resolve_group(group)?,
@@ -218,15 +312,55 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     if gid == 0 && args.group.as_deref() != Some("root") && args.user != "root" {
         return Err(LaunchError::RootGroup);
     }
-    let mqvmm = match &args.mqvmm {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
+    // An absolute path, canonical from here on: what is checked is what is executed (a bare
+    // name would be looked up in PATH by exec).
+    let own_mqvmm = || -> Result<PathBuf, LaunchError> {
+        Ok(std::env::current_exe()
             .map_err(LaunchError::OwnExe)?
-            .with_file_name("mqvmm"),
+            .with_file_name("mqvmm"))
     };
-    if !mqvmm.is_file() {
-        return Err(LaunchError::MqvmmMissing(mqvmm.display().to_string()));
+    let mqvmm = match &args.mqvmm {
+        Some(path) if !path.is_absolute() => {
+            return Err(LaunchError::MqvmmNotAbsolute(path.display().to_string()))
+        }
+        Some(path) => path.clone(),
+        None => own_mqvmm()?,
+    };
+    let mqvmm = canonical_file(&mqvmm)?;
+    if uid == 0 {
+        // Root may run mqvmm, not whatever --mqvmm names (a shell, say).
+        let own = own_mqvmm()?;
+        if std::fs::canonicalize(&own).ok().as_ref() != Some(&mqvmm) {
+            return Err(LaunchError::RootNeedsRealMqvmm {
+                path: mqvmm.display().to_string(),
+                real: own.display().to_string(),
+            });
+        }
     }
+    let caps = effective_caps().map_err(|source| LaunchError::Syscall {
+        what: "capget".to_owned(),
+        source,
+    })?;
+    // SAFETY: getuid has no preconditions.
+    let caller = unsafe { libc::getuid() };
+    if caller != 0 && caps & cap_bit(CAP_NET_ADMIN) == 0 {
+        return Err(LaunchError::NotPrivileged { uid: caller, caps });
+    }
+
+    // Still as the caller: the guest images, which mqvmm's uid may not be able to open.
+    let mut images = Vec::with_capacity(image_args.len());
+    for arg in &image_args {
+        let fd = open_image(arg)?;
+        log(&format!(
+            "{} {} on fd {}",
+            arg.image.what(),
+            arg.path.display(),
+            fd.as_raw_fd()
+        ));
+        images.push(fd);
+    }
+    let image_fds: Vec<RawFd> = images.iter().map(AsRawFd::as_raw_fd).collect();
+    let mqvmm_args = pass_images(&args.mqvmm_args, &image_args, &image_fds);
 
     // The privileged part: the tap queues and /dev/kvm.
     let cfg = tap::TapConfig {
@@ -284,12 +418,18 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     // Only the fds we pass survive the exec.
     let mut pass = queue_fds.clone();
     pass.extend(kvm_fd);
+    pass.extend(&image_fds);
     cloexec_all_except(&pass)?;
 
-    drop_privileges(uid, gid)?;
-    verify_dropped(uid, gid)?;
+    let kept_bounding_set = drop_privileges(uid, gid)?;
+    verify_dropped(uid, gid, kept_bounding_set)?;
     log(&format!(
-        "running as uid {uid} gid {gid}: no supplementary groups, no capabilities, no_new_privs"
+        "running as uid {uid} gid {gid}: no supplementary groups, no capabilities, no_new_privs{}",
+        if kept_bounding_set {
+            " (bounding set left as it was: emptying it needs CAP_SETPCAP)"
+        } else {
+            ""
+        }
     ));
 
     let mut net = format!("fds={}", join(&queue_fds));
@@ -303,7 +443,7 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
         net.push_str(",mq=off");
     }
     let mut cmd = Command::new(&mqvmm);
-    cmd.args(&args.mqvmm_args);
+    cmd.args(&mqvmm_args);
     if let Some(fd) = kvm_fd {
         cmd.arg("--kvm-fd").arg(fd.to_string());
     }
@@ -315,11 +455,44 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     log(&format!("exec {} {}", mqvmm.display(), shown.join(" ")));
     let source = cmd.exec();
     // The fds must stay open until exec; it failed, so they close here.
-    drop((queues, kvm));
+    drop((queues, kvm, images));
     Err(LaunchError::Exec {
         path: mqvmm.display().to_string(),
         uid,
         source,
+    })
+}
+
+/// `path` with every symlink, `.` and `..` resolved, if it is a file.
+fn canonical_file(path: &std::path::Path) -> Result<PathBuf, LaunchError> {
+    let missing = || LaunchError::MqvmmMissing(path.display().to_string());
+    let canonical = match std::fs::canonicalize(path) {
+        Ok(canonical) => canonical,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
+        Err(source) => {
+            return Err(LaunchError::MqvmmPath {
+                path: path.display().to_string(),
+                source,
+            })
+        }
+    };
+    if !canonical.is_file() {
+        return Err(missing());
+    }
+    Ok(canonical)
+}
+
+/// The mode of a `--seccomp off` or `--seccomp log` (either spelling) among mqvmm's arguments:
+/// with both, mqvmm's system calls go unfiltered (`log` only logs them).
+fn unsandboxed_mode(args: &[OsString]) -> Option<String> {
+    args.iter().enumerate().find_map(|(i, arg)| {
+        let arg = arg.to_str()?;
+        let mode = match arg.strip_prefix("--seccomp=") {
+            Some(mode) => mode,
+            None if arg == "--seccomp" => args.get(i + 1)?.to_str()?,
+            None => return None,
+        };
+        matches!(mode, "off" | "log").then(|| mode.to_owned())
     })
 }
 
@@ -344,6 +517,132 @@ fn parse_mac(s: &str) -> Result<String, String> {
         return Err(format!("{s} is a multicast address"));
     }
     Ok(s.to_ascii_lowercase())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Guest images.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GuestImage {
+    Kernel,
+    Initramfs,
+}
+
+impl GuestImage {
+    const ALL: [GuestImage; 2] = [GuestImage::Kernel, GuestImage::Initramfs];
+
+    /// mqvmm's option naming the image's path.
+    fn path_option(self) -> &'static str {
+        match self {
+            GuestImage::Kernel => "--kernel",
+            GuestImage::Initramfs => "--initramfs",
+        }
+    }
+
+    /// mqvmm's option passing the image as an open fd.
+    fn fd_option(self) -> &'static str {
+        match self {
+            GuestImage::Kernel => "--kernel-fd",
+            GuestImage::Initramfs => "--initramfs-fd",
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            GuestImage::Kernel => "kernel image",
+            GuestImage::Initramfs => "initramfs",
+        }
+    }
+}
+
+/// A guest image named in mqvmm's arguments: `--kernel PATH` (two arguments) or
+/// `--kernel=PATH` (one), at `span` in the argument list.
+#[derive(Debug, PartialEq, Eq)]
+struct ImageArg {
+    image: GuestImage,
+    path: PathBuf,
+    span: Range<usize>,
+}
+
+/// Finds `--kernel`/`--initramfs` with their paths among mqvmm's arguments.
+fn image_args(args: &[OsString]) -> Result<Vec<ImageArg>, LaunchError> {
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = args[i].as_bytes();
+        let mut next = i + 1;
+        for image in GuestImage::ALL {
+            let option = image.path_option();
+            if arg == option.as_bytes() {
+                let path = args.get(i + 1).ok_or(LaunchError::MissingValue(option))?;
+                next = i + 2;
+                found.push(ImageArg {
+                    image,
+                    path: PathBuf::from(path),
+                    span: i..next,
+                });
+            } else if let Some(path) = arg
+                .strip_prefix(option.as_bytes())
+                .and_then(|rest| rest.strip_prefix(b"="))
+            {
+                found.push(ImageArg {
+                    image,
+                    path: PathBuf::from(OsStr::from_bytes(path)),
+                    span: i..next,
+                });
+            }
+        }
+        i = next;
+    }
+    Ok(found)
+}
+
+/// Opens an image read-only as the caller. O_NONBLOCK and O_NOCTTY keep a FIFO or a terminal
+/// given by mistake from blocking or becoming ours before it is refused as no regular file.
+fn open_image(arg: &ImageArg) -> Result<OwnedFd, LaunchError> {
+    let path = arg.path.display().to_string();
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(&arg.path)
+        .map_err(|source| LaunchError::OpenImage {
+            what: arg.image.what(),
+            path: path.clone(),
+            source,
+        })?;
+    let meta = file.metadata().map_err(|source| LaunchError::OpenImage {
+        what: arg.image.what(),
+        path: path.clone(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(LaunchError::ImageNotAFile {
+            what: arg.image.what(),
+            path,
+        });
+    }
+    Ok(OwnedFd::from(file))
+}
+
+/// mqvmm's arguments with each image argument replaced by its fd option (`--kernel-fd N`).
+fn pass_images(args: &[OsString], images: &[ImageArg], fds: &[RawFd]) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut replaced = images.iter().zip(fds).peekable();
+    let mut i = 0;
+    while i < args.len() {
+        match replaced.next_if(|(arg, _)| arg.span.start == i) {
+            Some((arg, fd)) => {
+                out.push(arg.image.fd_option().into());
+                out.push(fd.to_string().into());
+                i = arg.span.end;
+            }
+            None => {
+                out.push(args[i].clone());
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -449,6 +748,35 @@ fn passwd_entry(key: PwKey<'_>) -> io::Result<Option<(u32, u32)>> {
 // ---------------------------------------------------------------------------------------------
 // Fds and privileges.
 
+/// Opens /dev/null onto each of fds 0, 1 and 2 that is closed, before anything else is opened:
+/// a tap queue, /dev/kvm or an image landing on one would become mqvmm's stdin, stdout or
+/// stderr. (Rust's runtime does the same before main today; the launcher does not rely on it.)
+fn open_std_fds() -> io::Result<()> {
+    for fd in 0..=2 {
+        // SAFETY: F_GETFD only queries the descriptor table.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+            continue;
+        }
+        // SAFETY: the path is a NUL-terminated literal; the new fd is ours (no CLOEXEC: it is
+        // meant to be inherited as a standard stream).
+        let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        if null < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // open returns the lowest free fd, which is `fd` as the ones below it are open.
+        if null != fd {
+            // SAFETY: dup2 and close take integers; `null` is ours to close.
+            let rc = unsafe { libc::dup2(null, fd) };
+            // SAFETY: as above.
+            unsafe { libc::close(null) };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn set_cloexec(fd: RawFd, cloexec: bool) -> io::Result<()> {
     // SAFETY: fcntl(F_GETFD/F_SETFD) takes no pointers; it only changes this fd's flags.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
@@ -518,27 +846,105 @@ fn prctl(option: c_int, arg: c_ulong) -> c_int {
     unsafe { libc::prctl(option, arg, 0 as c_ulong, 0 as c_ulong, 0 as c_ulong) }
 }
 
-fn drop_privileges(uid: u32, gid: u32) -> Result<(), LaunchError> {
+// From linux/capability.h.
+const CAP_SETPCAP: u32 = 8;
+const CAP_NET_ADMIN: u32 = 12;
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+fn cap_bit(cap: u32) -> u64 {
+    1 << cap
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// This process's effective capability set.
+fn effective_caps() -> io::Result<u64> {
+    let header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget reads one header and writes two data structs (version 3), live locals.
+    if unsafe { libc::syscall(libc::SYS_capget, &header, data.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from(data[0].effective) | u64::from(data[1].effective) << 32)
+}
+
+/// Refuses a launcher that gained privileges by exec: setuid or setgid (real and effective ids
+/// differ), or anything else the kernel marks AT_SECURE (file capabilities among them). Its
+/// caller would be untrusted, and could attach to any tap or run any program as root.
+fn refuse_secure_exec() -> Result<(), LaunchError> {
+    // SAFETY: these take no arguments and cannot fail.
+    let (uid, euid, gid, egid) = unsafe {
+        (
+            libc::getuid(),
+            libc::geteuid(),
+            libc::getgid(),
+            libc::getegid(),
+        )
+    };
+    // SAFETY: getauxval reads this process's auxiliary vector; 0 when the entry is absent.
+    let secure = unsafe { libc::getauxval(libc::AT_SECURE) };
+    if uid != euid || gid != egid || secure != 0 {
+        return Err(LaunchError::SecureExec {
+            uid,
+            euid,
+            gid,
+            egid,
+            secure,
+        });
+    }
+    Ok(())
+}
+
+/// Gives up everything; returns whether the bounding set had to be left as it was: a caller
+/// that is not root and holds CAP_NET_ADMIN but not CAP_SETPCAP cannot empty it (it is inert
+/// for a process that is not root and has no_new_privs, as verify_dropped then requires).
+fn drop_privileges(uid: u32, gid: u32) -> Result<bool, LaunchError> {
     if prctl(libc::PR_SET_NO_NEW_PRIVS, 1) != 0 {
         return Err(syscall_error("prctl(PR_SET_NO_NEW_PRIVS)"));
     }
+    let caps = effective_caps().map_err(|source| LaunchError::Syscall {
+        what: "capget".to_owned(),
+        source,
+    })?;
     // The bounding set can only shrink while we still hold CAP_SETPCAP, i.e. before setuid.
-    let mut cap: c_ulong = 0;
-    loop {
-        match prctl(libc::PR_CAPBSET_READ, cap) {
-            r if r < 0 => break, // EINVAL: past the last capability this kernel knows
-            0 => {}
-            _ => {
-                if prctl(libc::PR_CAPBSET_DROP, cap) != 0 {
-                    return Err(syscall_error(format!("prctl(PR_CAPBSET_DROP, {cap})")));
+    let keep_bounding_set = caps & cap_bit(CAP_SETPCAP) == 0 && uid != 0;
+    if !keep_bounding_set {
+        let mut cap: c_ulong = 0;
+        loop {
+            match prctl(libc::PR_CAPBSET_READ, cap) {
+                r if r < 0 => break, // EINVAL: past the last capability this kernel knows
+                0 => {}
+                _ => {
+                    if prctl(libc::PR_CAPBSET_DROP, cap) != 0 {
+                        return Err(syscall_error(format!("prctl(PR_CAPBSET_DROP, {cap})")));
+                    }
                 }
             }
+            cap += 1;
         }
-        cap += 1;
     }
-    // SAFETY: setgroups with size 0 reads no memory.
-    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
-        return Err(syscall_error("setgroups(0)"));
+    // setgroups needs CAP_SETGID even to set the empty list a caller without it may already have.
+    // SAFETY: getgroups with size 0 only returns the count.
+    if unsafe { libc::getgroups(0, std::ptr::null_mut()) } != 0 {
+        // SAFETY: setgroups with size 0 reads no memory.
+        if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+            return Err(syscall_error("setgroups(0)"));
+        }
     }
     // SAFETY: setresgid/setresuid take integers only; this process has no other threads.
     if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
@@ -549,29 +955,13 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), LaunchError> {
         return Err(syscall_error(format!("setresuid({uid})")));
     }
     // setresuid away from root already empties the permitted and effective sets; capset clears
-    // them for --user root too, and the inheritable set in every case.
-    #[repr(C)]
-    struct CapHeader {
-        version: u32,
-        pid: c_int,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct CapData {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    // them for --user root and for a caller that was not root, and the inheritable set in every
+    // case.
     let header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [CapData {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
+    let data = [CapData::default(); 2];
     // SAFETY: capset reads one header and two data structs (version 3), both live locals.
     if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
         return Err(syscall_error("capset(all zero)"));
@@ -583,11 +973,12 @@ fn drop_privileges(uid: u32, gid: u32) -> Result<(), LaunchError> {
     {
         return Err(syscall_error("prctl(PR_CAP_AMBIENT_CLEAR_ALL)"));
     }
-    Ok(())
+    Ok(keep_bounding_set)
 }
 
-/// Checks the drop with the kernel's own account of us, and that it cannot be undone.
-fn verify_dropped(uid: u32, gid: u32) -> Result<(), LaunchError> {
+/// Checks the drop with the kernel's own account of us, and that it cannot be undone. The
+/// bounding set must be empty unless `kept_bounding_set` (then uid is not 0).
+fn verify_dropped(uid: u32, gid: u32, kept_bounding_set: bool) -> Result<(), LaunchError> {
     let (mut r, mut e, mut s) = (0, 0, 0);
     // SAFETY: getresuid writes three ids into live locals.
     if unsafe { libc::getresuid(&mut r, &mut e, &mut s) } != 0 || (r, e, s) != (uid, uid, uid) {
@@ -614,6 +1005,9 @@ fn verify_dropped(uid: u32, gid: u32) -> Result<(), LaunchError> {
             source,
         })?;
     for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        if key == "CapBnd" && kept_bounding_set && uid != 0 {
+            continue;
+        }
         let value = status
             .lines()
             .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
@@ -682,10 +1076,99 @@ mod tests {
     fn argument_errors_exit_2_setup_errors_exit_1() {
         assert_eq!(LaunchError::RootUser("0".into()).exit_code(), 2);
         assert_eq!(LaunchError::Reserved("--net".into()).exit_code(), 2);
+        // Refused invocations count as bad arguments: nothing was set up.
+        let refused = LaunchError::SecureExec {
+            uid: 1000,
+            euid: 0,
+            gid: 1000,
+            egid: 1000,
+            secure: 1,
+        };
+        assert_eq!(refused.exit_code(), 2);
+        assert_eq!(
+            LaunchError::NotPrivileged { uid: 1000, caps: 0 }.exit_code(),
+            2
+        );
         assert_eq!(
             LaunchError::OpenKvm(io::Error::from_raw_os_error(libc::ENOENT)).exit_code(),
             1
         );
+    }
+
+    fn os(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn image_arguments_are_found_in_both_spellings_and_replaced_by_fds() {
+        let args = os(&[
+            "--cpus",
+            "2",
+            "--kernel",
+            "/boot/vmlinux",
+            "--cmdline",
+            "console=ttyS0",
+            "--initramfs=/boot/initrd.img",
+        ]);
+        let found = image_args(&args).unwrap();
+        assert_eq!(
+            found,
+            [
+                ImageArg {
+                    image: GuestImage::Kernel,
+                    path: "/boot/vmlinux".into(),
+                    span: 2..4
+                },
+                ImageArg {
+                    image: GuestImage::Initramfs,
+                    path: "/boot/initrd.img".into(),
+                    span: 6..7
+                },
+            ]
+        );
+        assert_eq!(
+            pass_images(&args, &found, &[7, 8]),
+            os(&[
+                "--cpus",
+                "2",
+                "--kernel-fd",
+                "7",
+                "--cmdline",
+                "console=ttyS0",
+                "--initramfs-fd",
+                "8"
+            ])
+        );
+        // Other options, and values that merely contain the option names, are left alone.
+        let args = os(&["--kernelx=1", "--initramfs-fdx", "--cmdline=--kernel=/x"]);
+        assert_eq!(image_args(&args).unwrap(), []);
+        assert_eq!(pass_images(&args, &[], &[]), args);
+        assert!(matches!(
+            image_args(&os(&["--cpus", "1", "--initramfs"])),
+            Err(LaunchError::MissingValue("--initramfs"))
+        ));
+    }
+
+    #[test]
+    fn seccomp_off_and_log_are_found_in_both_spellings() {
+        assert_eq!(
+            unsandboxed_mode(&os(&["--cpus", "2", "--seccomp", "off"])).as_deref(),
+            Some("off")
+        );
+        assert_eq!(
+            unsandboxed_mode(&os(&["--seccomp=log", "--cpus", "2"])).as_deref(),
+            Some("log")
+        );
+        for sandboxed in [
+            &["--seccomp", "on"][..],
+            &["--seccomp=on"],
+            &["--seccomp"],
+            &["--cmdline", "seccomp=off"],
+            &["--seccomp-selftest", "off"],
+            &[],
+        ] {
+            assert_eq!(unsandboxed_mode(&os(sandboxed)), None, "{sandboxed:?}");
+        }
     }
 
     #[test]
@@ -701,7 +1184,10 @@ mod tests {
             "ip addr add",
             "ip link set mq0 up",
             "--kvm-fd",
+            "--kernel-fd",
             "--net fds=",
+            "--ambient-caps +net_admin",
+            "--allow-unsandboxed",
         ] {
             assert!(help.contains(needle), "help lacks {needle:?}");
         }
