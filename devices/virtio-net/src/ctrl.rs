@@ -299,8 +299,12 @@ pub struct CtrlRequest {
     buf: [u8; CMD_BUF_LEN],
     /// Readable bytes in the chain (may exceed what `buf` holds).
     pub readable_len: usize,
-    /// Guest address of the ack byte (last byte of the last writable descriptor).
+    /// Guest address of the ack byte: the first device-writable byte, right after the
+    /// command-specific data (virtio 1.x 5.1.6.5: `ack` precedes any command-specific
+    /// result).
     pub ack_addr: GuestAddress,
+    /// Device-writable bytes after the ack, for a command-specific result.
+    pub result_len: usize,
 }
 
 impl CtrlRequest {
@@ -331,7 +335,8 @@ pub enum CtrlChainError {
 }
 
 /// Parses the control chain at `head`: class/command/data may be split across readable
-/// descriptors or share one; the ack goes into the last byte of the last writable one.
+/// descriptors or share one; the ack goes into the first writable byte and a command's
+/// result, if any, after it.
 pub fn parse_request(
     mem: &GuestMemoryMmap,
     table: DescTable,
@@ -341,6 +346,7 @@ pub fn parse_request(
         buf: [0; CMD_BUF_LEN],
         readable_len: 0,
         ack_addr: GuestAddress(0),
+        result_len: 0,
     };
     let mut ack: Option<GuestAddress> = None;
     let mut seen_writable = false;
@@ -356,7 +362,13 @@ pub fn parse_request(
         if desc.is_write_only() {
             seen_writable = true;
             if len > 0 {
-                ack = Some(GuestAddress(desc.addr().0 + len as u64 - 1));
+                match ack {
+                    None => {
+                        ack = Some(desc.addr());
+                        req.result_len = len - 1;
+                    }
+                    Some(_) => req.result_len = req.result_len.saturating_add(len),
+                }
             }
         } else {
             if seen_writable {
