@@ -24,7 +24,48 @@ pub struct NetConfig {
     pub mq: bool,
     /// Maximum size of every virtqueue (power of two).
     pub queue_size: u16,
+    /// Link speed in Mbit/s shown to the guest (VIRTIO_NET_F_SPEED_DUPLEX; `ethtool eth0`).
+    /// A tap has no speed of its own, so this is what the operator says it is.
+    pub speed_mbps: u32,
+    /// Duplex shown to the guest.
+    pub duplex: Duplex,
 }
+
+/// Duplex of the link shown to the guest (`struct virtio_net_config.duplex`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Duplex {
+    /// DUPLEX_HALF.
+    Half,
+    /// DUPLEX_FULL.
+    Full,
+}
+
+impl Duplex {
+    /// The value in the config space (Linux's DUPLEX_HALF = 0, DUPLEX_FULL = 1).
+    pub fn config_value(self) -> u8 {
+        match self {
+            Duplex::Half => 0,
+            Duplex::Full => 1,
+        }
+    }
+}
+
+impl std::str::FromStr for Duplex {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "full" => Ok(Duplex::Full),
+            "half" => Ok(Duplex::Half),
+            _ => Err(format!("duplex {s:?} is neither full nor half")),
+        }
+    }
+}
+
+/// Link speed shown when none is configured: 10 Gbit/s, full duplex.
+pub const DEFAULT_SPEED_MBPS: u32 = 10_000;
+/// Largest speed Linux's ethtool accepts from a driver (INT_MAX Mbit/s).
+pub const MAX_SPEED_MBPS: u32 = i32::MAX as u32;
 
 impl NetConfig {
     /// A stable, locally administered unicast MAC (02:6d:71:76:6d:00, "mqvm").
@@ -38,6 +79,8 @@ impl Default for NetConfig {
             mtu: None,
             mq: true,
             queue_size: DEFAULT_QUEUE_SIZE,
+            speed_mbps: DEFAULT_SPEED_MBPS,
+            duplex: Duplex::Full,
         }
     }
 }
@@ -69,6 +112,12 @@ pub enum ConfigError {
         /// The MTU given.
         mtu: u16,
     },
+    /// The speed is zero or above what Linux accepts.
+    #[error("speed {speed} Mbit/s is not between 1 and {MAX_SPEED_MBPS}")]
+    Speed {
+        /// The speed given.
+        speed: u32,
+    },
 }
 
 impl NetConfig {
@@ -93,13 +142,18 @@ impl NetConfig {
                 return Err(ConfigError::Mtu { mtu });
             }
         }
+        if self.speed_mbps == 0 || self.speed_mbps > MAX_SPEED_MBPS {
+            return Err(ConfigError::Speed {
+                speed: self.speed_mbps,
+            });
+        }
         Ok(())
     }
 }
 
-/// Size of the config space we expose: mac, status, max_virtqueue_pairs, mtu.
-/// Speed/duplex and the RSS fields belong to features we do not offer.
-pub const CONFIG_SPACE_LEN: usize = 12;
+/// Size of the config space we expose: mac, status, max_virtqueue_pairs, mtu, speed,
+/// duplex. The RSS fields that follow belong to features we do not offer.
+pub const CONFIG_SPACE_LEN: usize = 17;
 
 /// The live config space. Fields are little endian (virtio 1.x).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +166,10 @@ pub struct ConfigSpace {
     pub max_virtqueue_pairs: u16,
     /// Advertised MTU (0 when not offered).
     pub mtu: u16,
+    /// Link speed in Mbit/s.
+    pub speed: u32,
+    /// Link duplex.
+    pub duplex: Duplex,
 }
 
 impl ConfigSpace {
@@ -126,7 +184,16 @@ impl ConfigSpace {
             },
             max_virtqueue_pairs,
             mtu: mtu.unwrap_or(0),
+            speed: DEFAULT_SPEED_MBPS,
+            duplex: Duplex::Full,
         }
+    }
+
+    /// The same with the link speed and duplex of `cfg`.
+    pub fn with_link(mut self, speed: u32, duplex: Duplex) -> Self {
+        self.speed = speed;
+        self.duplex = duplex;
+        self
     }
 
     /// The config space as the driver sees it.
@@ -136,6 +203,8 @@ impl ConfigSpace {
         b[6..8].copy_from_slice(&self.status.to_le_bytes());
         b[8..10].copy_from_slice(&self.max_virtqueue_pairs.to_le_bytes());
         b[10..12].copy_from_slice(&self.mtu.to_le_bytes());
+        b[12..16].copy_from_slice(&self.speed.to_le_bytes());
+        b[16] = self.duplex.config_value();
         b
     }
 

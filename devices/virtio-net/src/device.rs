@@ -171,7 +171,8 @@ impl<B: Backend + 'static> Net<B> {
                     .map_err(|source| Error::BackendSetup { pair, source })
             })
             .collect::<Result<Vec<bool>, Error>>()?;
-        let config = ConfigSpace::new(cfg.mac, backends.len() as u16, cfg.mtu, true);
+        let config = ConfigSpace::new(cfg.mac, backends.len() as u16, cfg.mtu, true)
+            .with_link(cfg.speed_mbps, cfg.duplex);
         let shared =
             Arc::new(Shared::new(backends, attached, config, cfg.mtu).map_err(Error::EventFd)?);
         shared.enter_reset_state(&mut relock(&shared.state))?;
@@ -464,7 +465,8 @@ impl<B: Backend + 'static> Net<B> {
             self.shared.backends.len() as u16,
             self.cfg.mtu,
             link,
-        );
+        )
+        .with_link(self.cfg.speed_mbps, self.cfg.duplex);
         for p in &self.shared.metrics.pairs {
             p.parked.store(true, Ordering::Relaxed);
         }

@@ -6,7 +6,7 @@ use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use super::*;
-use crate::config::{ConfigError, ConfigSpace, NetConfig, MAX_QUEUE_PAIRS};
+use crate::config::{ConfigError, ConfigSpace, Duplex, NetConfig, MAX_QUEUE_PAIRS};
 use crate::features::{bit, offered_features, tun_offload_flags, Negotiated};
 use crate::Net;
 
@@ -25,6 +25,7 @@ fn offered_features_follow_the_options() {
         VIRTIO_NET_F_GUEST_TSO6,
         VIRTIO_NET_F_GUEST_UFO,
         VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_SPEED_DUPLEX,
         VIRTIO_RING_F_EVENT_IDX,
         VIRTIO_RING_F_INDIRECT_DESC,
     ];
@@ -146,7 +147,8 @@ fn options_are_validated() {
 
 #[test]
 fn config_reads_at_any_offset_and_length() {
-    let cs = ConfigSpace::new([2, 0x11, 0x22, 0x33, 0x44, 0x55], 4, Some(9000), true);
+    let cs = ConfigSpace::new([2, 0x11, 0x22, 0x33, 0x44, 0x55], 4, Some(9000), true)
+        .with_link(25_000, Duplex::Half);
     let read = |offset: u64, len: usize| {
         let mut d = vec![0xee; len];
         cs.read(offset, &mut d);
@@ -159,13 +161,14 @@ fn config_reads_at_any_offset_and_length() {
     assert_eq!(read(3, 1), [0x33]);
     assert_eq!(read(5, 3), [0x55, 1, 0], "straddles mac and status");
     assert_eq!(read(7, 4), [0, 4, 0, 0x28]);
-    assert_eq!(read(11, 4), [0x23, 0, 0, 0], "past the end reads zero");
-    assert_eq!(read(12, 4), [0; 4]);
+    assert_eq!(read(12, 4), 25_000u32.to_le_bytes(), "speed");
+    assert_eq!(read(16, 1), [0], "duplex half");
+    assert_eq!(read(16, 4), [0, 0, 0, 0], "past the end reads zero");
     assert_eq!(read(4096, 8), [0; 8]);
     assert_eq!(read(u64::MAX, 8), [0; 8]);
     assert_eq!(read(u64::MAX - 2, 4), [0; 4]);
     assert!(read(0, 0).is_empty());
-    assert_eq!(read(0, 40)[12..], [0; 28]);
+    assert_eq!(read(0, 40)[17..], [0; 23]);
 }
 
 #[test]
@@ -177,10 +180,39 @@ fn device_config_space_shows_mac_pairs_mtu_and_link() {
         ..Default::default()
     };
     let net = Net::new(cfg, b).unwrap();
-    let mut d = [0u8; 12];
+    let mut d = [0u8; 17];
     net.read_config(0, &mut d);
-    assert_eq!(d, [2, 1, 2, 3, 4, 5, 1, 0, 3, 0, 0x78, 0x05]);
+    // Speed and duplex default to 10 Gbit/s full.
+    assert_eq!(
+        d,
+        [2, 1, 2, 3, 4, 5, 1, 0, 3, 0, 0x78, 0x05, 0x10, 0x27, 0, 0, 1]
+    );
+    assert_ne!(net.avail_features() & bit(VIRTIO_NET_F_SPEED_DUPLEX), 0);
     net.set_link_up(false);
     net.read_config(6, &mut d[..2]);
     assert_eq!(d[..2], [0, 0]);
+}
+
+#[test]
+fn speed_and_duplex_are_validated_and_shown() {
+    let (b, _, _) = backends(1);
+    let cfg = NetConfig {
+        speed_mbps: 100,
+        duplex: Duplex::Half,
+        ..Default::default()
+    };
+    let net = Net::new(cfg, b).unwrap();
+    let mut d = [0u8; 5];
+    net.read_config(12, &mut d);
+    assert_eq!(d, [100, 0, 0, 0, 0]);
+    for speed in [0, u32::MAX] {
+        let cfg = NetConfig {
+            speed_mbps: speed,
+            ..Default::default()
+        };
+        assert_eq!(cfg.validate(1), Err(ConfigError::Speed { speed }));
+    }
+    assert_eq!("full".parse(), Ok(Duplex::Full));
+    assert_eq!("half".parse(), Ok(Duplex::Half));
+    assert!("auto".parse::<Duplex>().is_err());
 }
