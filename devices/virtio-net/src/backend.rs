@@ -114,6 +114,14 @@ pub trait Backend: Send + Sync + AsRawFd {
         None
     }
 
+    /// Whether the host side accepts the TUNSETOFFLOAD `tun_flags` (asked once, at device
+    /// creation, on an attached queue; the offloads in force afterwards are unspecified
+    /// until the next [`Backend::set_offload`]). Backends that cannot tell keep the
+    /// default, `false`, and such offloads are not offered.
+    fn accepts_offload(&self, _tun_flags: u32) -> bool {
+        false
+    }
+
     /// Whether the host side of this queue is gone for good (for a tap: the interface was
     /// deleted while we hold its queue fds). Asked only after an operation failed. Backends
     /// that cannot disappear keep the default, `false`.

@@ -15,7 +15,7 @@ use crate::backend::{Backend, BackendError};
 use crate::config::{ConfigError, ConfigSpace, NetConfig};
 use crate::control::{RunState, WORKER_CONFIRM_TIMEOUT};
 use crate::ctrl::CtrlQueue;
-use crate::features::{bit, offered_features, tun_offload_flags, Negotiated};
+use crate::features::{bit, offered_features, tun_offload_flags, Negotiated, TUN_USO_PROBE};
 use crate::metrics::NetMetrics;
 use crate::state::{relock, DeviceCtrl, ResetFailed, Shared};
 use crate::worker::{
@@ -176,8 +176,10 @@ impl<B: Backend + 'static> Net<B> {
         let shared =
             Arc::new(Shared::new(backends, attached, config, cfg.mtu).map_err(Error::EventFd)?);
         shared.enter_reset_state(&mut relock(&shared.state))?;
+        // Pair 0 is attached now; activation sets the offloads the driver negotiated.
+        let uso = shared.backends[0].accepts_offload(TUN_USO_PROBE);
         Ok(Net {
-            avail_features: offered_features(cfg.mtu.is_some(), cfg.mq),
+            avail_features: offered_features(cfg.mtu.is_some(), cfg.mq, uso),
             acked_features: 0,
             cfg,
             shared,

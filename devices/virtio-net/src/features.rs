@@ -5,8 +5,9 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR,
     VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_GUEST_USO4,
+    VIRTIO_NET_F_GUEST_USO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_HOST_USO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_SPEED_DUPLEX, VIRTIO_NET_F_STATUS,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -29,7 +30,24 @@ pub const GUEST_OFFLOAD_MASK: u64 = bit(VIRTIO_NET_F_GUEST_CSUM)
     | bit(VIRTIO_NET_F_GUEST_TSO4)
     | bit(VIRTIO_NET_F_GUEST_TSO6)
     | bit(VIRTIO_NET_F_GUEST_ECN)
-    | bit(VIRTIO_NET_F_GUEST_UFO);
+    | bit(VIRTIO_NET_F_GUEST_UFO)
+    | bit(VIRTIO_NET_F_GUEST_USO4)
+    | bit(VIRTIO_NET_F_GUEST_USO6);
+
+/// Guest receive offloads under which the host may hand over GSO frames of up to 64 KiB.
+pub const GUEST_GSO_MASK: u64 = bit(VIRTIO_NET_F_GUEST_TSO4)
+    | bit(VIRTIO_NET_F_GUEST_TSO6)
+    | bit(VIRTIO_NET_F_GUEST_UFO)
+    | bit(VIRTIO_NET_F_GUEST_USO4)
+    | bit(VIRTIO_NET_F_GUEST_USO6);
+
+/// UDP segmentation both ways (Linux 6.2+: the tap takes and hands over UDP_L4 GSO frames
+/// only from then on), offered only when the tap accepts TUN_F_USO4 | TUN_F_USO6.
+pub const USO_FEATURES: u64 =
+    bit(VIRTIO_NET_F_HOST_USO) | bit(VIRTIO_NET_F_GUEST_USO4) | bit(VIRTIO_NET_F_GUEST_USO6);
+
+/// The TUNSETOFFLOAD flags whose acceptance tells that the tap does USO.
+pub const TUN_USO_PROBE: u32 = tap::TUN_F_CSUM | tap::TUN_F_USO4 | tap::TUN_F_USO6;
 
 /// Features offered whatever the configuration.
 const BASE_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
@@ -40,9 +58,11 @@ const BASE_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_NET_F_HOST_TSO4)
     | bit(VIRTIO_NET_F_HOST_TSO6)
     | bit(VIRTIO_NET_F_HOST_UFO)
+    | bit(VIRTIO_NET_F_HOST_ECN)
     | bit(VIRTIO_NET_F_GUEST_TSO4)
     | bit(VIRTIO_NET_F_GUEST_TSO6)
     | bit(VIRTIO_NET_F_GUEST_UFO)
+    | bit(VIRTIO_NET_F_GUEST_ECN)
     | bit(VIRTIO_NET_F_MRG_RXBUF)
     | bit(VIRTIO_NET_F_SPEED_DUPLEX)
     | bit(VIRTIO_RING_F_EVENT_IDX)
@@ -55,11 +75,15 @@ const CTRL_FEATURES: u64 = bit(VIRTIO_NET_F_CTRL_VQ)
     | bit(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
     | bit(VIRTIO_NET_F_CTRL_MAC_ADDR);
 
-/// The feature set offered for a device with these options.
-pub fn offered_features(mtu: bool, mq: bool) -> u64 {
+/// The feature set offered for a device with these options; `uso` says whether the tap
+/// does UDP segmentation.
+pub fn offered_features(mtu: bool, mq: bool, uso: bool) -> u64 {
     let mut features = BASE_FEATURES;
     if mtu {
         features |= bit(VIRTIO_NET_F_MTU);
+    }
+    if uso {
+        features |= USO_FEATURES;
     }
     if mq {
         features |= CTRL_FEATURES;
@@ -134,7 +158,7 @@ pub fn tun_offload_flags(guest_offloads: u64) -> u32 {
     if guest_offloads & bit(VIRTIO_NET_F_GUEST_TSO6) != 0 {
         flags |= libc::TUN_F_TSO6;
     }
-    // ECN only qualifies TSO; never offered today, but kept consistent if it ever is.
+    // ECN only qualifies TSO.
     if guest_offloads & bit(VIRTIO_NET_F_GUEST_ECN) != 0
         && flags & (libc::TUN_F_TSO4 | libc::TUN_F_TSO6) != 0
     {
@@ -142,6 +166,11 @@ pub fn tun_offload_flags(guest_offloads: u64) -> u32 {
     }
     if guest_offloads & bit(VIRTIO_NET_F_GUEST_UFO) != 0 {
         flags |= libc::TUN_F_UFO;
+    }
+    // The tap takes USO for both IP versions or for none.
+    let uso = bit(VIRTIO_NET_F_GUEST_USO4) | bit(VIRTIO_NET_F_GUEST_USO6);
+    if guest_offloads & uso == uso {
+        flags |= tap::TUN_F_USO4 | tap::TUN_F_USO6;
     }
     flags
 }

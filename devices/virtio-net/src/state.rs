@@ -12,15 +12,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO,
-};
 
 use crate::backend::{Backend, BackendError};
 use crate::config::ConfigSpace;
 use crate::control::{PairControl, RunState, StopSignal, WORKER_CONFIRM_TIMEOUT};
 use crate::ctrl::{switch_pairs, Command, CtrlTarget, PairSwitch, SwitchError};
-use crate::features::{bit, tun_offload_flags, Negotiated};
+use crate::features::{tun_offload_flags, Negotiated, GUEST_GSO_MASK};
 use crate::limit::{LogLimit, TokenBucket};
 use crate::metrics::NetMetrics;
 use crate::rxtx::PathConfig;
@@ -490,10 +487,6 @@ impl<B: Backend> CtrlTarget for DeviceCtrl<B> {
 }
 
 /// Whether `offloads` lets the guest receive GSO frames (up to 64 KiB).
-fn gso(offloads: u64) -> bool {
-    offloads
-        & (bit(VIRTIO_NET_F_GUEST_TSO4)
-            | bit(VIRTIO_NET_F_GUEST_TSO6)
-            | bit(VIRTIO_NET_F_GUEST_UFO))
-        != 0
+pub(crate) fn gso(offloads: u64) -> bool {
+    offloads & GUEST_GSO_MASK != 0
 }

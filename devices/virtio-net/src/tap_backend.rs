@@ -41,6 +41,11 @@ impl Backend for tap::TapQueue {
             .map_err(|e| BackendError::new(BackendOp::SetOffload, self.queue(), e))
     }
 
+    fn accepts_offload(&self, tun_flags: u32) -> bool {
+        // EINVAL for flags the kernel does not know (USO before Linux 6.2).
+        tap::TapQueue::set_offload(self, tun_flags).is_ok()
+    }
+
     fn mtu(&self) -> Option<u32> {
         // By name, in our network namespace: right as long as mqvmm runs where the
         // launcher opened the tap (the usual case); otherwise the lookup fails or finds

@@ -26,6 +26,8 @@ fn offered_features_follow_the_options() {
         VIRTIO_NET_F_GUEST_UFO,
         VIRTIO_NET_F_MRG_RXBUF,
         VIRTIO_NET_F_SPEED_DUPLEX,
+        VIRTIO_NET_F_HOST_ECN,
+        VIRTIO_NET_F_GUEST_ECN,
         VIRTIO_RING_F_EVENT_IDX,
         VIRTIO_RING_F_INDIRECT_DESC,
     ];
@@ -40,11 +42,22 @@ fn offered_features_follow_the_options() {
         VIRTIO_NET_F_CTRL_VLAN,
         VIRTIO_NET_F_GUEST_ANNOUNCE,
         VIRTIO_NET_F_RSS,
-        VIRTIO_NET_F_GUEST_ECN,
-        VIRTIO_NET_F_HOST_ECN,
     ];
-    for (mtu, mq) in [(false, false), (false, true), (true, false), (true, true)] {
-        let f = offered_features(mtu, mq);
+    let uso_bits = [
+        VIRTIO_NET_F_HOST_USO,
+        VIRTIO_NET_F_GUEST_USO4,
+        VIRTIO_NET_F_GUEST_USO6,
+    ];
+    for (mtu, mq, uso) in [
+        (false, false, false),
+        (false, true, true),
+        (true, false, true),
+        (true, true, false),
+    ] {
+        let f = offered_features(mtu, mq, uso);
+        for b in uso_bits {
+            assert_eq!(f & bit(b) != 0, uso, "bit {b} offered iff the tap does USO");
+        }
         for b in always {
             assert_ne!(f & bit(b), 0, "bit {b} always offered");
         }
@@ -81,6 +94,9 @@ fn guest_offloads_map_to_tun_flags() {
     let tso4 = bit(VIRTIO_NET_F_GUEST_TSO4);
     let tso6 = bit(VIRTIO_NET_F_GUEST_TSO6);
     let ufo = bit(VIRTIO_NET_F_GUEST_UFO);
+    let ecn = bit(VIRTIO_NET_F_GUEST_ECN);
+    let uso4 = bit(VIRTIO_NET_F_GUEST_USO4);
+    let uso6 = bit(VIRTIO_NET_F_GUEST_USO6);
     let cases = [
         (0, 0),
         (csum, libc::TUN_F_CSUM),
@@ -93,6 +109,18 @@ fn guest_offloads_map_to_tun_flags() {
         ),
         // The kernel refuses segmentation offloads without TUN_F_CSUM.
         (tso4 | tso6 | ufo, 0),
+        // ECN qualifies TSO, and means nothing without it.
+        (
+            csum | tso4 | ecn,
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO_ECN,
+        ),
+        (csum | ecn, libc::TUN_F_CSUM),
+        // USO: both IP versions or none (the tap refuses one alone).
+        (
+            csum | uso4 | uso6,
+            libc::TUN_F_CSUM | tap::TUN_F_USO4 | tap::TUN_F_USO6,
+        ),
+        (csum | uso4, libc::TUN_F_CSUM),
     ];
     for (offloads, flags) in cases {
         assert_eq!(tun_offload_flags(offloads), flags, "offloads {offloads:#x}");
@@ -215,4 +243,21 @@ fn speed_and_duplex_are_validated_and_shown() {
     assert_eq!("full".parse(), Ok(Duplex::Full));
     assert_eq!("half".parse(), Ok(Duplex::Half));
     assert!("auto".parse::<Duplex>().is_err());
+}
+
+#[test]
+fn uso_is_offered_only_when_the_tap_takes_it() {
+    for accepts in [false, true] {
+        let (b, _, _) = backends(2);
+        b[0].accept_uso.store(accepts, Ordering::SeqCst);
+        let net = Net::new(NetConfig::default(), b).unwrap();
+        let offered = net.avail_features();
+        for f in [
+            VIRTIO_NET_F_HOST_USO,
+            VIRTIO_NET_F_GUEST_USO4,
+            VIRTIO_NET_F_GUEST_USO6,
+        ] {
+            assert_eq!(offered & bit(f) != 0, accepts, "feature {f}");
+        }
+    }
 }

@@ -406,6 +406,8 @@ pub struct SockBackend {
     pub touched_detached: AtomicU32,
     /// What [`Backend::mtu`] reports (0: unknown).
     pub mtu: AtomicU32,
+    /// Whether [`Backend::accepts_offload`] takes USO (a tap of Linux 6.2+).
+    pub accept_uso: AtomicBool,
     journal: Arc<Journal>,
 }
 
@@ -470,6 +472,7 @@ impl SockBackend {
                 fail_writes: AtomicBool::new(false),
                 touched_detached: AtomicU32::new(0),
                 mtu: AtomicU32::new(0),
+                accept_uso: AtomicBool::new(false),
                 journal,
             },
             Peer { fd: b },
@@ -565,6 +568,11 @@ impl Backend for SockBackend {
 
     fn mtu(&self) -> Option<u32> {
         Some(self.mtu.load(Ordering::SeqCst)).filter(|&m| m != 0)
+    }
+
+    fn accepts_offload(&self, tun_flags: u32) -> bool {
+        let uso = tap::TUN_F_USO4 | tap::TUN_F_USO6;
+        tun_flags & uso == 0 || self.accept_uso.load(Ordering::SeqCst)
     }
 
     fn set_offload(&self, tun_flags: u32) -> Result<(), BackendError> {

@@ -195,3 +195,49 @@ fn vq_pairs_set_switches_real_tap_queues() {
         eprintln!("skip: cannot create a network namespace");
     }
 }
+
+/// (major, minor) of the running kernel.
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release.trim().split(['.', '-']);
+    let mut next = || parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (next(), next())
+}
+
+#[test]
+fn uso_and_the_tap_mtu_are_learned_from_the_real_tap() {
+    if let Some(why) = skip_reason() {
+        eprintln!("skip: {why}");
+        return;
+    }
+    let ran = in_private_netns(|| {
+        let tap = tap::MultiQueueTap::create(&tap::TapConfig {
+            name: Some("vnu%d".into()),
+            queues: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        let name = tap.name().to_owned();
+        std::process::Command::new("ip")
+            .args(["link", "set", &name, "mtu", "9000"])
+            .status()
+            .unwrap();
+        let net = crate::Net::new(NetConfig::default(), tap.into_queues()).unwrap();
+        let offered = net.avail_features();
+        // Linux takes and hands over UDP_L4 GSO frames on a tap from 6.2 on.
+        let uso = kernel_version() >= (6, 2);
+        let f = crate::features::bit(virtio_bindings::virtio_net::VIRTIO_NET_F_HOST_USO);
+        assert_eq!(
+            offered & f != 0,
+            uso,
+            "HOST_USO offered on {:?}",
+            kernel_version()
+        );
+        let mut mtu = [0u8; 2];
+        net.read_config(10, &mut mtu);
+        assert_eq!(u16::from_le_bytes(mtu), 9000, "the tap's MTU is advertised");
+    });
+    if !ran {
+        eprintln!("skip: cannot create a network namespace");
+    }
+}
