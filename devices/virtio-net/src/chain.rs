@@ -301,3 +301,33 @@ pub unsafe fn write_at(iov: &[libc::iovec], mut offset: usize, bytes: &[u8]) -> 
     }
     rest.is_empty()
 }
+
+/// Reads up to `out.len()` bytes at byte `offset` of the buffer described by `iov` into
+/// `out`; returns how many it read.
+///
+/// # Safety
+/// Every iovec must point to memory valid for reads of `iov_len` bytes, as the ones built by
+/// [`chain_iov`] are while their guest memory is alive.
+pub unsafe fn read_at(iov: &[libc::iovec], mut offset: usize, out: &mut [u8]) -> usize {
+    let mut done = 0;
+    for seg in iov {
+        if done == out.len() {
+            break;
+        }
+        if offset >= seg.iov_len {
+            offset -= seg.iov_len;
+            continue;
+        }
+        let n = (out.len() - done).min(seg.iov_len - offset);
+        let src = seg.iov_base.cast::<u8>();
+        for (i, b) in out[done..done + n].iter_mut().enumerate() {
+            // SAFETY: `offset + i < seg.iov_len`, and the caller guarantees the segment is
+            // valid for reads of `iov_len` bytes. Volatile because the guest shares the
+            // memory.
+            *b = unsafe { std::ptr::read_volatile(src.add(offset + i)) };
+        }
+        done += n;
+        offset = 0;
+    }
+    done
+}

@@ -13,8 +13,13 @@ use std::time::Instant;
 use log::{debug, error, warn};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET, VIRTIO_NET_CTRL_MAC,
-    VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
-    VIRTIO_NET_ERR, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_OK,
+    VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MQ,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI,
+    VIRTIO_NET_CTRL_RX_ALLUNI, VIRTIO_NET_CTRL_RX_NOBCAST, VIRTIO_NET_CTRL_RX_NOMULTI,
+    VIRTIO_NET_CTRL_RX_NOUNI, VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_CTRL_VLAN,
+    VIRTIO_NET_CTRL_VLAN_ADD, VIRTIO_NET_CTRL_VLAN_DEL, VIRTIO_NET_ERR,
+    VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_OK,
 };
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -22,6 +27,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use crate::backend::BackendError;
 use crate::chain::{walk, ChainError, DescTable};
 use crate::features::Negotiated;
+use crate::filter::{parse_mac_table, MacTable, RxMode, VLAN_IDS};
 use crate::metrics::{NetMetrics, Tally};
 use crate::ring::Ring;
 use crate::rxtx::Work;
@@ -36,9 +42,10 @@ pub const ACK_ERR: u8 = VIRTIO_NET_ERR as u8;
 /// other events (a stop request among them).
 pub const CTRL_BUDGET: usize = 64;
 
-/// Readable bytes of a command we look at (class, command, and the largest payload we
-/// parse, a u64); anything beyond is ignored.
-const CMD_BUF_LEN: usize = 64;
+/// Readable bytes of a command we look at: class, command, and the largest payload we
+/// parse in full, a MAC table of two times [`crate::filter::MAC_TABLE_ENTRIES`] addresses (776 bytes);
+/// anything beyond is only counted.
+const CMD_BUF_LEN: usize = 1024;
 
 /// Why a step of a queue-pair switch failed.
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +197,18 @@ pub trait CtrlTarget {
     fn set_guest_offloads(&mut self, offloads: u64) -> bool;
     /// Change the MAC in the config space.
     fn set_mac(&mut self, mac: [u8; 6]) -> bool;
+    /// Switch a receive mode (VIRTIO_NET_CTRL_RX). Targets that do not filter accept it.
+    fn set_rx_mode(&mut self, _mode: RxMode, _on: bool) -> bool {
+        true
+    }
+    /// Replace the MAC table (VIRTIO_NET_CTRL_MAC_TABLE_SET).
+    fn set_mac_table(&mut self, _table: MacTable) -> bool {
+        true
+    }
+    /// Let frames tagged with `vid` (< 4096, checked) pass or not (VIRTIO_NET_CTRL_VLAN).
+    fn set_vlan(&mut self, _vid: u16, _allowed: bool) -> bool {
+        true
+    }
     /// Waits until the device may carry out `cmd` (host operations are rate-limited);
     /// false if the device is being stopped meanwhile, and `cmd` must not run.
     fn admit(&mut self, _cmd: &Command) -> bool {
@@ -203,25 +222,32 @@ pub trait CtrlTarget {
 }
 
 /// A control command that is well-formed and allowed by the negotiated features.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, `1 <= n <= max_virtqueue_pairs`.
     VqPairsSet(u16),
     /// VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET, only negotiated offload bits.
     GuestOffloadsSet(u64),
-    /// VIRTIO_NET_CTRL_MAC_ADDR_SET.
+    /// VIRTIO_NET_CTRL_MAC_ADDR_SET, exactly 6 bytes of data.
     MacAddrSet([u8; 6]),
+    /// VIRTIO_NET_CTRL_RX_*: a receive mode on or off.
+    RxMode(RxMode, bool),
+    /// VIRTIO_NET_CTRL_MAC_TABLE_SET.
+    MacTableSet(MacTable),
+    /// VIRTIO_NET_CTRL_VLAN_ADD (`true`) / _DEL (`false`), vid < 4096.
+    Vlan(u16, bool),
 }
 
-/// Parses one command. `data` is the command-specific data (possibly truncated to what we
-/// read, possibly longer than needed: trailing bytes are ignored). `None` means the command
-/// is refused (ERR) with nothing changed: unknown, not negotiated, too short, or out of
-/// range.
+/// Parses one command. `data` is the command-specific data, possibly truncated to what we
+/// read; `data_len` is how long the driver made it. Trailing bytes are ignored, except that
+/// MAC_ADDR_SET takes exactly 6. `None` means the command is refused (ERR) with nothing
+/// changed: unknown, not negotiated, too short, or out of range.
 pub fn parse_command(
     features: Negotiated,
     class: u8,
     command: u8,
     data: &[u8],
+    data_len: usize,
     max_pairs: u16,
 ) -> Option<Command> {
     let parsed = match (u32::from(class), u32::from(command)) {
@@ -248,15 +274,50 @@ pub fn parse_command(
             Command::GuestOffloadsSet(offloads)
         }
         (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET)
-            if features.has(VIRTIO_NET_F_CTRL_MAC_ADDR) =>
+            if features.has(VIRTIO_NET_F_CTRL_MAC_ADDR) && data_len == 6 =>
         {
             let mut mac = [0u8; 6];
             mac.copy_from_slice(data.get(..6)?);
             Command::MacAddrSet(mac)
         }
-        // MAC_TABLE_SET and the RX mode class need VIRTIO_NET_F_CTRL_RX, VLAN needs
-        // CTRL_VLAN, ANNOUNCE needs GUEST_ANNOUNCE, RSS needs RSS: none is offered. Commands
-        // of features that were not negotiated, and unknown ones, are refused.
+        (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET)
+            if features.has(VIRTIO_NET_F_CTRL_RX) =>
+        {
+            Command::MacTableSet(parse_mac_table(data, data_len)?)
+        }
+        (VIRTIO_NET_CTRL_RX, cmd) => {
+            let mode = match cmd {
+                VIRTIO_NET_CTRL_RX_PROMISC => RxMode::Promisc,
+                VIRTIO_NET_CTRL_RX_ALLMULTI => RxMode::AllMulti,
+                VIRTIO_NET_CTRL_RX_ALLUNI => RxMode::AllUni,
+                VIRTIO_NET_CTRL_RX_NOMULTI => RxMode::NoMulti,
+                VIRTIO_NET_CTRL_RX_NOUNI => RxMode::NoUni,
+                VIRTIO_NET_CTRL_RX_NOBCAST => RxMode::NoBcast,
+                _ => return None,
+            };
+            let needs = match mode {
+                RxMode::Promisc | RxMode::AllMulti => VIRTIO_NET_F_CTRL_RX,
+                _ => VIRTIO_NET_F_CTRL_RX_EXTRA,
+            };
+            if !features.has(needs) {
+                return None;
+            }
+            Command::RxMode(mode, *data.first()? != 0)
+        }
+        (VIRTIO_NET_CTRL_VLAN, cmd) if features.has(VIRTIO_NET_F_CTRL_VLAN) => {
+            let b = data.get(..2)?;
+            let vid = u16::from_le_bytes([b[0], b[1]]);
+            if usize::from(vid) >= VLAN_IDS {
+                return None;
+            }
+            match cmd {
+                VIRTIO_NET_CTRL_VLAN_ADD => Command::Vlan(vid, true),
+                VIRTIO_NET_CTRL_VLAN_DEL => Command::Vlan(vid, false),
+                _ => return None,
+            }
+        }
+        // ANNOUNCE needs GUEST_ANNOUNCE, RSS needs RSS: neither is offered. Commands of
+        // features that were not negotiated, and unknown ones, are refused.
         _ => {
             debug!("virtio-net: control command class {class} command {command} refused");
             return None;
@@ -271,6 +332,9 @@ pub fn apply<T: CtrlTarget>(cmd: Command, target: &mut T) -> u8 {
         Command::VqPairsSet(n) => target.set_queue_pairs(n),
         Command::GuestOffloadsSet(offloads) => target.set_guest_offloads(offloads),
         Command::MacAddrSet(mac) => target.set_mac(mac),
+        Command::RxMode(mode, on) => target.set_rx_mode(mode, on),
+        Command::MacTableSet(table) => target.set_mac_table(table),
+        Command::Vlan(vid, allowed) => target.set_vlan(vid, allowed),
     };
     if ok {
         ACK_OK
@@ -287,7 +351,14 @@ pub fn execute<T: CtrlTarget>(
     data: &[u8],
     target: &mut T,
 ) -> u8 {
-    match parse_command(features, class, command, data, target.max_pairs()) {
+    match parse_command(
+        features,
+        class,
+        command,
+        data,
+        data.len(),
+        target.max_pairs(),
+    ) {
         Some(cmd) => apply(cmd, target),
         None => ACK_ERR,
     }
@@ -311,6 +382,11 @@ impl CtrlRequest {
     /// Class and command, if the readable part holds them.
     pub fn header(&self) -> Option<(u8, u8)> {
         (self.readable_len >= 2).then(|| (self.buf[0], self.buf[1]))
+    }
+
+    /// How many bytes of command-specific data the driver sent.
+    pub fn data_len(&self) -> usize {
+        self.readable_len.saturating_sub(2)
     }
 
     /// Command-specific data (at most `CMD_BUF_LEN - 2` bytes of it).
@@ -498,6 +574,7 @@ impl CtrlQueue {
                         class,
                         command,
                         req.data(),
+                        req.data_len(),
                         target.max_pairs(),
                     )
                 });

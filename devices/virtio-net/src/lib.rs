@@ -92,6 +92,7 @@ mod control;
 pub mod ctrl;
 mod device;
 pub mod features;
+pub mod filter;
 pub mod limit;
 pub mod metrics;
 pub mod ring;

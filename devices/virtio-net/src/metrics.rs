@@ -19,6 +19,8 @@ pub struct QueueMetrics {
     pub drops: AtomicU64,
     /// Malformed descriptor chains returned with length 0.
     pub bad_chains: AtomicU64,
+    /// Frames the receive filter kept from the guest (not for its addresses or VLANs).
+    pub filtered: AtomicU64,
     /// Kicks from the driver (eventfd counts).
     pub notifications: AtomicU64,
     /// Used-buffer interrupts sent to the driver.
@@ -32,6 +34,7 @@ pub(crate) struct Tally {
     pub bytes: u64,
     pub drops: u64,
     pub bad_chains: u64,
+    pub filtered: u64,
     pub interrupts: u64,
 }
 
@@ -47,6 +50,7 @@ impl QueueMetrics {
         bump(&self.bytes, t.bytes);
         bump(&self.drops, t.drops);
         bump(&self.bad_chains, t.bad_chains);
+        bump(&self.filtered, t.filtered);
         bump(&self.interrupts, t.interrupts);
     }
 
@@ -54,12 +58,13 @@ impl QueueMetrics {
         bump(&self.notifications, n);
     }
 
-    fn snapshot(&self) -> [(&'static str, u64); 6] {
+    fn snapshot(&self) -> [(&'static str, u64); 7] {
         [
             ("packets", self.packets.load(Ordering::Relaxed)),
             ("bytes", self.bytes.load(Ordering::Relaxed)),
             ("drops", self.drops.load(Ordering::Relaxed)),
             ("bad_chains", self.bad_chains.load(Ordering::Relaxed)),
+            ("filtered", self.filtered.load(Ordering::Relaxed)),
             ("notifications", self.notifications.load(Ordering::Relaxed)),
             ("interrupts", self.interrupts.load(Ordering::Relaxed)),
         ]

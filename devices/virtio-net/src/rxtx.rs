@@ -13,8 +13,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::backend::Backend;
-use crate::chain::{chain_iov, write_at, ChainError, MAX_IOV};
+use crate::chain::{chain_iov, read_at, write_at, ChainError, MAX_IOV};
 use crate::features::{Negotiated, NUM_BUFFERS_OFFSET, VNET_HDR_LEN_V1};
+use crate::filter::{RxFilter, FILTER_HEAD_LEN};
 use crate::metrics::{NetMetrics, Tally};
 use crate::ring::Ring;
 use crate::Interrupt;
@@ -197,6 +198,8 @@ pub struct QueuePair {
     path: PathConfig,
     tx_iov: Vec<libc::iovec>,
     rx_buf: RxBuffers,
+    /// The receive filter, when the driver configured one that can drop frames.
+    filter: Option<RxFilter>,
     rx_waiting: bool,
     warned_tx_broken: bool,
     warned_rx_broken: bool,
@@ -226,6 +229,7 @@ impl QueuePair {
             path,
             tx_iov: Vec::with_capacity(MAX_IOV),
             rx_buf: RxBuffers::with_capacity(rx_chains),
+            filter: None,
             rx_waiting: false,
             warned_tx_broken: false,
             warned_rx_broken: false,
@@ -237,6 +241,11 @@ impl QueuePair {
     /// Changes how much receive space is gathered per frame (GUEST_OFFLOADS_SET).
     pub fn set_path(&mut self, path: PathConfig) {
         self.path = path;
+    }
+
+    /// Applies `filter` to received frames from now on (`None`: every frame passes).
+    pub fn set_filter(&mut self, filter: Option<RxFilter>) {
+        self.filter = filter;
     }
 
     /// The receive queue (tests inspect its indices).
@@ -524,6 +533,18 @@ impl QueuePair {
             match unsafe { backend.readv(iov) } {
                 Ok(n) => {
                     budget.chains += 1;
+                    if let Some(filter) = &self.filter {
+                        let mut head = [0u8; FILTER_HEAD_LEN];
+                        let want = n.saturating_sub(self.path.hdr_len).min(head.len());
+                        // SAFETY: `iov` was built by `chain_iov` from vm-memory slices of
+                        // `self.mem`, which is alive; readv just wrote these bytes.
+                        let got = unsafe { read_at(iov, self.path.hdr_len, &mut head[..want]) };
+                        if !filter.accepts(&head[..got]) {
+                            // Not for this guest: its chains take the next frame.
+                            tally.filtered += 1;
+                            continue;
+                        }
+                    }
                     self.deliver(n, &mut tally, &mut used);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxState::Drained,

@@ -18,6 +18,7 @@ use crate::config::ConfigSpace;
 use crate::control::{PairControl, RunState, StopSignal, WORKER_CONFIRM_TIMEOUT};
 use crate::ctrl::{switch_pairs, Command, CtrlTarget, PairSwitch, SwitchError};
 use crate::features::{tun_offload_flags, Negotiated, GUEST_GSO_MASK};
+use crate::filter::{MacTable, RxFilter, RxMode};
 use crate::limit::{LogLimit, TokenBucket};
 use crate::metrics::NetMetrics;
 use crate::rxtx::PathConfig;
@@ -53,6 +54,10 @@ pub struct Shared<B> {
     pub(crate) state: Mutex<PairsState>,
     /// Raised while the threads are being stopped.
     pub(crate) stop: StopSignal,
+    /// The receive filter the driver configured; `filter_gen` counts its changes, so the
+    /// workers copy it only when it changed.
+    rx_filter: Mutex<RxFilter>,
+    pub(crate) filter_gen: AtomicU64,
     /// Host operations the guest's control commands may cause (kept across resets, so a
     /// reset does not refill it).
     reconfig_limit: Mutex<TokenBucket>,
@@ -88,6 +93,7 @@ impl<B: Backend> Shared<B> {
         mtu: Option<u16>,
     ) -> std::io::Result<Self> {
         let pairs = backends.len();
+        let mac = config.mac;
         let metrics = Arc::new(NetMetrics::new(pairs));
         for (pair, &a) in attached.iter().enumerate() {
             metrics.pairs[pair].attached.store(a, Ordering::Relaxed);
@@ -112,6 +118,8 @@ impl<B: Backend> Shared<B> {
                 hdr_len: 0,
                 tun_flags: 0,
             }),
+            rx_filter: Mutex::new(RxFilter::new(mac, false)),
+            filter_gen: AtomicU64::new(0),
             stop: StopSignal::default(),
             reconfig_limit: Mutex::new(TokenBucket::for_reconfig(pairs, Instant::now())),
             switch_log: Mutex::new(LogLimit::new(Duration::from_secs(1))),
@@ -172,6 +180,28 @@ impl<B: Backend> Shared<B> {
             }
             None => false,
         }
+    }
+
+    /// The receive filter the workers apply: `None` when every frame passes anyway.
+    pub(crate) fn rx_filter(&self) -> Option<RxFilter> {
+        let f = relock(&self.rx_filter);
+        (!f.passes_all()).then(|| f.clone())
+    }
+
+    /// Puts the receive filter into its reset state for a driver that negotiated
+    /// CTRL_VLAN (`vlan_filtering`) or not, with the device's current MAC.
+    pub(crate) fn reset_rx_filter(&self, vlan_filtering: bool) {
+        let mac = relock(&self.config).mac;
+        *relock(&self.rx_filter) = RxFilter::new(mac, vlan_filtering);
+        self.filter_gen.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes the receive filter with `f` and has every worker apply it before returning.
+    fn change_rx_filter(&self, f: impl FnOnce(&mut RxFilter)) -> bool {
+        f(&mut relock(&self.rx_filter));
+        self.filter_gen.fetch_add(1, Ordering::Release);
+        let state = relock(&self.state);
+        self.refresh_workers(&state)
     }
 
     pub(crate) fn count_reconfigs(&self, ops: u32) {
@@ -337,7 +367,10 @@ impl<B: Backend> DeviceCtrl<B> {
                 }
             }
             Command::GuestOffloadsSet(_) => state.attached.iter().filter(|&&a| a).count() as u32,
-            Command::MacAddrSet(_) => 0,
+            Command::MacAddrSet(_)
+            | Command::RxMode(..)
+            | Command::MacTableSet(_)
+            | Command::Vlan(..) => 0,
         }
     }
 
@@ -482,7 +515,19 @@ impl<B: Backend> CtrlTarget for DeviceCtrl<B> {
 
     fn set_mac(&mut self, mac: [u8; 6]) -> bool {
         relock(&self.shared.config).mac = mac;
-        true
+        self.shared.change_rx_filter(|f| f.set_mac(mac))
+    }
+
+    fn set_rx_mode(&mut self, mode: RxMode, on: bool) -> bool {
+        self.shared.change_rx_filter(|f| f.set_mode(mode, on))
+    }
+
+    fn set_mac_table(&mut self, table: MacTable) -> bool {
+        self.shared.change_rx_filter(|f| f.set_table(table))
+    }
+
+    fn set_vlan(&mut self, vid: u16, allowed: bool) -> bool {
+        self.shared.change_rx_filter(|f| f.set_vlan(vid, allowed))
     }
 }
 

@@ -76,6 +76,8 @@ struct PairWorker<B: Backend> {
     pending_tx: bool,
     pending_rx: bool,
     offloads_seen: u64,
+    /// The receive filter generation the queue pair applies.
+    filter_seen: u64,
     features: crate::features::Negotiated,
     warned_err: bool,
     /// The backend failed (an error event, or a read error) since the last check.
@@ -120,13 +122,19 @@ impl<B: Backend> PairWorker<B> {
         }
     }
 
-    /// Sizes receive buffers for the guest offloads in force.
+    /// Sizes receive buffers for the guest offloads in force, and takes the receive filter
+    /// in force.
     fn refresh_path(&mut self) {
         let offloads = self.shared.guest_offloads.load(Ordering::Acquire);
         if offloads != self.offloads_seen {
             self.offloads_seen = offloads;
             self.qp
                 .set_path(self.shared.path_config(self.features, offloads));
+        }
+        let filter_gen = self.shared.filter_gen.load(Ordering::Acquire);
+        if filter_gen != self.filter_seen {
+            self.filter_seen = filter_gen;
+            self.qp.set_filter(self.shared.rx_filter());
         }
     }
 
@@ -465,6 +473,8 @@ pub fn spawn_worker<B: Backend + 'static>(
                     pending_tx: false,
                     pending_rx: false,
                     offloads_seen: offloads,
+                    // Differs from any generation: the first refresh takes the filter.
+                    filter_seen: u64::MAX,
                     features: start.features,
                     warned_err: false,
                     backend_error: false,

@@ -36,13 +36,11 @@ fn offered_features_follow_the_options() {
         VIRTIO_NET_F_CTRL_VQ,
         VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
         VIRTIO_NET_F_CTRL_MAC_ADDR,
-    ];
-    let never = [
         VIRTIO_NET_F_CTRL_RX,
+        VIRTIO_NET_F_CTRL_RX_EXTRA,
         VIRTIO_NET_F_CTRL_VLAN,
-        VIRTIO_NET_F_GUEST_ANNOUNCE,
-        VIRTIO_NET_F_RSS,
     ];
+    let never = [VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_RSS];
     let uso_bits = [
         VIRTIO_NET_F_HOST_USO,
         VIRTIO_NET_F_GUEST_USO4,

@@ -8,7 +8,8 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MQ,
     VIRTIO_NET_CTRL_MQ_RSS_CONFIG, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_PROMISC,
     VIRTIO_NET_CTRL_VLAN, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR,
-    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MQ,
 };
 
 use super::*;
@@ -400,4 +401,50 @@ fn counters_are_updated_before_the_answer_is_published() {
         cq.process(&mut t, Instant::now());
     }
     assert_eq!(*irq.seen.lock().unwrap(), [(1, 0, 0), (2, 1, 1)]);
+}
+
+#[test]
+fn receive_filter_commands_follow_their_features() {
+    let rx = VIRTIO_NET_CTRL_RX as u8;
+    let base = all_ctrl();
+    let with_rx = Negotiated(base.0 | bit(VIRTIO_NET_F_CTRL_RX));
+    let with_extra = Negotiated(with_rx.0 | bit(VIRTIO_NET_F_CTRL_RX_EXTRA));
+    let mut t = target();
+    // PROMISC and ALLMULTI need CTRL_RX; ALLUNI, NOMULTI, NOUNI, NOBCAST need RX_EXTRA.
+    for (cmd, needs_extra) in [
+        (0u8, false),
+        (1, false),
+        (2, true),
+        (3, true),
+        (4, true),
+        (5, true),
+    ] {
+        assert_eq!(
+            execute(base, rx, cmd, &[1], &mut t),
+            ACK_ERR,
+            "cmd {cmd} without CTRL_RX"
+        );
+        let expect = if needs_extra { ACK_ERR } else { ACK_OK };
+        assert_eq!(execute(with_rx, rx, cmd, &[1], &mut t), expect, "cmd {cmd}");
+        assert_eq!(
+            execute(with_extra, rx, cmd, &[1], &mut t),
+            ACK_OK,
+            "cmd {cmd}"
+        );
+        assert_eq!(
+            execute(with_extra, rx, cmd, &[], &mut t),
+            ACK_ERR,
+            "no on/off byte"
+        );
+    }
+    assert_eq!(
+        execute(with_extra, rx, 6, &[1], &mut t),
+        ACK_ERR,
+        "unknown RX command"
+    );
+    // MAC_TABLE_SET needs CTRL_RX too.
+    let mac = VIRTIO_NET_CTRL_MAC as u8;
+    let empty = [0u8; 8];
+    assert_eq!(execute(base, mac, 0, &empty, &mut t), ACK_ERR);
+    assert_eq!(execute(with_rx, mac, 0, &empty, &mut t), ACK_OK);
 }

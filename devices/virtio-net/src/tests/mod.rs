@@ -9,6 +9,7 @@ mod config;
 mod ctrl;
 mod device;
 mod faults;
+mod filtering;
 mod fuzz_regressions;
 mod hostile;
 mod pairs;
