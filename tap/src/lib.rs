@@ -7,6 +7,8 @@
 //!   launcher, after which [`TapQueue::detach`] and [`TapQueue::attach`] (TUNSETQUEUE) switch
 //!   queues off and on with no capability at all.
 //!
+//! [`MacAddr`] is the one parser and text form of a MAC address (a device's, a tap's).
+//!
 //! Kernel facts this crate relies on (checked by the component tests): detaching a queue purges
 //! its pending frames and the kernel renumbers the remaining queues; attaching an attached queue
 //! (or detaching a detached one) fails with EINVAL; creating a tap needs CAP_NET_ADMIN, joining
@@ -17,12 +19,14 @@
 mod create;
 mod error;
 mod iface;
+mod mac;
 mod queue;
 mod sys;
 
 pub use create::{MultiQueueTap, TapConfig};
 pub use error::Error;
 pub use iface::{interface_mtu, link_state, LinkState};
+pub use mac::{MacAddr, ParseMacError};
 pub use queue::{adopt_queues, TapQueue};
 
 /// Most queues a tap can have (MAX_TAP_QUEUES in drivers/net/tun.c).

@@ -236,12 +236,11 @@ fn configure_host_side(ifname: &str) {
 
 fn interface_mac(ifname: &str) -> [u8; 6] {
     let text = std::fs::read_to_string(format!("/sys/class/net/{ifname}/address")).unwrap();
-    let bytes: Vec<u8> = text
+    let mac: tap::MacAddr = text
         .trim()
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).unwrap())
-        .collect();
-    bytes.try_into().expect("6-byte MAC")
+        .parse()
+        .unwrap_or_else(|e| panic!("{ifname}'s address: {e}"));
+    mac.octets()
 }
 
 // -------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{ArgGroup, Parser};
 use log::LevelFilter;
+use tap::MacAddr;
 
 use vmm::arch::boot::{self, Image, ImageKind};
 use vmm::exit::VmExit;
@@ -181,7 +182,7 @@ enum NetSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct NetSpec {
     source: NetSource,
-    mac: Option<[u8; 6]>,
+    mac: Option<MacAddr>,
     mtu: Option<u16>,
     mq: bool,
 }
@@ -189,22 +190,6 @@ struct NetSpec {
 fn parse_log_level(s: &str) -> Result<LevelFilter, String> {
     vmm::logger::parse_level(s)
         .ok_or_else(|| format!("unknown log level {s:?} (error, warn, info, debug, trace, off)"))
-}
-
-fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return Err(format!("mac={s} is not six colon-separated hex bytes"));
-    }
-    let mut mac = [0u8; 6];
-    for (byte, part) in mac.iter_mut().zip(&parts) {
-        *byte = u8::from_str_radix(part, 16)
-            .map_err(|_| format!("mac={s}: {part:?} is not a hex byte"))?;
-    }
-    if mac[0] & 1 != 0 {
-        return Err(format!("mac={s} is a multicast address"));
-    }
-    Ok(mac)
 }
 
 fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
@@ -259,7 +244,7 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
                         .ok_or_else(|| format!("queues={value} is not a number from 1 to 256"))?,
                 )
             }
-            "mac" => mac = Some(parse_mac(value)?),
+            "mac" => mac = Some(value.parse::<MacAddr>().map_err(|e| format!("mac: {e}"))?),
             "mtu" => {
                 mtu = Some(
                     value
@@ -307,13 +292,13 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
 }
 
 /// A stable, locally administered MAC derived from the tap name.
-fn default_mac(if_name: &str) -> [u8; 6] {
+fn default_mac(if_name: &str) -> MacAddr {
     let mut hash: u32 = 0x811c_9dc5;
     for b in if_name.bytes() {
         hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
     }
     let h = hash.to_be_bytes();
-    [0x02, 0x6d, h[0], h[1], h[2], h[3]]
+    MacAddr::from([0x02, 0x6d, h[0], h[1], h[2], h[3]])
 }
 
 enum Failure {
@@ -557,7 +542,7 @@ mod tests {
     fn net_spec_with_fds_and_options() {
         let spec = parse_net_spec("fds=4,5,6,7,mac=02:00:00:00:00:01,mtu=9000,mq=off").unwrap();
         assert_eq!(spec.source, NetSource::Fds(vec![4, 5, 6, 7]));
-        assert_eq!(spec.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(spec.mac, Some(MacAddr::from([2, 0, 0, 0, 0, 1])));
         assert_eq!(spec.mtu, Some(9000));
         assert!(!spec.mq);
         let spec = parse_net_spec("fds=3").unwrap();
@@ -587,7 +572,8 @@ mod tests {
             ("fds=3,queues=2", "queues= goes with tap="),
             ("mac=02:00:00:00:00:01", "needs fds="),
             ("fds=3,mac=01:00:00:00:00:01", "multicast"),
-            ("fds=3,mac=zz", "six colon-separated"),
+            ("fds=3,mac=zz", "mac: \"zz\" is not a MAC address"),
+            ("fds=3,mac=00:00:00:00:00:00", "not a usable MAC address"),
             ("fds=3,mtu=10", "68 to 65535"),
             ("fds=3,mq=maybe", "on or off"),
             ("fds=3,color=red", "unknown --net option"),
@@ -606,7 +592,7 @@ mod tests {
         let a = default_mac("mqtap0");
         assert_eq!(a, default_mac("mqtap0"));
         assert_ne!(a, default_mac("mqtap1"));
-        assert_eq!(a[0] & 0x03, 0x02, "locally administered unicast");
+        assert!(a.is_locally_administered() && !a.is_multicast());
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub enum KvmSource {
 /// The network device: one validated tap queue per queue pair.
 pub struct NetSetup {
     pub queues: Vec<tap::TapQueue>,
-    pub mac: [u8; 6],
+    pub mac: tap::MacAddr,
     pub mtu: Option<u16>,
     pub mq: bool,
 }
@@ -387,7 +387,7 @@ impl Vm {
         if let Some(net) = config.net {
             let mut device = virtio_net::Net::new(
                 virtio_net::NetConfig {
-                    mac: net.mac,
+                    mac: net.mac.octets(),
                     mtu: net.mtu,
                     mq: net.mq,
                     ..Default::default()

@@ -22,6 +22,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use clap::Parser;
+use tap::MacAddr;
 
 const EXAMPLE: &str = "\
 Example (as root):
@@ -73,8 +74,8 @@ struct Args {
     #[arg(long, value_name = "GROUP")]
     group: Option<String>,
     /// Guest MAC address, passed on as `--net ...,mac=MAC`.
-    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
-    mac: Option<String>,
+    #[arg(long, value_name = "MAC")]
+    mac: Option<MacAddr>,
     /// Guest MTU (68-65535), passed on as `--net ...,mtu=N`.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..))]
     mtu: Option<u16>,
@@ -433,7 +434,7 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     ));
 
     let mut net = format!("fds={}", join(&queue_fds));
-    if let Some(mac) = &args.mac {
+    if let Some(mac) = args.mac {
         net.push_str(&format!(",mac={mac}"));
     }
     if let Some(mtu) = args.mtu {
@@ -501,22 +502,6 @@ fn join(fds: &[RawFd]) -> String {
         .map(|fd| fd.to_string())
         .collect::<Vec<_>>()
         .join(",")
-}
-
-fn parse_mac(s: &str) -> Result<String, String> {
-    let octets: Vec<&str> = s.split(':').collect();
-    let valid = octets.len() == 6
-        && octets
-            .iter()
-            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
-    if !valid {
-        return Err(format!("{s:?} is not a MAC address like 52:54:00:12:34:56"));
-    }
-    // The low bit of the first octet marks multicast: not usable as a station address.
-    if u8::from_str_radix(octets[0], 16).map_or(true, |b| b & 1 != 0) {
-        return Err(format!("{s} is a multicast address"));
-    }
-    Ok(s.to_ascii_lowercase())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1037,21 +1022,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mac_addresses() {
-        assert_eq!(parse_mac("52:54:00:AB:cd:ef").unwrap(), "52:54:00:ab:cd:ef");
-        for bad in [
-            "",
-            "52:54:00:ab:cd",
-            "52:54:00:ab:cd:ef:01",
-            "52-54-00-ab-cd-ef",
-            "5:54:00:ab:cd:ef",
-            "zz:54:00:ab:cd:ef",
+    fn mac_is_passed_on_in_lower_case_and_refused_when_unusable() {
+        let parse = |mac: &str| {
+            Args::try_parse_from([
+                "mqvmm-launch",
+                "--tap",
+                "mq0",
+                "--queues",
+                "1",
+                "--user",
+                "nobody",
+                "--mac",
+                mac,
+            ])
+        };
+        let args = parse("52:54:00:AB:cd:ef").unwrap();
+        assert_eq!(
+            args.mac.map(|m| m.to_string()).as_deref(),
+            Some("52:54:00:ab:cd:ef")
+        );
+        for (bad, says) in [
+            ("52-54-00-ab-cd-ef", "is not a MAC address"),
+            ("5:54:00:ab:cd:ef", "is not a MAC address"),
+            ("01:00:5e:00:00:01", "multicast"),
         ] {
-            assert!(parse_mac(bad).is_err(), "{bad:?}");
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
         }
-        assert!(parse_mac("01:00:5e:00:00:01")
-            .unwrap_err()
-            .contains("multicast"));
     }
 
     #[test]
