@@ -25,9 +25,15 @@ mod sys;
 
 pub use create::{MultiQueueTap, TapConfig};
 pub use error::Error;
-pub use iface::{interface_mtu, link_state, LinkState};
+pub use iface::{interface_mtu, link_state, validate_name, LinkState};
 pub use mac::{MacAddr, ParseMacError};
 pub use queue::{adopt_queues, TapQueue};
+
+/// Request numbers of the tun ioctls a [`TapQueue`] issues once it exists, for a system call
+/// filter that must allow exactly those.
+pub mod ioctl {
+    pub use crate::sys::{TUNGETIFF, TUNSETOFFLOAD, TUNSETQUEUE, TUNSETVNETHDRSZ};
+}
 
 /// Most queues a tap can have (MAX_TAP_QUEUES in drivers/net/tun.c).
 pub const MAX_QUEUES: u16 = 256;

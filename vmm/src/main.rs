@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Parser};
 use log::LevelFilter;
 use tap::MacAddr;
+use virtio_net::config::MIN_MTU;
+use virtio_net::MAX_QUEUE_PAIRS;
 
 use vmm::arch::boot::{self, Image, ImageKind};
 use vmm::exit::VmExit;
@@ -230,9 +232,7 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
                 fds = Some(list);
             }
             "tap" => {
-                if value.is_empty() || value.len() > 15 {
-                    return Err(format!("tap={value:?}: interface names have 1 to 15 bytes"));
-                }
+                tap::validate_name(value).map_err(|e| format!("tap: {e}"))?;
                 tap = Some(value.to_string());
             }
             "queues" => {
@@ -240,8 +240,13 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
                     value
                         .parse::<u16>()
                         .ok()
-                        .filter(|q| (1..=256).contains(q))
-                        .ok_or_else(|| format!("queues={value} is not a number from 1 to 256"))?,
+                        .filter(|&q| q >= 1 && usize::from(q) <= MAX_QUEUE_PAIRS)
+                        .ok_or_else(|| {
+                            format!(
+                                "queues={value} is not a number from 1 to {MAX_QUEUE_PAIRS} \
+                                 (the most queue pairs the virtio-net device has)"
+                            )
+                        })?,
                 )
             }
             "mac" => mac = Some(value.parse::<MacAddr>().map_err(|e| format!("mac: {e}"))?),
@@ -250,8 +255,10 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
                     value
                         .parse::<u16>()
                         .ok()
-                        .filter(|m| *m >= 68)
-                        .ok_or_else(|| format!("mtu={value} is not a number from 68 to 65535"))?,
+                        .filter(|&m| m >= MIN_MTU)
+                        .ok_or_else(|| {
+                            format!("mtu={value} is not a number from {MIN_MTU} to 65535")
+                        })?,
                 )
             }
             "mq" => {
@@ -272,8 +279,12 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
                     "queues= goes with tap=; with fds= there is one queue pair per fd".into(),
                 );
             }
-            if fds.is_empty() || fds.len() > 256 {
-                return Err("fds= needs 1 to 256 file descriptors".into());
+            if fds.is_empty() || fds.len() > MAX_QUEUE_PAIRS {
+                return Err(format!(
+                    "fds= has {} file descriptors; give 1 to {MAX_QUEUE_PAIRS}, one per queue \
+                     pair (the most queue pairs the virtio-net device has)",
+                    fds.len()
+                ));
             }
             NetSource::Fds(fds)
         }
@@ -577,14 +588,36 @@ mod tests {
             ("fds=3,mtu=10", "68 to 65535"),
             ("fds=3,mq=maybe", "on or off"),
             ("fds=3,color=red", "unknown --net option"),
-            ("tap=averyveryverylongname", "1 to 15 bytes"),
-            ("tap=x,queues=0", "1 to 256"),
+            ("tap=averyveryverylongname", "longer than 15 bytes"),
+            ("tap=a/b", "invalid interface name \"a/b\""),
             ("nonsense", "key=value"),
             ("fds=3,,4", "not a file descriptor"),
         ] {
             let err = parse_net_spec(spec).unwrap_err();
             assert!(err.contains(needle), "{spec}: {err}");
         }
+    }
+
+    #[test]
+    fn queue_pairs_are_limited_to_what_the_device_supports() {
+        let limit = format!("1 to {MAX_QUEUE_PAIRS}");
+        assert!(parse_net_spec(&format!("tap=x,queues={MAX_QUEUE_PAIRS}")).is_ok());
+        for queues in [0, MAX_QUEUE_PAIRS + 1] {
+            let err = parse_net_spec(&format!("tap=x,queues={queues}")).unwrap_err();
+            assert!(
+                err.starts_with(&format!("queues={queues} is not a number from {limit}")),
+                "{err}"
+            );
+        }
+        let fds = |n: usize| (3..3 + n).map(|fd| fd.to_string()).collect::<Vec<_>>();
+        assert!(parse_net_spec(&format!("fds={}", fds(MAX_QUEUE_PAIRS).join(","))).is_ok());
+        let err =
+            parse_net_spec(&format!("fds={}", fds(MAX_QUEUE_PAIRS + 1).join(","))).unwrap_err();
+        let count = MAX_QUEUE_PAIRS + 1;
+        assert!(
+            err.starts_with(&format!("fds= has {count} file descriptors; give {limit}")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
-    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{
@@ -95,7 +96,7 @@ pub struct VmConfig {
 pub enum Error {
     #[error("cannot open /dev/kvm")]
     OpenKvm(#[source] kvm_ioctls::Error),
-    #[error("KVM API version {0} is not the supported version 12")]
+    #[error("KVM API version {0} is not the supported version {KVM_API_VERSION}")]
     KvmApiVersion(i32),
     #[error("KVM lacks a capability mqvmm needs: {0}")]
     MissingCap(&'static str),
@@ -222,7 +223,7 @@ fn open_kvm(source: KvmSource) -> Result<Kvm> {
         }
     };
     let version = kvm.get_api_version();
-    if version != 12 {
+    if u32::try_from(version) != Ok(KVM_API_VERSION) {
         return Err(Error::KvmApiVersion(version));
     }
     for (cap, name) in [

@@ -7,7 +7,8 @@
 //! verified — and execs mqvmm with exactly those fds:
 //! `mqvmm [ARGS...] --kernel-fd F [--initramfs-fd I] --kvm-fd K --net fds=A,B,...[,mac=MAC]`.
 //!
-//! Self-contained on purpose (only the tap crate, clap, libc, thiserror): small enough to audit.
+//! Self-contained on purpose (only the tap crate, clap, libc, thiserror, and virtio-net's
+//! limits): small enough to audit.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
@@ -23,6 +24,8 @@ use std::process::Command;
 
 use clap::Parser;
 use tap::MacAddr;
+use virtio_net::config::MIN_MTU;
+use virtio_net::MAX_QUEUE_PAIRS;
 
 const EXAMPLE: &str = "\
 Example (as root):
@@ -64,8 +67,9 @@ struct Args {
     /// (non-persistent, owned by the launcher's uid so that nobody else can attach queues).
     #[arg(long, value_name = "NAME")]
     tap: String,
-    /// Number of tap queues = virtio-net queue pairs (1-256).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// Number of tap queues = virtio-net queue pairs, from 1 to the device's maximum.
+    #[arg(long, value_name = "N", value_parser = parse_queues,
+          help = format!("Number of tap queues = virtio-net queue pairs (1-{MAX_QUEUE_PAIRS})"))]
     queues: u16,
     /// User to run mqvmm as (name or uid). Running it as root needs `--user root` spelled out.
     #[arg(long, value_name = "USER")]
@@ -76,8 +80,9 @@ struct Args {
     /// Guest MAC address, passed on as `--net ...,mac=MAC`.
     #[arg(long, value_name = "MAC")]
     mac: Option<MacAddr>,
-    /// Guest MTU (68-65535), passed on as `--net ...,mtu=N`.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..))]
+    /// Guest MTU, passed on as `--net ...,mtu=N`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(i64::from(MIN_MTU)..),
+          help = format!("Guest MTU ({MIN_MTU}-65535), passed on as `--net ...,mtu=N`"))]
     mtu: Option<u16>,
     /// Offer no multiqueue to the guest (one queue pair; `--net ...,mq=off`). The tap keeps its
     /// queues, all but the first detached.
@@ -495,6 +500,19 @@ fn unsandboxed_mode(args: &[OsString]) -> Option<String> {
         };
         matches!(mode, "off" | "log").then(|| mode.to_owned())
     })
+}
+
+/// `--queues`: what mqvmm's virtio-net device accepts, checked before a tap is touched.
+fn parse_queues(s: &str) -> Result<u16, String> {
+    s.parse::<u16>()
+        .ok()
+        .filter(|&n| n >= 1 && usize::from(n) <= MAX_QUEUE_PAIRS)
+        .ok_or_else(|| {
+            format!(
+                "{s} is not a number from 1 to {MAX_QUEUE_PAIRS} (the most queue pairs mqvmm's \
+                 virtio-net device has)"
+            )
+        })
 }
 
 fn join(fds: &[RawFd]) -> String {
