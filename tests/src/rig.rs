@@ -161,12 +161,19 @@ pub struct GuestImages {
     pub cmdline: String,
 }
 
+/// The guest's eth0 address in the default command line (`mqvmm.ip=`), and its name `guest`
+/// in the image's /etc/hosts (both from resources/build-all.sh).
+pub const GUEST_IP: &str = "10.0.2.15";
+/// The host end of the guest's tap (`mqvmm.gw=`, `host` in the image's /etc/hosts); a /24 with
+/// [`GUEST_IP`].
+pub const HOST_IP: &str = "10.0.2.1";
+
 pub fn guest_images() -> GuestImages {
     let dir = build_dir().join("guest");
     let cmdline = std::fs::read_to_string(dir.join("cmdline"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| {
-            "console=ttyS0 reboot=k panic=-1 mqvmm.ip=10.0.2.15/24 mqvmm.gw=10.0.2.1".to_string()
+            format!("console=ttyS0 reboot=k panic=-1 mqvmm.ip={GUEST_IP}/24 mqvmm.gw={HOST_IP}")
         });
     GuestImages {
         vmlinux: dir.join("vmlinux"),

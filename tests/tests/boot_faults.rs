@@ -11,10 +11,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mqvmm_tests::console::GuestConsole;
-use mqvmm_tests::{netns, rig, skip};
+use mqvmm_tests::rig::{self, GUEST_IP, HOST_IP};
+use mqvmm_tests::{netns, skip};
 
-const HOST_IP: &str = "10.0.2.1";
-const GUEST_IP: &str = "10.0.2.15";
 const STEP: Duration = Duration::from_secs(60);
 const BOOT: Duration = Duration::from_secs(180);
 

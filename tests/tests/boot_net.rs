@@ -10,10 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mqvmm_tests::console::GuestConsole;
-use mqvmm_tests::{netns, rig, skip};
+use mqvmm_tests::netns::{self, NOBODY};
+use mqvmm_tests::rig::{self, GUEST_IP, HOST_IP};
+use mqvmm_tests::skip;
 
-const HOST_IP: &str = "10.0.2.1";
-const GUEST_IP: &str = "10.0.2.15";
 const STEP: Duration = Duration::from_secs(60);
 
 fn sh(cmd: &str) {
@@ -171,8 +171,8 @@ fn assert_unprivileged(console: &mut GuestConsole) {
         Some("mqvmm"),
         "the launcher did not exec mqvmm in place"
     );
-    assert_eq!(netns::single_id(&status, "Uid"), 65534);
-    assert_eq!(netns::single_id(&status, "Gid"), 65534);
+    assert_eq!(netns::single_id(&status, "Uid"), NOBODY);
+    assert_eq!(netns::single_id(&status, "Gid"), NOBODY);
     for key in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
         assert_eq!(netns::cap_mask(&status, key), 0, "{key} of mqvmm");
     }

@@ -11,13 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use mqvmm_tests::netns::{self, FdCheck};
+use mqvmm_tests::netns::{self, FdCheck, NOBODY};
 use tap::{MultiQueueTap, TapConfig};
 use virtio_net::MAX_QUEUE_PAIRS;
 
 const FDCHECK: &str = env!("CARGO_BIN_EXE_tap-fdcheck");
 const PROBE: &str = env!("CARGO_BIN_EXE_same-uid-probe");
-const NOBODY: u32 = 65534;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn launcher() -> Option<PathBuf> {

@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use mqvmm_tests::driver::{
     feature, DriverConfig, NetDriver, ACK_ERR, ACK_OK, CSUM_FEATURES, DEFAULT_FEATURES, EVENT_IDX,
 };
-use mqvmm_tests::{netns, rig, skip};
+use mqvmm_tests::netns::{self, NOBODY};
+use mqvmm_tests::{rig, skip};
 use tap::{MultiQueueTap, TapConfig};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
@@ -35,7 +36,6 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_net::{Net, NetConfig, NetMetrics};
 
-const NOBODY: u32 = 65534;
 const PAIRS: u16 = 4;
 const QUEUE_SIZE: u16 = 256;
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);

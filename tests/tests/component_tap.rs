@@ -7,11 +7,10 @@ use std::os::unix::io::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mqvmm_tests::netns::{self, FdCheck};
+use mqvmm_tests::netns::{self, FdCheck, NOBODY};
 use tap::{MultiQueueTap, TapConfig};
 
 const FDCHECK: &str = env!("CARGO_BIN_EXE_tap-fdcheck");
-const NOBODY: u32 = 65534;
 
 fn skip() -> bool {
     match netns::skip_reason() {
