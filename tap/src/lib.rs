@@ -4,8 +4,9 @@
 //! - privileged: [`MultiQueueTap::create`] makes (or joins) a tap with
 //!   IFF_TAP|IFF_NO_PI|IFF_VNET_HDR|IFF_MULTI_QUEUE and opens one fd per queue (CAP_NET_ADMIN);
 //! - unprivileged: [`adopt_queues`] / [`TapQueue::from_raw_fd`] validate fds passed in by a
-//!   launcher, after which [`TapQueue::detach`] and [`TapQueue::attach`] (TUNSETQUEUE) switch
-//!   queues off and on with no capability at all.
+//!   launcher and take ownership of them (`unsafe`: the caller vouches that nothing else owns
+//!   those numbers), after which [`TapQueue::detach`] and [`TapQueue::attach`] (TUNSETQUEUE)
+//!   switch queues off and on with no capability at all.
 //!
 //! [`MacAddr`] is the one parser and text form of a MAC address (a device's, a tap's).
 //!

@@ -394,7 +394,10 @@ impl<'a> Ctx<'a> {
     fn new(s: &Scenario, fds: &[RawFd], tap_mac: [u8; 6], summary: &'a mut File) -> Ctx<'a> {
         // The kernel still has all four queues attached, as the launcher left them.
         expect_host_queues(s.tap, PAIRS, "adoption");
-        let queues = tap::adopt_queues(fds).unwrap_or_else(|e| panic!("adopt the queue fds: {e}"));
+        // SAFETY: the fds came from into_raw_fd in `privileged_part`, and this forked child, which
+        // runs only `unprivileged_part`, adopts them once, here.
+        let queues = unsafe { tap::adopt_queues(fds) }
+            .unwrap_or_else(|e| panic!("adopt the queue fds: {e}"));
         let net = Net::new(
             NetConfig {
                 queue_size: QUEUE_SIZE,

@@ -146,7 +146,9 @@ fn main() {
             std::process::exit(1);
         }
     }
-    let queues = match tap::adopt_queues(&opts.fds) {
+    // SAFETY: like mqvmm, this stand-in is handed the fds of --net fds= by whoever started it
+    // (mqvmm-launch, or a test), and nothing else in it uses them.
+    let queues = match unsafe { tap::adopt_queues(&opts.fds) } {
         Ok(q) => q,
         Err(e) => {
             eprintln!("tap-fdcheck: {e}");
