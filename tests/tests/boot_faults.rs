@@ -1,5 +1,5 @@
-//! Hostile guests and broken hosts with a real guest (issue 6), where KVM works (directly,
-//! or inside the nested rig's L1, where these tests are root):
+//! Hostile guests and broken hosts with a real guest, where KVM works (directly, or inside the
+//! nested rig's L1, where these tests are root):
 //! - the seccomp filters are on by default: a forbidden system call from a queue-pair worker
 //!   ends mqvmm with a line naming the call and the thread (the hidden `--seccomp-selftest`
 //!   makes the worker issue one); the same run with `--seccomp=off` warns loudly and lives;

@@ -1,6 +1,6 @@
-//! The multiqueue network device with a real Linux guest (issue 4): `ethtool -L` in the guest
-//! switches the host tap's queues, traffic flows both ways at every count, and mqvmm runs as
-//! uid 65534 with no capabilities under mqvmm-launch the whole time. Every scenario runs over
+//! The multiqueue network device with a real Linux guest: `ethtool -L` in the guest switches
+//! the host tap's queues, traffic flows both ways at every count, and mqvmm runs as uid 65534
+//! with no capabilities under mqvmm-launch the whole time. Every scenario runs over
 //! both transports (`--transport mmio` and `--transport pci`); over virtio-pci the guest also
 //! has a separate MSI-X vector per queue, and with several pairs more than one of them fires.
 //! Runs where KVM works (directly, or inside the nested rig's L1, where these tests are root).

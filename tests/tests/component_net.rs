@@ -1,6 +1,6 @@
-//! Component test of issue 4: the multiqueue virtio-net device over a real 4-queue tap, driven
-//! through the virtio-mmio registers by the in-process driver model (`mqvmm_tests::driver`), in a
-//! process that dropped to uid/gid 65534 with no capabilities before the device existed. No KVM.
+//! The multiqueue virtio-net device over a real 4-queue tap, driven through the virtio-mmio
+//! registers by the in-process driver model (`mqvmm_tests::driver`), in a process that dropped
+//! to uid/gid 65534 with no capabilities before the device existed. No KVM.
 //!
 //! Each test runs in a network namespace of its own (`netns::run_in_netns`). As root it creates
 //! the tap (owned by root), gives it 10.88.0.1/24 with IPv6 off (no stray frames) and brings it

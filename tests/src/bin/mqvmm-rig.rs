@@ -135,7 +135,7 @@ fn vmm_script(cpus: u32, memory: u32, queues: u32, cmdline: &str, extra: &[Strin
             q(&launch)
         )
     } else {
-        // Until mqvmm-launch exists: mqvmm opens the tap itself (it runs as root here).
+        // Without mqvmm-launch built: mqvmm opens the tap itself (it runs as root here).
         format!("{} {vm_args} --net tap=mqtap0,queues={queues}", q(&mqvmm))
     };
     format!(
