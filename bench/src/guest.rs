@@ -18,12 +18,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mqvmm_tests::console::GuestConsole;
-use mqvmm_tests::{netns, rig};
+use mqvmm_tests::netns;
+use mqvmm_tests::rig::{self, GUEST_IP, HOST_IP};
 
 use crate::record::{self, Record};
 
-const HOST_IP: &str = "10.0.2.1";
-const GUEST_IP: &str = "10.0.2.15";
 const TAP: &str = "mqbt0";
 const STEP: Duration = Duration::from_secs(90);
 const BOOT: Duration = Duration::from_secs(240);

@@ -42,8 +42,9 @@ fn query(
     })
 }
 
-/// The kernel's rules for interface names (dev_valid_name), plus a `%d` template for TUNSETIFF.
-pub(crate) fn validate_name(name: &str) -> Result<(), Error> {
+/// Checks `name` against the kernel's rules for interface names (dev_valid_name): 1 to 15 bytes,
+/// not `.` or `..`, no `/`, `:`, NUL or whitespace. A `%d` template for TUNSETIFF passes.
+pub fn validate_name(name: &str) -> Result<(), Error> {
     let reason = if name.is_empty() {
         Some("empty")
     } else if name.len() >= IFNAMSIZ {

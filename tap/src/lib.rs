@@ -4,8 +4,11 @@
 //! - privileged: [`MultiQueueTap::create`] makes (or joins) a tap with
 //!   IFF_TAP|IFF_NO_PI|IFF_VNET_HDR|IFF_MULTI_QUEUE and opens one fd per queue (CAP_NET_ADMIN);
 //! - unprivileged: [`adopt_queues`] / [`TapQueue::from_raw_fd`] validate fds passed in by a
-//!   launcher, after which [`TapQueue::detach`] and [`TapQueue::attach`] (TUNSETQUEUE) switch
-//!   queues off and on with no capability at all.
+//!   launcher and take ownership of them (`unsafe`: the caller vouches that nothing else owns
+//!   those numbers), after which [`TapQueue::detach`] and [`TapQueue::attach`] (TUNSETQUEUE)
+//!   switch queues off and on with no capability at all.
+//!
+//! [`MacAddr`] is the one parser and text form of a MAC address (a device's, a tap's).
 //!
 //! Kernel facts this crate relies on (checked by the component tests): detaching a queue purges
 //! its pending frames and the kernel renumbers the remaining queues; attaching an attached queue
@@ -17,13 +20,21 @@
 mod create;
 mod error;
 mod iface;
+mod mac;
 mod queue;
 mod sys;
 
 pub use create::{MultiQueueTap, TapConfig};
 pub use error::Error;
-pub use iface::{interface_mtu, link_state, LinkState};
+pub use iface::{interface_mtu, link_state, validate_name, LinkState};
+pub use mac::{MacAddr, ParseMacError};
 pub use queue::{adopt_queues, TapQueue};
+
+/// Request numbers of the tun ioctls a [`TapQueue`] issues once it exists, for a system call
+/// filter that must allow exactly those.
+pub mod ioctl {
+    pub use crate::sys::{TUNGETIFF, TUNSETOFFLOAD, TUNSETQUEUE, TUNSETVNETHDRSZ};
+}
 
 /// Most queues a tap can have (MAX_TAP_QUEUES in drivers/net/tun.c).
 pub const MAX_QUEUES: u16 = 256;

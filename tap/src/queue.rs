@@ -41,10 +41,15 @@ impl TapQueue {
     /// IFF_NO_PI cannot be checked reliably: TUNGETIFF reports IFF_NOFILTER (the same bit) for
     /// every queue without a socket filter, so only a tap with packet information *and* a filter
     /// is caught here.
-    pub fn from_raw_fd(fd: RawFd, queue: u16) -> Result<TapQueue, Error> {
+    ///
+    /// # Safety
+    /// `fd` must be open and owned by nobody else in this process (no `OwnedFd`, `File` or other
+    /// holder uses or closes it): on success the returned queue owns it and closes it on drop.
+    /// A number that is not open is refused ([`Error::FdNotOpen`]), not adopted.
+    pub unsafe fn from_raw_fd(fd: RawFd, queue: u16) -> Result<TapQueue, Error> {
         let Validated { if_name, attached } = validate(fd, queue)?;
         sys::set_nonblocking(fd).map_err(|source| Error::SetNonBlocking { fd, queue, source })?;
-        // SAFETY: the fd is open (validate checked it) and the caller hands its ownership to us.
+        // SAFETY: the fd is open (validate checked it) and nobody else owns it (our contract).
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(TapQueue {
             fd,
@@ -266,7 +271,12 @@ impl From<TapQueue> for OwnedFd {
 ///
 /// Devices are compared by name, in the fds' own terms: two taps of the same name in different
 /// network namespaces are not told apart.
-pub fn adopt_queues(fds: &[RawFd]) -> Result<Vec<TapQueue>, Error> {
+///
+/// # Safety
+/// Every fd must be open and owned by nobody else in this process: on success the returned
+/// queues own them and close them on drop. Numbers that are not open, or given twice, are
+/// refused before any is adopted.
+pub unsafe fn adopt_queues(fds: &[RawFd]) -> Result<Vec<TapQueue>, Error> {
     if fds.is_empty() {
         return Err(Error::NoQueues);
     }
@@ -324,8 +334,8 @@ pub fn adopt_queues(fds: &[RawFd]) -> Result<Vec<TapQueue>, Error> {
         .zip(checked)
         .enumerate()
         .map(|(i, (&fd, Validated { if_name, attached }))| TapQueue {
-            // SAFETY: every fd was validated as open and distinct above; the caller hands their
-            // ownership to us.
+            // SAFETY: every fd was validated as open and distinct above, and nobody else owns
+            // them (our contract).
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             if_name,
             queue: label(i),
@@ -435,7 +445,8 @@ mod tests {
 
     #[test]
     fn closed_fd_is_refused_by_number() {
-        let err = TapQueue::from_raw_fd(CLOSED_FD, 3).unwrap_err();
+        // SAFETY: CLOSED_FD is not open, so nothing owns it; it is refused, not adopted.
+        let err = unsafe { TapQueue::from_raw_fd(CLOSED_FD, 3) }.unwrap_err();
         assert!(
             matches!(
                 err,
@@ -455,7 +466,10 @@ mod tests {
     #[test]
     fn non_tun_fds_are_refused_and_left_open() {
         let (r, _w) = pipe();
-        let err = TapQueue::from_raw_fd(r.as_raw_fd(), 0).unwrap_err();
+        // SAFETY: `r` keeps the fd, which the contract allows only because nothing is adopted:
+        // a pipe is no tap queue and is refused before ownership is taken (asserted below).
+        // The same holds for the socket, the file and /dev/null below.
+        let err = unsafe { TapQueue::from_raw_fd(r.as_raw_fd(), 0) }.unwrap_err();
         assert!(matches!(err, Error::NotTunFd { .. }), "{err:?}");
         assert!(
             err.to_string().contains(&format!("fd {} ", r.as_raw_fd())),
@@ -466,16 +480,19 @@ mod tests {
         assert!(sys::fd_flags(r.as_raw_fd()).is_ok());
 
         let sock = UnixDatagram::unbound().unwrap();
-        let err = TapQueue::from_raw_fd(sock.as_raw_fd(), 1).unwrap_err();
+        // SAFETY: as above, a socket is refused.
+        let err = unsafe { TapQueue::from_raw_fd(sock.as_raw_fd(), 1) }.unwrap_err();
         assert!(err.to_string().ends_with("it is a socket"), "{err}");
 
         let file = File::open("/proc/self/status").unwrap();
-        let err = TapQueue::from_raw_fd(file.as_raw_fd(), 1).unwrap_err();
+        // SAFETY: as above, a regular file is refused.
+        let err = unsafe { TapQueue::from_raw_fd(file.as_raw_fd(), 1) }.unwrap_err();
         assert!(err.to_string().ends_with("it is a regular file"), "{err}");
 
         // A character device that is not a tun: the tun ioctl is refused with ENOTTY.
         let null = File::open("/dev/null").unwrap();
-        let err = TapQueue::from_raw_fd(null.as_raw_fd(), 2).unwrap_err();
+        // SAFETY: as above, a character device that is not a tun is refused.
+        let err = unsafe { TapQueue::from_raw_fd(null.as_raw_fd(), 2) }.unwrap_err();
         assert!(matches!(err, Error::NotTunFd { .. }), "{err:?}");
         assert!(err.to_string().ends_with("character device 1:3"), "{err}");
     }
@@ -489,16 +506,19 @@ mod tests {
                 return;
             }
         };
-        let err = TapQueue::from_raw_fd(tun.as_raw_fd(), 0).unwrap_err();
+        // SAFETY: `tun` keeps the fd: an unbound tun fd is refused before ownership is taken.
+        let err = unsafe { TapQueue::from_raw_fd(tun.as_raw_fd(), 0) }.unwrap_err();
         assert!(matches!(err, Error::NotAttachedToDevice { .. }), "{err:?}");
     }
 
     #[test]
     fn adopt_checks_the_list_before_any_fd() {
-        assert!(matches!(adopt_queues(&[]), Err(Error::NoQueues)));
+        // SAFETY: an empty list adopts nothing.
+        assert!(matches!(unsafe { adopt_queues(&[]) }, Err(Error::NoQueues)));
         let (r, _w) = pipe();
         let fd = r.as_raw_fd();
-        let err = adopt_queues(&[fd, CLOSED_FD, fd]).unwrap_err();
+        // SAFETY: `r` keeps its fd: a list naming an fd twice is refused before any is adopted.
+        let err = unsafe { adopt_queues(&[fd, CLOSED_FD, fd]) }.unwrap_err();
         assert!(
             matches!(
                 err,
@@ -515,16 +535,16 @@ mod tests {
             format!("fd {fd} is given twice (queues 0 and 2)")
         );
         let many: Vec<RawFd> = (0..=i32::from(MAX_QUEUES)).collect();
-        assert!(matches!(
-            adopt_queues(&many),
-            Err(Error::QueueCount { count: 257, .. })
-        ));
+        // SAFETY: more fds than a tap has queues are refused before any is looked at.
+        let err = unsafe { adopt_queues(&many) };
+        assert!(matches!(err, Err(Error::QueueCount { count: 257, .. })));
     }
 
     #[test]
     fn adopt_names_the_first_bad_fd() {
         let (r, _w) = pipe();
-        let err = adopt_queues(&[CLOSED_FD, r.as_raw_fd()]).unwrap_err();
+        // SAFETY: `r` keeps its fd: a list with a closed fd is refused before any is adopted.
+        let err = unsafe { adopt_queues(&[CLOSED_FD, r.as_raw_fd()]) }.unwrap_err();
         assert!(
             matches!(
                 err,
@@ -535,7 +555,8 @@ mod tests {
             ),
             "{err:?}"
         );
-        let err = adopt_queues(&[r.as_raw_fd(), CLOSED_FD]).unwrap_err();
+        // SAFETY: as above; here the pipe, checked first, is what is refused.
+        let err = unsafe { adopt_queues(&[r.as_raw_fd(), CLOSED_FD]) }.unwrap_err();
         assert!(matches!(err, Error::NotTunFd { queue: 0, .. }), "{err:?}");
     }
 

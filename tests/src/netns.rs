@@ -542,6 +542,9 @@ pub fn single_id(status: &HashMap<String, String>, key: &str) -> u32 {
     ids[0]
 }
 
+/// uid and gid of Debian's `nobody`, the unprivileged identity the tests run the VMM as.
+pub const NOBODY: u32 = 65534;
+
 /// Drops this process to `uid`/`gid` with no supplementary groups, no capabilities in any set and
 /// no_new_privs. Used by test helpers to become "the unprivileged VMM"; returns a description of
 /// the step that failed.

@@ -161,12 +161,19 @@ pub struct GuestImages {
     pub cmdline: String,
 }
 
+/// The guest's eth0 address in the default command line (`mqvmm.ip=`), and its name `guest`
+/// in the image's /etc/hosts (both from resources/build-all.sh).
+pub const GUEST_IP: &str = "10.0.2.15";
+/// The host end of the guest's tap (`mqvmm.gw=`, `host` in the image's /etc/hosts); a /24 with
+/// [`GUEST_IP`].
+pub const HOST_IP: &str = "10.0.2.1";
+
 pub fn guest_images() -> GuestImages {
     let dir = build_dir().join("guest");
     let cmdline = std::fs::read_to_string(dir.join("cmdline"))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| {
-            "console=ttyS0 reboot=k panic=-1 mqvmm.ip=10.0.2.15/24 mqvmm.gw=10.0.2.1".to_string()
+            format!("console=ttyS0 reboot=k panic=-1 mqvmm.ip={GUEST_IP}/24 mqvmm.gw={HOST_IP}")
         });
     GuestImages {
         vmlinux: dir.join("vmlinux"),
@@ -292,9 +299,9 @@ fn shared_l1() -> &'static Mutex<Option<L1>> {
 
 /// Run `cmd` (a shell snippet) in the shared L1, booting it if needed; `sink` receives the output
 /// as it arrives. An L1 crash (kernel panic, QEMU gone) or an L1 that stops answering (the
-/// command's own `timeout` inside L1 would have reported by then: L1 itself is wedged, which the
-/// emulator does now and then) is reported and the command is retried once on a fresh L1; a
-/// second failure is an error.
+/// command's own `timeout` inside L1 would have reported by then: L1 itself is wedged, an
+/// emulator fault, see docs/rig.md) is reported and the command is retried once on a fresh L1;
+/// a second failure is an error.
 pub fn try_exec_in_l1_streaming(
     cmd: &str,
     timeout: Duration,
@@ -395,9 +402,9 @@ fn test_timeout() -> Duration {
 
 /// What mqvmm reports when a running L2 vCPU is suddenly in its power-on reset state (RIP
 /// 0xfff0, CR0 0x10) and triple-faults fetching from the top of the address space: no guest
-/// kernel leaves a vCPU like that while it runs, and Debian's QEMU with KVM in the same L1
-/// under the same load ends the same way, so it is the nested rig's emulator (TCG's SVM), not
-/// the VMM. Like an L1 crash, it is said and retried once; a second one is a real failure.
+/// kernel leaves a vCPU like that while it runs, and Debian's QEMU ends the same way in L1, so
+/// it is the nested rig's emulator (TCG's SVM) losing L2 state, not the VMM (docs/rig.md). Like
+/// an L1 crash, it is said and retried once; a second one is a real failure.
 pub const EMULATOR_FAULT: &str = "triple-faulted (KVM_EXIT_SHUTDOWN) at RIP 0xfff0 (CR0 0x10,";
 
 /// Run a KVM test body where KVM works. `test_name` is the test's name as libtest knows it

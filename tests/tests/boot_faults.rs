@@ -1,5 +1,5 @@
-//! Hostile guests and broken hosts with a real guest (issue 6), where KVM works (directly,
-//! or inside the nested rig's L1, where these tests are root):
+//! Hostile guests and broken hosts with a real guest, where KVM works (directly, or inside the
+//! nested rig's L1, where these tests are root):
 //! - the seccomp filters are on by default: a forbidden system call from a queue-pair worker
 //!   ends mqvmm with a line naming the call and the thread (the hidden `--seccomp-selftest`
 //!   makes the worker issue one); the same run with `--seccomp=off` warns loudly and lives;
@@ -11,10 +11,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mqvmm_tests::console::GuestConsole;
-use mqvmm_tests::{netns, rig, skip};
+use mqvmm_tests::rig::{self, GUEST_IP, HOST_IP};
+use mqvmm_tests::{netns, skip};
 
-const HOST_IP: &str = "10.0.2.1";
-const GUEST_IP: &str = "10.0.2.15";
 const STEP: Duration = Duration::from_secs(60);
 const BOOT: Duration = Duration::from_secs(180);
 

@@ -1,4 +1,4 @@
-//! mqvmm boots Debian's cloud kernel (issue 2): directly on KVM, or inside the nested rig.
+//! mqvmm boots Debian's cloud kernel: directly on KVM, or inside the nested rig.
 //! Argument errors are checked on the host itself: mqvmm refuses them before touching KVM.
 
 use std::io::Write;

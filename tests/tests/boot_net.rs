@@ -1,6 +1,6 @@
-//! The multiqueue network device with a real Linux guest (issue 4): `ethtool -L` in the guest
-//! switches the host tap's queues, traffic flows both ways at every count, and mqvmm runs as
-//! uid 65534 with no capabilities under mqvmm-launch the whole time. Every scenario runs over
+//! The multiqueue network device with a real Linux guest: `ethtool -L` in the guest switches
+//! the host tap's queues, traffic flows both ways at every count, and mqvmm runs as uid 65534
+//! with no capabilities under mqvmm-launch the whole time. Every scenario runs over
 //! both transports (`--transport mmio` and `--transport pci`); over virtio-pci the guest also
 //! has a separate MSI-X vector per queue, and with several pairs more than one of them fires.
 //! Runs where KVM works (directly, or inside the nested rig's L1, where these tests are root).
@@ -10,10 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mqvmm_tests::console::GuestConsole;
-use mqvmm_tests::{netns, rig, skip};
+use mqvmm_tests::netns::{self, NOBODY};
+use mqvmm_tests::rig::{self, GUEST_IP, HOST_IP};
+use mqvmm_tests::skip;
 
-const HOST_IP: &str = "10.0.2.1";
-const GUEST_IP: &str = "10.0.2.15";
 const STEP: Duration = Duration::from_secs(60);
 
 fn sh(cmd: &str) {
@@ -171,8 +171,8 @@ fn assert_unprivileged(console: &mut GuestConsole) {
         Some("mqvmm"),
         "the launcher did not exec mqvmm in place"
     );
-    assert_eq!(netns::single_id(&status, "Uid"), 65534);
-    assert_eq!(netns::single_id(&status, "Gid"), 65534);
+    assert_eq!(netns::single_id(&status, "Uid"), NOBODY);
+    assert_eq!(netns::single_id(&status, "Gid"), NOBODY);
     for key in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
         assert_eq!(netns::cap_mask(&status, key), 0, "{key} of mqvmm");
     }

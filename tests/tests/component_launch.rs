@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use mqvmm_tests::netns::{self, FdCheck};
+use mqvmm_tests::netns::{self, FdCheck, NOBODY};
 use tap::{MultiQueueTap, TapConfig};
+use virtio_net::MAX_QUEUE_PAIRS;
 
 const FDCHECK: &str = env!("CARGO_BIN_EXE_tap-fdcheck");
 const PROBE: &str = env!("CARGO_BIN_EXE_same-uid-probe");
-const NOBODY: u32 = 65534;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn launcher() -> Option<PathBuf> {
@@ -767,15 +767,20 @@ fn launcher_runs_for_a_caller_with_only_cap_net_admin() {
 fn launcher_rejects_bad_arguments_with_exit_2() {
     let Some(launcher) = launcher() else { return };
     let check = || {
+        // The device's limit, not the tap's (256 queues).
+        let too_many = (MAX_QUEUE_PAIRS + 1).to_string();
+        let queue_limit = |queues: &str| {
+            format!("{queues} is not a number from 1 to {MAX_QUEUE_PAIRS} (the most queue pairs")
+        };
         let cases: &[(&[&str], &str)] = &[
             (&["--tap", "mqbad0", "--user", "nobody"], "--queues"),
             (
                 &["--tap", "mqbad0", "--queues", "0", "--user", "nobody"],
-                "0 is not in 1..=256",
+                &queue_limit("0"),
             ),
             (
-                &["--tap", "mqbad0", "--queues", "257", "--user", "nobody"],
-                "257 is not in 1..=256",
+                &["--tap", "mqbad0", "--queues", &too_many, "--user", "nobody"],
+                &queue_limit(&too_many),
             ),
             (
                 &[

@@ -1,6 +1,6 @@
-//! Component test of issue 4: the multiqueue virtio-net device over a real 4-queue tap, driven
-//! through the virtio-mmio registers by the in-process driver model (`mqvmm_tests::driver`), in a
-//! process that dropped to uid/gid 65534 with no capabilities before the device existed. No KVM.
+//! The multiqueue virtio-net device over a real 4-queue tap, driven through the virtio-mmio
+//! registers by the in-process driver model (`mqvmm_tests::driver`), in a process that dropped
+//! to uid/gid 65534 with no capabilities before the device existed. No KVM.
 //!
 //! Each test runs in a network namespace of its own (`netns::run_in_netns`). As root it creates
 //! the tap (owned by root), gives it 10.88.0.1/24 with IPv6 off (no stray frames) and brings it
@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use mqvmm_tests::driver::{
     feature, DriverConfig, NetDriver, ACK_ERR, ACK_OK, CSUM_FEATURES, DEFAULT_FEATURES, EVENT_IDX,
 };
-use mqvmm_tests::{netns, rig, skip};
+use mqvmm_tests::netns::{self, NOBODY};
+use mqvmm_tests::{rig, skip};
 use tap::{MultiQueueTap, TapConfig};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
@@ -35,7 +36,6 @@ use virtio_bindings::virtio_net::{
 };
 use virtio_net::{Net, NetConfig, NetMetrics};
 
-const NOBODY: u32 = 65534;
 const PAIRS: u16 = 4;
 const QUEUE_SIZE: u16 = 256;
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
@@ -236,12 +236,11 @@ fn configure_host_side(ifname: &str) {
 
 fn interface_mac(ifname: &str) -> [u8; 6] {
     let text = std::fs::read_to_string(format!("/sys/class/net/{ifname}/address")).unwrap();
-    let bytes: Vec<u8> = text
+    let mac: tap::MacAddr = text
         .trim()
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).unwrap())
-        .collect();
-    bytes.try_into().expect("6-byte MAC")
+        .parse()
+        .unwrap_or_else(|e| panic!("{ifname}'s address: {e}"));
+    mac.octets()
 }
 
 // -------------------------------------------------------------------------------------------
@@ -395,7 +394,10 @@ impl<'a> Ctx<'a> {
     fn new(s: &Scenario, fds: &[RawFd], tap_mac: [u8; 6], summary: &'a mut File) -> Ctx<'a> {
         // The kernel still has all four queues attached, as the launcher left them.
         expect_host_queues(s.tap, PAIRS, "adoption");
-        let queues = tap::adopt_queues(fds).unwrap_or_else(|e| panic!("adopt the queue fds: {e}"));
+        // SAFETY: the fds came from into_raw_fd in `privileged_part`, and this forked child, which
+        // runs only `unprivileged_part`, adopts them once, here.
+        let queues = unsafe { tap::adopt_queues(fds) }
+            .unwrap_or_else(|e| panic!("adopt the queue fds: {e}"));
         let net = Net::new(
             NetConfig {
                 queue_size: QUEUE_SIZE,

@@ -7,11 +7,10 @@ use std::os::unix::io::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mqvmm_tests::netns::{self, FdCheck};
+use mqvmm_tests::netns::{self, FdCheck, NOBODY};
 use tap::{MultiQueueTap, TapConfig};
 
 const FDCHECK: &str = env!("CARGO_BIN_EXE_tap-fdcheck");
-const NOBODY: u32 = 65534;
 
 fn skip() -> bool {
     match netns::skip_reason() {
@@ -338,7 +337,9 @@ fn detaching_purges_pending_frames_and_refuses_io() {
 /// Adoption of `fds` fails with the expected variant, the message names the fd, and every open
 /// fd stays open (a failed adoption takes ownership of nothing).
 fn assert_refused(fds: &[RawFd], expect: &str, check: impl Fn(&tap::Error) -> bool) {
-    let err = tap::adopt_queues(fds).unwrap_err();
+    // SAFETY: the fds stay owned by the caller's taps and files, which the contract allows only
+    // because nothing is adopted: each call is refused (asserted here) before any fd is taken.
+    let err = unsafe { tap::adopt_queues(fds) }.unwrap_err();
     assert!(check(&err), "{fds:?}: unexpected {err:?}");
     let msg = err.to_string();
     assert!(msg.contains(expect), "{fds:?}: {msg:?} lacks {expect:?}");
@@ -421,7 +422,8 @@ fn adoption_refuses_fds_mqvmm_cannot_use() {
             .into_iter()
             .map(|q| OwnedFd::from(q).into_raw_fd())
             .collect();
-        let adopted = tap::adopt_queues(&raw).unwrap();
+        // SAFETY: `raw` came from into_raw_fd just above: nothing else owns these fds.
+        let adopted = unsafe { tap::adopt_queues(&raw) }.unwrap();
         assert_eq!(adopted.len(), 3);
         for (i, q) in adopted.iter().enumerate() {
             assert_eq!((q.if_name(), usize::from(q.queue())), ("mqc0", i));
@@ -436,7 +438,8 @@ fn adoption_refuses_fds_mqvmm_cannot_use() {
             .into_iter()
             .map(|q| OwnedFd::from(q).into_raw_fd())
             .collect();
-        let again = tap::adopt_queues(&raw2).unwrap();
+        // SAFETY: as above, released by the queues just before.
+        let again = unsafe { tap::adopt_queues(&raw2) }.unwrap();
         assert!(!again[2].is_attached().unwrap());
         assert_eq!(
             again[2].read(&mut [0u8; 64]).unwrap_err().raw_os_error(),

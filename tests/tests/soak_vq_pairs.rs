@@ -1,4 +1,4 @@
-//! Load (issue 6): 1000 VQ_PAIRS_SET changes, cycling through every transition between the
+//! Load: 1000 VQ_PAIRS_SET changes, cycling through every transition between the
 //! counts 1..4 (`ethtool -L eth0 combined N` in the guest), while four iperf3 clients in the
 //! guest, one pinned to each vCPU, run `--bidir` against four servers on the host over the
 //! tap. Run by `make test-soak` (ignored otherwise; it takes minutes under the nested rig).
@@ -16,23 +16,20 @@
 //! In the nested rig an L2 vCPU triple fault under this load is the emulator's (see
 //! [`rig::EMULATOR_FAULT`]): the rig then runs the soak once more.
 //!
-//! Transport: virtio-mmio by default, `MQVMM_SOAK_TRANSPORT=pci` for virtio-pci. Over
-//! virtio-pci (eight MSI-X vectors, so many more injected interrupts) the rig's L1 kernel
-//! crashed in KVM's SVM entry path in both runs tried (a stack guard page hit in
-//! `svm_vcpu_enter_exit`, then an L1 reset): QEMU's emulated SVM, not mqvmm — a user process
-//! cannot legitimately crash its kernel. The data path, the control queue and VQ_PAIRS_SET are
-//! the transport's business only up to the kick and the interrupt; boot_net runs the `ethtool -L`
-//! walk with traffic over both transports.
+//! Transport: virtio-mmio by default, `MQVMM_SOAK_TRANSPORT=pci` for virtio-pci: with its eight
+//! MSI-X vectors under this load, the rig's emulated SVM crashes L1's kernel (docs/rig.md). The
+//! data path, the control queue and VQ_PAIRS_SET are the transport's business only up to the
+//! kick and the interrupt; boot_net runs the `ethtool -L` walk with traffic over both
+//! transports.
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mqvmm_tests::console::GuestConsole;
-use mqvmm_tests::{netns, rig, skip};
+use mqvmm_tests::rig::{self, GUEST_IP, HOST_IP};
+use mqvmm_tests::{netns, skip};
 
-const HOST_IP: &str = "10.0.2.1";
-const GUEST_IP: &str = "10.0.2.15";
 const PAIRS: u32 = 4;
 const CPUS: u32 = 4;
 const STEP: Duration = Duration::from_secs(120);

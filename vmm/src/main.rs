@@ -7,6 +7,9 @@ use std::process::ExitCode;
 
 use clap::{ArgGroup, Parser};
 use log::LevelFilter;
+use tap::MacAddr;
+use virtio_net::config::MIN_MTU;
+use virtio_net::MAX_QUEUE_PAIRS;
 
 use vmm::arch::boot::{self, Image, ImageKind};
 use vmm::exit::VmExit;
@@ -181,7 +184,7 @@ enum NetSource {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct NetSpec {
     source: NetSource,
-    mac: Option<[u8; 6]>,
+    mac: Option<MacAddr>,
     mtu: Option<u16>,
     mq: bool,
 }
@@ -189,22 +192,6 @@ struct NetSpec {
 fn parse_log_level(s: &str) -> Result<LevelFilter, String> {
     vmm::logger::parse_level(s)
         .ok_or_else(|| format!("unknown log level {s:?} (error, warn, info, debug, trace, off)"))
-}
-
-fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return Err(format!("mac={s} is not six colon-separated hex bytes"));
-    }
-    let mut mac = [0u8; 6];
-    for (byte, part) in mac.iter_mut().zip(&parts) {
-        *byte = u8::from_str_radix(part, 16)
-            .map_err(|_| format!("mac={s}: {part:?} is not a hex byte"))?;
-    }
-    if mac[0] & 1 != 0 {
-        return Err(format!("mac={s} is a multicast address"));
-    }
-    Ok(mac)
 }
 
 fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
@@ -245,9 +232,7 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
                 fds = Some(list);
             }
             "tap" => {
-                if value.is_empty() || value.len() > 15 {
-                    return Err(format!("tap={value:?}: interface names have 1 to 15 bytes"));
-                }
+                tap::validate_name(value).map_err(|e| format!("tap: {e}"))?;
                 tap = Some(value.to_string());
             }
             "queues" => {
@@ -255,18 +240,25 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
                     value
                         .parse::<u16>()
                         .ok()
-                        .filter(|q| (1..=256).contains(q))
-                        .ok_or_else(|| format!("queues={value} is not a number from 1 to 256"))?,
+                        .filter(|&q| q >= 1 && usize::from(q) <= MAX_QUEUE_PAIRS)
+                        .ok_or_else(|| {
+                            format!(
+                                "queues={value} is not a number from 1 to {MAX_QUEUE_PAIRS} \
+                                 (the most queue pairs the virtio-net device has)"
+                            )
+                        })?,
                 )
             }
-            "mac" => mac = Some(parse_mac(value)?),
+            "mac" => mac = Some(value.parse::<MacAddr>().map_err(|e| format!("mac: {e}"))?),
             "mtu" => {
                 mtu = Some(
                     value
                         .parse::<u16>()
                         .ok()
-                        .filter(|m| *m >= 68)
-                        .ok_or_else(|| format!("mtu={value} is not a number from 68 to 65535"))?,
+                        .filter(|&m| m >= MIN_MTU)
+                        .ok_or_else(|| {
+                            format!("mtu={value} is not a number from {MIN_MTU} to 65535")
+                        })?,
                 )
             }
             "mq" => {
@@ -287,8 +279,12 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
                     "queues= goes with tap=; with fds= there is one queue pair per fd".into(),
                 );
             }
-            if fds.is_empty() || fds.len() > 256 {
-                return Err("fds= needs 1 to 256 file descriptors".into());
+            if fds.is_empty() || fds.len() > MAX_QUEUE_PAIRS {
+                return Err(format!(
+                    "fds= has {} file descriptors; give 1 to {MAX_QUEUE_PAIRS}, one per queue \
+                     pair (the most queue pairs the virtio-net device has)",
+                    fds.len()
+                ));
             }
             NetSource::Fds(fds)
         }
@@ -307,13 +303,13 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
 }
 
 /// A stable, locally administered MAC derived from the tap name.
-fn default_mac(if_name: &str) -> [u8; 6] {
+fn default_mac(if_name: &str) -> MacAddr {
     let mut hash: u32 = 0x811c_9dc5;
     for b in if_name.bytes() {
         hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
     }
     let h = hash.to_be_bytes();
-    [0x02, 0x6d, h[0], h[1], h[2], h[3]]
+    MacAddr::from([0x02, 0x6d, h[0], h[1], h[2], h[3]])
 }
 
 enum Failure {
@@ -364,11 +360,18 @@ fn holds_capabilities() -> bool {
         .is_some_and(|caps| caps != 0)
 }
 
-fn open_net(spec: NetSpec) -> Result<NetSetup, Failure> {
-    let queues = match spec.source {
-        NetSource::Fds(fds) => tap::adopt_queues(&fds)
-            .map_err(|e| Failure::Usage(format!("--net: {}", error_chain(&e))))?,
-        NetSource::Tap { name, queues } => {
+/// Where the network device's queues come from once the command line's fds are adopted.
+enum NetQueues {
+    /// `fds=`: the adopted queues.
+    Adopted(Vec<tap::TapQueue>),
+    /// `tap=NAME,queues=N`: mqvmm opens them (needs CAP_NET_ADMIN).
+    Open { name: String, queues: u16 },
+}
+
+fn open_net(spec: NetSpec, queues: NetQueues) -> Result<NetSetup, Failure> {
+    let queues = match queues {
+        NetQueues::Adopted(queues) => queues,
+        NetQueues::Open { name, queues } => {
             let config = tap::TapConfig {
                 name: Some(name.clone()),
                 queues,
@@ -404,16 +407,76 @@ fn open_net(spec: NetSpec) -> Result<NetSetup, Failure> {
     })
 }
 
-/// The image given as a path (mqvmm opens it) or as an open fd (mqvmm adopts it); clap
-/// allows at most one of the two.
+/// One fd number the command line hands over, and the option that names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HandedFd {
+    option: &'static str,
+    fd: RawFd,
+}
+
+impl std::fmt::Display for HandedFd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.option {
+            NET_FDS => write!(f, "fd {} of {NET_FDS}", self.fd),
+            option => write!(f, "{option} {}", self.fd),
+        }
+    }
+}
+
+const NET_FDS: &str = "--net fds=";
+
+/// Every fd the command line hands over: --kvm-fd, --net fds=, --kernel-fd, --initramfs-fd.
+fn handed_fds(args: &Args) -> Vec<HandedFd> {
+    let mut fds: Vec<HandedFd> = Vec::new();
+    let mut add = |option, fd| fds.push(HandedFd { option, fd });
+    args.kvm_fd.into_iter().for_each(|fd| add("--kvm-fd", fd));
+    if let Some(NetSpec {
+        source: NetSource::Fds(net),
+        ..
+    }) = &args.net
+    {
+        net.iter().for_each(|&fd| add(NET_FDS, fd));
+    }
+    args.kernel_fd
+        .into_iter()
+        .for_each(|fd| add("--kernel-fd", fd));
+    args.initramfs_fd
+        .into_iter()
+        .for_each(|fd| add("--initramfs-fd", fd));
+    fds
+}
+
+/// What makes the handed fds mqvmm's alone: none is a standard stream (the console's) and no
+/// fd is named by two options. (An fd listed twice in `fds=` is the tap crate's to refuse.)
+fn check_handed_fds(fds: &[HandedFd]) -> Result<(), String> {
+    for (i, handed) in fds.iter().enumerate() {
+        if (0..=2).contains(&handed.fd) {
+            return Err(format!(
+                "{handed} is standard input, output or error, which mqvmm keeps for the console"
+            ));
+        }
+        let other = fds[..i]
+            .iter()
+            .find(|first| first.fd == handed.fd && first.option != handed.option);
+        if let Some(first) = other {
+            return Err(format!(
+                "{} and {} are both fd {}",
+                first.option, handed.option, handed.fd
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The image given as an adopted fd or as a path (mqvmm opens it); clap allows at most one.
 fn image(
     kind: ImageKind,
+    adopted: Option<Image>,
     path: Option<PathBuf>,
-    fd: Option<RawFd>,
 ) -> Result<Option<Image>, boot::Error> {
-    match (path, fd) {
-        (Some(path), _) => Image::open(kind, &path).map(Some),
-        (None, Some(fd)) => Image::from_fd(kind, fd).map(Some),
+    match (adopted, path) {
+        (Some(image), _) => Ok(Some(image)),
+        (None, Some(path)) => Image::open(kind, &path).map(Some),
         (None, None) => Ok(None),
     }
 }
@@ -426,27 +489,52 @@ fn run(args: Args) -> Result<VmExit, Failure> {
             capabilities_line()
         );
     }
-    // Validate passed fds before touching any file, so a launcher mistake is reported as such.
-    let kvm = match args.kvm_fd {
-        Some(fd) => KvmSource::Fd(vm::validate_kvm_fd(fd).map_err(Failure::Usage)?),
+    let usage = |e: &dyn std::error::Error| Failure::Usage(error_chain(e));
+    // The handed fds are checked and adopted before anything is opened, so that a launcher's
+    // mistake is reported as such.
+    check_handed_fds(&handed_fds(&args)).map_err(Failure::Usage)?;
+    // SAFETY: the fds of --kvm-fd, --net fds=, --kernel-fd and --initramfs-fd are handed over by
+    // whoever started mqvmm (mqvmm-launch, or a manager), and nothing else in this process uses
+    // them: none is a standard stream and no two options name the same fd (check_handed_fds),
+    // and adopt_queues refuses an fd listed twice. So each is owned once, by what adopts it
+    // here; a number that is not open is refused, not adopted.
+    let (kvm, net_queues, kernel, initramfs) = unsafe {
+        let kvm = args.kvm_fd.map(|fd| vm::adopt_kvm_fd(fd));
+        let net_queues = args.net.as_ref().map(|spec| match &spec.source {
+            NetSource::Fds(fds) => tap::adopt_queues(fds).map(NetQueues::Adopted),
+            NetSource::Tap { name, queues } => Ok(NetQueues::Open {
+                name: name.clone(),
+                queues: *queues,
+            }),
+        });
+        let kernel = args
+            .kernel_fd
+            .map(|fd| Image::from_fd(ImageKind::Kernel, fd));
+        let initramfs = args
+            .initramfs_fd
+            .map(|fd| Image::from_fd(ImageKind::Initramfs, fd));
+        (kvm, net_queues, kernel, initramfs)
+    };
+    let kvm = match kvm.transpose().map_err(|e| usage(&e))? {
+        Some(kvm) => KvmSource::Fd(kvm),
         None => KvmSource::Open,
     };
-    let net = args.net.map(open_net).transpose()?;
-    if let (Some(kernel), Some(initramfs)) = (args.kernel_fd, args.initramfs_fd) {
-        if kernel == initramfs {
-            return Err(Failure::Usage(format!(
-                "--kernel-fd and --initramfs-fd are both fd {kernel}"
-            )));
-        }
-    }
-    let usage = |e: boot::Error| Failure::Usage(error_chain(&e));
+    let net_queues = net_queues
+        .transpose()
+        .map_err(|e| Failure::Usage(format!("--net: {}", error_chain(&e))))?;
+    let kernel = kernel.transpose().map_err(|e| usage(&e))?;
+    let initramfs = initramfs.transpose().map_err(|e| usage(&e))?;
+    let net = match (args.net, net_queues) {
+        (Some(spec), Some(queues)) => Some(open_net(spec, queues)?),
+        _ => None,
+    };
     // Catch a wrong path or a file that is no kernel at all before touching KVM.
-    let mut kernel = image(ImageKind::Kernel, args.kernel, args.kernel_fd)
-        .map_err(usage)?
+    let mut kernel = image(ImageKind::Kernel, kernel, args.kernel)
+        .map_err(|e| usage(&e))?
         .ok_or_else(|| Failure::Usage("give --kernel or --kernel-fd".to_string()))?;
-    boot::detect_format(&mut kernel).map_err(usage)?;
+    boot::detect_format(&mut kernel).map_err(|e| usage(&e))?;
     let initramfs =
-        image(ImageKind::Initramfs, args.initramfs, args.initramfs_fd).map_err(usage)?;
+        image(ImageKind::Initramfs, initramfs, args.initramfs).map_err(|e| usage(&e))?;
     if args.seccomp == SeccompMode::Off {
         eprintln!(
             "mqvmm: warning: --seccomp=off: NO SYSTEM CALL FILTERS. A guest that compromises a \
@@ -557,7 +645,7 @@ mod tests {
     fn net_spec_with_fds_and_options() {
         let spec = parse_net_spec("fds=4,5,6,7,mac=02:00:00:00:00:01,mtu=9000,mq=off").unwrap();
         assert_eq!(spec.source, NetSource::Fds(vec![4, 5, 6, 7]));
-        assert_eq!(spec.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(spec.mac, Some(MacAddr::from([2, 0, 0, 0, 0, 1])));
         assert_eq!(spec.mtu, Some(9000));
         assert!(!spec.mq);
         let spec = parse_net_spec("fds=3").unwrap();
@@ -587,12 +675,13 @@ mod tests {
             ("fds=3,queues=2", "queues= goes with tap="),
             ("mac=02:00:00:00:00:01", "needs fds="),
             ("fds=3,mac=01:00:00:00:00:01", "multicast"),
-            ("fds=3,mac=zz", "six colon-separated"),
+            ("fds=3,mac=zz", "mac: \"zz\" is not a MAC address"),
+            ("fds=3,mac=00:00:00:00:00:00", "not a usable MAC address"),
             ("fds=3,mtu=10", "68 to 65535"),
             ("fds=3,mq=maybe", "on or off"),
             ("fds=3,color=red", "unknown --net option"),
-            ("tap=averyveryverylongname", "1 to 15 bytes"),
-            ("tap=x,queues=0", "1 to 256"),
+            ("tap=averyveryverylongname", "longer than 15 bytes"),
+            ("tap=a/b", "invalid interface name \"a/b\""),
             ("nonsense", "key=value"),
             ("fds=3,,4", "not a file descriptor"),
         ] {
@@ -602,11 +691,77 @@ mod tests {
     }
 
     #[test]
+    fn queue_pairs_are_limited_to_what_the_device_supports() {
+        let limit = format!("1 to {MAX_QUEUE_PAIRS}");
+        assert!(parse_net_spec(&format!("tap=x,queues={MAX_QUEUE_PAIRS}")).is_ok());
+        for queues in [0, MAX_QUEUE_PAIRS + 1] {
+            let err = parse_net_spec(&format!("tap=x,queues={queues}")).unwrap_err();
+            assert!(
+                err.starts_with(&format!("queues={queues} is not a number from {limit}")),
+                "{err}"
+            );
+        }
+        let fds = |n: usize| (3..3 + n).map(|fd| fd.to_string()).collect::<Vec<_>>();
+        assert!(parse_net_spec(&format!("fds={}", fds(MAX_QUEUE_PAIRS).join(","))).is_ok());
+        let err =
+            parse_net_spec(&format!("fds={}", fds(MAX_QUEUE_PAIRS + 1).join(","))).unwrap_err();
+        let count = MAX_QUEUE_PAIRS + 1;
+        assert!(
+            err.starts_with(&format!("fds= has {count} file descriptors; give {limit}")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn handed_fds_must_be_distinct_and_no_standard_stream() {
+        let check = |args: &[&str]| {
+            let args = Args::try_parse_from([&["mqvmm"], args].concat()).unwrap();
+            check_handed_fds(&handed_fds(&args))
+        };
+        assert_eq!(
+            check(&["--kernel-fd", "5", "--initramfs-fd", "6", "--kvm-fd", "7"]),
+            Ok(())
+        );
+        // Listed twice within fds=: left to tap::adopt_queues, which names both queues.
+        assert_eq!(check(&["--kernel", "k", "--net", "fds=3,4,3"]), Ok(()));
+        for (args, error) in [
+            (
+                &["--kernel-fd", "5", "--initramfs-fd", "5"][..],
+                "--kernel-fd and --initramfs-fd are both fd 5",
+            ),
+            (
+                &["--kernel", "k", "--kvm-fd", "4", "--net", "fds=3,4"],
+                "--kvm-fd and --net fds= are both fd 4",
+            ),
+            (
+                &["--kernel-fd", "3", "--net", "fds=3"],
+                "--net fds= and --kernel-fd are both fd 3",
+            ),
+            (
+                &["--kernel", "k", "--kvm-fd", "0"],
+                "--kvm-fd 0 is standard input, output or error, which mqvmm keeps for the console",
+            ),
+            (
+                &["--kernel", "k", "--net", "fds=3,1"],
+                "fd 1 of --net fds= is standard input, output or error, which mqvmm keeps for \
+                 the console",
+            ),
+            (
+                &["--kernel-fd", "2"],
+                "--kernel-fd 2 is standard input, output or error, which mqvmm keeps for the \
+                 console",
+            ),
+        ] {
+            assert_eq!(check(args), Err(error.to_string()), "{args:?}");
+        }
+    }
+
+    #[test]
     fn default_mac_is_stable_unicast_and_local() {
         let a = default_mac("mqtap0");
         assert_eq!(a, default_mac("mqtap0"));
         assert_ne!(a, default_mac("mqtap1"));
-        assert_eq!(a[0] & 0x03, 0x02, "locally administered unicast");
+        assert!(a.is_locally_administered() && !a.is_multicast());
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Building the VM (KVM objects, memory, kernel, devices, vCPUs) and running its main loop.
 
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
-    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, KVM_API_VERSION,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{
@@ -34,14 +36,14 @@ use crate::virtio::VirtioDevice;
 pub enum KvmSource {
     /// Open /dev/kvm ourselves.
     Open,
-    /// An already-open /dev/kvm (the launcher's `--kvm-fd`), validated by [`validate_kvm_fd`].
-    Fd(OwnedFd),
+    /// An already-open /dev/kvm (the launcher's `--kvm-fd`), adopted by [`adopt_kvm_fd`].
+    Fd(Kvm),
 }
 
 /// The network device: one validated tap queue per queue pair.
 pub struct NetSetup {
     pub queues: Vec<tap::TapQueue>,
-    pub mac: [u8; 6],
+    pub mac: tap::MacAddr,
     pub mtu: Option<u16>,
     pub mq: bool,
 }
@@ -95,7 +97,15 @@ pub struct VmConfig {
 pub enum Error {
     #[error("cannot open /dev/kvm")]
     OpenKvm(#[source] kvm_ioctls::Error),
-    #[error("KVM API version {0} is not the supported version 12")]
+    #[error("--kvm-fd {fd} is not an open file descriptor")]
+    KvmFdNotOpen { fd: RawFd },
+    #[error("--kvm-fd {fd} is not /dev/kvm (KVM_GET_API_VERSION failed)")]
+    KvmFdNotKvm {
+        fd: RawFd,
+        #[source]
+        source: io::Error,
+    },
+    #[error("KVM API version {0} is not the supported version {KVM_API_VERSION}")]
     KvmApiVersion(i32),
     #[error("KVM lacks a capability mqvmm needs: {0}")]
     MissingCap(&'static str),
@@ -181,48 +191,49 @@ impl Error {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Error::Boot(_) | Error::KvmApiVersion(_) | Error::Memory { .. }
+            Error::Boot(_)
+                | Error::KvmFdNotOpen { .. }
+                | Error::KvmFdNotKvm { .. }
+                | Error::KvmApiVersion(_)
+                | Error::Memory { .. }
         )
     }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Checks that `fd` is an open /dev/kvm and takes ownership of it.
-pub fn validate_kvm_fd(fd: RawFd) -> std::result::Result<OwnedFd, String> {
+/// Adopts an already-open /dev/kvm passed in by number (`--kvm-fd`): it must be open and
+/// answer KVM_GET_API_VERSION. On error the fd is left open and still the caller's.
+///
+/// # Safety
+/// `fd` must be open and owned by nobody else in this process (no `OwnedFd`, `File` or other
+/// holder uses or closes it): on success the returned `Kvm` owns it and closes it on drop. A
+/// number that is not open is refused ([`Error::KvmFdNotOpen`]), not adopted.
+pub unsafe fn adopt_kvm_fd(fd: RawFd) -> Result<Kvm> {
     // SAFETY: F_GETFD only queries the descriptor table.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(format!("--kvm-fd {fd} is not an open file descriptor"));
+        return Err(Error::KvmFdNotOpen { fd });
     }
-    // SAFETY: KVM_GET_API_VERSION takes no argument; on a non-KVM fd it fails with ENOTTY.
-    let version = unsafe { libc::ioctl(fd, kvm_ioctls_api_version_request()) };
-    if version < 0 {
-        return Err(format!(
-            "--kvm-fd {fd} is not /dev/kvm (KVM_GET_API_VERSION failed: {})",
-            io::Error::last_os_error()
-        ));
+    // SAFETY: the fd is open (checked above) and nobody else owns it (our contract). Until it
+    // answers as /dev/kvm, ManuallyDrop keeps it open for the caller.
+    let kvm = ManuallyDrop::new(unsafe { Kvm::from_raw_fd(fd) });
+    // KVM_GET_API_VERSION takes no argument: on any other file it fails (ENOTTY) and does nothing.
+    if kvm.get_api_version() < 0 {
+        return Err(Error::KvmFdNotKvm {
+            fd,
+            source: io::Error::last_os_error(),
+        });
     }
-    // SAFETY: the fd is open (checked above) and from here on owned only by the returned value;
-    // the caller passed it to us for exactly this purpose.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// KVM_GET_API_VERSION = _IO(KVMIO, 0x00).
-const fn kvm_ioctls_api_version_request() -> libc::c_ulong {
-    (0xAE << 8) as libc::c_ulong
+    Ok(ManuallyDrop::into_inner(kvm))
 }
 
 fn open_kvm(source: KvmSource) -> Result<Kvm> {
     let kvm = match source {
         KvmSource::Open => Kvm::new().map_err(Error::OpenKvm)?,
-        KvmSource::Fd(fd) => {
-            let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
-            // SAFETY: `raw` was validated as an open /dev/kvm fd and ownership moves to Kvm.
-            unsafe { Kvm::from_raw_fd(raw) }
-        }
+        KvmSource::Fd(kvm) => kvm,
     };
     let version = kvm.get_api_version();
-    if version != 12 {
+    if u32::try_from(version) != Ok(KVM_API_VERSION) {
         return Err(Error::KvmApiVersion(version));
     }
     for (cap, name) in [
@@ -387,7 +398,7 @@ impl Vm {
         if let Some(net) = config.net {
             let mut device = virtio_net::Net::new(
                 virtio_net::NetConfig {
-                    mac: net.mac,
+                    mac: net.mac.octets(),
                     mtu: net.mtu,
                     mq: net.mq,
                     ..Default::default()
@@ -769,5 +780,53 @@ mod tests {
             e.source().unwrap().to_string(),
             "PCI slot 1 does not exist or is taken"
         );
+    }
+
+    #[test]
+    fn a_kvm_fd_must_be_an_open_dev_kvm_and_is_left_alone_otherwise() {
+        // Far above any fd this test process opens, so never taken by a parallel test.
+        let closed = 1 << 20;
+        // SAFETY: `closed` is not open, so nothing owns it; it is refused, not adopted.
+        let err = unsafe { adopt_kvm_fd(closed) }.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("--kvm-fd {closed} is not an open file descriptor")
+        );
+        assert!(err.is_usage());
+
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let fd = null.as_raw_fd();
+        // SAFETY: `null` keeps the fd, which the contract allows only because nothing is
+        // adopted: /dev/null does not answer KVM_GET_API_VERSION (asserted below).
+        let err = unsafe { adopt_kvm_fd(fd) }.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("--kvm-fd {fd} is not /dev/kvm (KVM_GET_API_VERSION failed)")
+        );
+        assert_eq!(
+            err.source()
+                .and_then(|e| e.downcast_ref::<io::Error>())
+                .and_then(io::Error::raw_os_error),
+            Some(libc::ENOTTY)
+        );
+        assert!(err.is_usage());
+        // SAFETY: F_GETFD only queries the descriptor table.
+        let still_open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+        assert!(still_open, "closed by a refusal");
+        drop(null);
+
+        match std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            Ok(kvm) => {
+                let fd = std::os::fd::IntoRawFd::into_raw_fd(kvm);
+                // SAFETY: `fd` was just released by its File and is owned by nothing else.
+                let kvm = unsafe { adopt_kvm_fd(fd) }.unwrap();
+                assert_eq!(kvm.as_raw_fd(), fd);
+            }
+            Err(e) => eprintln!("skip: the /dev/kvm case: cannot open /dev/kvm ({e})"),
+        }
     }
 }

@@ -101,7 +101,7 @@ pub enum ConfigError {
         size: u16,
     },
     /// The MAC is a multicast or all-zero address.
-    #[error("MAC {mac:02x?} is not a unicast address")]
+    #[error("MAC {} is not a unicast address", tap::MacAddr::from(*.mac))]
     Mac {
         /// The address given.
         mac: [u8; 6],

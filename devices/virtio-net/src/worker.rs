@@ -378,11 +378,11 @@ pub enum DeviceThread {
 /// Starts the device's threads.
 ///
 /// The device starts its threads at activation, which a transport runs on whatever thread
-/// handled the driver's DRIVER_OK write (a vCPU, for virtio-mmio). A VMM that confines its
-/// threads (seccomp filters are inherited by threads created afterwards and can only be
-/// narrowed) provides its own spawner, so the device threads are created from a thread of its
-/// choice and each can enter its own sandbox before running `body`. If the spawned thread
-/// exits without running `body`, activation fails cleanly.
+/// handled the driver's DRIVER_OK write (in mqvmm a vCPU, over either transport). A VMM that
+/// confines its threads (seccomp filters are inherited by threads created afterwards and can
+/// only be narrowed) provides its own spawner, so the device threads are created from a thread
+/// of its choice and each can enter its own sandbox before running `body`. If the spawned
+/// thread exits without running `body`, activation fails cleanly.
 pub trait ThreadSpawner: Send + Sync {
     /// Starts a thread named `name` that runs `body`.
     fn spawn(

@@ -9,7 +9,7 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use mqvmm_tests::rig::{self, shell_quote, L1Config, Mode, L1};
+use mqvmm_tests::rig::{self, shell_quote, L1Config, Mode, HOST_IP, L1};
 
 #[derive(Parser)]
 #[command(
@@ -135,13 +135,13 @@ fn vmm_script(cpus: u32, memory: u32, queues: u32, cmdline: &str, extra: &[Strin
             q(&launch)
         )
     } else {
-        // Until mqvmm-launch exists: mqvmm opens the tap itself (it runs as root here).
+        // Without mqvmm-launch built: mqvmm opens the tap itself (it runs as root here).
         format!("{} {vm_args} --net tap=mqtap0,queues={queues}", q(&mqvmm))
     };
     format!(
         "set -e\n\
          ip link show mqtap0 >/dev/null 2>&1 || ip tuntap add dev mqtap0 mode tap multi_queue vnet_hdr\n\
-         ip addr replace 10.0.2.1/24 dev mqtap0\n\
+         ip addr replace {HOST_IP}/24 dev mqtap0\n\
          ip link set mqtap0 up\n\
          set +e\n\
          echo \"mqvmm-rig: $ {vmm_display}\"\n\

@@ -1,11 +1,11 @@
 //! tap-fdcheck: a stand-in for the unprivileged VMM in the tap component tests.
 //!
 //! Accepts mqvmm's command line (`... [--kernel-fd F] [--initramfs-fd I] [--kvm-fd K]
-//! --net fds=A,B,...[,mac=M][,mtu=N]`, other arguments ignored) plus its own options, validates
-//! the passed tap fds with `tap::adopt_queues` (exit 2 with one line naming the fd if they are
-//! not what mqvmm expects), prints one `ready` line describing its identity and the fds (for an
-//! image fd: its number, the file it names and its first bytes in hex, read through the fd),
-//! then answers one line per command on stdin:
+//! --net fds=A,B,...[,mac=M][,mtu=N]`, other arguments ignored) plus its own options, parses the
+//! MAC as mqvmm does ([`tap::MacAddr`]), validates the passed tap fds with `tap::adopt_queues`
+//! (exit 2 with one line naming the fd if they are not what mqvmm expects), prints one `ready`
+//! line describing its identity and the fds (for an image fd: its number, the file it names and
+//! its first bytes in hex, read through the fd), then answers one line per command on stdin:
 //!
 //!   detach I | attach I     TUNSETQUEUE on queue I             -> ok | err ...
 //!   state                   attached state of every queue      -> attached=1,0,...
@@ -24,6 +24,7 @@ use std::io::{self, BufRead, Write};
 use std::os::unix::io::{BorrowedFd, OwnedFd, RawFd};
 
 use mqvmm_tests::netns;
+use tap::MacAddr;
 
 struct Opts {
     drop_to: Option<(u32, u32)>,
@@ -32,7 +33,7 @@ struct Opts {
     kernel_fd: Option<RawFd>,
     initramfs_fd: Option<RawFd>,
     fds: Vec<RawFd>,
-    mac: Option<String>,
+    mac: Option<MacAddr>,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -75,7 +76,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                     } else {
                         in_fds = false;
                         if let Some(mac) = part.strip_prefix("mac=") {
-                            opts.mac = Some(mac.to_owned());
+                            opts.mac = Some(mac.parse().map_err(|e| format!("mac: {e}"))?);
                         }
                         continue;
                     };
@@ -145,7 +146,9 @@ fn main() {
             std::process::exit(1);
         }
     }
-    let queues = match tap::adopt_queues(&opts.fds) {
+    // SAFETY: like mqvmm, this stand-in is handed the fds of --net fds= by whoever started it
+    // (mqvmm-launch, or a test), and nothing else in it uses them.
+    let queues = match unsafe { tap::adopt_queues(&opts.fds) } {
         Ok(q) => q,
         Err(e) => {
             eprintln!("tap-fdcheck: {e}");
@@ -185,7 +188,7 @@ fn main() {
         opts.kvm_fd.map_or_else(|| "none".to_owned(), |fd| fd.to_string()),
         image_fields("kernel", opts.kernel_fd),
         image_fields("initramfs", opts.initramfs_fd),
-        opts.mac.as_deref().unwrap_or("none"),
+        opts.mac.map_or_else(|| "none".to_owned(), |mac| mac.to_string()),
         open.join(","),
     );
     let _ = out.flush();

@@ -2,14 +2,11 @@
 //! with kvm_amd, the host's root shared read-only over 9p, and a command agent on a virtio-serial
 //! port (protocol in resources/l1/agent) reached through a unix socket.
 
-/// The L1 CPU model: EPYC with SVM but without nested paging (`-npt`: shadow paging in L1's
-/// KVM). Both choices hit emulator bugs under network load, differently. With `+npt` QEMU's TCG
-/// emulation of nested paging loses L2 vCPU state (the vCPU "triple-faults" back at the reset
-/// vector; Debian's QEMU as the L2 VMM too) several times per `make test`, often twice in a row
-/// for one test, so even a rerun fails. With `-npt` every boot_net run passed; instead L1
-/// itself hung or crashed in about one long run in four, which the harness sees at the test
-/// time limit and answers with a fresh L1 and one rerun ([`crate::rig`]). `MQVMM_RIG_L1_CPU`
-/// and `MQVMM_RIG_ACCEL` override the model and the accelerator.
+/// The L1 CPU model: EPYC with SVM but without nested paging (`-npt`: L1's KVM shadows L2's
+/// page tables), because QEMU's emulated nested paging loses L2 vCPU state under network load;
+/// the price is a rarer L1 hang or crash, which the harness retries on a fresh L1
+/// ([`crate::rig`]). The measurements are in docs/rig.md. `MQVMM_RIG_L1_CPU` and
+/// `MQVMM_RIG_ACCEL` override the model and the accelerator.
 pub const L1_CPU: &str = "EPYC,+svm,-npt,-rdseed,-sha-ni,-fxsr-opt,-misalignsse,-3dnowprefetch,-osvw,-topoext,-nrip-save,-xsavec";
 
 use std::fs::{self, File};
@@ -148,10 +145,10 @@ fn qemu_command(config: &L1Config, extra_cmdline: &str) -> Result<Command, RigEr
         .arg("-initrd")
         .arg(&images.initramfs)
         .arg("-append")
-        // transparent_hugepage=never: with shadow paging (`-npt`) a long network run hung L1 with
-        // khugepaged blocked for minutes; hung_task_panic=1 turns such a hang into an L1 crash
-        // after 120 s, which the harness recognises and retries, instead of a test that waits
-        // for its time limit.
+        // transparent_hugepage=never: under shadow paging (`-npt`) khugepaged can block L1 for
+        // minutes in a long network run; hung_task_panic=1 turns a hang that is left into an L1
+        // crash after 120 s, which the harness recognises and retries, instead of a test that
+        // waits for its time limit (docs/rig.md).
         .arg(format!(
             "console=ttyS0 quiet panic=-1 nowatchdog transparent_hugepage=never hung_task_panic=1 mqvmm.l1scratch={}{} {extra_cmdline}",
             scratch.display(),

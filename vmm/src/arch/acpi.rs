@@ -6,8 +6,8 @@
 //! the interface every stock distribution kernel understands. Devices appear as `LNRO0005`
 //! (the ACPI id the Linux virtio-mmio driver matches). With virtio-pci, the DSDT also has a PCI
 //! root `PCI0` (`PNP0A08`, compatible `PNP0A03`): segment 0, bus 0, the conf1 ports
-//! 0xCF8-0xCFF it consumes, and the 32-bit MMIO window its BARs live in; and the FADT no
-//! longer says "MSI not supported" (Linux would then refuse MSI-X).
+//! 0xCF8-0xCFF it consumes, and the 32-bit MMIO window its BARs live in; and the FADT does not
+//! say "MSI not supported", as it does without PCI (Linux would then refuse MSI-X).
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};

@@ -154,7 +154,12 @@ impl Image {
     /// Takes ownership of `fd`, passed in open with `kind`'s fd option: it must be an open
     /// regular file other than the standard streams (the console keeps those). On error the
     /// fd is left alone.
-    pub fn from_fd(kind: ImageKind, fd: RawFd) -> Result<Image> {
+    ///
+    /// # Safety
+    /// `fd` must be open and owned by nobody else in this process (no `OwnedFd`, `File` or other
+    /// holder uses or closes it): on success the image owns it and closes it on drop. A number
+    /// that is not open is refused ([`Error::ImageFdNotOpen`]), not adopted.
+    pub unsafe fn from_fd(kind: ImageKind, fd: RawFd) -> Result<Image> {
         let option = kind.fd_option();
         if (0..=2).contains(&fd) {
             return Err(Error::ImageFdStdio { option, fd });
@@ -182,8 +187,7 @@ impl Image {
         if let Some(what) = what {
             return Err(Error::ImageFdNotAFile { option, fd, what });
         }
-        // SAFETY: the fd is open (fstat succeeded) and the command line hands its ownership
-        // to mqvmm; it is adopted once, here.
+        // SAFETY: the fd is open (fstat succeeded) and nobody else owns it (our contract).
         let file = unsafe { File::from_raw_fd(fd) };
         Ok(Image {
             file,
@@ -561,21 +565,24 @@ mod tests {
     fn an_image_fd_must_be_an_open_regular_file() {
         let p = tmpfile("fd-elf", b"\x7fELF\x02\x01\x01");
         let fd = dup_fd(&File::open(&p).unwrap());
-        let mut image = Image::from_fd(ImageKind::Kernel, fd).unwrap();
+        // SAFETY: `fd` is a fresh duplicate owned by nothing else.
+        let mut image = unsafe { Image::from_fd(ImageKind::Kernel, fd) }.unwrap();
         assert_eq!(image.name(), format!("fd {fd}"));
         assert_eq!(detect_format(&mut image).unwrap(), KernelFormat::Elf);
         drop(image);
 
         // Far above any fd this test process opens, so never taken by a parallel test.
         let closed = 1 << 20;
-        let err = Image::from_fd(ImageKind::Kernel, closed).unwrap_err();
+        // SAFETY: `closed` is not open, so nothing owns it; it is refused, not adopted.
+        let err = unsafe { Image::from_fd(ImageKind::Kernel, closed) }.unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("--kernel-fd {closed} is not an open file descriptor")
         );
 
         let dir = dup_fd(&File::open("/").unwrap());
-        let err = Image::from_fd(ImageKind::Initramfs, dir).unwrap_err();
+        // SAFETY: `dir` is a fresh duplicate owned by nothing else (a directory: refused).
+        let err = unsafe { Image::from_fd(ImageKind::Initramfs, dir) }.unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("--initramfs-fd {dir} is not a regular file: it is a directory")
@@ -588,7 +595,8 @@ mod tests {
         // SAFETY: pipe2 writes two fds into `ends`, valid for the call.
         let rc = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
         assert_eq!(rc, 0);
-        let err = Image::from_fd(ImageKind::Kernel, ends[0]).unwrap_err();
+        // SAFETY: the read end was just created and is owned by nothing else (a pipe: refused).
+        let err = unsafe { Image::from_fd(ImageKind::Kernel, ends[0]) }.unwrap_err();
         assert!(err.to_string().ends_with("it is a pipe"), "{err}");
         for end in ends {
             // SAFETY: both ends are open and owned by this test.
@@ -596,7 +604,9 @@ mod tests {
         }
 
         for fd in 0..=2 {
-            let err = Image::from_fd(ImageKind::Kernel, fd).unwrap_err();
+            // SAFETY: fds 0-2 are the harness's, which the contract allows only because nothing
+            // is adopted: the standard streams are refused by number, before anything else.
+            let err = unsafe { Image::from_fd(ImageKind::Kernel, fd) }.unwrap_err();
             assert!(matches!(err, Error::ImageFdStdio { .. }), "{err}");
         }
     }
@@ -679,7 +689,8 @@ mod tests {
         let mut file = File::open(&p).unwrap();
         // Whoever opened it may have read some of it: the offset is shared across the exec.
         file.seek(SeekFrom::Start(1234)).unwrap();
-        let mut image = Image::from_fd(ImageKind::Initramfs, dup_fd(&file)).unwrap();
+        // SAFETY: the duplicate is fresh and owned by nothing else.
+        let mut image = unsafe { Image::from_fd(ImageKind::Initramfs, dup_fd(&file)) }.unwrap();
         let loaded = load_initramfs(&mem, &mut image, &kernel, size).unwrap();
         assert_eq!(loaded.size, bytes.len() as u64);
         let mut back = vec![0u8; bytes.len()];

@@ -7,7 +7,8 @@
 //! verified — and execs mqvmm with exactly those fds:
 //! `mqvmm [ARGS...] --kernel-fd F [--initramfs-fd I] --kvm-fd K --net fds=A,B,...[,mac=MAC]`.
 //!
-//! Self-contained on purpose (only the tap crate, clap, libc, thiserror): small enough to audit.
+//! Self-contained on purpose (only the tap crate, clap, libc, thiserror, and virtio-net's
+//! limits): small enough to audit.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
@@ -22,6 +23,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use clap::Parser;
+use tap::MacAddr;
+use virtio_net::config::MIN_MTU;
+use virtio_net::MAX_QUEUE_PAIRS;
 
 const EXAMPLE: &str = "\
 Example (as root):
@@ -63,8 +67,9 @@ struct Args {
     /// (non-persistent, owned by the launcher's uid so that nobody else can attach queues).
     #[arg(long, value_name = "NAME")]
     tap: String,
-    /// Number of tap queues = virtio-net queue pairs (1-256).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    /// Number of tap queues = virtio-net queue pairs, from 1 to the device's maximum.
+    #[arg(long, value_name = "N", value_parser = parse_queues,
+          help = format!("Number of tap queues = virtio-net queue pairs (1-{MAX_QUEUE_PAIRS})"))]
     queues: u16,
     /// User to run mqvmm as (name or uid). Running it as root needs `--user root` spelled out.
     #[arg(long, value_name = "USER")]
@@ -73,10 +78,11 @@ struct Args {
     #[arg(long, value_name = "GROUP")]
     group: Option<String>,
     /// Guest MAC address, passed on as `--net ...,mac=MAC`.
-    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
-    mac: Option<String>,
-    /// Guest MTU (68-65535), passed on as `--net ...,mtu=N`.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(68..))]
+    #[arg(long, value_name = "MAC")]
+    mac: Option<MacAddr>,
+    /// Guest MTU, passed on as `--net ...,mtu=N`.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(i64::from(MIN_MTU)..),
+          help = format!("Guest MTU ({MIN_MTU}-65535), passed on as `--net ...,mtu=N`"))]
     mtu: Option<u16>,
     /// Offer no multiqueue to the guest (one queue pair; `--net ...,mq=off`). The tap keeps its
     /// queues, all but the first detached.
@@ -433,7 +439,7 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     ));
 
     let mut net = format!("fds={}", join(&queue_fds));
-    if let Some(mac) = &args.mac {
+    if let Some(mac) = args.mac {
         net.push_str(&format!(",mac={mac}"));
     }
     if let Some(mtu) = args.mtu {
@@ -496,27 +502,24 @@ fn unsandboxed_mode(args: &[OsString]) -> Option<String> {
     })
 }
 
+/// `--queues`: what mqvmm's virtio-net device accepts, checked before a tap is touched.
+fn parse_queues(s: &str) -> Result<u16, String> {
+    s.parse::<u16>()
+        .ok()
+        .filter(|&n| n >= 1 && usize::from(n) <= MAX_QUEUE_PAIRS)
+        .ok_or_else(|| {
+            format!(
+                "{s} is not a number from 1 to {MAX_QUEUE_PAIRS} (the most queue pairs mqvmm's \
+                 virtio-net device has)"
+            )
+        })
+}
+
 fn join(fds: &[RawFd]) -> String {
     fds.iter()
         .map(|fd| fd.to_string())
         .collect::<Vec<_>>()
         .join(",")
-}
-
-fn parse_mac(s: &str) -> Result<String, String> {
-    let octets: Vec<&str> = s.split(':').collect();
-    let valid = octets.len() == 6
-        && octets
-            .iter()
-            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()));
-    if !valid {
-        return Err(format!("{s:?} is not a MAC address like 52:54:00:12:34:56"));
-    }
-    // The low bit of the first octet marks multicast: not usable as a station address.
-    if u8::from_str_radix(octets[0], 16).map_or(true, |b| b & 1 != 0) {
-        return Err(format!("{s} is a multicast address"));
-    }
-    Ok(s.to_ascii_lowercase())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1037,21 +1040,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mac_addresses() {
-        assert_eq!(parse_mac("52:54:00:AB:cd:ef").unwrap(), "52:54:00:ab:cd:ef");
-        for bad in [
-            "",
-            "52:54:00:ab:cd",
-            "52:54:00:ab:cd:ef:01",
-            "52-54-00-ab-cd-ef",
-            "5:54:00:ab:cd:ef",
-            "zz:54:00:ab:cd:ef",
+    fn mac_is_passed_on_in_lower_case_and_refused_when_unusable() {
+        let parse = |mac: &str| {
+            Args::try_parse_from([
+                "mqvmm-launch",
+                "--tap",
+                "mq0",
+                "--queues",
+                "1",
+                "--user",
+                "nobody",
+                "--mac",
+                mac,
+            ])
+        };
+        let args = parse("52:54:00:AB:cd:ef").unwrap();
+        assert_eq!(
+            args.mac.map(|m| m.to_string()).as_deref(),
+            Some("52:54:00:ab:cd:ef")
+        );
+        for (bad, says) in [
+            ("52-54-00-ab-cd-ef", "is not a MAC address"),
+            ("5:54:00:ab:cd:ef", "is not a MAC address"),
+            ("01:00:5e:00:00:01", "multicast"),
         ] {
-            assert!(parse_mac(bad).is_err(), "{bad:?}");
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
         }
-        assert!(parse_mac("01:00:5e:00:00:01")
-            .unwrap_err()
-            .contains("multicast"));
     }
 
     #[test]

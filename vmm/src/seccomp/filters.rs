@@ -26,6 +26,7 @@ use seccompiler::{
     BackendError, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond,
     SeccompRule,
 };
+use tap::ioctl::{TUNGETIFF, TUNSETOFFLOAD, TUNSETQUEUE, TUNSETVNETHDRSZ};
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
 
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
@@ -33,12 +34,6 @@ ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
-
-const TUNTAP: u32 = b'T' as u32;
-ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, libc::c_uint);
-ioctl_ior_nr!(TUNGETIFF, TUNTAP, 210, libc::c_uint);
-ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, libc::c_int);
-ioctl_iow_nr!(TUNSETQUEUE, TUNTAP, 217, libc::c_int);
 
 /// Syscall number -> rules; an empty rule list allows the call whatever its arguments.
 pub type Rules = BTreeMap<i64, Vec<SeccompRule>>;

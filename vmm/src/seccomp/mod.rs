@@ -288,8 +288,8 @@ impl Sandbox {
 
 /// glibc's malloc computes its arena limit the first time a thread needs a new arena after the
 /// eighth, from the CPU count it reads in /sys/devices/system/cpu/online: an `openat` that no
-/// filter allows, in whichever thread comes first (seen with 4 vCPUs: a `net-pair` thread at
-/// its start). Setting the limit now, to glibc's own default of 8 arenas per CPU, takes that
+/// filter allows, in whichever thread comes first (with 4 vCPUs, a `net-pair` thread at its
+/// start). Setting the limit now, to glibc's own default of 8 arenas per CPU, takes that
 /// lookup out of the running VM.
 fn fix_malloc_arena_limit() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());

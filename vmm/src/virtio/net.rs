@@ -1,4 +1,5 @@
-//! The multiqueue network device behind the virtio-mmio transport.
+//! `virtio_net::Net` as a [`VirtioDevice`]: the device either transport (virtio-mmio or
+//! virtio-pci) hosts.
 
 use std::sync::Arc;
 
