@@ -187,6 +187,8 @@ struct NetSpec {
     mac: Option<MacAddr>,
     mtu: Option<u16>,
     mq: bool,
+    speed_mbps: u32,
+    duplex: virtio_net::Duplex,
 }
 
 fn parse_log_level(s: &str) -> Result<LevelFilter, String> {
@@ -201,6 +203,8 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
     let mut mac = None;
     let mut mtu = None;
     let mut mq = true;
+    let mut speed_mbps = virtio_net::config::DEFAULT_SPEED_MBPS;
+    let mut duplex = virtio_net::Duplex::Full;
     // Options are comma-separated `key=value`; only `fds=` takes a list, so a bare number
     // continues the `fds=` list before it.
     let mut pairs: Vec<(&str, String)> = Vec::new();
@@ -268,6 +272,17 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
                     _ => return Err(format!("mq={value}: expected on or off")),
                 }
             }
+            "speed" => {
+                let max = virtio_net::config::MAX_SPEED_MBPS;
+                speed_mbps = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&v| (1..=max).contains(&v))
+                    .ok_or_else(|| {
+                        format!("speed={value} is not a number of Mbit/s from 1 to {max}")
+                    })?;
+            }
+            "duplex" => duplex = value.parse().map_err(|e| format!("duplex: {e}"))?,
             _ => return Err(format!("unknown --net option {key:?}")),
         }
     }
@@ -298,6 +313,8 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
         source,
         mac,
         mtu,
+        speed_mbps,
+        duplex,
         mq,
     })
 }
@@ -403,6 +420,8 @@ fn open_net(spec: NetSpec, queues: NetQueues) -> Result<NetSetup, Failure> {
         mac: spec.mac.unwrap_or_else(|| default_mac(&name)),
         mtu: spec.mtu,
         mq: spec.mq,
+        speed_mbps: spec.speed_mbps,
+        duplex: spec.duplex,
         queues,
     })
 }
@@ -651,6 +670,11 @@ mod tests {
         let spec = parse_net_spec("fds=3").unwrap();
         assert_eq!(spec.source, NetSource::Fds(vec![3]));
         assert!(spec.mq);
+        assert_eq!(spec.speed_mbps, 10_000);
+        assert_eq!(spec.duplex, virtio_net::Duplex::Full);
+        let spec = parse_net_spec("fds=3,speed=25000,duplex=half").unwrap();
+        assert_eq!(spec.speed_mbps, 25_000);
+        assert_eq!(spec.duplex, virtio_net::Duplex::Half);
     }
 
     #[test]
@@ -673,6 +697,9 @@ mod tests {
             ("fds=-1", "not a file descriptor"),
             ("tap=x,fds=3", "not both"),
             ("fds=3,queues=2", "queues= goes with tap="),
+            ("fds=3,speed=0", "speed=0 is not a number of Mbit/s"),
+            ("fds=3,speed=fast", "speed=fast is not"),
+            ("fds=3,duplex=auto", "neither full nor half"),
             ("mac=02:00:00:00:00:01", "needs fds="),
             ("fds=3,mac=01:00:00:00:00:01", "multicast"),
             ("fds=3,mac=zz", "mac: \"zz\" is not a MAC address"),

@@ -46,6 +46,9 @@ pub struct NetSetup {
     pub mac: tap::MacAddr,
     pub mtu: Option<u16>,
     pub mq: bool,
+    /// Link speed (Mbit/s) and duplex shown to the guest.
+    pub speed_mbps: u32,
+    pub duplex: virtio_net::Duplex,
 }
 
 /// How the network device is attached to the guest.
@@ -401,6 +404,8 @@ impl Vm {
                     mac: net.mac.octets(),
                     mtu: net.mtu,
                     mq: net.mq,
+                    speed_mbps: net.speed_mbps,
+                    duplex: net.duplex,
                     ..Default::default()
                 },
                 net.queues,

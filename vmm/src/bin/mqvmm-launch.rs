@@ -84,6 +84,13 @@ struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(i64::from(MIN_MTU)..),
           help = format!("Guest MTU ({MIN_MTU}-65535), passed on as `--net ...,mtu=N`"))]
     mtu: Option<u16>,
+    /// Link speed in Mbit/s the guest's `ethtool eth0` shows, passed on as `--net ...,speed=N`
+    /// (mqvmm's default: 10000).
+    #[arg(long, value_name = "MBPS", value_parser = clap::value_parser!(u32).range(1..=i64::from(i32::MAX)))]
+    speed: Option<u32>,
+    /// Link duplex the guest sees, `full` or `half`, passed on as `--net ...,duplex=D`.
+    #[arg(long, value_name = "full|half", value_parser = ["full", "half"])]
+    duplex: Option<String>,
     /// Offer no multiqueue to the guest (one queue pair; `--net ...,mq=off`). The tap keeps its
     /// queues, all but the first detached.
     #[arg(long)]
@@ -444,6 +451,12 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     }
     if let Some(mtu) = args.mtu {
         net.push_str(&format!(",mtu={mtu}"));
+    }
+    if let Some(speed) = args.speed {
+        net.push_str(&format!(",speed={speed}"));
+    }
+    if let Some(duplex) = &args.duplex {
+        net.push_str(&format!(",duplex={duplex}"));
     }
     if args.no_mq {
         net.push_str(",mq=off");
