@@ -14,18 +14,20 @@ use log::{debug, error, warn};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET, VIRTIO_NET_CTRL_MAC,
     VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MQ,
-    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI,
+    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_NOTF_COAL, VIRTIO_NET_CTRL_NOTF_COAL_RX_SET,
+    VIRTIO_NET_CTRL_NOTF_COAL_TX_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI,
     VIRTIO_NET_CTRL_RX_ALLUNI, VIRTIO_NET_CTRL_RX_NOBCAST, VIRTIO_NET_CTRL_RX_NOMULTI,
     VIRTIO_NET_CTRL_RX_NOUNI, VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_CTRL_VLAN,
     VIRTIO_NET_CTRL_VLAN_ADD, VIRTIO_NET_CTRL_VLAN_DEL, VIRTIO_NET_ERR,
     VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
-    VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_OK,
+    VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_NOTF_COAL, VIRTIO_NET_OK,
 };
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::backend::BackendError;
 use crate::chain::{walk, ChainError, DescTable};
+use crate::coalesce::Coalesce;
 use crate::features::Negotiated;
 use crate::filter::{parse_mac_table, MacTable, RxMode, VLAN_IDS};
 use crate::metrics::{NetMetrics, Tally};
@@ -209,6 +211,10 @@ pub trait CtrlTarget {
     fn set_vlan(&mut self, _vid: u16, _allowed: bool) -> bool {
         true
     }
+    /// Set the notification coalescing of all transmit (`tx`) or receive queues.
+    fn set_coalescing(&mut self, _tx: bool, _cfg: Coalesce) -> bool {
+        true
+    }
     /// Waits until the device may carry out `cmd` (host operations are rate-limited);
     /// false if the device is being stopped meanwhile, and `cmd` must not run.
     fn admit(&mut self, _cmd: &Command) -> bool {
@@ -236,6 +242,13 @@ pub enum Command {
     MacTableSet(MacTable),
     /// VIRTIO_NET_CTRL_VLAN_ADD (`true`) / _DEL (`false`), vid < 4096.
     Vlan(u16, bool),
+    /// VIRTIO_NET_CTRL_NOTF_COAL_TX_SET (`tx`) / _RX_SET.
+    NotfCoal {
+        /// Transmit queues (else receive queues).
+        tx: bool,
+        /// The parameters.
+        cfg: Coalesce,
+    },
 }
 
 /// Parses one command. `data` is the command-specific data, possibly truncated to what we
@@ -316,7 +329,21 @@ pub fn parse_command(
                 _ => return None,
             }
         }
-        // ANNOUNCE needs GUEST_ANNOUNCE, RSS needs RSS: neither is offered. Commands of
+        (VIRTIO_NET_CTRL_NOTF_COAL, cmd) if features.has(VIRTIO_NET_F_NOTF_COAL) => {
+            let tx = match cmd {
+                VIRTIO_NET_CTRL_NOTF_COAL_TX_SET => true,
+                VIRTIO_NET_CTRL_NOTF_COAL_RX_SET => false,
+                _ => return None,
+            };
+            let b = data.get(..8)?;
+            let cfg = Coalesce {
+                max_packets: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                usecs: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            };
+            Command::NotfCoal { tx, cfg }
+        }
+        // ANNOUNCE needs GUEST_ANNOUNCE, RSS needs RSS, VQ_NOTF_COAL needs VQ_NOTF_COAL:
+        // none is offered. Commands of
         // features that were not negotiated, and unknown ones, are refused.
         _ => {
             debug!("virtio-net: control command class {class} command {command} refused");
@@ -335,6 +362,7 @@ pub fn apply<T: CtrlTarget>(cmd: Command, target: &mut T) -> u8 {
         Command::RxMode(mode, on) => target.set_rx_mode(mode, on),
         Command::MacTableSet(table) => target.set_mac_table(table),
         Command::Vlan(vid, allowed) => target.set_vlan(vid, allowed),
+        Command::NotfCoal { tx, cfg } => target.set_coalescing(tx, cfg),
     };
     if ok {
         ACK_OK

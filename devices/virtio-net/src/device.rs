@@ -443,7 +443,7 @@ impl<B: Backend + 'static> Net<B> {
             .guest_offloads
             .store(offloads, Ordering::Release);
         self.shared
-            .reset_rx_filter(features.has(virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VLAN));
+            .reset_settings(features.has(virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VLAN));
         self.shared.stop.clear();
         Ok(())
     }
@@ -471,7 +471,7 @@ impl<B: Backend + 'static> Net<B> {
             link,
         )
         .with_link(self.cfg.speed_mbps, self.cfg.duplex);
-        self.shared.reset_rx_filter(false);
+        self.shared.reset_settings(false);
         for p in &self.shared.metrics.pairs {
             p.parked.store(true, Ordering::Relaxed);
         }

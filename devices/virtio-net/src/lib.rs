@@ -87,6 +87,7 @@
 
 pub mod backend;
 pub mod chain;
+pub mod coalesce;
 pub mod config;
 mod control;
 pub mod ctrl;

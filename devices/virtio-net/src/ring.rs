@@ -137,6 +137,11 @@ impl Ring {
         self.unsignalled != 0
     }
 
+    /// How many entries were put since the last [`Ring::publish`].
+    pub fn unpublished(&self) -> u16 {
+        self.unsignalled
+    }
+
     /// Publishes the used index (release), then tells whether the driver wants a used-buffer
     /// notification for the entries put since the last call: with EVENT_IDX whether the
     /// index moved past `used_event`, else whether the driver left

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::{debug, warn};
 use virtio_queue::{Queue, QueueT};
@@ -14,6 +15,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::backend::Backend;
 use crate::chain::{chain_iov, read_at, write_at, ChainError, MAX_IOV};
+use crate::coalesce::{Coalesce, Coalescer};
 use crate::features::{Negotiated, NUM_BUFFERS_OFFSET, VNET_HDR_LEN_V1};
 use crate::filter::{RxFilter, FILTER_HEAD_LEN};
 use crate::metrics::{NetMetrics, Tally};
@@ -200,6 +202,9 @@ pub struct QueuePair {
     rx_buf: RxBuffers,
     /// The receive filter, when the driver configured one that can drop frames.
     filter: Option<RxFilter>,
+    /// When used-buffer notifications go out, per queue.
+    rx_coal: Coalescer,
+    tx_coal: Coalescer,
     rx_waiting: bool,
     warned_tx_broken: bool,
     warned_rx_broken: bool,
@@ -230,6 +235,8 @@ impl QueuePair {
             tx_iov: Vec::with_capacity(MAX_IOV),
             rx_buf: RxBuffers::with_capacity(rx_chains),
             filter: None,
+            rx_coal: Coalescer::default(),
+            tx_coal: Coalescer::default(),
             rx_waiting: false,
             warned_tx_broken: false,
             warned_rx_broken: false,
@@ -241,6 +248,53 @@ impl QueuePair {
     /// Changes how much receive space is gathered per frame (GUEST_OFFLOADS_SET).
     pub fn set_path(&mut self, path: PathConfig) {
         self.path = path;
+    }
+
+    /// Publishes the used transmit entries and notifies the driver if it wants it and the
+    /// coalescing parameters let it go now.
+    fn publish_tx(&mut self, tally: &mut Tally) {
+        let used = u32::from(self.tx.unpublished());
+        let wanted = self.tx.publish(&self.mem);
+        if self.tx_coal.publish(used, wanted, Instant::now()) {
+            self.signal(self.tx_index(), tally);
+        }
+    }
+
+    /// The same for the receive queue.
+    fn publish_rx(&mut self, tally: &mut Tally) {
+        let used = u32::from(self.rx.unpublished());
+        let wanted = self.rx.publish(&self.mem);
+        if self.rx_coal.publish(used, wanted, Instant::now()) {
+            self.signal(self.rx_index(), tally);
+        }
+    }
+
+    /// Sets the notification coalescing of the receive and the transmit queue.
+    pub fn set_coalescing(&mut self, rx: Coalesce, tx: Coalesce) {
+        self.rx_coal.set(rx);
+        self.tx_coal.set(tx);
+    }
+
+    /// When the next held notification falls due, if any is held with a time limit.
+    pub fn next_due(&self) -> Option<Instant> {
+        match (self.rx_coal.due(), self.tx_coal.due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Sends the held notifications that are due at `now`.
+    pub fn notify_due(&mut self, now: Instant) {
+        let mut tally = Tally::default();
+        if self.rx_coal.poll(now) {
+            self.signal(self.rx_index(), &mut tally);
+            self.metrics.pairs[usize::from(self.pair)].rx.add(&tally);
+            tally = Tally::default();
+        }
+        if self.tx_coal.poll(now) {
+            self.signal(self.tx_index(), &mut tally);
+            self.metrics.pairs[usize::from(self.pair)].tx.add(&tally);
+        }
     }
 
     /// Applies `filter` to received frames from now on (`None`: every frame passes).
@@ -366,9 +420,7 @@ impl QueuePair {
                 }
                 if used >= SIGNAL_BATCH {
                     used = 0;
-                    if self.tx.publish(&self.mem) {
-                        self.signal(self.tx_index(), &mut tally);
-                    }
+                    self.publish_tx(&mut tally);
                 }
             }
             empty_rounds = if popped { 0 } else { empty_rounds + 1 };
@@ -380,8 +432,8 @@ impl QueuePair {
                 Ok(_) | Err(_) => break,
             }
         }
-        if used > 0 && self.tx.publish(&self.mem) {
-            self.signal(self.tx_index(), &mut tally);
+        if used > 0 {
+            self.publish_tx(&mut tally);
         }
         self.metrics.pairs[usize::from(self.pair)].tx.add(&tally);
         work
@@ -559,14 +611,12 @@ impl QueuePair {
             }
             if used - signalled_at >= SIGNAL_BATCH {
                 signalled_at = used;
-                if self.rx.publish(&self.mem) {
-                    self.signal(self.rx_index(), &mut tally);
-                }
+                self.publish_rx(&mut tally);
             }
         };
         self.release_rx();
-        if used > signalled_at && self.rx.publish(&self.mem) {
-            self.signal(self.rx_index(), &mut tally);
+        if used > signalled_at {
+            self.publish_rx(&mut tally);
         }
         self.metrics.pairs[usize::from(self.pair)].rx.add(&tally);
         state

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 
 use crate::backend::{Backend, BackendError};
+use crate::coalesce::Coalesce;
 use crate::config::ConfigSpace;
 use crate::control::{PairControl, RunState, StopSignal, WORKER_CONFIRM_TIMEOUT};
 use crate::ctrl::{switch_pairs, Command, CtrlTarget, PairSwitch, SwitchError};
@@ -54,10 +55,11 @@ pub struct Shared<B> {
     pub(crate) state: Mutex<PairsState>,
     /// Raised while the threads are being stopped.
     pub(crate) stop: StopSignal,
-    /// The receive filter the driver configured; `filter_gen` counts its changes, so the
-    /// workers copy it only when it changed.
+    /// The receive filter and the notification coalescing (rx, tx) the driver configured;
+    /// `settings_gen` counts their changes, so the workers copy them only when they changed.
     rx_filter: Mutex<RxFilter>,
-    pub(crate) filter_gen: AtomicU64,
+    coalescing: Mutex<(Coalesce, Coalesce)>,
+    pub(crate) settings_gen: AtomicU64,
     /// Host operations the guest's control commands may cause (kept across resets, so a
     /// reset does not refill it).
     reconfig_limit: Mutex<TokenBucket>,
@@ -119,7 +121,8 @@ impl<B: Backend> Shared<B> {
                 tun_flags: 0,
             }),
             rx_filter: Mutex::new(RxFilter::new(mac, false)),
-            filter_gen: AtomicU64::new(0),
+            coalescing: Mutex::new((Coalesce::default(), Coalesce::default())),
+            settings_gen: AtomicU64::new(0),
             stop: StopSignal::default(),
             reconfig_limit: Mutex::new(TokenBucket::for_reconfig(pairs, Instant::now())),
             switch_log: Mutex::new(LogLimit::new(Duration::from_secs(1))),
@@ -188,18 +191,32 @@ impl<B: Backend> Shared<B> {
         (!f.passes_all()).then(|| f.clone())
     }
 
-    /// Puts the receive filter into its reset state for a driver that negotiated
-    /// CTRL_VLAN (`vlan_filtering`) or not, with the device's current MAC.
-    pub(crate) fn reset_rx_filter(&self, vlan_filtering: bool) {
+    /// The notification coalescing of receive and transmit queues.
+    pub(crate) fn coalescing(&self) -> (Coalesce, Coalesce) {
+        *relock(&self.coalescing)
+    }
+
+    /// Puts the receive filter (for a driver that negotiated CTRL_VLAN, `vlan_filtering`,
+    /// or not, with the device's current MAC) and coalescing into their reset state.
+    pub(crate) fn reset_settings(&self, vlan_filtering: bool) {
         let mac = relock(&self.config).mac;
         *relock(&self.rx_filter) = RxFilter::new(mac, vlan_filtering);
-        self.filter_gen.fetch_add(1, Ordering::Release);
+        *relock(&self.coalescing) = (Coalesce::default(), Coalesce::default());
+        self.settings_gen.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes the coalescing with `f` and has every worker apply it before returning.
+    fn change_coalescing(&self, f: impl FnOnce(&mut (Coalesce, Coalesce))) -> bool {
+        f(&mut relock(&self.coalescing));
+        self.settings_gen.fetch_add(1, Ordering::Release);
+        let state = relock(&self.state);
+        self.refresh_workers(&state)
     }
 
     /// Changes the receive filter with `f` and has every worker apply it before returning.
     fn change_rx_filter(&self, f: impl FnOnce(&mut RxFilter)) -> bool {
         f(&mut relock(&self.rx_filter));
-        self.filter_gen.fetch_add(1, Ordering::Release);
+        self.settings_gen.fetch_add(1, Ordering::Release);
         let state = relock(&self.state);
         self.refresh_workers(&state)
     }
@@ -370,7 +387,8 @@ impl<B: Backend> DeviceCtrl<B> {
             Command::MacAddrSet(_)
             | Command::RxMode(..)
             | Command::MacTableSet(_)
-            | Command::Vlan(..) => 0,
+            | Command::Vlan(..)
+            | Command::NotfCoal { .. } => 0,
         }
     }
 
@@ -528,6 +546,16 @@ impl<B: Backend> CtrlTarget for DeviceCtrl<B> {
 
     fn set_vlan(&mut self, vid: u16, allowed: bool) -> bool {
         self.shared.change_rx_filter(|f| f.set_vlan(vid, allowed))
+    }
+
+    fn set_coalescing(&mut self, tx: bool, cfg: Coalesce) -> bool {
+        self.shared.change_coalescing(|(rx_cfg, tx_cfg)| {
+            if tx {
+                *tx_cfg = cfg;
+            } else {
+                *rx_cfg = cfg;
+            }
+        })
     }
 }
 

@@ -76,8 +76,8 @@ struct PairWorker<B: Backend> {
     pending_tx: bool,
     pending_rx: bool,
     offloads_seen: u64,
-    /// The receive filter generation the queue pair applies.
-    filter_seen: u64,
+    /// The generation of the receive filter and coalescing the queue pair applies.
+    settings_seen: u64,
     features: crate::features::Negotiated,
     warned_err: bool,
     /// The backend failed (an error event, or a read error) since the last check.
@@ -123,7 +123,7 @@ impl<B: Backend> PairWorker<B> {
     }
 
     /// Sizes receive buffers for the guest offloads in force, and takes the receive filter
-    /// in force.
+    /// and notification coalescing in force.
     fn refresh_path(&mut self) {
         let offloads = self.shared.guest_offloads.load(Ordering::Acquire);
         if offloads != self.offloads_seen {
@@ -131,10 +131,12 @@ impl<B: Backend> PairWorker<B> {
             self.qp
                 .set_path(self.shared.path_config(self.features, offloads));
         }
-        let filter_gen = self.shared.filter_gen.load(Ordering::Acquire);
-        if filter_gen != self.filter_seen {
-            self.filter_seen = filter_gen;
+        let settings_gen = self.shared.settings_gen.load(Ordering::Acquire);
+        if settings_gen != self.settings_seen {
+            self.settings_seen = settings_gen;
             self.qp.set_filter(self.shared.rx_filter());
+            let (rx, tx) = self.shared.coalescing();
+            self.qp.set_coalescing(rx, tx);
         }
     }
 
@@ -252,6 +254,21 @@ fn drain(evt: &EventFd) -> u64 {
     evt.read().unwrap_or(0)
 }
 
+/// Held used-buffer notifications (coalescing) go out on time.
+impl<B: Backend> Timed for PairWorker<B> {
+    fn wait_limit(&self) -> Option<Duration> {
+        self.qp
+            .next_due()
+            .map(|due| due.saturating_duration_since(Instant::now()))
+    }
+
+    fn on_time(&mut self) {
+        if self.qp.next_due().is_some() {
+            self.qp.notify_due(Instant::now());
+        }
+    }
+}
+
 impl<B: Backend> MutEventSubscriber for PairWorker<B> {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
@@ -337,9 +354,21 @@ pub struct WorkerStart<B: Backend> {
     pub running: bool,
 }
 
+/// A subscriber that may have work at a time of its own, besides its events.
+trait Timed {
+    /// How long the loop may wait for events before calling [`Timed::on_time`]; `None`
+    /// waits for events only.
+    fn wait_limit(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Called after every wait, whether events came or the limit passed.
+    fn on_time(&mut self) {}
+}
+
 /// Runs an epoll loop for `subscriber` until `stop` is set. The event manager is created on
 /// the thread itself (subscribers need not be `Send`); `ready` reports whether it could be.
-fn run_loop<S: MutEventSubscriber>(
+fn run_loop<S: MutEventSubscriber + Timed>(
     subscriber: impl FnOnce() -> S,
     stop: &AtomicBool,
     ready: std::sync::mpsc::Sender<io::Result<()>>,
@@ -351,15 +380,26 @@ fn run_loop<S: MutEventSubscriber>(
             return;
         }
     };
-    em.add_subscriber(subscriber());
+    let id = em.add_subscriber(subscriber());
     let _ = ready.send(Ok(()));
     while !stop.load(Ordering::Relaxed) {
-        if let Err(e) = em.run() {
+        // Whole milliseconds (epoll's unit), rounded up so a deadline is never missed.
+        let timeout_ms = em
+            .subscriber_mut(id)
+            .ok()
+            .and_then(|s| s.wait_limit())
+            .map_or(-1, |d| {
+                i32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+            });
+        if let Err(e) = em.run_with_timeout(timeout_ms) {
             error!(
                 "virtio-net: {:?} epoll failed: {e}",
                 std::thread::current().name()
             );
             break;
+        }
+        if let Ok(s) = em.subscriber_mut(id) {
+            s.on_time();
         }
     }
 }
@@ -474,7 +514,7 @@ pub fn spawn_worker<B: Backend + 'static>(
                     pending_rx: false,
                     offloads_seen: offloads,
                     // Differs from any generation: the first refresh takes the filter.
-                    filter_seen: u64::MAX,
+                    settings_seen: u64::MAX,
                     features: start.features,
                     warned_err: false,
                     backend_error: false,
@@ -506,6 +546,8 @@ impl<T: CtrlTarget> CtrlWorker<T> {
         }
     }
 }
+
+impl<T: CtrlTarget> Timed for CtrlWorker<T> {}
 
 impl<T: CtrlTarget> MutEventSubscriber for CtrlWorker<T> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {

@@ -5,6 +5,7 @@
 
 mod bench;
 mod chains;
+mod coalescing;
 mod config;
 mod ctrl;
 mod device;
