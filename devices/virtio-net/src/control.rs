@@ -37,9 +37,23 @@ impl RunState {
     }
 }
 
+/// A change to one virtqueue of the pair while the device runs (VIRTIO_F_RING_RESET).
+#[derive(Debug)]
+pub(crate) enum QueueOp {
+    /// Stop using the receive (`rx`) or transmit queue and forget its state.
+    Reset { rx: bool },
+    /// Use the receive (`rx`) or transmit queue again, with this ring.
+    Enable {
+        rx: bool,
+        queue: virtio_queue::Queue,
+    },
+}
+
 #[derive(Debug)]
 struct ControlState {
     requested: RunState,
+    /// A queue change to carry out with the next confirmation.
+    queue_op: Option<QueueOp>,
     seq: u64,
     confirmed_seq: u64,
     result: Option<io::ErrorKind>,
@@ -60,6 +74,7 @@ impl PairControl {
             evt: EventFd::new(EFD_NONBLOCK)?,
             state: Mutex::new(ControlState {
                 requested: initial,
+                queue_op: None,
                 seq: 0,
                 confirmed_seq: 0,
                 result: None,
@@ -78,6 +93,7 @@ impl PairControl {
     pub fn reset(&self, initial: RunState) {
         let mut s = self.lock();
         s.requested = initial;
+        s.queue_op = None;
         s.confirmed_seq = s.seq;
         s.result = None;
         let _ = self.evt.read();
@@ -139,6 +155,27 @@ impl PairControl {
     ) -> Result<(), SwitchError> {
         let state = self.lock().requested;
         self.request(pair, state, timeout, abort)
+    }
+
+    /// Asks the worker of `pair` to carry out `op` on one of its queues (staying in the state
+    /// it was last asked for) and waits, as [`Self::request`] does, until it has.
+    pub(crate) fn request_queue_op(
+        &self,
+        pair: usize,
+        op: QueueOp,
+        timeout: Duration,
+    ) -> Result<(), SwitchError> {
+        let state = {
+            let mut s = self.lock();
+            s.queue_op = Some(op);
+            s.requested
+        };
+        self.request(pair, state, timeout, None)
+    }
+
+    /// Worker side: the queue change asked for, if any (taken: it is carried out once).
+    pub(crate) fn take_queue_op(&self) -> Option<QueueOp> {
+        self.lock().queue_op.take()
     }
 
     /// Wakes a waiting [`Self::request`] so that it looks at its abort signal.

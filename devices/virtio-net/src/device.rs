@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{Backend, BackendError};
 use crate::config::{ConfigError, ConfigSpace, NetConfig};
-use crate::control::{RunState, WORKER_CONFIRM_TIMEOUT};
+use crate::control::{QueueOp, RunState, WORKER_CONFIRM_TIMEOUT};
 use crate::ctrl::CtrlQueue;
 use crate::features::{bit, offered_features, tun_offload_flags, Negotiated, TUN_USO_PROBE};
 use crate::metrics::NetMetrics;
@@ -80,6 +80,25 @@ pub enum Error {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
+    /// A queue cannot be reset or enabled on its own (VIRTIO_F_RING_RESET).
+    #[error("queue {index} cannot be {action} on its own: {reason}")]
+    QueueOp {
+        /// The queue index.
+        index: u16,
+        /// "reset" or "enabled".
+        action: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The worker of a queue did not carry out a queue reset or enable.
+    #[error("worker of queue {index} did not take the change")]
+    QueueWorker {
+        /// The queue index.
+        index: u16,
+        /// What the worker channel said.
+        #[source]
+        source: crate::ctrl::SwitchError,
+    },
     /// A thread could not be started.
     #[error("cannot start thread {name}")]
     Spawn {
@@ -446,6 +465,62 @@ impl<B: Backend + 'static> Net<B> {
             .reset_settings(features.has(virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VLAN));
         self.shared.stop.clear();
         Ok(())
+    }
+
+    /// VIRTIO_F_RING_RESET: the driver resets receive or transmit queue `index` alone. Its
+    /// worker stops using it and forgets its state (held buffers, a held notification); the
+    /// other queues, and the pair's other queue, run on. The control queue cannot be reset.
+    pub fn reset_queue(&mut self, index: u16) -> Result<(), Error> {
+        let pair = self.data_queue_pair(index, "reset")?;
+        self.shared.pairs[pair]
+            .request_queue_op(
+                pair,
+                QueueOp::Reset { rx: index % 2 == 0 },
+                WORKER_CONFIRM_TIMEOUT,
+            )
+            .map_err(|source| Error::QueueWorker { index, source })
+    }
+
+    /// The driver enabled queue `index` again after [`Self::reset_queue`], with `queue` (its
+    /// new size and rings, EVENT_IDX as negotiated).
+    pub fn enable_queue(&mut self, index: u16, queue: Queue) -> Result<(), Error> {
+        let pair = self.data_queue_pair(index, "enabled")?;
+        self.shared.pairs[pair]
+            .request_queue_op(
+                pair,
+                QueueOp::Enable {
+                    rx: index % 2 == 0,
+                    queue,
+                },
+                WORKER_CONFIRM_TIMEOUT,
+            )
+            .map_err(|source| Error::QueueWorker { index, source })
+    }
+
+    /// The pair of data queue `index`, if the device runs and the pair has a worker.
+    fn data_queue_pair(&self, index: u16, action: &'static str) -> Result<usize, Error> {
+        let refuse = |reason| Error::QueueOp {
+            index,
+            action,
+            reason,
+        };
+        if self.running.is_none() {
+            return Err(refuse("the device is not running"));
+        }
+        let features = Negotiated(self.acked_features);
+        let pairs = if features.mq() {
+            self.shared.backends.len()
+        } else {
+            1
+        };
+        let pair = usize::from(index / 2);
+        if pair >= pairs {
+            return Err(refuse("not a receive or transmit queue"));
+        }
+        if !relock(&self.shared.state).has_worker[pair] {
+            return Err(refuse("its pair was never set up"));
+        }
+        Ok(pair)
     }
 
     /// Device reset: stops and joins every thread, forgets the negotiated features, and puts

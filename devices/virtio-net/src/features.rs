@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Feature bits: what the device offers and what a negotiated set implies for the data path.
 
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::{VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR,
     VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_VQ,
@@ -68,7 +68,8 @@ const BASE_FEATURES: u64 = bit(VIRTIO_F_VERSION_1)
     | bit(VIRTIO_NET_F_MRG_RXBUF)
     | bit(VIRTIO_NET_F_SPEED_DUPLEX)
     | bit(VIRTIO_RING_F_EVENT_IDX)
-    | bit(VIRTIO_RING_F_INDIRECT_DESC);
+    | bit(VIRTIO_RING_F_INDIRECT_DESC)
+    | bit(VIRTIO_F_RING_RESET);
 
 /// Features that need the control queue. The spec (5.1.3.1) forbids offering a feature
 /// whose dependency is not offered, so with `mq = false` none of them is offered.

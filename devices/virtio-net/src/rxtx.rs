@@ -205,6 +205,10 @@ pub struct QueuePair {
     /// When used-buffer notifications go out, per queue.
     rx_coal: Coalescer,
     tx_coal: Coalescer,
+    /// Whether each queue is in use: the driver may reset one alone (VIRTIO_F_RING_RESET)
+    /// and enable it again with a new ring.
+    rx_live: bool,
+    tx_live: bool,
     rx_waiting: bool,
     warned_tx_broken: bool,
     warned_rx_broken: bool,
@@ -237,6 +241,8 @@ impl QueuePair {
             filter: None,
             rx_coal: Coalescer::default(),
             tx_coal: Coalescer::default(),
+            rx_live: true,
+            tx_live: true,
             rx_waiting: false,
             warned_tx_broken: false,
             warned_rx_broken: false,
@@ -266,6 +272,39 @@ impl QueuePair {
         let wanted = self.rx.publish(&self.mem);
         if self.rx_coal.publish(used, wanted, Instant::now()) {
             self.signal(self.rx_index(), tally);
+        }
+    }
+
+    /// Stops using the receive (`rx`) or transmit queue and forgets its state: held receive
+    /// chains are dropped (the driver reclaims every buffer of a reset queue) and a held
+    /// notification with them.
+    pub fn reset_queue(&mut self, rx: bool) {
+        if rx {
+            self.rx_live = false;
+            self.rx_buf.clear();
+            self.rx_waiting = false;
+            self.rx_coal = Coalescer::default();
+        } else {
+            self.tx_live = false;
+            self.tx_iov.clear();
+            self.tx_coal = Coalescer::default();
+        }
+    }
+
+    /// Uses the receive (`rx`) or transmit queue again, with the ring the driver set up after
+    /// resetting it; coalescing stays as the driver configured it.
+    pub fn enable_queue(&mut self, rx: bool, queue: Queue) {
+        if rx {
+            let cfg = self.rx_coal.get();
+            self.rx = Ring::new(queue);
+            self.rx_buf.clear();
+            self.rx_coal.set(cfg);
+            self.rx_live = true;
+        } else {
+            let cfg = self.tx_coal.get();
+            self.tx = Ring::new(queue);
+            self.tx_coal.set(cfg);
+            self.tx_live = true;
         }
     }
 
@@ -344,6 +383,9 @@ impl QueuePair {
     /// counted; the backend is not touched. Malformed chains are returned with length 0 and
     /// counted as bad chains.
     pub fn process_tx<B: Backend + ?Sized>(&mut self, backend: Option<&B>, link_up: bool) -> Work {
+        if !self.tx_live {
+            return Work::Done;
+        }
         let mut tally = Tally::default();
         let table = self.tx.table(self.path.indirect);
         let mut budget = TX_BUDGET;
@@ -546,6 +588,10 @@ impl QueuePair {
     /// the chains it did not need are given back. A frame larger than the space offered is
     /// dropped (counted) and its chains reused.
     pub fn process_rx<B: Backend + ?Sized>(&mut self, backend: &B) -> RxState {
+        if !self.rx_live {
+            // Frames wait in the backend until the driver enables the queue again.
+            return RxState::WaitingForBuffers;
+        }
         let mut tally = Tally::default();
         let mut used = 0usize;
         let mut signalled_at = 0usize;

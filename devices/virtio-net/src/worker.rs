@@ -20,7 +20,7 @@ use log::{error, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::Backend;
-use crate::control::RunState;
+use crate::control::{QueueOp, RunState};
 use crate::ctrl::{CtrlQueue, CtrlTarget};
 use crate::rxtx::{QueuePair, RxState, Work};
 use crate::state::Shared;
@@ -180,6 +180,23 @@ impl<B: Backend> PairWorker<B> {
         // Every confirmation vouches for the settings in force when it was asked for
         // (GUEST_OFFLOADS_SET waits for it before the tap may send larger frames).
         self.refresh_path();
+        let queue_op = self.shared.pairs[self.pair].take_queue_op();
+        let enabled_queue = match queue_op {
+            Some(QueueOp::Reset { rx }) => {
+                self.qp.reset_queue(rx);
+                if rx {
+                    self.pending_rx = false;
+                } else {
+                    self.pending_tx = false;
+                }
+                false
+            }
+            Some(QueueOp::Enable { rx, queue }) => {
+                self.qp.enable_queue(rx, queue);
+                true
+            }
+            None => false,
+        };
         let shared = Arc::clone(&self.shared);
         let metrics = &shared.metrics.pairs[self.pair];
         let mut result = None;
@@ -221,7 +238,7 @@ impl<B: Backend> PairWorker<B> {
             }
         }
         self.shared.pairs[self.pair].confirm(seq, result);
-        if self.running && state == RunState::Running {
+        if enabled_queue || (self.running && state == RunState::Running) {
             // Frames may have queued before the fd was polled (edge-triggered).
             self.run_rx();
             self.run_tx();

@@ -117,7 +117,12 @@ impl MmioTransport {
     ) -> Result<Self, Error> {
         let interrupt = Arc::new(MmioInterrupt::new(irq));
         // No bus-master switch on virtio-mmio: the device may always run.
-        let state = TransportState::new("virtio-mmio", device, mem, interrupt.clone(), true)?;
+        let mut state = TransportState::new("virtio-mmio", device, mem, interrupt.clone(), true)?;
+        // virtio-mmio has no queue-reset register here (Linux's virtio-mmio driver has no
+        // ring reset either).
+        state.hide_features(virtio_net::features::bit(
+            virtio_bindings::virtio_config::VIRTIO_F_RING_RESET,
+        ));
         Ok(MmioTransport { state, interrupt })
     }
 
@@ -362,6 +367,26 @@ mod tests {
         assert_eq!(r(&mut t, REG_STATUS), 0xf);
         let rec = record.lock().unwrap();
         assert_eq!(rec.activations, vec![vec![(0, 16, true), (2, 16, true)]]);
+    }
+
+    #[test]
+    fn ring_reset_is_never_offered_over_mmio() {
+        let ring_reset = bit(virtio_bindings::virtio_config::VIRTIO_F_RING_RESET);
+        let (mut device, record) = FakeDevice::new(false);
+        device.offered |= ring_reset;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut t =
+            MmioTransport::new(Box::new(device), mem, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
+        w(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        let high = u64::from(r(&mut t, REG_DEVICE_FEATURES)) << 32;
+        assert_eq!(high & ring_reset, 0);
+        assert_eq!(high, FEATURES & !0xffff_ffff, "the rest is offered");
+        bring_up(&mut t, FEATURES | ring_reset);
+        assert_eq!(
+            record.lock().unwrap().acked,
+            None,
+            "acking it fails FEATURES_OK"
+        );
     }
 
     #[test]

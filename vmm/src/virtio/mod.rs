@@ -38,4 +38,13 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
     /// Device reset (status 0 after activation): stop and return to the pre-activation state.
     fn reset(&mut self);
+    /// VIRTIO_F_RING_RESET: stop using queue `index` and forget its state while the rest of
+    /// the device runs on; false if the device cannot.
+    fn reset_queue(&mut self, _index: u16) -> bool {
+        false
+    }
+    /// Use queue `index` again, with the ring the driver set up after [`Self::reset_queue`].
+    fn enable_queue(&mut self, _index: u16, _queue: Queue, _kick: EventFd) -> bool {
+        false
+    }
 }

@@ -47,4 +47,25 @@ impl<B: Backend + 'static> VirtioDevice for Net<B> {
     fn reset(&mut self) {
         Net::reset(self)
     }
+
+    fn reset_queue(&mut self, index: u16) -> bool {
+        match Net::reset_queue(self, index) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("virtio-net: {e}");
+                false
+            }
+        }
+    }
+
+    fn enable_queue(&mut self, index: u16, queue: Queue, _kick: EventFd) -> bool {
+        // The kick is the eventfd the device already polls for this queue.
+        match Net::enable_queue(self, index, queue) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("virtio-net: {e}");
+                false
+            }
+        }
+    }
 }

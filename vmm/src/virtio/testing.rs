@@ -29,6 +29,10 @@ pub struct Record {
     pub resets: usize,
     pub config_writes: Vec<(u64, Vec<u8>)>,
     pub interrupt: Option<Arc<dyn Interrupt>>,
+    /// Queues reset on their own (VIRTIO_F_RING_RESET), in order.
+    pub queue_resets: Vec<u16>,
+    /// Queues enabled again after their reset: (index, size, descriptor table address).
+    pub queue_enables: Vec<(u16, u16, u64)>,
 }
 
 /// A net-typed device with three queues (256, 256, 64) offering [`FEATURES`]; its config space
@@ -36,6 +40,8 @@ pub struct Record {
 pub struct FakeDevice {
     pub fail_activate: bool,
     pub record: Arc<Mutex<Record>>,
+    /// What it offers ([`FEATURES`] unless a test adds to it).
+    pub offered: u64,
 }
 
 impl FakeDevice {
@@ -45,6 +51,7 @@ impl FakeDevice {
         let device = FakeDevice {
             fail_activate,
             record: record.clone(),
+            offered: FEATURES,
         };
         (device, record)
     }
@@ -58,7 +65,7 @@ impl VirtioDevice for FakeDevice {
         vec![256, 256, 64]
     }
     fn features(&self) -> u64 {
-        FEATURES
+        self.offered
     }
     fn set_acked_features(&mut self, features: u64) {
         self.record.lock().unwrap().acked = Some(features);
@@ -106,5 +113,17 @@ impl VirtioDevice for FakeDevice {
         let mut r = self.record.lock().unwrap();
         r.resets += 1;
         r.acked = None;
+    }
+    fn reset_queue(&mut self, index: u16) -> bool {
+        self.record.lock().unwrap().queue_resets.push(index);
+        true
+    }
+    fn enable_queue(&mut self, index: u16, queue: Queue, _kick: EventFd) -> bool {
+        self.record
+            .lock()
+            .unwrap()
+            .queue_enables
+            .push((index, queue.size(), queue.desc_table()));
+        true
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_net::features::bit;
@@ -81,6 +81,12 @@ pub struct TransportState {
     /// PCI's bus-master enable: the device runs only while it is on. virtio-mmio has no such
     /// switch and leaves it on.
     bus_master: bool,
+    /// Device features this transport cannot carry (virtio-mmio: VIRTIO_F_RING_RESET, which
+    /// needs a queue-reset register); never offered.
+    hidden_features: u64,
+    /// Queues the driver reset on their own (VIRTIO_F_RING_RESET) while the device runs: set
+    /// up again from scratch, then enabled.
+    queue_reset: Vec<bool>,
 }
 
 impl TransportState {
@@ -117,7 +123,89 @@ impl TransportState {
             status: 0,
             activated: false,
             bus_master,
+            hidden_features: 0,
+            queue_reset: vec![false; sizes.len()],
         })
+    }
+
+    /// Never offers `features`, whatever the device offers: the transport cannot carry them.
+    pub fn hide_features(&mut self, features: u64) {
+        self.hidden_features |= features;
+    }
+
+    /// What the driver is offered: the device's features less those the transport hides.
+    fn offered_features(&self) -> u64 {
+        self.device.features() & !self.hidden_features
+    }
+
+    /// VIRTIO_F_RING_RESET: the driver resets queue `index` alone while the device runs. The
+    /// device stops using it and forgets its state; the transport's copy starts over as after
+    /// a device reset (not ready, maximum size, no addresses), for the driver to set up and
+    /// enable again. Done before this returns, so the queue-reset register reads 0 at once,
+    /// as QEMU's does. Returns whether the queue was reset.
+    pub fn reset_queue(&mut self, index: usize) -> bool {
+        let negotiated = self.driver_features & bit(VIRTIO_F_RING_RESET) != 0;
+        if !negotiated || !self.activated || index >= self.queues.len() {
+            log::warn!(
+                "{}: reset of queue {index} refused (RING_RESET {}, device {})",
+                self.name,
+                if negotiated {
+                    "negotiated"
+                } else {
+                    "not negotiated"
+                },
+                if self.activated {
+                    "running"
+                } else {
+                    "not running"
+                }
+            );
+            return false;
+        }
+        if !self.device.reset_queue(index as u16) {
+            log::warn!("{}: the device cannot reset queue {index}", self.name);
+            return false;
+        }
+        self.queues[index].reset();
+        self.queue_reset[index] = true;
+        true
+    }
+
+    /// Whether queue `index` was reset on its own and not yet enabled again.
+    pub fn is_queue_reset(&self, index: usize) -> bool {
+        self.queue_reset.get(index).copied().unwrap_or(false)
+    }
+
+    /// The driver enabled queue `index` again after resetting it alone: the device takes the
+    /// new ring. A ring the device cannot use leaves the device needing a reset.
+    pub fn enable_reset_queue(&mut self, index: usize) {
+        if !self.is_queue_reset(index) {
+            return;
+        }
+        let event_idx = self.driver_features & bit(VIRTIO_RING_F_EVENT_IDX) != 0;
+        let queue = &mut self.queues[index];
+        if !queue.is_valid(&self.mem) {
+            log::error!(
+                "{}: queue {index} enabled after its reset with invalid rings",
+                self.name
+            );
+            self.fail_activation();
+            return;
+        }
+        queue.set_event_idx(event_idx);
+        let taken = match (
+            Queue::try_from(queue.state()),
+            self.kicks[index].try_clone(),
+        ) {
+            (Ok(copy), Ok(kick)) => self.device.enable_queue(index as u16, copy, kick),
+            _ => false,
+        };
+        if taken {
+            self.queue_reset[index] = false;
+        } else {
+            log::error!("{}: the device cannot take queue {index} back", self.name);
+            self.fail_activation();
+        }
     }
 
     pub fn device(&self) -> &dyn VirtioDevice {
@@ -143,7 +231,7 @@ impl TransportState {
 
     /// The word of the device's features that `device_features_select` picks (0 beyond 1).
     pub fn device_features_word(&self) -> u32 {
-        feature_word(self.device.features(), self.device_features_select)
+        feature_word(self.offered_features(), self.device_features_select)
     }
 
     /// The word of the driver's features that `driver_features_select` picks (0 beyond 1).
@@ -188,7 +276,10 @@ impl TransportState {
     /// `field` — only while the driver sets the device up (between FEATURES_OK and
     /// DRIVER_OK) and if the device has that queue; otherwise the write is logged and `None`.
     pub fn queue_mut(&mut self, field: u64) -> Option<&mut Queue> {
-        if self.status & STATUS_FEATURES_OK == 0 || self.status & STATUS_DRIVER_OK != 0 {
+        let select = self.queue_select as usize;
+        let setting_up =
+            self.status & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
+        if !setting_up && !self.is_queue_reset(select) {
             log::warn!(
                 "{}: queue field {field:#x} written in status {:#x}; ignored",
                 self.name,
@@ -347,6 +438,7 @@ impl TransportState {
         for queue in &mut self.queues {
             queue.reset();
         }
+        self.queue_reset.iter_mut().for_each(|r| *r = false);
         self.queue_select = 0;
         self.device_features_select = 0;
         self.driver_features_select = 0;
@@ -356,7 +448,7 @@ impl TransportState {
 
     /// FEATURES_OK only sticks for a subset of what we offered, including VERSION_1.
     fn accept_features(&mut self) -> bool {
-        let offered = self.device.features();
+        let offered = self.offered_features();
         let unknown = self.driver_features & !offered;
         if unknown != 0 {
             log::warn!(

@@ -14,6 +14,7 @@ mod filtering;
 mod fuzz_regressions;
 mod hostile;
 mod pairs;
+mod queue_reset;
 mod real_tap;
 mod rx;
 mod tx;

@@ -268,6 +268,10 @@ impl CommonConfig {
                 self.write_queue_field(offset, data.len(), value)
             }
             (QUEUE_RESET, 2) if value == 0 => {}
+            (QUEUE_RESET, 2) if value == 1 => {
+                let select = usize::from(self.queue_select());
+                self.state.reset_queue(select);
+            }
             _ => log::debug!(
                 "virtio-pci: {}-byte write of {value:#x} to common config at {offset:#x} ignored",
                 data.len()
@@ -299,6 +303,7 @@ impl CommonConfig {
             QUEUE_ENABLE => {
                 if value == 1 {
                     queue.set_ready(true);
+                    self.state.enable_reset_queue(usize::from(select));
                 } else {
                     log::warn!("virtio-pci: queue_enable {value} for queue {select} ignored (only 1 is defined)");
                 }

@@ -41,7 +41,13 @@ struct Harness {
 }
 
 fn harness(fail_activate: bool) -> Harness {
-    let (device, record) = FakeDevice::new(fail_activate);
+    harness_offering(fail_activate, 0)
+}
+
+/// A harness whose device also offers `extra` features.
+fn harness_offering(fail_activate: bool, extra: u64) -> Harness {
+    let (mut device, record) = FakeDevice::new(fail_activate);
+    device.offered |= extra;
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let irqfds: Vec<EventFd> = (0..vector_count(3))
         .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
@@ -826,4 +832,69 @@ fn construction_checks_vectors_and_queues() {
     assert_eq!(bar_size(4), 0x8000);
     assert_eq!(bar_size(129 + 1), 0x8000);
     assert_eq!(bar_size(1025), 0x10000);
+}
+
+#[test]
+fn a_queue_reset_alone_is_set_up_again_and_handed_back_to_the_running_device() {
+    let ring_reset = bit(virtio_bindings::virtio_config::VIRTIO_F_RING_RESET);
+    let mut h = harness_offering(false, ring_reset);
+    h.bring_up(FEATURES | ring_reset);
+    h.setup_queue(0, 0x10000);
+    h.setup_queue(1, 0x20000);
+    h.set_status(0xf);
+    assert_eq!(h.record.lock().unwrap().activations.len(), 1);
+
+    // Linux's vp_modern_set_queue_reset: select, write 1, wait until it reads 0.
+    h.set_common(QUEUE_SELECT, 2, 1);
+    h.set_common(QUEUE_RESET, 2, 1);
+    assert_eq!(
+        h.common(QUEUE_RESET, 2),
+        0,
+        "reset done before the write returned"
+    );
+    assert_eq!(h.common(QUEUE_ENABLE, 2), 0);
+    assert_eq!(h.common(QUEUE_SIZE, 2), 256, "back to the maximum size");
+    assert_eq!(h.record.lock().unwrap().queue_resets, [1]);
+    // Set up again with another size and rings while the device runs, then enabled.
+    h.set_common(QUEUE_SIZE, 2, 64);
+    h.set_common(QUEUE_DESC, 8, 0x30000);
+    h.set_common(QUEUE_DRIVER, 8, 0x31000);
+    h.set_common(QUEUE_DEVICE, 8, 0x32000);
+    h.set_common(QUEUE_ENABLE, 2, 1);
+    assert_eq!(h.record.lock().unwrap().queue_enables, [(1, 64, 0x30000)]);
+    assert_eq!(h.status(), 0xf, "the device kept running");
+    assert_eq!(
+        h.record.lock().unwrap().activations.len(),
+        1,
+        "no re-activation"
+    );
+    // A queue that was not reset keeps its rings: writes to it are still ignored.
+    h.set_common(QUEUE_SELECT, 2, 0);
+    h.set_common(QUEUE_SIZE, 2, 32);
+    assert_eq!(h.common(QUEUE_SIZE, 2), 16);
+}
+
+#[test]
+fn queue_reset_needs_ring_reset_negotiated_and_a_running_device() {
+    let ring_reset = bit(virtio_bindings::virtio_config::VIRTIO_F_RING_RESET);
+    let mut h = harness_offering(false, ring_reset);
+    h.bring_up(FEATURES);
+    h.setup_queue(0, 0x10000);
+    h.set_status(0xf);
+    h.set_common(QUEUE_SELECT, 2, 0);
+    h.set_common(QUEUE_RESET, 2, 1);
+    assert!(
+        h.record.lock().unwrap().queue_resets.is_empty(),
+        "not negotiated"
+    );
+    assert_eq!(h.common(QUEUE_ENABLE, 2), 1);
+
+    let mut h = harness_offering(false, ring_reset);
+    h.bring_up(FEATURES | ring_reset);
+    h.setup_queue(0, 0x10000);
+    h.set_common(QUEUE_RESET, 2, 1);
+    assert!(
+        h.record.lock().unwrap().queue_resets.is_empty(),
+        "before DRIVER_OK"
+    );
 }
