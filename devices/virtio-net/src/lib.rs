@@ -87,6 +87,8 @@ pub mod limit;
 pub mod metrics;
 pub mod rxtx;
 mod tap_backend;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 mod worker;
 
 #[cfg(test)]
