@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use mqvmm_fuzz::{
     guest_memory, read_fault, ring_op, thread_and_fd_count, trace, CountingInterrupt, FakeBackend,
-    Fault, FaultPlan, Input, Ring, DATA_AREA, HIGH_REGION,
+    Input, Ring, DATA_AREA, HIGH_REGION,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
@@ -48,6 +48,7 @@ use virtio_net::ctrl::{
     ACK_ERR, ACK_OK,
 };
 use virtio_net::features::{bit, tun_offload_flags, Negotiated};
+use virtio_net::test_utils::fakes::{Fault, FaultPlan, FaultyBackend};
 use virtio_net::{Backend, Net, NetConfig, NetMetrics};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -72,7 +73,7 @@ const FEATURE_BITS: [u32; 12] = [
 
 /// The model device of the direct mode. Its pair switch runs the real `switch_pairs`.
 struct Model<'a> {
-    backends: &'a [FakeBackend],
+    backends: &'a [FaultyBackend<FakeBackend>],
     plan: &'a FaultPlan,
     active: usize,
     running: Vec<bool>,
@@ -85,7 +86,7 @@ struct ModelSwitch<'a, 'b> {
 
 impl PairSwitch for ModelSwitch<'_, '_> {
     fn park(&mut self, pair: usize) -> Result<(), SwitchError> {
-        if self.m.plan.hit(Fault::Park) {
+        if self.m.plan.call(Fault::Park).is_some() {
             return Err(SwitchError::WorkerTimeout {
                 pair,
                 state: "parked",
@@ -97,7 +98,7 @@ impl PairSwitch for ModelSwitch<'_, '_> {
     }
 
     fn resume(&mut self, pair: usize) -> Result<(), SwitchError> {
-        if self.m.plan.hit(Fault::Resume) {
+        if self.m.plan.call(Fault::Resume).is_some() {
             return Err(SwitchError::WorkerTimeout {
                 pair,
                 state: "running",
@@ -134,7 +135,7 @@ impl Model<'_> {
         for (pair, b) in self.backends.iter().enumerate() {
             let enabled = pair < self.active;
             assert_eq!(
-                b.attached_now(),
+                b.inner().attached_now(),
                 enabled,
                 "{when}: pair {pair} attached, {} active",
                 self.active
@@ -179,7 +180,7 @@ impl CtrlTarget for Model<'_> {
         let flags = tun_offload_flags(offloads);
         self.backends
             .iter()
-            .filter(|b| b.attached_now())
+            .filter(|b| b.inner().attached_now())
             .all(|b| b.set_offload(flags).is_ok())
     }
 
@@ -216,26 +217,26 @@ struct Checker {
 impl Checker {
     fn table(&self) -> DescTable {
         DescTable {
-            addr: GuestAddress(self.ring_snapshot.desc),
-            size: self.ring_snapshot.size,
+            addr: self.ring_snapshot.layout.desc,
+            size: self.ring_snapshot.layout.size,
             indirect: self.features.indirect_desc(),
         }
     }
 
     fn in_avail_ring(&self, addr: u64) -> bool {
-        let r = &self.ring_snapshot;
-        addr >= r.avail && addr < r.avail + 6 + 2 * u64::from(r.size)
+        let r = &self.ring_snapshot.layout;
+        addr >= r.avail.0 && addr < r.avail.0 + 6 + 2 * u64::from(r.size)
     }
 
     /// What the next kick must answer, given the device's next avail index.
     fn expect(&self, mem: &GuestMemoryMmap, next_avail: u16, active: usize) -> Expect {
-        let r = &self.ring_snapshot;
+        let r = &self.ring_snapshot.layout;
         // virtio-queue takes an avail ring at guest address 0 for "not set up" and refuses
         // to iterate it; the device then logs once and answers nothing.
-        if !self.disjoint || r.avail == 0 {
+        if !self.disjoint || r.avail.0 == 0 {
             return Expect::Unknown;
         }
-        let Ok(idx) = mem.read_obj::<u16>(GuestAddress(r.avail + 2)) else {
+        let Ok(idx) = mem.read_obj::<u16>(GuestAddress(r.avail.0 + 2)) else {
             return Expect::Unknown;
         };
         match (Wrapping(u16::from_le(idx)) - Wrapping(next_avail)).0 {
@@ -244,14 +245,14 @@ impl Checker {
             _ => return Expect::Unknown,
         }
         let slot = u64::from(next_avail % r.size);
-        let Ok(head) = mem.read_obj::<u16>(GuestAddress(r.avail + 4 + 2 * slot)) else {
+        let Ok(head) = mem.read_obj::<u16>(GuestAddress(r.avail.0 + 4 + 2 * slot)) else {
             return Expect::Unknown;
         };
         let head = u16::from_le(head);
         let request = parse_request(mem, self.table(), head).ok();
         if let Some(req) = &request {
             let ack = req.ack_addr.0;
-            if r.in_used_ring(ack) || self.in_avail_ring(ack) || ack >= HIGH_REGION {
+            if r.used_ring_contains(ack) || self.in_avail_ring(ack) || ack >= HIGH_REGION {
                 return Expect::Unknown;
             }
         }
@@ -301,7 +302,7 @@ impl Checker {
         active_after: usize,
     ) {
         let r = &self.ring_snapshot;
-        if p.head >= r.size {
+        if p.head >= r.layout.size {
             assert_eq!(used, 0, "chain {} outside the ring was returned", p.head);
             assert_eq!(active_after, p.active_before);
             return;
@@ -402,8 +403,8 @@ fn run_direct(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
         return;
     };
     let plan = Arc::new(FaultPlan::default());
-    let backends: Vec<FakeBackend> = (0..pairs)
-        .map(|p| FakeBackend::new(p as u16, p == 0, plan.clone()))
+    let backends: Vec<FaultyBackend<FakeBackend>> = (0..pairs)
+        .map(|p| FakeBackend::faulty(p as u16, p == 0, plan.clone()))
         .collect();
     let mut model = Model {
         backends: &backends,
@@ -461,7 +462,7 @@ fn run_direct(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
                 } else {
                     Fault::Resume
                 };
-                plan.fail_in(op, u32::from(b >> 1) % 8 + 1);
+                plan.fail_kth(op, u32::from(b >> 1) % 8 + 1);
             }
             _ => write_pairs_set(&mut inp, &mem),
         }
@@ -469,9 +470,10 @@ fn run_direct(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
 }
 
 fn rings_overlap(r: &Ring) -> bool {
-    let avail_end = r.avail + 6 + 2 * u64::from(r.size);
-    let used_end = r.used + 6 + 8 * u64::from(r.size);
-    r.avail < used_end && r.used < avail_end
+    let r = &r.layout;
+    let avail_end = r.avail.0 + 6 + 2 * u64::from(r.size);
+    let used_end = r.used.0 + 6 + 8 * u64::from(r.size);
+    r.avail.0 < used_end && r.used.0 < avail_end
 }
 
 /// Whether the control thread `net-ctrl` is blocked in epoll_wait, i.e. between kicks and
@@ -522,7 +524,11 @@ fn kick_and_settle(kick: &EventFd) {
     }
 }
 
-fn check_device(net: &Net<FakeBackend>, attached_after_setup: &[bool], has_worker: bool) {
+fn check_device(
+    net: &Net<FaultyBackend<FakeBackend>>,
+    attached_after_setup: &[bool],
+    has_worker: bool,
+) {
     let m = net.metrics();
     let active = usize::from(net.active_queue_pairs());
     let backends = net.backends();
@@ -530,17 +536,17 @@ fn check_device(net: &Net<FakeBackend>, attached_after_setup: &[bool], has_worke
         active >= 1 && active <= backends.len(),
         "{active} pairs active"
     );
-    let real = backends.iter().filter(|b| b.attached_now()).count();
+    let real = backends.iter().filter(|b| b.inner().attached_now()).count();
     assert_eq!(m.attached_pairs(), real, "metrics attached vs backends");
     if m.rollback_failures.load(Ordering::SeqCst) > 0 {
         return;
     }
     for (pair, b) in backends.iter().enumerate() {
-        let touched = b.touched_detached.load(Ordering::SeqCst);
+        let touched = b.inner().state.touched_detached();
         assert_eq!(touched, 0, "pair {pair}: backend used while detached");
         if pair < active {
             assert!(
-                b.attached_now(),
+                b.inner().attached_now(),
                 "enabled pair {pair} has a detached backend"
             );
             if has_worker {
@@ -551,7 +557,7 @@ fn check_device(net: &Net<FakeBackend>, attached_after_setup: &[bool], has_worke
             }
         } else if !attached_after_setup[pair] {
             assert!(
-                !b.attached_now(),
+                !b.inner().attached_now(),
                 "disabled pair {pair} ({active} active) attached"
             );
         }
@@ -561,8 +567,8 @@ fn check_device(net: &Net<FakeBackend>, attached_after_setup: &[bool], has_worke
 fn run_device(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
     let plan = Arc::new(FaultPlan::default());
     let initially = inp.u8();
-    let backends: Vec<FakeBackend> = (0..pairs)
-        .map(|p| FakeBackend::new(p as u16, initially & (1 << p) != 0, plan.clone()))
+    let backends: Vec<FaultyBackend<FakeBackend>> = (0..pairs)
+        .map(|p| FakeBackend::faulty(p as u16, initially & (1 << p) != 0, plan.clone()))
         .collect();
     // Faults before creation hit Net::new and activation.
     while inp.u8() & 0x80 != 0 {
@@ -610,7 +616,7 @@ fn run_device(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
         .backends()
         .iter()
         .enumerate()
-        .map(|(p, b)| p > 0 && b.attached_now())
+        .map(|(p, b)| p > 0 && b.inner().attached_now())
         .collect();
     let checker = Checker {
         ring_snapshot: ring,
@@ -630,8 +636,7 @@ fn run_device(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
             }
             6 | 8 => read_fault(&mut inp, &plan),
             7 => {
-                let used_before: u16 =
-                    u16::from_le(mem.read_obj(GuestAddress(ring.used + 2)).unwrap_or(0));
+                let used_before = ring.layout.used_idx(&mem).unwrap_or(0);
                 if used_before != used_seen {
                     next_avail = None;
                 }
@@ -641,7 +646,7 @@ fn run_device(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
                     None => Expect::Unknown,
                 };
                 kick_and_settle(&kick);
-                used_seen = u16::from_le(mem.read_obj(GuestAddress(ring.used + 2)).unwrap_or(0));
+                used_seen = ring.layout.used_idx(&mem).unwrap_or(0);
                 let used = (Wrapping(used_seen) - Wrapping(used_before)).0;
                 let active_after = usize::from(net.active_queue_pairs());
                 let moved = checker.check(
@@ -665,7 +670,11 @@ fn run_device(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
     net.reset();
     assert_eq!(net.active_queue_pairs(), 1, "reset leaves one pair");
     let m = net.metrics();
-    let real = net.backends().iter().filter(|b| b.attached_now()).count();
+    let real = net
+        .backends()
+        .iter()
+        .filter(|b| b.inner().attached_now())
+        .count();
     assert_eq!(
         m.attached_pairs(),
         real,

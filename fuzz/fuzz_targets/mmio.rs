@@ -157,12 +157,13 @@ fn run(data: &[u8]) {
                 let q = usize::from(inp.u8()) % (queues + 1);
                 let ring = Ring::read(&mut inp, queue_size);
                 w32(&mut t, REG_QUEUE_SEL, q as u32);
-                w32(&mut t, REG_QUEUE_NUM, u32::from(ring.size));
-                w32(&mut t, REG_QUEUE_DESC_LOW, ring.desc as u32);
+                let layout = ring.layout;
+                w32(&mut t, REG_QUEUE_NUM, u32::from(layout.size));
+                w32(&mut t, REG_QUEUE_DESC_LOW, layout.desc.0 as u32);
                 w32(&mut t, REG_QUEUE_DESC_HIGH, 0);
-                w32(&mut t, REG_QUEUE_DRIVER_LOW, ring.avail as u32);
+                w32(&mut t, REG_QUEUE_DRIVER_LOW, layout.avail.0 as u32);
                 w32(&mut t, REG_QUEUE_DRIVER_HIGH, 0);
-                w32(&mut t, REG_QUEUE_DEVICE_LOW, ring.used as u32);
+                w32(&mut t, REG_QUEUE_DEVICE_LOW, layout.used.0 as u32);
                 w32(&mut t, REG_QUEUE_DEVICE_HIGH, 0);
                 w32(&mut t, REG_QUEUE_READY, 1);
                 if let Some(slot) = rings.get_mut(q) {

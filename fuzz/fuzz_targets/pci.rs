@@ -790,11 +790,11 @@ fn run(data: &[u8]) {
                 let ring = Ring::read(&mut inp, queue_size);
                 let vector = vm.vector(&mut inp);
                 vm.reg_write(via, QUEUE_SELECT, 2, q as u64);
-                vm.reg_write(via, QUEUE_SIZE, 2, u64::from(ring.size));
+                vm.reg_write(via, QUEUE_SIZE, 2, u64::from(ring.layout.size));
                 for (field, addr) in [
-                    (QUEUE_DESC, ring.desc),
-                    (QUEUE_DRIVER, ring.avail),
-                    (QUEUE_DEVICE, ring.used),
+                    (QUEUE_DESC, ring.layout.desc.0),
+                    (QUEUE_DRIVER, ring.layout.avail.0),
+                    (QUEUE_DEVICE, ring.layout.used.0),
                 ] {
                     if b & 2 != 0 {
                         vm.reg_write(via, field, 8, addr);

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use mqvmm_fuzz::{
-    guest_memory, ring_op, trace, CountingInterrupt, FakeBackend, FaultPlan, Input, Ring, RxEvent,
+    guest_memory, ring_op, trace, CountingInterrupt, FakeBackend, Input, Ring, RxEvent,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
@@ -106,7 +106,7 @@ fn run(data: &[u8]) {
         metrics.clone(),
         PathConfig::new(features, gso, mtu),
     );
-    let backend = FakeBackend::new(0, true, Arc::new(FaultPlan::default()));
+    let backend = FakeBackend::new(0, true);
     let pm = &metrics.pairs[0];
 
     while !inp.is_empty() {

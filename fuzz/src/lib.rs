@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Pieces shared by the fuzz targets: a byte decoder that never fails, a fake backend with a
-//! fault plan and an in-memory frame source, a counting interrupt sink, the guest memory
-//! layout and a driver-side view of one split virtqueue.
+//! Pieces shared by the fuzz targets: a byte decoder that never fails, an in-memory fake
+//! backend (behind `virtio_net::test_utils::fakes`' fault-injecting wrapper), a counting
+//! interrupt sink, the guest memory layout and a hostile driver's view of one split virtqueue
+//! (over `virtio_net::test_utils::ring`).
 //!
 //! Every target decodes its input with [`Input`]: a header, then a sequence of operations,
 //! each a tag byte followed by its arguments. Missing bytes read as zero, so every input is
@@ -10,11 +11,14 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use virtio_net::{Backend, BackendError, BackendOp, Interrupt, Net, NetConfig};
-use virtio_queue::{Queue, QueueT};
+use virtio_net::test_utils::fakes::{AttachState, Fault, FaultPlan, FaultyBackend};
+use virtio_net::test_utils::ring::{write_descriptor, RingLayout};
+use virtio_net::{Backend, BackendError, Interrupt, Net, NetConfig};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -145,48 +149,6 @@ impl Interrupt for CountingInterrupt {
     }
 }
 
-/// The backend operations a [`FaultPlan`] can fail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    Attach = 0,
-    Detach = 1,
-    VnetHdr = 2,
-    Offload = 3,
-    Query = 4,
-    /// A worker does not confirm it parked (the ctrl target's model device only).
-    Park = 5,
-    /// A worker does not confirm it resumed (the ctrl target's model device only).
-    Resume = 6,
-}
-
-const FAULTS: usize = 7;
-
-/// Which calls fail, counted device-wide per operation (1-based), as the input chose.
-#[derive(Default)]
-pub struct FaultPlan {
-    calls: [AtomicU32; FAULTS],
-    fail_at: Mutex<Vec<(usize, u32)>>,
-}
-
-impl FaultPlan {
-    /// Makes the `k`-th call (counted from now) of `op` fail.
-    pub fn fail_in(&self, op: Fault, k: u32) {
-        let done = self.calls[op as usize].load(Ordering::SeqCst);
-        if let Ok(mut plan) = self.fail_at.lock() {
-            plan.push((op as usize, done.saturating_add(k.max(1))));
-        }
-    }
-
-    /// Records a call of `op`; true when it must fail.
-    pub fn hit(&self, op: Fault) -> bool {
-        let n = self.calls[op as usize].fetch_add(1, Ordering::SeqCst) + 1;
-        self.fail_at
-            .lock()
-            .map(|plan| plan.contains(&(op as usize, n)))
-            .unwrap_or(false)
-    }
-}
-
 /// What the fake backend's `readv` returns next.
 #[derive(Debug, Clone, Copy)]
 pub enum RxEvent {
@@ -196,43 +158,43 @@ pub enum RxEvent {
     Error(i32),
 }
 
-/// A backend that keeps everything in memory, behaves like a tap queue where it matters
-/// (attach of an attached queue and detach of a detached one fail with EINVAL, `readv`
-/// reports the full length of a truncated frame, WouldBlock when empty) and fails control
-/// operations as its [`FaultPlan`] says. Its fd is an eventfd the worker may poll;
-/// [`FakeBackend::push_frame`] makes it readable.
+/// A backend that keeps everything in memory and behaves like a tap queue where it matters
+/// (the attach rules of [`AttachState`], `readv` reports the full length of a truncated frame,
+/// WouldBlock when empty). Wrapped in a [`FaultyBackend`], it fails control operations as
+/// the input's [`FaultPlan`] says. Its fd is an eventfd the worker may poll;
+/// [`FakeBackend::push`] makes it readable.
 pub struct FakeBackend {
     evt: EventFd,
-    queue: u16,
-    attached: AtomicBool,
-    plan: Arc<FaultPlan>,
+    /// Attached or not, and reads and writes tried while detached (a parked worker must make
+    /// none).
+    pub state: AttachState,
     rx: Mutex<VecDeque<RxEvent>>,
     /// Frames and bytes (header included) written by the device.
     pub tx_frames: AtomicU64,
     pub tx_bytes: AtomicU64,
     /// Frames read by the device.
     pub rx_frames: AtomicU64,
-    /// readv/writev calls while detached (a parked worker must make none).
-    pub touched_detached: AtomicU64,
 }
 
 impl FakeBackend {
-    pub fn new(queue: u16, attached: bool, plan: Arc<FaultPlan>) -> Self {
+    pub fn new(queue: u16, attached: bool) -> Self {
         FakeBackend {
             evt: EventFd::new(EFD_NONBLOCK).expect("eventfd for a fake backend"),
-            queue,
-            attached: AtomicBool::new(attached),
-            plan,
+            state: AttachState::new(queue, attached),
             rx: Mutex::new(VecDeque::new()),
             tx_frames: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
             rx_frames: AtomicU64::new(0),
-            touched_detached: AtomicU64::new(0),
         }
     }
 
+    /// `new`, behind `plan`.
+    pub fn faulty(queue: u16, attached: bool, plan: Arc<FaultPlan>) -> FaultyBackend<Self> {
+        FaultyBackend::new(queue, FakeBackend::new(queue, attached), plan)
+    }
+
     pub fn attached_now(&self) -> bool {
-        self.attached.load(Ordering::SeqCst)
+        self.state.is_attached()
     }
 
     /// Queues something for `readv` and makes the fd readable (edge for EPOLLET).
@@ -241,10 +203,6 @@ impl FakeBackend {
             q.push_back(ev);
         }
         let _ = self.evt.write(1);
-    }
-
-    fn err(&self, op: BackendOp, errno: i32) -> BackendError {
-        BackendError::new(op, self.queue, io::Error::from_raw_os_error(errno))
     }
 }
 
@@ -256,10 +214,7 @@ impl AsRawFd for FakeBackend {
 
 impl Backend for FakeBackend {
     unsafe fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        if !self.attached_now() {
-            self.touched_detached.fetch_add(1, Ordering::SeqCst);
-            return Err(io::Error::from_raw_os_error(libc::EBADFD));
-        }
+        self.state.check_io()?;
         let ev = self.rx.lock().ok().and_then(|mut q| q.pop_front());
         match ev {
             None => Err(io::ErrorKind::WouldBlock.into()),
@@ -283,10 +238,7 @@ impl Backend for FakeBackend {
     }
 
     unsafe fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        if !self.attached_now() {
-            self.touched_detached.fetch_add(1, Ordering::SeqCst);
-            return Err(io::Error::from_raw_os_error(libc::EBADFD));
-        }
+        self.state.check_io()?;
         let mut total = 0usize;
         let mut sum = 0u8;
         for seg in iov {
@@ -307,79 +259,23 @@ impl Backend for FakeBackend {
     }
 
     fn attach(&self) -> Result<(), BackendError> {
-        if self.plan.hit(Fault::Attach) {
-            return Err(self.err(BackendOp::Attach, libc::EIO));
-        }
-        if self.attached.swap(true, Ordering::SeqCst) {
-            return Err(self.err(BackendOp::Attach, libc::EINVAL));
-        }
-        Ok(())
+        self.state.attach()
     }
 
     fn detach(&self) -> Result<(), BackendError> {
-        if self.plan.hit(Fault::Detach) {
-            return Err(self.err(BackendOp::Detach, libc::EIO));
-        }
-        if !self.attached.swap(false, Ordering::SeqCst) {
-            return Err(self.err(BackendOp::Detach, libc::EINVAL));
-        }
-        Ok(())
+        self.state.detach()
     }
 
     fn is_attached(&self) -> Result<bool, BackendError> {
-        if self.plan.hit(Fault::Query) {
-            return Err(self.err(BackendOp::QueryAttached, libc::EIO));
-        }
         Ok(self.attached_now())
     }
 
     fn set_vnet_hdr_size(&self, _size: i32) -> Result<(), BackendError> {
-        if self.plan.hit(Fault::VnetHdr) {
-            return Err(self.err(BackendOp::SetVnetHdrSize, libc::EIO));
-        }
         Ok(())
     }
 
     fn set_offload(&self, _tun_flags: u32) -> Result<(), BackendError> {
-        if self.plan.hit(Fault::Offload) {
-            return Err(self.err(BackendOp::SetOffload, libc::EIO));
-        }
         Ok(())
-    }
-}
-
-/// A backend the harness keeps a handle to after handing it to the device.
-pub struct SharedBackend(pub Arc<FakeBackend>);
-
-impl AsRawFd for SharedBackend {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
-impl Backend for SharedBackend {
-    unsafe fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { self.0.readv(iov) }
-    }
-    unsafe fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: the caller's contract is passed on unchanged.
-        unsafe { self.0.writev(iov) }
-    }
-    fn attach(&self) -> Result<(), BackendError> {
-        self.0.attach()
-    }
-    fn detach(&self) -> Result<(), BackendError> {
-        self.0.detach()
-    }
-    fn is_attached(&self) -> Result<bool, BackendError> {
-        self.0.is_attached()
-    }
-    fn set_vnet_hdr_size(&self, size: i32) -> Result<(), BackendError> {
-        self.0.set_vnet_hdr_size(size)
-    }
-    fn set_offload(&self, tun_flags: u32) -> Result<(), BackendError> {
-        self.0.set_offload(tun_flags)
     }
 }
 
@@ -439,17 +335,15 @@ pub fn read_fault(inp: &mut Input, plan: &FaultPlan) {
         3 => Fault::Offload,
         _ => Fault::Query,
     };
-    plan.fail_in(op, u32::from(b / 5 % 8) + 1);
+    plan.fail_kth(op, u32::from(b / 5 % 8) + 1);
 }
 
-/// The driver side of one split virtqueue in guest memory. Every write ignores failures:
-/// the rings may lie anywhere the input put them.
+/// A hostile driver's side of one split virtqueue in guest memory: the shared [`RingLayout`]
+/// placed by the input, and the avail index it last wrote. Every write ignores failures: the
+/// rings may lie anywhere the input put them.
 #[derive(Debug, Clone, Copy)]
 pub struct Ring {
-    pub size: u16,
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
+    pub layout: RingLayout,
     /// The avail index the driver last published.
     pub avail_idx: u16,
 }
@@ -459,113 +353,50 @@ impl Ring {
     /// addresses in the first 64 KiB.
     pub fn read(inp: &mut Input, max_size: u16) -> Self {
         let shift = u32::from(inp.u8()) % (max_size.trailing_zeros() + 1);
+        let size = (1u16 << shift).max(2).min(max_size);
+        let desc = u64::from(inp.u16() & !0xf);
+        let avail = u64::from(inp.u16() & !1);
+        let used = u64::from(inp.u16() & !3);
         Ring {
-            size: (1u16 << shift).max(2).min(max_size),
-            desc: u64::from(inp.u16() & !0xf),
-            avail: u64::from(inp.u16() & !1),
-            used: u64::from(inp.u16() & !3),
+            layout: RingLayout {
+                size,
+                desc: GuestAddress(desc),
+                avail: GuestAddress(avail),
+                used: GuestAddress(used),
+            },
             avail_idx: 0,
         }
     }
 
     /// Fixed rings at `base`: desc, avail and used one after the other (size <= 16).
     pub fn at(base: u64, size: u16) -> Self {
-        let size64 = u64::from(size);
-        let avail = base + 16 * size64;
-        let used = (avail + 6 + 2 * size64).next_multiple_of(4);
         Ring {
-            size,
-            desc: base,
-            avail,
-            used,
+            layout: RingLayout::packed(GuestAddress(base), size),
             avail_idx: 0,
         }
-    }
-
-    /// Bytes from `base` that [`Ring::at`] uses.
-    pub fn footprint(size: u16) -> u64 {
-        let r = Ring::at(0, size);
-        r.used + 6 + 8 * u64::from(size)
     }
 
     /// The device-side queue as a transport would build it, or None when the transport would
     /// refuse it (rings outside memory).
     pub fn queue(&self, max_size: u16, event_idx: bool, mem: &GuestMemoryMmap) -> Option<Queue> {
-        let mut q = Queue::new(max_size).ok()?;
-        q.try_set_size(self.size).ok()?;
-        q.try_set_desc_table_address(GuestAddress(self.desc)).ok()?;
-        q.try_set_avail_ring_address(GuestAddress(self.avail))
-            .ok()?;
-        q.try_set_used_ring_address(GuestAddress(self.used)).ok()?;
-        q.set_ready(true);
-        q.set_event_idx(event_idx);
-        q.is_valid(mem).then_some(q)
-    }
-
-    pub fn write_desc_at(
-        mem: &GuestMemoryMmap,
-        at: u64,
-        addr: u64,
-        len: u32,
-        flags: u16,
-        next: u16,
-    ) {
-        let mut raw = [0u8; 16];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
-        let _ = mem.write_slice(&raw, GuestAddress(at));
-    }
-
-    pub fn write_desc(
-        &self,
-        mem: &GuestMemoryMmap,
-        index: u16,
-        addr: u64,
-        len: u32,
-        flags: u16,
-        next: u16,
-    ) {
-        let at = self.desc + 16 * u64::from(index % self.size);
-        Self::write_desc_at(mem, at, addr, len, flags, next);
+        self.layout.queue(max_size, event_idx, mem).ok()
     }
 
     /// Puts `head` in the next avail slot and publishes it.
     pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = u64::from(self.avail_idx % self.size);
-        let _ = mem.write_obj(head.to_le(), GuestAddress(self.avail + 4 + 2 * slot));
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.set_avail_idx(mem, self.avail_idx);
+        let _ = self.layout.set_avail_ring(mem, self.avail_idx, head);
+        self.set_avail_idx(mem, self.avail_idx.wrapping_add(1));
     }
 
     /// Writes the avail index (a hostile driver may write anything).
     pub fn set_avail_idx(&mut self, mem: &GuestMemoryMmap, idx: u16) {
         self.avail_idx = idx;
-        let _ = mem.write_obj(idx.to_le(), GuestAddress(self.avail + 2));
-    }
-
-    pub fn set_avail_flags(&self, mem: &GuestMemoryMmap, flags: u16) {
-        let _ = mem.write_obj(flags.to_le(), GuestAddress(self.avail));
-    }
-
-    /// EVENT_IDX: interrupt once the device passes this used index.
-    pub fn set_used_event(&self, mem: &GuestMemoryMmap, v: u16) {
-        let at = self.avail + 4 + 2 * u64::from(self.size);
-        let _ = mem.write_obj(v.to_le(), GuestAddress(at));
+        let _ = self.layout.set_avail_idx(mem, idx);
     }
 
     /// Used element `i` (ring position), if readable.
     pub fn used_elem(&self, mem: &GuestMemoryMmap, i: u16) -> Option<(u32, u32)> {
-        let at = self.used + 4 + 8 * u64::from(i % self.size);
-        let id: u32 = mem.read_obj(GuestAddress(at)).ok()?;
-        let len: u32 = mem.read_obj(GuestAddress(at + 4)).ok()?;
-        Some((u32::from_le(id), u32::from_le(len)))
-    }
-
-    /// Whether `addr` lies in the used ring (which the device writes).
-    pub fn in_used_ring(&self, addr: u64) -> bool {
-        addr >= self.used && addr < self.used + 6 + 8 * u64::from(self.size)
+        self.layout.used_elem(mem, i).ok()
     }
 }
 
@@ -591,7 +422,8 @@ pub fn ring_op(tag: u8, inp: &mut Input, mem: &GuestMemoryMmap, ring: &mut Ring)
             let len = inp.len();
             let flags = desc_flags(inp.u8());
             let next = u16::from(inp.u8());
-            ring.write_desc(mem, index, addr, len, flags, next);
+            let desc = Descriptor::new(addr, len, flags, next);
+            let _ = ring.layout.write_desc(mem, index % ring.layout.size, desc);
         }
         // A descriptor anywhere (an indirect table entry).
         1 => {
@@ -601,7 +433,8 @@ pub fn ring_op(tag: u8, inp: &mut Input, mem: &GuestMemoryMmap, ring: &mut Ring)
             let len = inp.len();
             let flags = desc_flags(inp.u8());
             let next = u16::from(inp.u8());
-            Ring::write_desc_at(mem, at.wrapping_add(16 * i), addr, len, flags, next);
+            let desc = Descriptor::new(addr, len, flags, next);
+            let _ = write_descriptor(mem, GuestAddress(at.wrapping_add(16 * i)), desc);
         }
         // Publish a head.
         2 => {
@@ -617,8 +450,8 @@ pub fn ring_op(tag: u8, inp: &mut Input, mem: &GuestMemoryMmap, ring: &mut Ring)
         4 => {
             let flags = inp.u16();
             let event = inp.u16();
-            ring.set_avail_flags(mem, flags);
-            ring.set_used_event(mem, event);
+            let _ = ring.layout.set_avail_flags(mem, flags);
+            let _ = ring.layout.set_used_event(mem, event);
         }
         // Raw bytes anywhere.
         5 => {
@@ -680,7 +513,7 @@ macro_rules! trace {
 /// device, the fault plan its backends share and the harness' handles to them; `None` when the
 /// configuration is refused.
 pub struct FuzzNet {
-    pub net: Net<SharedBackend>,
+    pub net: Net<FaultyBackend<FakeBackend>>,
     pub plan: Arc<FaultPlan>,
     pub handles: Vec<Arc<FakeBackend>>,
     /// The size of every queue.
@@ -696,13 +529,7 @@ pub fn net_from_input(inp: &mut Input) -> Option<FuzzNet> {
     let initially = inp.u8();
     let plan = Arc::new(FaultPlan::default());
     let handles: Vec<Arc<FakeBackend>> = (0..pairs)
-        .map(|p| {
-            Arc::new(FakeBackend::new(
-                p as u16,
-                initially & (1 << p) != 0,
-                plan.clone(),
-            ))
-        })
+        .map(|p| Arc::new(FakeBackend::new(p as u16, initially & (1 << p) != 0)))
         .collect();
     let cfg = NetConfig {
         mq,
@@ -710,7 +537,12 @@ pub fn net_from_input(inp: &mut Input) -> Option<FuzzNet> {
         queue_size,
         ..NetConfig::default()
     };
-    let net = Net::new(cfg, handles.iter().cloned().map(SharedBackend).collect()).ok()?;
+    let backends = handles
+        .iter()
+        .enumerate()
+        .map(|(p, h)| FaultyBackend::new(p as u16, h.clone(), plan.clone()))
+        .collect();
+    let net = Net::new(cfg, backends).ok()?;
     Some(FuzzNet {
         net,
         plan,

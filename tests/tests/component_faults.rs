@@ -12,15 +12,15 @@
 //!
 //! Needs root and /dev/net/tun; skips with one line otherwise.
 
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqvmm_tests::driver::{DriverConfig, NetDriver, ACK_ERR, ACK_OK, DEFAULT_FEATURES};
 use mqvmm_tests::{netns, skip};
 use tap::{MultiQueueTap, TapConfig, TapQueue};
-use virtio_net::{Backend, BackendError, BackendOp, Net, NetConfig, NetMetrics};
+use virtio_net::test_utils::fakes::{Fault, FaultPlan, FaultyBackend};
+use virtio_net::{Backend, Net, NetConfig, NetMetrics};
 
 const PAIRS: u16 = 4;
 const QUEUE_SIZE: u16 = 256;
@@ -31,90 +31,6 @@ fn requirements_met() -> bool {
     match netns::skip_reason() {
         Some(why) => skip::skip(&why),
         None => true,
-    }
-}
-
-/// Fails the k-th detach or attach from the moment it is armed (counted across all queues),
-/// with an errno the kernel could give; every other call goes to the real tap queue.
-#[derive(Default)]
-struct FaultPlan {
-    detaches: AtomicUsize,
-    attaches: AtomicUsize,
-    fail_detach_at: AtomicUsize,
-    fail_attach_at: AtomicUsize,
-}
-
-impl FaultPlan {
-    fn fail_kth_detach(&self, k: usize) {
-        self.detaches.store(0, Ordering::SeqCst);
-        self.fail_detach_at.store(k, Ordering::SeqCst);
-    }
-
-    fn fail_kth_attach(&self, k: usize) {
-        self.attaches.store(0, Ordering::SeqCst);
-        self.fail_attach_at.store(k, Ordering::SeqCst);
-    }
-
-    fn hit(count: &AtomicUsize, at: &AtomicUsize) -> bool {
-        let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-        at.compare_exchange(n, 0, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-    }
-}
-
-/// The fault injection point: a real tap queue whose attach/detach can be made to fail.
-struct FaultyTap {
-    tap: TapQueue,
-    plan: Arc<FaultPlan>,
-}
-
-impl AsRawFd for FaultyTap {
-    fn as_raw_fd(&self) -> RawFd {
-        self.tap.as_raw_fd()
-    }
-}
-
-impl Backend for FaultyTap {
-    unsafe fn readv(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
-        // SAFETY: our caller upholds readv's contract for `iov`.
-        unsafe { Backend::readv(&self.tap, iov) }
-    }
-
-    unsafe fn writev(&self, iov: &[libc::iovec]) -> std::io::Result<usize> {
-        // SAFETY: our caller upholds writev's contract for `iov`.
-        unsafe { Backend::writev(&self.tap, iov) }
-    }
-
-    fn attach(&self) -> Result<(), BackendError> {
-        if FaultPlan::hit(&self.plan.attaches, &self.plan.fail_attach_at) {
-            let e = std::io::Error::from_raw_os_error(libc::ENOMEM);
-            return Err(BackendError::new(BackendOp::Attach, self.tap.queue(), e));
-        }
-        Backend::attach(&self.tap)
-    }
-
-    fn detach(&self) -> Result<(), BackendError> {
-        if FaultPlan::hit(&self.plan.detaches, &self.plan.fail_detach_at) {
-            let e = std::io::Error::from_raw_os_error(libc::EBUSY);
-            return Err(BackendError::new(BackendOp::Detach, self.tap.queue(), e));
-        }
-        Backend::detach(&self.tap)
-    }
-
-    fn is_attached(&self) -> Result<bool, BackendError> {
-        Backend::is_attached(&self.tap)
-    }
-
-    fn set_vnet_hdr_size(&self, size: i32) -> Result<(), BackendError> {
-        Backend::set_vnet_hdr_size(&self.tap, size)
-    }
-
-    fn set_offload(&self, tun_flags: u32) -> Result<(), BackendError> {
-        Backend::set_offload(&self.tap, tun_flags)
-    }
-
-    fn is_gone(&self) -> bool {
-        Backend::is_gone(&self.tap)
     }
 }
 
@@ -201,12 +117,11 @@ fn kth_tunsetqueue_failure_rolls_back_to_the_previous_host_queue_count_and_repli
         || {
             let tap = "mqcf0";
             let plan = Arc::new(FaultPlan::default());
+            // The fault injection point: real tap queues whose k-th detach or attach (counted
+            // across all queues) fails with an errno the kernel could give.
             let backends = make_tap(tap)
                 .into_iter()
-                .map(|q| FaultyTap {
-                    tap: q,
-                    plan: plan.clone(),
-                })
+                .map(|q| FaultyBackend::new(q.queue(), q, plan.clone()))
                 .collect();
             let (mut drv, metrics) = driver(backends);
             expect_host_queues(tap, 1, "activation");
@@ -215,7 +130,7 @@ fn kth_tunsetqueue_failure_rolls_back_to_the_previous_host_queue_count_and_repli
 
             // 4 -> 1 detaches pairs 3, 2, 1: fail the first, second and third in turn.
             for k in 1..=3 {
-                plan.fail_kth_detach(k);
+                plan.fail_kth_with(Fault::Detach, k, libc::EBUSY);
                 assert_eq!(drv.set_queue_pairs(1), ACK_ERR, "detach #{k} failed");
                 expect_host_queues(tap, 4, &format!("after detach #{k} failed"));
                 assert_eq!(get(&metrics.active_pairs), 4);
@@ -239,7 +154,7 @@ fn kth_tunsetqueue_failure_rolls_back_to_the_previous_host_queue_count_and_repli
             // 1 -> 4 attaches pairs 1, 2, 3: the k-th attach fails, the ones before it are
             // detached again.
             for k in 1..=3 {
-                plan.fail_kth_attach(k);
+                plan.fail_kth_with(Fault::Attach, k, libc::ENOMEM);
                 assert_eq!(drv.set_queue_pairs(4), ACK_ERR, "attach #{k} failed");
                 expect_host_queues(tap, 1, &format!("after attach #{k} failed"));
                 assert_eq!(get(&metrics.active_pairs), 1);

@@ -9,47 +9,33 @@
 //!
 //! The device under test (`virtio_net::rxtx::QueuePair`) uses buffers in the order they were
 //! made available, so slot order is the only bookkeeping needed; reaping checks it.
+//!
+//! Everything else (the layout, descriptors, indirect tables, the device's queue) is the
+//! shared driver-side ring, `virtio_net::test_utils::ring`.
 
 use std::sync::atomic::{AtomicU16, Ordering};
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-
-/// Descriptor continues in `next`.
-pub const DESC_F_NEXT: u16 = 1;
-/// Device-writable buffer.
-pub const DESC_F_WRITE: u16 = 2;
-/// Buffer is an indirect descriptor table.
-pub const DESC_F_INDIRECT: u16 = 4;
+use virtio_net::test_utils::ring::{self, RingLayout};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::Queue;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// A driver-side ring operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Guest memory rejected an access (ring placed outside memory).
-    #[error("ring access at guest address {addr:#x} failed")]
-    Memory {
-        /// Guest address accessed.
+    /// Setting up the rings or descriptors, or building the device's queue.
+    #[error(transparent)]
+    Ring(#[from] ring::Error),
+    /// A ring part has no host mapping of its own (it straddles two regions).
+    #[error("no host mapping of {len} bytes at guest address {addr:#x}")]
+    Mapping {
+        /// Guest address of the ring part.
         addr: u64,
+        /// Its length.
+        len: usize,
         /// Why.
         #[source]
         source: vm_memory::GuestMemoryError,
-    },
-    /// virtio-queue refused the queue size.
-    #[error("virtio-queue refused a queue of {size} entries")]
-    QueueSize {
-        /// Requested size.
-        size: u16,
-        /// Why.
-        #[source]
-        source: virtio_queue::Error,
-    },
-    /// The queue does not validate against guest memory.
-    #[error("queue {index} at {desc:#x} is not valid in guest memory")]
-    Invalid {
-        /// Queue index (for the message).
-        index: u16,
-        /// Descriptor table address.
-        desc: u64,
     },
     /// The device returned a chain out of order or one that was never made available.
     #[error("queue {index}: used entry {at} has id {id}, expected {expected}")]
@@ -65,23 +51,15 @@ pub enum Error {
     },
 }
 
-fn page(len: u64) -> u64 {
-    len.div_ceil(4096) * 4096
-}
-
-/// Bytes from a queue's base to the end of its used ring (page-aligned parts).
-pub fn footprint(size: u16) -> u64 {
-    page(16 * u64::from(size)) + page(6 + 2 * u64::from(size)) + page(6 + 8 * u64::from(size))
-}
-
-/// One split queue, driver side.
+/// One split queue, driver side: the shared [`RingLayout`] (the layout of
+/// [`RingLayout::at`], the device's queue, descriptors and indirect tables), plus its own
+/// publish / reap / used_event through host pointers. It does not use the shared
+/// `SplitRing`: that one keeps a free list and checks every used entry against its chain,
+/// work that would be counted in the device path's time.
 pub struct Ring {
     mem: GuestMemoryMmap,
     index: u16,
-    size: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
+    layout: RingLayout,
     /// Host address of the avail ring (flags, idx, `ring[size]`, used_event).
     avail_host: *mut u8,
     /// Host address of the used ring (flags, idx, `ring[size]` of (id, len), avail_event).
@@ -92,27 +70,25 @@ pub struct Ring {
 
 impl Ring {
     /// A ring of `size` entries laid out from `base` (descriptor table, then the avail and used
-    /// rings, each page-aligned); zeroes the area. `index` names the queue in errors.
+    /// rings, each page-aligned); zeroes the rings. `index` names the queue in errors.
     pub fn new(mem: &GuestMemoryMmap, index: u16, base: u64, size: u16) -> Result<Ring, Error> {
-        let avail = base + page(16 * u64::from(size));
-        let used = avail + page(6 + 2 * u64::from(size));
-        let zeros = vec![0u8; footprint(size) as usize];
-        mem.write_slice(&zeros, GuestAddress(base))
-            .map_err(|source| Error::Memory { addr: base, source })?;
-        let host = |addr: u64, len: u64| {
-            mem.get_slice(GuestAddress(addr), len as usize)
+        let layout = RingLayout::at(GuestAddress(base), size);
+        layout.zero(mem)?;
+        let host = |addr: GuestAddress, len: u64| {
+            mem.get_slice(addr, len as usize)
                 .map(|s| s.ptr_guard_mut().as_ptr())
-                .map_err(|source| Error::Memory { addr, source })
+                .map_err(|source| Error::Mapping {
+                    addr: addr.0,
+                    len: len as usize,
+                    source,
+                })
         };
         Ok(Ring {
             mem: mem.clone(),
             index,
-            size,
-            desc: base,
-            avail,
-            used,
-            avail_host: host(avail, 6 + 2 * u64::from(size))?,
-            used_host: host(used, 6 + 8 * u64::from(size))?,
+            layout,
+            avail_host: host(layout.avail, ring::avail_ring_len(size))?,
+            used_host: host(layout.used, ring::used_ring_len(size))?,
             avail_idx: 0,
             used_seen: 0,
         })
@@ -120,56 +96,19 @@ impl Ring {
 
     /// The device's view of this ring: a ready `virtio_queue::Queue`.
     pub fn queue(&self, event_idx: bool) -> Result<Queue, Error> {
-        let mut q = Queue::new(self.size).map_err(|source| Error::QueueSize {
-            size: self.size,
-            source,
-        })?;
-        q.set_size(self.size);
-        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-        let (lo, hi) = split(self.desc);
-        q.set_desc_table_address(lo, hi);
-        let (lo, hi) = split(self.avail);
-        q.set_avail_ring_address(lo, hi);
-        let (lo, hi) = split(self.used);
-        q.set_used_ring_address(lo, hi);
-        q.set_event_idx(event_idx);
-        q.set_ready(true);
-        if !q.is_valid(&self.mem) {
-            return Err(Error::Invalid {
-                index: self.index,
-                desc: self.desc,
-            });
-        }
-        Ok(q)
-    }
-
-    /// Writes descriptor `i` of the table at `table` (the ring's own table, or an indirect one).
-    pub fn write_desc(
-        mem: &GuestMemoryMmap,
-        table: u64,
-        i: u16,
-        addr: u64,
-        len: u32,
-        flags: u16,
-        next: u16,
-    ) -> Result<(), Error> {
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        let at = table + 16 * u64::from(i);
-        mem.write_slice(&d, GuestAddress(at))
-            .map_err(|source| Error::Memory { addr: at, source })
+        Ok(self.layout.queue(self.layout.size, event_idx, &self.mem)?)
     }
 
     /// Writes descriptor `i` of this ring's table.
     pub fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16) -> Result<(), Error> {
-        Self::write_desc(&self.mem, self.desc, i, addr, len, flags, 0)
+        let desc = Descriptor::new(addr, len, flags, 0);
+        Ok(self.layout.write_desc(&self.mem, i, desc)?)
     }
 
     fn avail_u16(&self, offset: usize) -> &AtomicU16 {
-        debug_assert!(offset + 2 <= 6 + 2 * usize::from(self.size) && offset.is_multiple_of(2));
+        debug_assert!(
+            offset + 2 <= 6 + 2 * usize::from(self.layout.size) && offset.is_multiple_of(2)
+        );
         // SAFETY: `avail_host` is the host address of this ring's avail area (6 + 2 * size
         // bytes, resolved in `new` from `self.mem`, which keeps the mapping alive as long as
         // `self`); every caller passes an even offset inside it, and the area starts on a page,
@@ -178,7 +117,9 @@ impl Ring {
     }
 
     fn used_u16(&self, offset: usize) -> &AtomicU16 {
-        debug_assert!(offset + 2 <= 6 + 8 * usize::from(self.size) && offset.is_multiple_of(2));
+        debug_assert!(
+            offset + 2 <= 6 + 8 * usize::from(self.layout.size) && offset.is_multiple_of(2)
+        );
         // SAFETY: as for `avail_u16`, for the used area (6 + 8 * size bytes).
         unsafe { AtomicU16::from_ptr(self.used_host.add(offset).cast()) }
     }
@@ -188,7 +129,7 @@ impl Ring {
     pub fn publish(&mut self, n: u16) {
         let mut idx = self.avail_idx;
         for _ in 0..n {
-            let slot = idx % self.size;
+            let slot = idx % self.layout.size;
             self.avail_u16(4 + 2 * usize::from(slot))
                 .store(slot.to_le(), Ordering::Relaxed);
             idx = idx.wrapping_add(1);
@@ -200,7 +141,7 @@ impl Ring {
     /// Asks for a used-buffer notification once the device has used entry `idx` (EVENT_IDX's
     /// `used_event`).
     pub fn set_used_event(&self, idx: u16) {
-        self.avail_u16(4 + 2 * usize::from(self.size))
+        self.avail_u16(4 + 2 * usize::from(self.layout.size))
             .store(idx.to_le(), Ordering::Release);
     }
 
@@ -216,12 +157,12 @@ impl Ring {
         let used_idx = u16::from_le(self.used_u16(2).load(Ordering::Acquire));
         let mut n = 0;
         while self.used_seen != used_idx {
-            let pos = usize::from(self.used_seen % self.size);
+            let pos = usize::from(self.used_seen % self.layout.size);
             let elem = 4 + 8 * pos;
             let half = |o: usize| u32::from(u16::from_le(self.used_u16(o).load(Ordering::Relaxed)));
             let id = half(elem) | half(elem + 2) << 16;
             let len = half(elem + 4) | half(elem + 6) << 16;
-            let expected = self.used_seen % self.size;
+            let expected = self.used_seen % self.layout.size;
             if id != u32::from(expected) {
                 return Err(Error::OutOfOrder {
                     index: self.index,
@@ -246,7 +187,8 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_queue::QueueOwnedT;
+    use virtio_queue::{QueueOwnedT, QueueT};
+    use vm_memory::Bytes;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
@@ -256,7 +198,11 @@ mod tests {
     fn layout_and_queue_validate() {
         let m = mem();
         let ring = Ring::new(&m, 0, 0x1000, 256).unwrap();
-        assert_eq!(footprint(256), 4096 + 4096 + 4096);
+        let layout = RingLayout::at(GuestAddress(0x1000), 256);
+        assert_eq!(
+            layout.footprint().next_multiple_of(4096),
+            4096 + 4096 + 4096
+        );
         let q = ring.queue(true).unwrap();
         assert_eq!(q.desc_table(), 0x1000);
         assert_eq!(q.avail_ring(), 0x2000);

@@ -60,11 +60,12 @@ use virtio_bindings::virtio_net::{
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_net::features::{bit, tun_offload_flags, Negotiated, VNET_HDR_LEN_V1};
 use virtio_net::rxtx::{PathConfig, QueuePair, RxState};
+use virtio_net::test_utils::ring::{write_table, Segment, DESC_F_INDIRECT, DESC_F_WRITE, DESC_LEN};
 use virtio_net::{Interrupt, NetMetrics};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::record::Record;
-use driver::{Ring, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
+use driver::Ring;
 use frames::Flow;
 
 /// Entries per virtqueue (what Linux guests get from mqvmm).
@@ -341,17 +342,16 @@ impl Pair {
                 iov.push(host_iov(&mem, addr, msg_len)?);
             } else {
                 let table = INDIRECT + u64::from(i) * INDIRECT_STRIDE;
-                let segs = (msg_len as u64).div_ceil(BUF) as u16;
-                for s in 0..segs {
-                    let off = u64::from(s) * BUF;
+                let mut segs = Vec::new();
+                for off in (0..msg_len as u64).step_by(BUF as usize) {
                     let len = (msg_len as u64 - off).min(BUF);
-                    let last = s + 1 == segs;
-                    let flags = if last { 0 } else { DESC_F_NEXT };
-                    Ring::write_desc(&mem, table, s, addr + off, len as u32, flags, s + 1)
-                        .map_err(e)?;
+                    segs.push(Segment::readable(GuestAddress(addr + off), len as u32));
                     iov.push(host_iov(&mem, addr + off, len as usize)?);
                 }
-                tx.set_desc(i, table, u32::from(segs) * 16, DESC_F_INDIRECT)
+                write_table(&mem, GuestAddress(table), &segs)
+                    .map_err(|err| format!("cannot write indirect table {i}: {err}"))?;
+                let table_len = DESC_LEN * segs.len() as u64;
+                tx.set_desc(i, table, table_len as u32, DESC_F_INDIRECT)
                     .map_err(e)?;
             }
             tx_iov.push(iov);

@@ -100,6 +100,8 @@ pub mod ring;
 pub mod rxtx;
 mod state;
 mod tap_backend;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 mod worker;
 
 #[cfg(test)]

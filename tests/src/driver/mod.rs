@@ -8,7 +8,8 @@
 //!   DRIVER; both feature pages read and the chosen features written; FEATURES_OK set and read
 //!   back; every queue set up (QueueSel, QueueNumMax, QueueNum, the three ring addresses,
 //!   QueueReady read back); DRIVER_OK, and the status checked for DEVICE_NEEDS_RESET;
-//! - split rings ([`ring::SplitRing`]) per queue, with buffers placed per descriptor head;
+//! - split rings ([`SplitRing`], shared with the other test doubles in `virtio_net::test_utils`)
+//!   per queue, with buffers placed per descriptor head;
 //! - rx: [`NetDriver::post_rx`] makes receive buffers available, [`NetDriver::reap_rx`] returns
 //!   whole frames (mergeable buffers reassembled by `num_buffers`);
 //! - tx: [`NetDriver::send`] puts a 12-byte `virtio_net_hdr_v1` and the frame in one buffer;
@@ -24,8 +25,6 @@
 //! Guest memory layout: the rings of queue `i` from `RING_BASE + i * stride` (three 4 KiB-aligned
 //! parts), then one buffer area per queue where chain head `h` owns bytes `[h * slot, (h+1) * slot)`.
 
-pub mod ring;
-
 use std::os::unix::io::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -36,13 +35,12 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_OK,
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_net::test_utils::ring::{RingLayout, Segment, SplitRing};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::bus::BusDevice;
 use vmm::virtio::mmio::{self, MmioTransport};
 use vmm::virtio::VirtioDevice;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-use ring::{RingLayout, Segment, SplitRing};
 
 /// The mask of feature bit `bit`.
 pub const fn feature(bit: u32) -> u64 {
@@ -315,7 +313,7 @@ impl NetDriver {
         let mut layouts = Vec::with_capacity(count);
         for &size in &sizes {
             let layout = RingLayout::at(GuestAddress(next), size);
-            next += layout.footprint();
+            next += layout.footprint().next_multiple_of(4096);
             layouts.push(layout);
         }
         let mut queues = Vec::with_capacity(count);

@@ -2,14 +2,9 @@
 //! Malformed chains: each is returned with length 0, counted, and the queue goes on serving
 //! the next (good) chain.
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-
 use super::*;
 use crate::chain::{walk, ChainError, DescTable};
-
-const IND: u16 = VRING_DESC_F_INDIRECT as u16;
-const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+use crate::test_utils::ring::{DESC_F_INDIRECT as IND, DESC_F_NEXT as NEXT, DESC_F_WRITE as WRITE};
 
 /// One malformed chain, built by the test in the queue (descriptor slots 8.. are free).
 struct Case {
@@ -31,75 +26,32 @@ fn cases() -> Vec<Case> {
     vec![
         Case {
             name: "shorter than the vnet header",
-            build: |q, wr| {
-                q.write_chain(&[D {
-                    addr: BUF,
-                    len: 11,
-                    write: wr,
-                }])
-            },
+            build: |q, wr| q.write_chain(&[d(BUF, 11, wr)]),
             returnable: true,
         },
         Case {
             name: "wrong direction",
-            build: |q, wr| {
-                q.write_chain(&[D {
-                    addr: BUF,
-                    len: 100,
-                    write: !wr,
-                }])
-            },
+            build: |q, wr| q.write_chain(&[d(BUF, 100, !wr)]),
             returnable: true,
         },
         Case {
             name: "mixed directions",
-            build: |q, wr| {
-                q.write_chain(&[
-                    D {
-                        addr: BUF,
-                        len: 100,
-                        write: wr,
-                    },
-                    D {
-                        addr: BUF + 0x100,
-                        len: 100,
-                        write: !wr,
-                    },
-                ])
-            },
+            build: |q, wr| q.write_chain(&[d(BUF, 100, wr), d(BUF + 0x100, 100, !wr)]),
             returnable: true,
         },
         Case {
             name: "buffer outside guest memory",
-            build: |q, wr| {
-                q.write_chain(&[D {
-                    addr: MEM_END + 0x1000,
-                    len: 100,
-                    write: wr,
-                }])
-            },
+            build: |q, wr| q.write_chain(&[d(MEM_END + 0x1000, 100, wr)]),
             returnable: true,
         },
         Case {
             name: "buffer running past the end of guest memory",
-            build: |q, wr| {
-                q.write_chain(&[D {
-                    addr: MEM_END - 50,
-                    len: 100,
-                    write: wr,
-                }])
-            },
+            build: |q, wr| q.write_chain(&[d(MEM_END - 50, 100, wr)]),
             returnable: true,
         },
         Case {
             name: "address wrapping around",
-            build: |q, wr| {
-                q.write_chain(&[D {
-                    addr: u64::MAX - 10,
-                    len: 100,
-                    write: wr,
-                }])
-            },
+            build: |q, wr| q.write_chain(&[d(u64::MAX - 10, 100, wr)]),
             returnable: true,
         },
         Case {
@@ -155,7 +107,7 @@ fn cases() -> Vec<Case> {
         Case {
             name: "indirect table next index out of range",
             build: |q, wr| {
-                let raw = RawDescriptor::from(Descriptor::new(BUF, 100, flags(wr) | NEXT, 5));
+                let raw = Descriptor::new(BUF, 100, flags(wr) | NEXT, 5);
                 q.mem.write_obj(raw, GuestAddress(BUF + 0x8000)).unwrap();
                 q.store(8, BUF + 0x8000, 16, IND, 0);
                 8
@@ -165,7 +117,7 @@ fn cases() -> Vec<Case> {
         Case {
             name: "nested indirect table",
             build: |q, _| {
-                let raw = RawDescriptor::from(Descriptor::new(BUF + 0x9000, 16, IND, 0));
+                let raw = Descriptor::new(BUF + 0x9000, 16, IND, 0);
                 q.mem.write_obj(raw, GuestAddress(BUF + 0x8000)).unwrap();
                 q.store(8, BUF + 0x8000, 16, IND, 0);
                 8
@@ -191,11 +143,7 @@ fn run(rx: bool, features: u64) {
         let good_buf = BUF + 0x4000;
         let f = frame(&payload(100, 1));
         let len = if rx { 2048 } else { f.len() as u32 };
-        let good = q.add(&[D {
-            addr: good_buf,
-            len,
-            write: rx,
-        }]);
+        let good = q.add(&[d(good_buf, len, rx)]);
         if rx {
             rig.peer.send(&f);
             rig.rx();

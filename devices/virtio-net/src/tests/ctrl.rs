@@ -230,7 +230,7 @@ impl CtrlRig<'_> {
 }
 
 /// Writes `bytes` at `addr` and returns a readable descriptor for them.
-fn put(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> D {
+fn put(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Segment {
     mem.write_slice(bytes, GuestAddress(addr)).unwrap();
     r(addr, bytes.len() as u32)
 }
@@ -240,7 +240,7 @@ fn header_and_data_in_any_descriptor_layout() {
     let mem = guest_memory();
     let mut rig = ctrl_rig(&mem);
     let ack = BUF + 0x1000;
-    let layouts: Vec<Vec<D>> = vec![
+    let layouts: Vec<Vec<Segment>> = vec![
         // class+command, data, ack: the Linux layout.
         vec![
             put(&mem, BUF, &[MQ, SET]),

@@ -340,7 +340,7 @@ fn vq_pairs_set_switches_backends_and_workers_and_acks_last() {
         "the parked pair's frame went out through pair 0"
     );
     for b in rig.net.backends() {
-        assert_eq!(b.touched_detached.load(Ordering::SeqCst), 0);
+        assert_eq!(b.state.touched_detached(), 0);
     }
     assert_eq!(get(&metrics.pairs[2].tx.drops), 0);
     assert_eq!(get(&metrics.pairs[2].tx.packets), 1);
@@ -374,7 +374,7 @@ fn shrink_rolls_back_when_the_kth_detach_fails() {
         let mem = guest_memory();
         let mut rig = rig(&mem, 4);
         assert_eq!(rig.set_pairs(4), ACK_OK);
-        rig.journal.fail_detach_after(k);
+        rig.journal.plan.fail_kth(Fault::Detach, k);
         assert_eq!(rig.set_pairs(1), ACK_ERR, "k = {k}");
         assert_eq!(rig.attached(), [true; 4], "k = {k}");
         assert_eq!(rig.parked(), [false; 4], "k = {k}");
@@ -394,7 +394,7 @@ fn grow_rolls_back_when_the_kth_attach_fails() {
     for k in 1..=3 {
         let mem = guest_memory();
         let mut rig = rig(&mem, 4);
-        rig.journal.fail_attach_after(k);
+        rig.journal.plan.fail_kth(Fault::Attach, k);
         assert_eq!(rig.set_pairs(4), ACK_ERR, "k = {k}");
         assert_eq!(rig.attached(), [true, false, false, false], "k = {k}");
         assert_eq!(rig.parked(), [false, true, true, true], "k = {k}");
@@ -498,7 +498,7 @@ fn guest_offloads_set_reaches_attached_backends() {
     );
     // A failing backend: ERR and the offloads already changed are restored.
     rig.journal.clear();
-    rig.journal.fail_offload_after(2);
+    rig.journal.plan.fail_kth(Fault::Offload, 2);
     assert_eq!(
         rig.command(VIRTIO_NET_CTRL_GUEST_OFFLOADS, 0, &0u64.to_le_bytes()),
         ACK_ERR

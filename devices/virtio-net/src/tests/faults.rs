@@ -3,102 +3,12 @@
 //! otherwise): TUNSETQUEUE failing in the middle of VQ_PAIRS_SET, and the tap deleted under
 //! the running device.
 
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::AtomicUsize;
-
 use super::device::{f_mq, rig_over, Rig, QSIZE};
 use super::real_tap::{configure, in_private_netns, kernel_rx_packets, skip_reason};
 use super::*;
 use crate::ctrl::{ACK_ERR, ACK_OK};
+use crate::test_utils::fakes::FaultyBackend;
 use crate::NetConfig;
-
-/// Fails the k-th detach or attach (counted across all queues) with the errno the kernel
-/// gives when it cannot do it; everything else goes to the real tap queue.
-#[derive(Default)]
-struct FaultPlan {
-    detaches: AtomicUsize,
-    attaches: AtomicUsize,
-    fail_detach_at: AtomicUsize,
-    fail_attach_at: AtomicUsize,
-}
-
-impl FaultPlan {
-    /// Arms the plan: the `k`-th detach (1-based) from now fails; 0 disarms.
-    fn fail_detach(&self, k: usize) {
-        self.detaches.store(0, Ordering::SeqCst);
-        self.fail_detach_at.store(k, Ordering::SeqCst);
-    }
-
-    fn fail_attach(&self, k: usize) {
-        self.attaches.store(0, Ordering::SeqCst);
-        self.fail_attach_at.store(k, Ordering::SeqCst);
-    }
-
-    fn hit(count: &AtomicUsize, at: &AtomicUsize) -> bool {
-        let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-        let k = at.load(Ordering::SeqCst);
-        if k != 0 && n == k {
-            at.store(0, Ordering::SeqCst);
-            return true;
-        }
-        false
-    }
-}
-
-struct FaultyTap {
-    tap: tap::TapQueue,
-    plan: Arc<FaultPlan>,
-}
-
-impl AsRawFd for FaultyTap {
-    fn as_raw_fd(&self) -> RawFd {
-        self.tap.as_raw_fd()
-    }
-}
-
-impl Backend for FaultyTap {
-    unsafe fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: our caller upholds readv's contract.
-        unsafe { Backend::readv(&self.tap, iov) }
-    }
-
-    unsafe fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        // SAFETY: our caller upholds writev's contract.
-        unsafe { Backend::writev(&self.tap, iov) }
-    }
-
-    fn attach(&self) -> Result<(), BackendError> {
-        if FaultPlan::hit(&self.plan.attaches, &self.plan.fail_attach_at) {
-            let e = io::Error::from_raw_os_error(libc::ENOMEM);
-            return Err(BackendError::new(BackendOp::Attach, self.tap.queue(), e));
-        }
-        Backend::attach(&self.tap)
-    }
-
-    fn detach(&self) -> Result<(), BackendError> {
-        if FaultPlan::hit(&self.plan.detaches, &self.plan.fail_detach_at) {
-            let e = io::Error::from_raw_os_error(libc::EBUSY);
-            return Err(BackendError::new(BackendOp::Detach, self.tap.queue(), e));
-        }
-        Backend::detach(&self.tap)
-    }
-
-    fn is_attached(&self) -> Result<bool, BackendError> {
-        Backend::is_attached(&self.tap)
-    }
-
-    fn set_vnet_hdr_size(&self, size: i32) -> Result<(), BackendError> {
-        Backend::set_vnet_hdr_size(&self.tap, size)
-    }
-
-    fn set_offload(&self, tun_flags: u32) -> Result<(), BackendError> {
-        Backend::set_offload(&self.tap, tun_flags)
-    }
-
-    fn is_gone(&self) -> bool {
-        Backend::is_gone(&self.tap)
-    }
-}
 
 fn cfg() -> NetConfig {
     NetConfig {
@@ -151,12 +61,11 @@ fn kth_tunsetqueue_failure_rolls_back_the_real_tap_and_answers_err() {
     run_in_netns(|| {
         let (name, queues) = new_tap();
         let plan = Arc::new(FaultPlan::default());
+        // Each fails with the errno the kernel gives when it cannot do it; everything else
+        // goes to the real tap queue.
         let backends = queues
             .into_iter()
-            .map(|tap| FaultyTap {
-                tap,
-                plan: plan.clone(),
-            })
+            .map(|tap| FaultyBackend::new(tap.queue(), tap, plan.clone()))
             .collect();
         let mem = guest_memory();
         let mut rig = rig_over(&mem, backends, cfg(), f_mq(), |_| true).unwrap();
@@ -165,7 +74,7 @@ fn kth_tunsetqueue_failure_rolls_back_the_real_tap_and_answers_err() {
 
         // Shrinking 4 -> 1 detaches pairs 3, 2, 1 in that order: fail each in turn.
         for k in 1..=3 {
-            plan.fail_detach(k);
+            plan.fail_kth_with(Fault::Detach, k, libc::EBUSY);
             assert_eq!(rig.set_pairs(1), ACK_ERR, "detach #{k} failed: ERR");
             assert_eq!(
                 host_attached(&rig),
@@ -194,7 +103,7 @@ fn kth_tunsetqueue_failure_rolls_back_the_real_tap_and_answers_err() {
         // Growing 1 -> 4 attaches pairs 1, 2, 3: the k-th attach fails, the ones before it
         // are detached again.
         for k in 1..=3 {
-            plan.fail_attach(k);
+            plan.fail_kth_with(Fault::Attach, k, libc::ENOMEM);
             assert_eq!(rig.set_pairs(4), ACK_ERR, "attach #{k} failed: ERR");
             assert_eq!(host_attached(&rig), 1, "attach #{k}: back to 1 queue");
             assert_eq!(rig.parked(), [false, true, true, true]);

@@ -20,8 +20,8 @@ fn failed_re_detach_after_failed_attach_setup_counts_as_rollback_failure() {
     };
     let mut rig = super::device::rig_over(&mem, b, cfg, f_mq(), |_| true).unwrap();
     rig.journal = journal;
-    rig.journal.fail_offload_after(1);
-    rig.journal.fail_detach_after(1);
+    rig.journal.plan.fail_kth(Fault::Offload, 1);
+    rig.journal.plan.fail_kth(Fault::Detach, 1);
     assert_eq!(rig.set_pairs(2), ACK_ERR);
     assert_eq!(rig.net.active_queue_pairs(), 1);
     assert_eq!(

@@ -9,7 +9,6 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_MQ, VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MTU,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 
 use super::device::{f_mq, rig_over, Rig, QSIZE};
 use super::*;
@@ -18,20 +17,13 @@ use crate::ctrl::ACK_OK;
 use crate::features::bit;
 use crate::limit::{RECONFIG_BURST_MIN, RECONFIG_RATE};
 use crate::rxtx::{RxState, Work, DESC_BUDGET, RX_BUDGET};
+use crate::test_utils::ring::{DESC_F_INDIRECT, DESC_F_NEXT};
 use crate::NetConfig;
 
 /// `len` linked one-byte readable descriptors as an indirect table at `table`.
 fn long_indirect_table(mem: &GuestMemoryMmap, table: u64, len: u16) {
-    for i in 0..len {
-        let (flags, next) = if i + 1 < len {
-            (VRING_DESC_F_NEXT as u16, i + 1)
-        } else {
-            (0, 0)
-        };
-        let d = RawDescriptor::from(Descriptor::new(BUF + u64::from(i), 1, flags, next));
-        mem.write_obj(d, GuestAddress(table + 16 * u64::from(i)))
-            .unwrap();
-    }
+    let descs: Vec<Segment> = (0..u64::from(len)).map(|i| r(BUF + i, 1)).collect();
+    write_table(mem, GuestAddress(table), &descs).unwrap();
 }
 
 #[test]
@@ -45,7 +37,7 @@ fn an_indirect_table_cannot_make_a_chain_longer_than_the_queue() {
     };
     let indirect = BUF + 0x1_0000;
     long_indirect_table(&mem, indirect, 64);
-    q.store(0, indirect, 64 * 16, VRING_DESC_F_INDIRECT as u16, 0);
+    q.store(0, indirect, 64 * 16, DESC_F_INDIRECT, 0);
     let mut visited = 0;
     let result = walk(&mem, table, 0, |_| {
         visited += 1;
@@ -56,9 +48,9 @@ fn an_indirect_table_cannot_make_a_chain_longer_than_the_queue() {
 
     // A chain of exactly the queue size is fine, split between the ring and a table.
     long_indirect_table(&mem, indirect, 14);
-    q.store(1, BUF, 1, VRING_DESC_F_NEXT as u16, 2);
-    q.store(2, BUF, 1, VRING_DESC_F_NEXT as u16, 3);
-    q.store(3, indirect, 14 * 16, VRING_DESC_F_INDIRECT as u16, 0);
+    q.store(1, BUF, 1, DESC_F_NEXT, 2);
+    q.store(2, BUF, 1, DESC_F_NEXT, 3);
+    q.store(3, indirect, 14 * 16, DESC_F_INDIRECT, 0);
     let mut visited = 0;
     walk(&mem, table, 1, |_| {
         visited += 1;
@@ -68,7 +60,7 @@ fn an_indirect_table_cannot_make_a_chain_longer_than_the_queue() {
     assert_eq!(visited, 16);
     // One more descriptor in the table is one too many.
     long_indirect_table(&mem, indirect, 15);
-    q.store(3, indirect, 15 * 16, VRING_DESC_F_INDIRECT as u16, 0);
+    q.store(3, indirect, 15 * 16, DESC_F_INDIRECT, 0);
     assert_eq!(
         walk(&mem, table, 1, |_| Ok(())),
         Err(ChainError::TooLong { limit: 16 })
@@ -84,7 +76,7 @@ fn transmit_work_per_call_is_bounded_in_descriptors() {
     let tables = BUF + 0x10_0000;
     for f in 0..frames {
         let table = tables + u64::from(f) * 16 * u64::from(size);
-        let descs: Vec<D> = (0..u64::from(size)).map(|i| r(BUF + i, 1)).collect();
+        let descs: Vec<Segment> = (0..u64::from(size)).map(|i| r(BUF + i, 1)).collect();
         rig.txq.add_indirect(table, &descs);
     }
     let per_call = DESC_BUDGET.div_ceil(usize::from(size));

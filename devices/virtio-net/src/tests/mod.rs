@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Unit tests: a driver-side ring helper over virtio-queue's mock, fake backends (a
-//! SOCK_SEQPACKET socketpair keeps frame boundaries; a fault-injecting wrapper fails the k-th
-//! attach or detach) and a recording interrupt sink.
+//! Unit tests: a driver-side ring helper over the shared `test_utils::ring`, fake backends (a
+//! SOCK_SEQPACKET socketpair keeps frame boundaries; the shared `test_utils::fakes` fail the
+//! k-th attach, detach or set_offload) and a recording interrupt sink.
 
 mod bench;
 mod chains;
@@ -25,14 +25,17 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::backend::{Backend, BackendError, BackendOp};
 use crate::metrics::NetMetrics;
+use crate::test_utils::fakes::{AttachState, Fault, FaultPlan};
+use crate::test_utils::ring::{
+    avail_ring_len, desc_table_len, used_ring_len, write_table, RingLayout, Segment,
+    DESC_F_INDIRECT, DESC_LEN,
+};
 use crate::Interrupt;
 
 /// Guest memory: two adjacent 8 MiB regions (buffers may straddle them), nothing above.
@@ -51,50 +54,47 @@ pub fn guest_memory() -> GuestMemoryMmap {
 }
 
 fn used_ring_offset(size: u16) -> u64 {
-    let avail_end = 16 * u64::from(size) + 6 + 2 * u64::from(size);
-    avail_end.div_ceil(0x1000) * 0x1000
+    (desc_table_len(size) + avail_ring_len(size)).next_multiple_of(0x1000)
 }
 
 /// Bytes a [`TestQueue`] of `size` entries occupies.
 pub fn queue_footprint(size: u16) -> u64 {
-    used_ring_offset(size) + 6 + 8 * u64::from(size)
+    used_ring_offset(size) + used_ring_len(size)
 }
 
-/// One descriptor as a test writes it.
-#[derive(Clone, Copy, Debug)]
-pub struct D {
-    pub addr: u64,
-    pub len: u32,
-    pub write: bool,
+/// One descriptor as a test writes it: a buffer at `addr` the device writes or reads.
+pub fn d(addr: u64, len: u32, write: bool) -> Segment {
+    Segment {
+        addr: GuestAddress(addr),
+        len,
+        writable: write,
+    }
 }
 
 /// Device-readable buffer.
-pub fn r(addr: u64, len: u32) -> D {
-    D {
-        addr,
-        len,
-        write: false,
-    }
+pub fn r(addr: u64, len: u32) -> Segment {
+    d(addr, len, false)
 }
 
 /// Device-writable buffer.
-pub fn w(addr: u64, len: u32) -> D {
-    D {
-        addr,
-        len,
-        write: true,
-    }
+pub fn w(addr: u64, len: u32) -> Segment {
+    d(addr, len, true)
 }
 
-/// The driver side of one split queue. Descriptor table and avail ring come from
-/// `MockSplitQueue`; the used ring is placed by us on the next page boundary after the avail
-/// ring (the mock's own used ring placement overlaps its avail ring for queues larger than a
-/// few entries). A queue of size `s` needs `queue_footprint(s)` bytes from `base`.
+/// The driver side of one split queue, over the shared [`RingLayout`]: the descriptor table
+/// at `base`, the avail ring right after it, the used ring on the next page boundary. A queue
+/// of size `s` needs `queue_footprint(s)` bytes from `base`.
+///
+/// Unlike [`SplitRing`](crate::test_utils::ring::SplitRing), it keeps no free list: chains
+/// take the next consecutive descriptor slots, starting over at 0 when the table is full
+/// whether or not the device returned them, and are published at once. The tests push many
+/// more chains through a queue than it has entries, read the used ring by position without
+/// popping it, and build malformed chains in any slot. Only the used ring is zeroed: a queue
+/// set up again over the same memory (a re-activation) finds the old descriptors and avail
+/// ring there, as a guest's would.
 pub struct TestQueue<'a> {
-    mock: MockSplitQueue<'a, GuestMemoryMmap>,
     mem: &'a GuestMemoryMmap,
-    size: u16,
-    used_addr: u64,
+    layout: RingLayout,
     next_desc: u16,
     avail_idx: u16,
 }
@@ -102,18 +102,16 @@ pub struct TestQueue<'a> {
 impl<'a> TestQueue<'a> {
     /// A queue whose structures start at `base`.
     pub fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
-        let mock = MockSplitQueue::create(mem, GuestAddress(base), size);
-        let used_addr = used_ring_offset(size) + base;
-        mem.write_slice(
-            &vec![0u8; 6 + 8 * usize::from(size)],
-            GuestAddress(used_addr),
-        )
-        .unwrap();
-        TestQueue {
-            mock,
-            mem,
+        let layout = RingLayout {
             size,
-            used_addr,
+            desc: GuestAddress(base),
+            avail: GuestAddress(base + desc_table_len(size)),
+            used: GuestAddress(base + used_ring_offset(size)),
+        };
+        layout.zero_used(mem).unwrap();
+        TestQueue {
+            mem,
+            layout,
             next_desc: 0,
             avail_idx: 0,
         }
@@ -121,17 +119,13 @@ impl<'a> TestQueue<'a> {
 
     /// The device-side queue, ready, with `event_idx` as negotiated.
     pub fn queue(&self, event_idx: bool) -> Queue {
-        let mut q: Queue = self.mock.create_queue().unwrap();
-        q.set_used_ring_address(
-            Some(self.used_addr as u32),
-            Some((self.used_addr >> 32) as u32),
-        );
-        q.set_event_idx(event_idx);
-        q
+        self.layout
+            .queue(self.layout.size, event_idx, self.mem)
+            .unwrap()
     }
 
     fn alloc(&mut self, n: u16) -> u16 {
-        if self.next_desc + n > self.size {
+        if self.next_desc + n > self.layout.size {
             self.next_desc = 0;
         }
         let first = self.next_desc;
@@ -140,55 +134,31 @@ impl<'a> TestQueue<'a> {
     }
 
     /// Writes descriptors at consecutive slots, linked in order; returns the head.
-    pub fn write_chain(&mut self, descs: &[D]) -> u16 {
+    pub fn write_chain(&mut self, descs: &[Segment]) -> u16 {
         let first = self.alloc(descs.len() as u16);
-        for (i, d) in descs.iter().enumerate() {
-            let idx = first + i as u16;
-            let mut flags = if d.write {
-                VRING_DESC_F_WRITE as u16
-            } else {
-                0
-            };
-            let next = if i + 1 < descs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-                idx + 1
-            } else {
-                0
-            };
-            self.store(idx, d.addr, d.len, flags, next);
-        }
+        let ids: Vec<u16> = (first..first + descs.len() as u16).collect();
+        self.layout.write_chain(self.mem, &ids, descs).unwrap();
         first
     }
 
     /// Stores one raw descriptor.
     pub fn store(&self, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        self.mock
-            .desc_table()
-            .store(
-                idx,
-                RawDescriptor::from(Descriptor::new(addr, len, flags, next)),
-            )
-            .unwrap();
+        assert!(idx < self.layout.size, "descriptor {idx} beyond the table");
+        let desc = Descriptor::new(addr, len, flags, next);
+        self.layout.write_desc(self.mem, idx, desc).unwrap();
     }
 
     /// Makes `head` available to the device.
     pub fn publish(&mut self, head: u16) {
-        let slot = self.avail_idx % self.size;
-        let ring = self.mock.avail_addr().0 + 4 + 2 * u64::from(slot);
-        self.mem
-            .write_obj(head.to_le(), GuestAddress(ring))
+        self.layout
+            .set_avail_ring(self.mem, self.avail_idx, head)
             .unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(
-                self.avail_idx.to_le(),
-                GuestAddress(self.mock.avail_addr().0 + 2),
-            )
-            .unwrap();
+        self.layout.set_avail_idx(self.mem, self.avail_idx).unwrap();
     }
 
     /// Writes and publishes a chain; returns its head.
-    pub fn add(&mut self, descs: &[D]) -> u16 {
+    pub fn add(&mut self, descs: &[Segment]) -> u16 {
         let head = self.write_chain(descs);
         self.publish(head);
         head
@@ -196,70 +166,43 @@ impl<'a> TestQueue<'a> {
 
     /// Writes `descs` as an indirect table at `table` and publishes a one-descriptor chain
     /// pointing to it.
-    pub fn add_indirect(&mut self, table: u64, descs: &[D]) -> u16 {
-        for (i, d) in descs.iter().enumerate() {
-            let mut flags = if d.write {
-                VRING_DESC_F_WRITE as u16
-            } else {
-                0
-            };
-            let next = if i + 1 < descs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-                i as u16 + 1
-            } else {
-                0
-            };
-            let raw = RawDescriptor::from(Descriptor::new(d.addr, d.len, flags, next));
-            self.mem
-                .write_obj(raw, GuestAddress(table + 16 * i as u64))
-                .unwrap();
-        }
+    pub fn add_indirect(&mut self, table: u64, descs: &[Segment]) -> u16 {
+        write_table(self.mem, GuestAddress(table), descs).unwrap();
         let head = self.alloc(1);
-        self.store(
-            head,
-            table,
-            16 * descs.len() as u32,
-            VRING_DESC_F_INDIRECT as u16,
-            0,
-        );
+        let len = (DESC_LEN * descs.len() as u64) as u32;
+        self.store(head, table, len, DESC_F_INDIRECT, 0);
         self.publish(head);
         head
     }
 
     pub fn used_idx(&self) -> u16 {
-        u16::from_le(self.mem.read_obj(GuestAddress(self.used_addr + 2)).unwrap())
+        self.layout.used_idx(self.mem).unwrap()
     }
 
     /// Used entry `i` (ring position): (descriptor head, length).
     pub fn used(&self, i: u16) -> (u16, u32) {
-        let at = self.used_addr + 4 + 8 * u64::from(i % self.size);
-        let id: u32 = u32::from_le(self.mem.read_obj(GuestAddress(at)).unwrap());
-        let len: u32 = u32::from_le(self.mem.read_obj(GuestAddress(at + 4)).unwrap());
+        let (id, len) = self.layout.used_elem(self.mem, i).unwrap();
         (id as u16, len)
     }
 
     /// Sets used_event (EVENT_IDX: interrupt when the device passes this index).
     pub fn set_used_event(&self, v: u16) {
-        let at = self.mock.avail_addr().0 + 4 + 2 * u64::from(self.size);
-        self.mem.write_obj(v.to_le(), GuestAddress(at)).unwrap();
+        self.layout.set_used_event(self.mem, v).unwrap();
     }
 
     /// avail_event as the device wrote it (EVENT_IDX: kick when passing this index).
     pub fn avail_event(&self) -> u16 {
-        let at = self.used_addr + 4 + 8 * u64::from(self.size);
-        u16::from_le(self.mem.read_obj(GuestAddress(at)).unwrap())
+        self.layout.avail_event(self.mem).unwrap()
     }
 
     /// Sets the avail ring flags (VRING_AVAIL_F_NO_INTERRUPT).
     pub fn set_avail_flags(&self, flags: u16) {
-        self.mem
-            .write_obj(flags.to_le(), self.mock.avail_addr())
-            .unwrap();
+        self.layout.set_avail_flags(self.mem, flags).unwrap();
     }
 
     /// Used ring flags (VRING_USED_F_NO_NOTIFY).
     pub fn used_flags(&self) -> u16 {
-        u16::from_le(self.mem.read_obj(GuestAddress(self.used_addr)).unwrap())
+        self.layout.used_flags(self.mem).unwrap()
     }
 
     /// Waits until the used index reaches `idx`.
@@ -327,13 +270,8 @@ type Probe = Box<dyn Fn(&Op) + Send + Sync>;
 #[derive(Default)]
 pub struct Journal {
     pub ops: Mutex<Vec<Op>>,
-    /// Fail the k-th (1-based, counted device-wide) attach / detach / set_offload.
-    pub fail_attach_at: Mutex<Option<usize>>,
-    pub fail_detach_at: Mutex<Option<usize>>,
-    pub fail_offload_at: Mutex<Option<usize>>,
-    attaches: Mutex<usize>,
-    detaches: Mutex<usize>,
-    offloads: Mutex<usize>,
+    /// Fails the k-th (counted device-wide) attach / detach / set_offload, with EIO.
+    pub plan: FaultPlan,
     /// Called on every operation before it takes effect (tests observe device state there).
     pub probe: Mutex<Option<Probe>>,
 }
@@ -352,30 +290,6 @@ impl Journal {
             p(&op);
         }
         self.ops.lock().unwrap().push(op);
-    }
-
-    /// Makes the k-th attach from now on fail.
-    pub fn fail_attach_after(&self, k: usize) {
-        let done = *self.attaches.lock().unwrap();
-        *self.fail_attach_at.lock().unwrap() = Some(done + k);
-    }
-
-    /// Makes the k-th detach from now on fail.
-    pub fn fail_detach_after(&self, k: usize) {
-        let done = *self.detaches.lock().unwrap();
-        *self.fail_detach_at.lock().unwrap() = Some(done + k);
-    }
-
-    /// Makes the k-th set_offload from now on fail.
-    pub fn fail_offload_after(&self, k: usize) {
-        let done = *self.offloads.lock().unwrap();
-        *self.fail_offload_at.lock().unwrap() = Some(done + k);
-    }
-
-    fn hit(counter: &Mutex<usize>, plan: &Mutex<Option<usize>>) -> bool {
-        let mut c = counter.lock().unwrap();
-        *c += 1;
-        *plan.lock().unwrap() == Some(*c)
     }
 }
 
@@ -400,13 +314,12 @@ fn socketpair() -> (OwnedFd, OwnedFd) {
 /// detached backend fails reads and writes with EBADFD.
 pub struct SockBackend {
     fd: OwnedFd,
-    queue: u16,
-    attached: AtomicBool,
+    /// Attached or not, and the reads and writes tried while detached (a parked worker must
+    /// make none).
+    pub state: AttachState,
     pub hdr_size: AtomicI32,
     pub offload: AtomicU32,
     pub fail_writes: AtomicBool,
-    /// readv/writev calls made while detached (a parked worker must make none).
-    pub touched_detached: AtomicU32,
     /// What [`Backend::mtu`] reports (0: unknown).
     pub mtu: AtomicU32,
     /// Whether [`Backend::accepts_offload`] takes USO (a tap of Linux 6.2+).
@@ -468,12 +381,10 @@ impl SockBackend {
         (
             SockBackend {
                 fd: a,
-                queue,
-                attached: AtomicBool::new(true),
+                state: AttachState::new(queue, true),
                 hdr_size: AtomicI32::new(0),
                 offload: AtomicU32::new(0),
                 fail_writes: AtomicBool::new(false),
-                touched_detached: AtomicU32::new(0),
                 mtu: AtomicU32::new(0),
                 accept_uso: AtomicBool::new(false),
                 journal,
@@ -482,12 +393,23 @@ impl SockBackend {
         )
     }
 
-    pub fn is_attached_now(&self) -> bool {
-        self.attached.load(Ordering::SeqCst)
-    }
-
-    fn err(&self, op: BackendOp, errno: i32) -> BackendError {
-        BackendError::new(op, self.queue, io::Error::from_raw_os_error(errno))
+    /// Attach or detach (`op`, done by `apply`) unless the journal's plan fails it first;
+    /// journals what happened.
+    fn switch(
+        &self,
+        op: BackendOp,
+        apply: fn(&AttachState) -> Result<(), BackendError>,
+        done: fn(u16) -> Op,
+        failed: fn(u16) -> Op,
+    ) -> Result<(), BackendError> {
+        let queue = self.state.queue();
+        if let Err(e) = self.journal.plan.check(op, queue) {
+            self.journal.record(failed(queue));
+            return Err(e);
+        }
+        apply(&self.state)?;
+        self.journal.record(done(queue));
+        Ok(())
     }
 }
 
@@ -499,10 +421,7 @@ impl AsRawFd for SockBackend {
 
 impl Backend for SockBackend {
     unsafe fn readv(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        if !self.is_attached_now() {
-            self.touched_detached.fetch_add(1, Ordering::SeqCst);
-            return Err(io::Error::from_raw_os_error(libc::EBADFD));
-        }
+        self.state.check_io()?;
         // SAFETY: an all-zero msghdr is valid; we fill in the iovec array below.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
@@ -517,10 +436,7 @@ impl Backend for SockBackend {
     }
 
     unsafe fn writev(&self, iov: &[libc::iovec]) -> io::Result<usize> {
-        if !self.is_attached_now() {
-            self.touched_detached.fetch_add(1, Ordering::SeqCst);
-            return Err(io::Error::from_raw_os_error(libc::EBADFD));
-        }
+        self.state.check_io()?;
         if self.fail_writes.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
@@ -533,39 +449,31 @@ impl Backend for SockBackend {
     }
 
     fn attach(&self) -> Result<(), BackendError> {
-        if Journal::hit(&self.journal.attaches, &self.journal.fail_attach_at) {
-            self.journal.record(Op::AttachFailed(self.queue));
-            return Err(self.err(BackendOp::Attach, libc::EIO));
-        }
-        if self.attached.swap(true, Ordering::SeqCst) {
-            return Err(self.err(BackendOp::Attach, libc::EINVAL));
-        }
-        self.journal.record(Op::Attach(self.queue));
-        Ok(())
+        self.switch(
+            BackendOp::Attach,
+            AttachState::attach,
+            Op::Attach,
+            Op::AttachFailed,
+        )
     }
 
     fn detach(&self) -> Result<(), BackendError> {
-        if Journal::hit(&self.journal.detaches, &self.journal.fail_detach_at) {
-            self.journal.record(Op::DetachFailed(self.queue));
-            return Err(self.err(BackendOp::Detach, libc::EIO));
-        }
-        if !self.attached.swap(false, Ordering::SeqCst) {
-            return Err(self.err(BackendOp::Detach, libc::EINVAL));
-        }
-        self.journal.record(Op::Detach(self.queue));
-        Ok(())
+        self.switch(
+            BackendOp::Detach,
+            AttachState::detach,
+            Op::Detach,
+            Op::DetachFailed,
+        )
     }
 
     fn is_attached(&self) -> Result<bool, BackendError> {
-        Ok(self.is_attached_now())
+        Ok(self.state.is_attached())
     }
 
     fn set_vnet_hdr_size(&self, size: i32) -> Result<(), BackendError> {
-        if !self.is_attached_now() {
-            return Err(self.err(BackendOp::SetVnetHdrSize, libc::EBADFD));
-        }
+        self.state.require_attached(BackendOp::SetVnetHdrSize)?;
         self.hdr_size.store(size, Ordering::SeqCst);
-        self.journal.record(Op::VnetHdr(self.queue, size));
+        self.journal.record(Op::VnetHdr(self.state.queue(), size));
         Ok(())
     }
 
@@ -579,14 +487,13 @@ impl Backend for SockBackend {
     }
 
     fn set_offload(&self, tun_flags: u32) -> Result<(), BackendError> {
-        if Journal::hit(&self.journal.offloads, &self.journal.fail_offload_at) {
-            return Err(self.err(BackendOp::SetOffload, libc::EIO));
-        }
-        if !self.is_attached_now() {
-            return Err(self.err(BackendOp::SetOffload, libc::EBADFD));
-        }
+        self.journal
+            .plan
+            .check(BackendOp::SetOffload, self.state.queue())?;
+        self.state.require_attached(BackendOp::SetOffload)?;
         self.offload.store(tun_flags, Ordering::SeqCst);
-        self.journal.record(Op::Offload(self.queue, tun_flags));
+        self.journal
+            .record(Op::Offload(self.state.queue(), tun_flags));
         Ok(())
     }
 }

@@ -2,10 +2,9 @@
 //! Receive path, with and without MRG_RXBUF: frames land in guest buffers intact,
 //! num_buffers is right, unused chains are given back, lack of buffers pauses reading.
 
-use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
-
 use super::*;
 use crate::rxtx::{RxState, RX_BUDGET};
+use crate::test_utils::ring::USED_F_NO_NOTIFY;
 
 /// num_buffers of the header at `addr`.
 fn num_buffers(mem: &GuestMemoryMmap, addr: u64) -> u16 {
@@ -88,7 +87,7 @@ fn no_buffers_pauses_reading_until_the_guest_adds_some() {
                 "kick wanted on the first new buffer"
             );
         } else {
-            assert_eq!(rig.rxq.used_flags() & VRING_USED_F_NO_NOTIFY as u16, 0);
+            assert_eq!(rig.rxq.used_flags() & USED_F_NO_NOTIFY, 0);
         }
 
         // The guest adds buffers and kicks: the pending frame arrives.

@@ -4,10 +4,9 @@
 
 use std::sync::atomic::Ordering;
 
-use virtio_bindings::virtio_ring::{VRING_AVAIL_F_NO_INTERRUPT, VRING_USED_F_NO_NOTIFY};
-
 use super::*;
 use crate::rxtx::{Work, TX_BUDGET};
+use crate::test_utils::ring::{AVAIL_F_NO_INTERRUPT, USED_F_NO_NOTIFY};
 
 #[test]
 fn single_descriptor_frame_reaches_backend_unchanged() {
@@ -177,13 +176,13 @@ fn no_interrupt_flag_is_honoured_without_event_idx() {
     let mut rig = PairRig::new(&mem, F_BASE, false, 16);
     let f = frame(&payload(60, 8));
     rig.put(BUF, &f);
-    rig.txq.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT as u16);
+    rig.txq.set_avail_flags(AVAIL_F_NO_INTERRUPT);
     rig.txq.add(&[r(BUF, f.len() as u32)]);
     rig.tx();
     assert_eq!(rig.txq.used_idx(), 1);
     assert_eq!(rig.irq.count(1), 0);
     assert_eq!(
-        rig.txq.used_flags() & VRING_USED_F_NO_NOTIFY as u16,
+        rig.txq.used_flags() & USED_F_NO_NOTIFY,
         0,
         "kicks are re-enabled once the queue is drained"
     );

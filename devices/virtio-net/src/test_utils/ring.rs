@@ -1,27 +1,51 @@
-//! The driver side of one split virtqueue (virtio 1.x, section 2.7): a descriptor table with a
-//! free list, publication in the available ring, reaping of the used ring, and the EVENT_IDX
-//! arithmetic for both directions.
+// SPDX-License-Identifier: Apache-2.0
+//! The driver side of one split virtqueue (virtio 1.x, section 2.7), for every test, fuzz
+//! target and benchmark that plays the driver.
 //!
-//! Everything the device could get wrong is checked when the used ring is read (an id that was
-//! never made available, a length larger than the chain's writable space, an index that runs
-//! ahead of what is in flight) and ends in a panic naming the queue and the values.
+//! - [`RingLayout`]: where the descriptor table and the available and used rings lie, the
+//!   device-side `Queue` over them, and raw access to every field. It writes what it is told
+//!   wherever the layout says and returns the memory error: a fuzz target playing a hostile
+//!   driver ignores it, a test unwraps it.
+//! - [`write_chain`] / [`write_table`]: chains of readable and writable [`Segment`]s, in a
+//!   ring's descriptor table or in an indirect table.
+//! - [`SplitRing`]: a well-behaved driver with a free list. It adds chains, publishes them,
+//!   asks for notifications as EVENT_IDX or the flags say, and pops used entries, checking
+//!   everything the device could get wrong (an id never made available, a length beyond the
+//!   chain's writable space, a used index running ahead) with a panic naming the queue and the
+//!   values.
+//!
+//! Flag values are virtio-bindings' `VRING_*` constants, as the `u16` a descriptor or a ring
+//! holds.
 
+use std::fmt;
 use std::sync::atomic::{fence, Ordering};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_bindings::virtio_ring::{
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
-/// The descriptor continues in `next`.
-pub const DESC_F_NEXT: u16 = 1;
-/// The device writes this buffer (otherwise it reads it).
-pub const DESC_F_WRITE: u16 = 2;
-/// Used ring flag: the device does not want notifications (without EVENT_IDX).
-pub const USED_F_NO_NOTIFY: u16 = 1;
-/// Available ring flag: the driver does not want interrupts (without EVENT_IDX).
-pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// `VRING_DESC_F_NEXT`: the chain continues in `next`.
+pub const DESC_F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+/// `VRING_DESC_F_WRITE`: the device writes this buffer (otherwise it reads it).
+pub const DESC_F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+/// `VRING_DESC_F_INDIRECT`: the buffer is a table of descriptors.
+pub const DESC_F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
+/// `VRING_AVAIL_F_NO_INTERRUPT`: the driver wants no interrupts (without EVENT_IDX).
+pub const AVAIL_F_NO_INTERRUPT: u16 = VRING_AVAIL_F_NO_INTERRUPT as u16;
+/// `VRING_USED_F_NO_NOTIFY`: the device wants no notifications (without EVENT_IDX).
+pub const USED_F_NO_NOTIFY: u16 = VRING_USED_F_NO_NOTIFY as u16;
+
+/// Bytes of one descriptor.
+pub const DESC_LEN: u64 = 16;
+const PAGE: u64 = 4096;
 
 /// Bytes of the descriptor table of a queue of `size` entries.
 pub const fn desc_table_len(size: u16) -> u64 {
-    16 * size as u64
+    DESC_LEN * size as u64
 }
 
 /// Bytes of the available ring: flags, idx, `ring[size]`, used_event.
@@ -40,22 +64,111 @@ pub fn need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
-/// Where the three parts of a split queue live in guest memory.
+/// A driver-side ring operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Guest memory refused the access (a ring or buffer placed outside it).
+    #[error("{len}-byte ring access at guest address {addr:#x} failed")]
+    Memory {
+        /// Guest address accessed.
+        addr: u64,
+        /// Bytes accessed.
+        len: usize,
+        /// Why.
+        #[source]
+        source: GuestMemoryError,
+    },
+    /// virtio-queue refused the size or an address (misaligned, too large).
+    #[error("virtio-queue refused the queue {layout} (maximum size {max_size})")]
+    Refused {
+        /// The queue asked for.
+        layout: RingLayout,
+        /// The maximum size given to virtio-queue.
+        max_size: u16,
+        /// Why.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// The queue does not validate against guest memory.
+    #[error("the queue {layout} does not lie in guest memory")]
+    OutsideMemory {
+        /// The queue asked for.
+        layout: RingLayout,
+    },
+}
+
+fn write_obj<T: vm_memory::ByteValued>(
+    mem: &GuestMemoryMmap,
+    val: T,
+    addr: GuestAddress,
+) -> Result<(), Error> {
+    mem.write_obj(val, addr).map_err(|source| Error::Memory {
+        addr: addr.0,
+        len: size_of::<T>(),
+        source,
+    })
+}
+
+/// Stores a ring field with release ordering: what the driver wrote before (descriptors,
+/// ring entries) is visible to the device before the field is.
+fn store_u16(mem: &GuestMemoryMmap, val: u16, addr: GuestAddress) -> Result<(), Error> {
+    mem.store(val.to_le(), addr, Ordering::Release)
+        .map_err(|source| Error::Memory {
+            addr: addr.0,
+            len: 2,
+            source,
+        })
+}
+
+fn load_u16(mem: &GuestMemoryMmap, addr: GuestAddress) -> Result<u16, Error> {
+    mem.load(addr, Ordering::Acquire)
+        .map(u16::from_le)
+        .map_err(|source| Error::Memory {
+            addr: addr.0,
+            len: 2,
+            source,
+        })
+}
+
+fn zero(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<(), Error> {
+    let zeros = vec![0u8; len as usize];
+    mem.write_slice(&zeros, addr)
+        .map_err(|source| Error::Memory {
+            addr: addr.0,
+            len: zeros.len(),
+            source,
+        })
+}
+
+/// Where the three parts of a split queue lie in guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingLayout {
+    /// Entries.
     pub size: u16,
+    /// The descriptor table.
     pub desc: GuestAddress,
+    /// The available (driver) ring.
     pub avail: GuestAddress,
+    /// The used (device) ring.
     pub used: GuestAddress,
+}
+
+impl fmt::Display for RingLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "of {} entries at desc {:#x}, avail {:#x}, used {:#x}",
+            self.size, self.desc.0, self.avail.0, self.used.0
+        )
+    }
 }
 
 impl RingLayout {
     /// Descriptor table at `base`, then the available and used rings, each on its own 4 KiB
     /// page (more alignment than the spec's 16/2/4 bytes asks for).
     pub fn at(base: GuestAddress, size: u16) -> RingLayout {
-        let page = |len: u64| len.div_ceil(4096) * 4096;
-        let avail = base.0 + page(desc_table_len(size));
-        let used = avail + page(avail_ring_len(size));
+        let avail = base.0 + desc_table_len(size).next_multiple_of(PAGE);
+        let used = avail + avail_ring_len(size).next_multiple_of(PAGE);
         RingLayout {
             size,
             desc: base,
@@ -64,9 +177,143 @@ impl RingLayout {
         }
     }
 
-    /// Bytes from `desc` to the end of the used ring, rounded up to a page.
+    /// Descriptor table at `base`, the available ring right after it, the used ring on the
+    /// next 4-byte boundary: the spec's minimum alignment, for small guest memories.
+    pub fn packed(base: GuestAddress, size: u16) -> RingLayout {
+        let avail = base.0 + desc_table_len(size);
+        let used = (avail + avail_ring_len(size)).next_multiple_of(4);
+        RingLayout {
+            size,
+            desc: base,
+            avail: GuestAddress(avail),
+            used: GuestAddress(used),
+        }
+    }
+
+    /// Bytes from the descriptor table to the end of the used ring (for layouts that put the
+    /// parts in that order, as [`RingLayout::at`] and [`RingLayout::packed`] do).
     pub fn footprint(&self) -> u64 {
-        (self.used.0 - self.desc.0 + used_ring_len(self.size)).div_ceil(4096) * 4096
+        self.used.0 + used_ring_len(self.size) - self.desc.0
+    }
+
+    /// Whether `addr` lies in the used ring (which the device writes).
+    pub fn used_ring_contains(&self, addr: u64) -> bool {
+        addr >= self.used.0 && addr < self.used.0 + used_ring_len(self.size)
+    }
+
+    /// The device-side queue as a transport builds it: `max_size` as the device's maximum,
+    /// this size and these addresses (refused as virtio-queue refuses them), ready, with
+    /// `event_idx` as negotiated, and valid in `mem`.
+    pub fn queue(
+        &self,
+        max_size: u16,
+        event_idx: bool,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Queue, Error> {
+        let refused = |source| Error::Refused {
+            layout: *self,
+            max_size,
+            source,
+        };
+        let mut q = Queue::new(max_size).map_err(refused)?;
+        q.try_set_size(self.size).map_err(refused)?;
+        q.try_set_desc_table_address(self.desc).map_err(refused)?;
+        q.try_set_avail_ring_address(self.avail).map_err(refused)?;
+        q.try_set_used_ring_address(self.used).map_err(refused)?;
+        q.set_ready(true);
+        q.set_event_idx(event_idx);
+        if !q.is_valid(mem) {
+            return Err(Error::OutsideMemory { layout: *self });
+        }
+        Ok(q)
+    }
+
+    /// Zeroes all three parts (flags, indices and events 0: a fresh queue).
+    pub fn zero(&self, mem: &GuestMemoryMmap) -> Result<(), Error> {
+        zero(mem, self.desc, desc_table_len(self.size))?;
+        zero(mem, self.avail, avail_ring_len(self.size))?;
+        self.zero_used(mem)
+    }
+
+    /// Zeroes the used ring only.
+    pub fn zero_used(&self, mem: &GuestMemoryMmap) -> Result<(), Error> {
+        zero(mem, self.used, used_ring_len(self.size))
+    }
+
+    /// Writes descriptor `index` of this queue's table (any index: a hostile driver may
+    /// write past the table).
+    pub fn write_desc(
+        &self,
+        mem: &GuestMemoryMmap,
+        index: u16,
+        desc: Descriptor,
+    ) -> Result<(), Error> {
+        write_descriptor(mem, desc_at(self.desc, index), desc)
+    }
+
+    /// Writes `segments` as one chain into this queue's table at descriptors `ids`; returns
+    /// the chain's writable bytes. See [`write_chain`].
+    pub fn write_chain(
+        &self,
+        mem: &GuestMemoryMmap,
+        ids: &[u16],
+        segments: &[Segment],
+    ) -> Result<u32, Error> {
+        write_chain(mem, self.desc, ids, segments)
+    }
+
+    /// Puts `head` in the available ring at position `pos` (slot `pos % size`); the device
+    /// takes it once the available index passes `pos`.
+    pub fn set_avail_ring(&self, mem: &GuestMemoryMmap, pos: u16, head: u16) -> Result<(), Error> {
+        let slot = u64::from(pos % self.size);
+        write_obj(mem, head.to_le(), GuestAddress(self.avail.0 + 4 + 2 * slot))
+    }
+
+    /// Writes the available index (release: the entries before it are visible first).
+    pub fn set_avail_idx(&self, mem: &GuestMemoryMmap, idx: u16) -> Result<(), Error> {
+        store_u16(mem, idx, GuestAddress(self.avail.0 + 2))
+    }
+
+    /// Writes the available ring's flags ([`AVAIL_F_NO_INTERRUPT`]).
+    pub fn set_avail_flags(&self, mem: &GuestMemoryMmap, flags: u16) -> Result<(), Error> {
+        store_u16(mem, flags, self.avail)
+    }
+
+    /// Writes used_event (EVENT_IDX: interrupt once the device passes this used index).
+    pub fn set_used_event(&self, mem: &GuestMemoryMmap, idx: u16) -> Result<(), Error> {
+        store_u16(mem, idx, self.used_event_addr())
+    }
+
+    /// The used ring's flags ([`USED_F_NO_NOTIFY`]).
+    pub fn used_flags(&self, mem: &GuestMemoryMmap) -> Result<u16, Error> {
+        load_u16(mem, self.used)
+    }
+
+    /// The device's used index.
+    pub fn used_idx(&self, mem: &GuestMemoryMmap) -> Result<u16, Error> {
+        load_u16(mem, GuestAddress(self.used.0 + 2))
+    }
+
+    /// The used entry at position `pos` (slot `pos % size`), as the device wrote it:
+    /// (id, length).
+    pub fn used_elem(&self, mem: &GuestMemoryMmap, pos: u16) -> Result<(u32, u32), Error> {
+        let at = GuestAddress(self.used.0 + 4 + 8 * u64::from(pos % self.size));
+        let mut elem = [0u8; 8];
+        mem.read_slice(&mut elem, at)
+            .map_err(|source| Error::Memory {
+                addr: at.0,
+                len: elem.len(),
+                source,
+            })?;
+        let id = u32::from_le_bytes([elem[0], elem[1], elem[2], elem[3]]);
+        let len = u32::from_le_bytes([elem[4], elem[5], elem[6], elem[7]]);
+        Ok((id, len))
+    }
+
+    /// avail_event as the device wrote it (EVENT_IDX: notify once the driver passes this
+    /// available index).
+    pub fn avail_event(&self, mem: &GuestMemoryMmap) -> Result<u16, Error> {
+        load_u16(mem, self.avail_event_addr())
     }
 
     fn used_event_addr(&self) -> GuestAddress {
@@ -78,16 +325,33 @@ impl RingLayout {
     }
 }
 
+fn desc_at(table: GuestAddress, index: u16) -> GuestAddress {
+    GuestAddress(table.0 + DESC_LEN * u64::from(index))
+}
+
+/// Writes one descriptor at `at` (an entry of a ring's table or of an indirect table, or
+/// anywhere a hostile driver puts one).
+pub fn write_descriptor(
+    mem: &GuestMemoryMmap,
+    at: GuestAddress,
+    desc: Descriptor,
+) -> Result<(), Error> {
+    write_obj(mem, desc, at)
+}
+
 /// One buffer of a descriptor chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
+    /// Guest address of the buffer.
     pub addr: GuestAddress,
+    /// Bytes.
     pub len: u32,
     /// The device writes it (receive buffers, the control ack byte).
     pub writable: bool,
 }
 
 impl Segment {
+    /// A buffer the device reads.
     pub fn readable(addr: GuestAddress, len: u32) -> Segment {
         Segment {
             addr,
@@ -96,6 +360,7 @@ impl Segment {
         }
     }
 
+    /// A buffer the device writes.
     pub fn writable(addr: GuestAddress, len: u32) -> Segment {
         Segment {
             addr,
@@ -103,6 +368,54 @@ impl Segment {
             writable: true,
         }
     }
+}
+
+/// Writes `segments` as one chain into the table at `table`: segment `k` at descriptor
+/// `ids[k]`, [`DESC_F_WRITE`] on the writable ones, linked by [`DESC_F_NEXT`] to `ids[k + 1]`
+/// (the last one's `next` is 0). Directions are taken as given, in any order (a test may
+/// want a malformed chain). Returns the chain's writable bytes.
+///
+/// # Panics
+/// If `ids` and `segments` differ in length.
+pub fn write_chain(
+    mem: &GuestMemoryMmap,
+    table: GuestAddress,
+    ids: &[u16],
+    segments: &[Segment],
+) -> Result<u32, Error> {
+    assert_eq!(
+        ids.len(),
+        segments.len(),
+        "a chain of {} buffers at descriptors {ids:?}",
+        segments.len()
+    );
+    let mut writable = 0u32;
+    for (k, (seg, &id)) in segments.iter().zip(ids).enumerate() {
+        let next = ids.get(k + 1).copied();
+        let mut flags = 0;
+        if next.is_some() {
+            flags |= DESC_F_NEXT;
+        }
+        if seg.writable {
+            flags |= DESC_F_WRITE;
+            writable = writable.saturating_add(seg.len);
+        }
+        let desc = Descriptor::new(seg.addr.0, seg.len, flags, next.unwrap_or(0));
+        write_descriptor(mem, desc_at(table, id), desc)?;
+    }
+    Ok(writable)
+}
+
+/// Writes `segments` as an indirect table at `table` (entries 0, 1, ... linked in order);
+/// returns the table's writable bytes. The descriptor pointing to it has length
+/// `DESC_LEN * segments.len()` and [`DESC_F_INDIRECT`].
+pub fn write_table(
+    mem: &GuestMemoryMmap,
+    table: GuestAddress,
+    segments: &[Segment],
+) -> Result<u32, Error> {
+    let ids: Vec<u16> = (0..segments.len() as u16).collect();
+    write_chain(mem, table, &ids, segments)
 }
 
 /// One entry the device put in the used ring.
@@ -114,8 +427,9 @@ pub struct Used {
     pub len: u32,
 }
 
-/// The driver's state of one split queue. Not shared: the owner calls it from one thread; the
-/// device sees only guest memory.
+/// A well-behaved driver's state of one split queue: a free list of descriptors, chains added
+/// and published, used entries popped and checked. Not shared: the owner calls it from one
+/// thread; the device sees only guest memory.
 #[derive(Debug)]
 pub struct SplitRing {
     /// Virtqueue index (for messages and QueueNotify).
@@ -144,23 +458,17 @@ pub struct SplitRing {
 }
 
 impl SplitRing {
-    /// A queue whose rings are at `layout`; writes zeroed rings (flags, indices, events) into
-    /// guest memory. `event_idx` says whether VIRTIO_RING_F_EVENT_IDX was negotiated.
+    /// A queue whose rings are at `layout`; zeroes them (flags, indices, events) in guest
+    /// memory. `event_idx` says whether VIRTIO_RING_F_EVENT_IDX was negotiated.
     pub fn new(mem: &GuestMemoryMmap, index: u16, layout: RingLayout, event_idx: bool) -> Self {
         let size = layout.size;
         assert!(
             size.is_power_of_two(),
             "queue {index}: size {size} is not a power of two"
         );
-        for (addr, len) in [
-            (layout.desc, desc_table_len(size)),
-            (layout.avail, avail_ring_len(size)),
-            (layout.used, used_ring_len(size)),
-        ] {
-            let zeros = vec![0u8; len as usize];
-            mem.write_slice(&zeros, addr)
-                .unwrap_or_else(|e| panic!("queue {index}: ring at {:#x}+{len:#x}: {e}", addr.0));
-        }
+        layout
+            .zero(mem)
+            .unwrap_or_else(|e| panic!("queue {index}: rings {layout}: {e}"));
         SplitRing {
             index,
             layout,
@@ -178,14 +486,17 @@ impl SplitRing {
         }
     }
 
+    /// The virtqueue index.
     pub fn index(&self) -> u16 {
         self.index
     }
 
+    /// Where the rings are.
     pub fn layout(&self) -> RingLayout {
         self.layout
     }
 
+    /// Entries.
     pub fn size(&self) -> u16 {
         self.layout.size
     }
@@ -239,33 +550,18 @@ impl SplitRing {
             .map(|_| self.free.pop().expect("checked above"))
             .collect();
         let head = ids[0];
-        let mut writable = 0u32;
-        for (i, (seg, &id)) in segments.iter().zip(&ids).enumerate() {
-            let next = ids.get(i + 1).copied();
-            let mut flags = 0;
-            if next.is_some() {
-                flags |= DESC_F_NEXT;
-            }
-            if seg.writable {
-                flags |= DESC_F_WRITE;
-                writable = writable.saturating_add(seg.len);
-            }
-            let mut desc = [0u8; 16];
-            desc[0..8].copy_from_slice(&seg.addr.0.to_le_bytes());
-            desc[8..12].copy_from_slice(&seg.len.to_le_bytes());
-            desc[12..14].copy_from_slice(&flags.to_le_bytes());
-            desc[14..16].copy_from_slice(&next.unwrap_or(0).to_le_bytes());
-            let addr = GuestAddress(self.layout.desc.0 + 16 * u64::from(id));
-            mem.write_slice(&desc, addr)
-                .unwrap_or_else(|e| panic!("queue {}: descriptor {id}: {e}", self.index));
-            self.next[usize::from(id)] = next.unwrap_or(0);
+        let writable = self
+            .layout
+            .write_chain(mem, &ids, segments)
+            .unwrap_or_else(|e| panic!("queue {}: chain at head {head}: {e}", self.index));
+        for (k, &id) in ids.iter().enumerate() {
+            self.next[usize::from(id)] = ids.get(k + 1).copied().unwrap_or(0);
         }
         self.chain_len[usize::from(head)] = segments.len() as u16;
         self.chain_writable[usize::from(head)] = writable;
-        let slot = self.next_avail % self.layout.size;
-        let addr = GuestAddress(self.layout.avail.0 + 4 + 2 * u64::from(slot));
-        mem.write_obj(head.to_le(), addr)
-            .unwrap_or_else(|e| panic!("queue {}: avail ring slot {slot}: {e}", self.index));
+        self.layout
+            .set_avail_ring(mem, self.next_avail, head)
+            .unwrap_or_else(|e| panic!("queue {}: avail ring: {e}", self.index));
         self.next_avail = self.next_avail.wrapping_add(1);
         self.in_flight += 1;
         Some(head)
@@ -278,8 +574,8 @@ impl SplitRing {
         if added == 0 {
             return 0;
         }
-        let addr = GuestAddress(self.layout.avail.0 + 2);
-        mem.store(self.next_avail.to_le(), addr, Ordering::Release)
+        self.layout
+            .set_avail_idx(mem, self.next_avail)
             .unwrap_or_else(|e| panic!("queue {}: avail idx: {e}", self.index));
         self.published = self.next_avail;
         added
@@ -297,24 +593,25 @@ impl SplitRing {
             return false;
         }
         if self.event_idx {
-            let event: u16 = mem
-                .load(self.layout.avail_event_addr(), Ordering::Acquire)
+            let event = self
+                .layout
+                .avail_event(mem)
                 .unwrap_or_else(|e| panic!("queue {}: avail_event: {e}", self.index));
-            need_event(u16::from_le(event), new, old)
+            need_event(event, new, old)
         } else {
-            let flags: u16 = mem
-                .load(self.layout.used, Ordering::Acquire)
+            let flags = self
+                .layout
+                .used_flags(mem)
                 .unwrap_or_else(|e| panic!("queue {}: used flags: {e}", self.index));
-            u16::from_le(flags) & USED_F_NO_NOTIFY == 0
+            flags & USED_F_NO_NOTIFY == 0
         }
     }
 
     /// The device's used index.
     pub fn device_used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
-        let idx: u16 = mem
-            .load(GuestAddress(self.layout.used.0 + 2), Ordering::Acquire)
-            .unwrap_or_else(|e| panic!("queue {}: used idx: {e}", self.index));
-        u16::from_le(idx)
+        self.layout
+            .used_idx(mem)
+            .unwrap_or_else(|e| panic!("queue {}: used idx: {e}", self.index))
     }
 
     /// Used entries the device published that this driver has not read yet. Panics if the
@@ -340,13 +637,9 @@ impl SplitRing {
             return None;
         }
         let pos = self.last_used.wrapping_add(k);
-        let slot = pos % self.layout.size;
-        let addr = GuestAddress(self.layout.used.0 + 4 + 8 * u64::from(slot));
-        let mut elem = [0u8; 8];
-        mem.read_slice(&mut elem, addr)
-            .unwrap_or_else(|e| panic!("queue {}: used ring slot {slot}: {e}", self.index));
-        let id = u32::from_le_bytes([elem[0], elem[1], elem[2], elem[3]]);
-        let len = u32::from_le_bytes([elem[4], elem[5], elem[6], elem[7]]);
+        let (id, len) = self.layout.used_elem(mem, pos).unwrap_or_else(|e| {
+            panic!("queue {}: used entry {pos}: {e}", self.index);
+        });
         let head = u16::try_from(id)
             .ok()
             .filter(|&h| h < self.layout.size)
@@ -386,32 +679,28 @@ impl SplitRing {
         self.in_flight -= 1;
         self.last_used = self.last_used.wrapping_add(1);
         if self.event_idx {
-            mem.store(
-                self.last_used.to_le(),
-                self.layout.used_event_addr(),
-                Ordering::Release,
-            )
-            .unwrap_or_else(|e| panic!("queue {}: used_event: {e}", self.index));
+            self.layout
+                .set_used_event(mem, self.last_used)
+                .unwrap_or_else(|e| panic!("queue {}: used_event: {e}", self.index));
         }
         Some(used)
     }
 
-    /// Sets or clears VRING_AVAIL_F_NO_INTERRUPT (meaningful without EVENT_IDX).
+    /// Sets or clears [`AVAIL_F_NO_INTERRUPT`] (meaningful without EVENT_IDX).
     pub fn set_no_interrupt(&mut self, mem: &GuestMemoryMmap, no_interrupt: bool) {
         let flags = if no_interrupt {
             AVAIL_F_NO_INTERRUPT
         } else {
             0
         };
-        mem.store(flags.to_le(), self.layout.avail, Ordering::Release)
+        self.layout
+            .set_avail_flags(mem, flags)
             .unwrap_or_else(|e| panic!("queue {}: avail flags: {e}", self.index));
     }
 
     /// One line for failure messages.
     pub fn describe(&self, mem: &GuestMemoryMmap) -> String {
-        let used: Option<u16> = mem
-            .load(GuestAddress(self.layout.used.0 + 2), Ordering::Acquire)
-            .ok();
+        let used = self.layout.used_idx(mem).ok();
         format!(
             "queue {} (size {}): avail idx {} published, {} in flight, driver used idx {}, device used idx {:?}, {} free descriptors",
             self.index,
@@ -419,7 +708,7 @@ impl SplitRing {
             self.published,
             self.in_flight,
             self.last_used,
-            used.map(u16::from_le),
+            used,
             self.free.len()
         )
     }
@@ -428,7 +717,7 @@ impl SplitRing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_queue::{Queue, QueueOwnedT, QueueT};
+    use virtio_queue::QueueOwnedT;
 
     const SIZE: u16 = 8;
 
@@ -473,12 +762,77 @@ mod tests {
         let l = RingLayout::at(GuestAddress(0x10000), 256);
         assert_eq!(l.avail, GuestAddress(0x11000));
         assert_eq!(l.used, GuestAddress(0x12000));
-        assert_eq!(l.footprint(), 0x3000);
+        assert_eq!(l.footprint(), 0x2000 + 2054);
         let l = RingLayout::at(GuestAddress(0), 1024);
         assert_eq!(l.avail.0, 16384);
         assert_eq!(l.used.0, 16384 + 4096);
-        // The used ring of 1024 entries is 8198 bytes: three pages.
-        assert_eq!(l.footprint(), 16384 + 4096 + 12288);
+        // The used ring of 1024 entries is 8198 bytes: into a third page.
+        assert_eq!(l.footprint(), 16384 + 4096 + 8198);
+        assert_eq!(l.footprint().next_multiple_of(4096), 16384 + 4096 + 12288);
+        // Packed: the avail ring right after the table, the used ring 4-byte aligned.
+        let l = RingLayout::packed(GuestAddress(0x100), 2);
+        assert_eq!(l.avail.0, 0x120);
+        assert_eq!(l.used.0, 0x12c);
+        assert_eq!(l.footprint(), 0x2c + 22);
+        assert!(l.used_ring_contains(0x12c) && l.used_ring_contains(0x141));
+        assert!(!l.used_ring_contains(0x12b) && !l.used_ring_contains(0x142));
+    }
+
+    #[test]
+    fn queue_is_refused_where_a_transport_refuses_it() {
+        let mem = memory();
+        let l = RingLayout::at(GuestAddress(0x1000), SIZE);
+        let q = l.queue(64, true, &mem).unwrap();
+        assert_eq!(q.size(), SIZE);
+        assert_eq!(q.desc_table(), 0x1000);
+        assert_eq!(q.avail_ring(), 0x2000);
+        assert_eq!(q.used_ring(), 0x3000);
+        assert!(q.ready() && q.event_idx_enabled());
+        let misaligned = RingLayout {
+            desc: GuestAddress(0x1008),
+            ..l
+        };
+        let err = misaligned.queue(64, false, &mem).unwrap_err();
+        assert!(matches!(err, Error::Refused { .. }), "{err}");
+        let outside = RingLayout::at(GuestAddress(1 << 20), SIZE);
+        let err = outside.queue(64, false, &mem).unwrap_err();
+        assert!(matches!(err, Error::OutsideMemory { .. }), "{err}");
+        assert!(err.to_string().contains("desc 0x100000"), "{err}");
+    }
+
+    #[test]
+    fn an_indirect_table_reaches_the_device_as_one_chain() {
+        let mem = memory();
+        let (_, mut q) = pair(&mem, false);
+        let layout = RingLayout::at(GuestAddress(0x1000), SIZE);
+        let segs = [
+            Segment::readable(GuestAddress(0x9000), 12),
+            Segment::readable(GuestAddress(0x9100), 100),
+            Segment::writable(GuestAddress(0x9200), 7),
+        ];
+        let table = GuestAddress(0x8000);
+        assert_eq!(write_table(&mem, table, &segs).unwrap(), 7);
+        let len = (DESC_LEN * segs.len() as u64) as u32;
+        layout
+            .write_desc(&mem, 5, Descriptor::new(table.0, len, DESC_F_INDIRECT, 0))
+            .unwrap();
+        layout.set_avail_ring(&mem, 0, 5).unwrap();
+        layout.set_avail_idx(&mem, 1).unwrap();
+        let chains: Vec<_> = q
+            .iter(&mem)
+            .unwrap()
+            .map(|c| {
+                let head = c.head_index();
+                (
+                    head,
+                    c.map(|d| (d.addr().0, d.len(), d.is_write_only()))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect();
+        let want: Vec<(u64, u32, bool)> =
+            segs.iter().map(|s| (s.addr.0, s.len, s.writable)).collect();
+        assert_eq!(chains, [(5, want)]);
     }
 
     #[test]
