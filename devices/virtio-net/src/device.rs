@@ -475,7 +475,9 @@ impl<B: Backend + 'static> Net<B> {
         self.shared.pairs[pair]
             .request_queue_op(
                 pair,
-                QueueOp::Reset { rx: index % 2 == 0 },
+                QueueOp::Reset {
+                    rx: index.is_multiple_of(2),
+                },
                 WORKER_CONFIRM_TIMEOUT,
             )
             .map_err(|source| Error::QueueWorker { index, source })
@@ -489,7 +491,7 @@ impl<B: Backend + 'static> Net<B> {
             .request_queue_op(
                 pair,
                 QueueOp::Enable {
-                    rx: index % 2 == 0,
+                    rx: index.is_multiple_of(2),
                     queue,
                 },
                 WORKER_CONFIRM_TIMEOUT,

@@ -236,15 +236,15 @@ mod tests {
         let mem = guest_memory();
         let mut q = TestQueue::new(&mem, 0, 8);
         let mut ring = Ring::new(q.queue(false));
-        assert_eq!(ring.pop(&mem), Ok(None));
+        assert_eq!(ring.pop(&mem).ok(), Some(None));
         let a = q.add(&[r(BUF, 10)]);
         let b = q.add(&[w(BUF, 10)]);
-        assert_eq!(ring.pop(&mem), Ok(Some(a)));
-        assert_eq!(ring.pop(&mem), Ok(Some(b)));
-        assert_eq!(ring.pop(&mem), Ok(None));
+        assert_eq!(ring.pop(&mem).ok(), Some(Some(a)));
+        assert_eq!(ring.pop(&mem).ok(), Some(Some(b)));
+        assert_eq!(ring.pop(&mem).ok(), Some(None));
         // Given back, popped again.
         ring.unpop(2);
-        assert_eq!(ring.pop(&mem), Ok(Some(a)));
+        assert_eq!(ring.pop(&mem).ok(), Some(Some(a)));
         ring.unpop(1);
         assert_eq!(ring.next_avail(), 0);
     }
@@ -257,7 +257,7 @@ mod tests {
         let avail = ring.queue().avail_ring();
         mem.write_obj(9u16.to_le(), GuestAddress(avail + 2))
             .unwrap();
-        assert_eq!(ring.pop(&mem), Err(Error::InvalidAvailRingIndex));
+        assert!(matches!(ring.pop(&mem), Err(Error::InvalidAvailRingIndex)));
     }
 
     #[test]
@@ -266,7 +266,7 @@ mod tests {
         let mut q = TestQueue::new(&mem, 0, 8);
         let mut ring = Ring::new(q.queue(false));
         let head = q.add(&[w(BUF, 64)]);
-        assert_eq!(ring.pop(&mem), Ok(Some(head)));
+        assert_eq!(ring.pop(&mem).ok(), Some(Some(head)));
         ring.put(&mem, head, 42).unwrap();
         assert!(ring.has_unpublished());
         assert_eq!(q.used_idx(), 0, "not published yet");
@@ -278,7 +278,10 @@ mod tests {
         assert_eq!(q.used(0), (head, 42));
         assert!(!ring.has_unpublished());
         // A head outside the table is refused.
-        assert_eq!(ring.put(&mem, 8, 0), Err(Error::InvalidDescriptorIndex));
+        assert!(matches!(
+            ring.put(&mem, 8, 0),
+            Err(Error::InvalidDescriptorIndex)
+        ));
     }
 
     #[test]
@@ -324,6 +327,6 @@ mod tests {
             ring.arm_kick(&mem, 0),
             "the driver is already past avail_event"
         );
-        assert_eq!(ring.enable_kicks(&mem), Ok(true));
+        assert_eq!(ring.enable_kicks(&mem).ok(), Some(true));
     }
 }
