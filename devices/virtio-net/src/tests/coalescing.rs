@@ -9,26 +9,17 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_NOTF_COAL,
 };
 
-use super::device::{f_mq, rig_over, Rig, QSIZE};
+use super::device::{f_mq, socket_rig, Rig};
 use super::*;
 use crate::ctrl::{ACK_ERR, ACK_OK};
 use crate::features::bit;
-use crate::NetConfig;
 
 /// One pair without EVENT_IDX (the driver wants every notification) and without receive
 /// GSO, over a backend with MTU 1500, NOTF_COAL negotiated, rx buffers posted.
 fn coalescing_rig(mem: &GuestMemoryMmap) -> Rig<'_> {
-    let (b, peers, journal) = backends(1);
-    b[0].mtu.store(1500, std::sync::atomic::Ordering::SeqCst);
-    let cfg = NetConfig {
-        queue_size: QSIZE,
-        ..Default::default()
-    };
     let drop = F_EVENT_IDX | bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6);
     let acked = (f_mq() & !drop) | bit(VIRTIO_NET_F_NOTF_COAL);
-    let mut rig = rig_over(mem, b, cfg, acked, |_| true).unwrap();
-    rig.peers = peers;
-    rig.journal = journal;
+    let mut rig = socket_rig(mem, 1, 1500, acked);
     rig.fill_rx(0);
     rig
 }

@@ -96,6 +96,23 @@ pub(super) fn rig_over<B: Backend + 'static>(
     })
 }
 
+/// A device over `pairs` socket backends that report `mtu` (0: unknown), with `acked`
+/// features and every queue set up.
+pub(super) fn socket_rig(mem: &GuestMemoryMmap, pairs: u16, mtu: u32, acked: u64) -> Rig<'_> {
+    let (b, peers, journal) = backends(pairs);
+    for backend in &b {
+        backend.mtu.store(mtu, Ordering::SeqCst);
+    }
+    let cfg = NetConfig {
+        queue_size: QSIZE,
+        ..Default::default()
+    };
+    let mut rig = rig_over(mem, b, cfg, acked, |_| true).unwrap();
+    rig.peers = peers;
+    rig.journal = journal;
+    rig
+}
+
 /// A device over socket backends with `pairs` pairs.
 fn rig_with(
     mem: &GuestMemoryMmap,

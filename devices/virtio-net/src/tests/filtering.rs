@@ -10,7 +10,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO6,
 };
 
-use super::device::{f_mq, rig_over, Rig, QSIZE};
+use super::device::{f_mq, socket_rig, Rig};
 use super::*;
 use crate::ctrl::{ACK_ERR, ACK_OK};
 use crate::features::bit;
@@ -22,20 +22,12 @@ const OTHER: [u8; 6] = [0x02, 0, 0, 0, 0x99, 0x99];
 /// One pair, everything negotiated but receive GSO, over a backend with MTU 1500: each
 /// frame takes one 2 KiB buffer of the 16 posted.
 fn filtering_rig(mem: &GuestMemoryMmap) -> Rig<'_> {
-    let (b, peers, journal) = backends(1);
-    b[0].mtu.store(1500, std::sync::atomic::Ordering::SeqCst);
-    let cfg = NetConfig {
-        queue_size: QSIZE,
-        ..Default::default()
-    };
     let gso = bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6);
     let acked = (f_mq() & !gso)
         | bit(VIRTIO_NET_F_CTRL_RX)
         | bit(VIRTIO_NET_F_CTRL_RX_EXTRA)
         | bit(VIRTIO_NET_F_CTRL_VLAN);
-    let mut rig = rig_over(mem, b, cfg, acked, |_| true).unwrap();
-    rig.peers = peers;
-    rig.journal = journal;
+    let mut rig = socket_rig(mem, 1, 1500, acked);
     rig.fill_rx(0);
     rig
 }

@@ -2,7 +2,6 @@
 //! What a hostile guest can make the host do: long chains, bad chains, control-command
 //! storms, and the settings a guest changes under a running data path.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_net::{
@@ -10,7 +9,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_MTU,
 };
 
-use super::device::{f_mq, rig_over, Rig, QSIZE};
+use super::device::{f_mq, socket_rig, Rig};
 use super::*;
 use crate::chain::{walk, ChainError, DescTable};
 use crate::ctrl::ACK_OK;
@@ -18,7 +17,6 @@ use crate::features::bit;
 use crate::limit::{RECONFIG_BURST_MIN, RECONFIG_RATE};
 use crate::rxtx::{RxState, Work, DESC_BUDGET, RX_BUDGET};
 use crate::test_utils::ring::{DESC_F_INDIRECT, DESC_F_NEXT};
-use crate::NetConfig;
 
 /// `len` linked one-byte readable descriptors as an indirect table at `table`.
 fn long_indirect_table(mem: &GuestMemoryMmap, table: u64, len: u16) {
@@ -125,18 +123,7 @@ fn malformed_receive_chains_count_against_the_budget() {
 
 /// A device over `pairs` socket backends reporting `mtu`, everything negotiated.
 fn rig_with_mtu(mem: &GuestMemoryMmap, pairs: u16, mtu: u32) -> Rig<'_> {
-    let (b, peers, journal) = backends(pairs);
-    for backend in &b {
-        backend.mtu.store(mtu, Ordering::SeqCst);
-    }
-    let cfg = NetConfig {
-        queue_size: QSIZE,
-        ..Default::default()
-    };
-    let mut rig = rig_over(mem, b, cfg, f_mq(), |_| true).unwrap();
-    rig.peers = peers;
-    rig.journal = journal;
-    rig
+    socket_rig(mem, pairs, mtu, f_mq())
 }
 
 #[test]

@@ -2,23 +2,11 @@
 //! One queue reset alone while the device runs (VIRTIO_F_RING_RESET): its worker forgets
 //! it, the rest of the device runs on, and it comes back with the driver's new ring.
 
-use super::device::{f_mq, rig_over, Rig, QSIZE};
+use super::device::{f_mq, socket_rig, Rig, QSIZE};
 use super::*;
-use crate::NetConfig;
 
 fn rig_2_pairs(mem: &GuestMemoryMmap) -> Rig<'_> {
-    let (b, peers, journal) = backends(2);
-    for backend in &b {
-        backend.mtu.store(1500, std::sync::atomic::Ordering::SeqCst);
-    }
-    let cfg = NetConfig {
-        queue_size: QSIZE,
-        ..Default::default()
-    };
-    let mut rig = rig_over(mem, b, cfg, f_mq(), |_| true).unwrap();
-    rig.peers = peers;
-    rig.journal = journal;
-    rig
+    socket_rig(mem, 2, 1500, f_mq())
 }
 
 #[test]
