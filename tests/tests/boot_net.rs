@@ -488,7 +488,8 @@ fn device_rx_filtered(console: &mut GuestConsole) -> u64 {
 /// 2 pairs over virtio-pci, launched with `--speed 25000 --duplex half`: `ethtool eth0` shows
 /// them, `ethtool -k` shows ECN segmentation, and with the interface not promiscuous a
 /// burst of frames to a foreign MAC does not reach the guest (mqvmm counts them as
-/// filtered) while after `ip link set eth0 promisc on` the same burst does. Then
+/// filtered) while after `ip link set eth0 promisc on` the same burst does. `ethtool -G`
+/// resizes the rings one queue at a time (VIRTIO_F_RING_RESET) under iperf3. Then
 /// `ethtool -C` sets notification coalescing, `ethtool -c` shows it, and iperf3 both ways
 /// before and after gives throughput and mqvmm's interrupts per MB.
 fn nic_features() {
@@ -544,9 +545,42 @@ fn nic_features() {
         "timing: nic features: ethtool eth0 25000Mb/s half, ECN segmentation on, {uso}; 50 foreign frames: {arrived} reached the guest / {filtered} filtered with promisc off, {arrived_promisc} / {filtered_promisc} with promisc on"
     ));
 
+    // Ring resize (VIRTIO_F_RING_RESET): ethtool -G resets and re-creates each queue while
+    // the others carry traffic; the new size shows and traffic flows on.
+    let _iperf = IperfServer::start();
+    let rings = console.check("ethtool -g eth0", STEP);
+    assert!(
+        rings.contains("RX:\t\t256") || rings.contains("RX: 256"),
+        "ethtool -g eth0:\n{rings}"
+    );
+    console.check(
+        &format!("iperf3 -c {HOST_IP} -P 2 -t 6 > /tmp/during-resize.txt 2>&1 & sleep 2"),
+        STEP,
+    );
+    let resize = Instant::now();
+    console.check("ethtool -G eth0 rx 128 tx 128", STEP);
+    let resize_s = resize.elapsed().as_secs_f64();
+    let resized = console.check("ethtool -g eth0", STEP);
+    let current = resized
+        .split("Current hardware settings:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("ethtool -g eth0:\n{resized}"));
+    assert!(
+        current.contains("128") && !current.contains("256"),
+        "ethtool -g eth0 after -G:\n{resized}"
+    );
+    console.check("wait", STEP);
+    let during = console.check("cat /tmp/during-resize.txt", STEP);
+    let during_rate = iperf_receiver_rate(&during).unwrap_or(0.0);
+    assert!(during_rate > 0.0, "iperf3 across the resize:\n{during}");
+    console.check(&format!("ping -c 2 -W 5 {HOST_IP}"), STEP);
+    rig::note(&format!(
+        "timing: ethtool -G eth0 rx 128 tx 128 took {resize_s:.2} s under iperf3; iperf3 across it {:.0} Mbit/s",
+        during_rate / 1e6
+    ));
+
     // Notification coalescing: ethtool -C takes effect (ethtool -c shows it), traffic still
     // flows, and interrupts per MB drop.
-    let _iperf = IperfServer::start();
     let plain = iperf_interrupts(&mut console);
     console.check(
         "ethtool -C eth0 rx-usecs 200 rx-frames 64 tx-usecs 200 tx-frames 64",
@@ -571,12 +605,18 @@ fn nic_features() {
         plain.down_mbps, plain.down_irq_per_mb, coalesced.down_mbps, coalesced.down_irq_per_mb
     ));
     assert!(coalesced.up_mbps > 0.0 && coalesced.down_mbps > 0.0);
-    // Receive interrupts are what rx-frames 64 holds back (several-fold here). Transmit
-    // completions are already rare under EVENT_IDX and depend on how the guest re-arms its
-    // queues, so their count is reported, not asserted.
+    // What the guest sees of rx-usecs, deterministically: a ping's reply waits for the
+    // held interrupt (the packet limit is never reached), then no longer once it is off.
+    console.check("ethtool -C eth0 rx-usecs 100000 rx-frames 1000", STEP);
+    let held = ping_avg_ms(&mut console);
+    console.check("ethtool -C eth0 rx-usecs 0 rx-frames 0", STEP);
+    let prompt = ping_avg_ms(&mut console);
+    rig::note(&format!(
+        "timing: ping round trip {held:.1} ms with rx-usecs 100000, {prompt:.1} ms with coalescing off"
+    ));
     assert!(
-        coalesced.down_irq_per_mb < plain.down_irq_per_mb,
-        "rx coalescing did not lower receive interrupts per MB"
+        held >= 90.0 && prompt < 50.0,
+        "ping with rx-usecs 100000: {held} ms, without: {prompt} ms"
     );
     console.send("poweroff\n").expect("type");
     assert_eq!(console.wait_exit(Duration::from_secs(60)), Some(0));
@@ -623,4 +663,15 @@ fn iperf_interrupts(console: &mut GuestConsole) -> IrqRun {
         down_mbps,
         down_irq_per_mb,
     }
+}
+
+/// The average round trip of 3 pings to the host, in ms (busybox: `min/avg/max = a/b/c ms`).
+fn ping_avg_ms(console: &mut GuestConsole) -> f64 {
+    let out = console.check(&format!("ping -c 3 -i 0.3 -W 5 {HOST_IP}"), STEP);
+    out.lines()
+        .find_map(|l| l.split("min/avg/max").nth(1))
+        .and_then(|rest| rest.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|avg| avg.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no round-trip line in:\n{out}"))
 }

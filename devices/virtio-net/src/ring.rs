@@ -160,6 +160,17 @@ impl Ring {
         if !published {
             return true;
         }
+        self.driver_wants(mem, old)
+    }
+
+    /// Whether the driver wants a used-buffer notification for the entries published since
+    /// used index `since`: with EVENT_IDX whether they crossed `used_event`, else whether the
+    /// driver left VRING_AVAIL_F_NO_INTERRUPT clear. A notification held back (coalescing)
+    /// is checked again with this when it falls due: a driver that has since started polling
+    /// does not want it any more.
+    pub fn driver_wants(&self, mem: &GuestMemoryMmap, since: u16) -> bool {
+        let queue = &self.queue;
+        let (new, old) = (queue.next_used(), since);
         if queue.event_idx_enabled() {
             let used_event = queue
                 .avail_ring()

@@ -209,6 +209,9 @@ pub struct QueuePair {
     /// and enable it again with a new ring.
     rx_live: bool,
     tx_live: bool,
+    /// The used index at the last notification, per queue.
+    rx_notified_at: u16,
+    tx_notified_at: u16,
     rx_waiting: bool,
     warned_tx_broken: bool,
     warned_rx_broken: bool,
@@ -228,6 +231,7 @@ impl QueuePair {
         path: PathConfig,
     ) -> Self {
         let rx_chains = usize::from(rx.size());
+        let (rx_notified_at, tx_notified_at) = (rx.next_used(), tx.next_used());
         QueuePair {
             pair,
             rx: Ring::new(rx),
@@ -243,6 +247,8 @@ impl QueuePair {
             tx_coal: Coalescer::default(),
             rx_live: true,
             tx_live: true,
+            rx_notified_at,
+            tx_notified_at,
             rx_waiting: false,
             warned_tx_broken: false,
             warned_rx_broken: false,
@@ -262,7 +268,7 @@ impl QueuePair {
         let used = u32::from(self.tx.unpublished());
         let wanted = self.tx.publish(&self.mem);
         if self.tx_coal.publish(used, wanted, Instant::now()) {
-            self.signal(self.tx_index(), tally);
+            self.notify_tx(tally);
         }
     }
 
@@ -271,8 +277,25 @@ impl QueuePair {
         let used = u32::from(self.rx.unpublished());
         let wanted = self.rx.publish(&self.mem);
         if self.rx_coal.publish(used, wanted, Instant::now()) {
+            self.notify_rx(tally);
+        }
+    }
+
+    /// Sends the transmit queue's notification. One that was held back (coalescing) goes
+    /// out only if the driver still wants it for what was used since the last one.
+    fn notify_tx(&mut self, tally: &mut Tally) {
+        if self.tx_coal.get().is_off() || self.tx.driver_wants(&self.mem, self.tx_notified_at) {
+            self.signal(self.tx_index(), tally);
+        }
+        self.tx_notified_at = self.tx.queue().next_used();
+    }
+
+    /// The same for the receive queue.
+    fn notify_rx(&mut self, tally: &mut Tally) {
+        if self.rx_coal.get().is_off() || self.rx.driver_wants(&self.mem, self.rx_notified_at) {
             self.signal(self.rx_index(), tally);
         }
+        self.rx_notified_at = self.rx.queue().next_used();
     }
 
     /// Stops using the receive (`rx`) or transmit queue and forgets its state: held receive
@@ -296,12 +319,14 @@ impl QueuePair {
     pub fn enable_queue(&mut self, rx: bool, queue: Queue) {
         if rx {
             let cfg = self.rx_coal.get();
+            self.rx_notified_at = queue.next_used();
             self.rx = Ring::new(queue);
             self.rx_buf.clear();
             self.rx_coal.set(cfg);
             self.rx_live = true;
         } else {
             let cfg = self.tx_coal.get();
+            self.tx_notified_at = queue.next_used();
             self.tx = Ring::new(queue);
             self.tx_coal.set(cfg);
             self.tx_live = true;
@@ -326,12 +351,12 @@ impl QueuePair {
     pub fn notify_due(&mut self, now: Instant) {
         let mut tally = Tally::default();
         if self.rx_coal.poll(now) {
-            self.signal(self.rx_index(), &mut tally);
+            self.notify_rx(&mut tally);
             self.metrics.pairs[usize::from(self.pair)].rx.add(&tally);
             tally = Tally::default();
         }
         if self.tx_coal.poll(now) {
-            self.signal(self.tx_index(), &mut tally);
+            self.notify_tx(&mut tally);
             self.metrics.pairs[usize::from(self.pair)].tx.add(&tally);
         }
     }

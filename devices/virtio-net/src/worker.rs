@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{error, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::backend::Backend;
 use crate::control::{QueueOp, RunState};
@@ -78,6 +79,11 @@ struct PairWorker<B: Backend> {
     offloads_seen: u64,
     /// The generation of the receive filter and coalescing the queue pair applies.
     settings_seen: u64,
+    /// Fires when a held (coalesced) notification falls due; `None` if it could not be
+    /// created, and then notifications are not held.
+    timer: Option<TimerFd>,
+    /// The due time the timer is armed for.
+    timer_due: Option<Instant>,
     features: crate::features::Negotiated,
     warned_err: bool,
     /// The backend failed (an error event, or a read error) since the last check.
@@ -93,6 +99,46 @@ impl<B: Backend> PairWorker<B> {
 
     fn backend_events(&self) -> Events {
         Events::new_raw(self.backend_fd(), EventSet::IN | EventSet::EDGE_TRIGGERED)
+    }
+
+    /// Arms the timer for the next held notification, if its due time changed.
+    fn arm_timer(&mut self) {
+        let due = self.qp.next_due();
+        if due == self.timer_due {
+            return;
+        }
+        let Some(timer) = self.timer.as_mut() else {
+            return;
+        };
+        let result = match due {
+            // A zero duration would disarm the timer: fire as soon as possible instead.
+            Some(at) => timer.reset(
+                at.saturating_duration_since(Instant::now())
+                    .max(Duration::from_nanos(1)),
+                None,
+            ),
+            None => timer.clear(),
+        };
+        match result {
+            Ok(()) => self.timer_due = due,
+            Err(e) => error!("virtio-net: pair {} cannot arm its timer: {e}", self.pair),
+        }
+    }
+
+    /// The timer fired (or fired and was re-armed since: epoll may report it late). Disarming
+    /// it resets its count, so it stops polling readable without a (blocking) read; what is
+    /// due goes out, and the end of the event re-arms it for what is still held.
+    fn on_timer(&mut self) {
+        if let Some(timer) = self.timer.as_mut() {
+            if let Err(e) = timer.clear() {
+                error!(
+                    "virtio-net: pair {} cannot disarm its timer: {e}",
+                    self.pair
+                );
+            }
+        }
+        self.timer_due = None;
+        self.qp.notify_due(Instant::now());
     }
 
     fn schedule(&mut self) {
@@ -136,7 +182,9 @@ impl<B: Backend> PairWorker<B> {
             self.settings_seen = settings_gen;
             self.qp.set_filter(self.shared.rx_filter());
             let (rx, tx) = self.shared.coalescing();
-            self.qp.set_coalescing(rx, tx);
+            if self.timer.is_some() {
+                self.qp.set_coalescing(rx, tx);
+            }
         }
     }
 
@@ -271,21 +319,6 @@ fn drain(evt: &EventFd) -> u64 {
     evt.read().unwrap_or(0)
 }
 
-/// Held used-buffer notifications (coalescing) go out on time.
-impl<B: Backend> Timed for PairWorker<B> {
-    fn wait_limit(&self) -> Option<Duration> {
-        self.qp
-            .next_due()
-            .map(|due| due.saturating_duration_since(Instant::now()))
-    }
-
-    fn on_time(&mut self) {
-        if self.qp.next_due().is_some() {
-            self.qp.notify_due(Instant::now());
-        }
-    }
-}
-
 impl<B: Backend> MutEventSubscriber for PairWorker<B> {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let fd = events.fd();
@@ -307,6 +340,8 @@ impl<B: Backend> MutEventSubscriber for PairWorker<B> {
             }
         } else if fd == self.shared.pairs[self.pair].event().as_raw_fd() {
             self.handle_control(ops);
+        } else if self.timer.as_ref().is_some_and(|t| t.as_raw_fd() == fd) {
+            self.on_timer();
         } else if self.running && fd == self.backend_fd() {
             let set = events.event_set();
             if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
@@ -321,15 +356,17 @@ impl<B: Backend> MutEventSubscriber for PairWorker<B> {
         if self.backend_error {
             self.check_backend(ops);
         }
+        self.arm_timer();
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        let fds = [
+        let mut fds = vec![
             self.fds.rx_kick.as_raw_fd(),
             self.fds.tx_kick.as_raw_fd(),
             self.resched.as_raw_fd(),
             self.shared.pairs[self.pair].event().as_raw_fd(),
         ];
+        fds.extend(self.timer.as_ref().map(|t| t.as_raw_fd()));
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
                 error!("virtio-net: pair {} cannot poll fd {fd}: {e}", self.pair);
@@ -371,21 +408,9 @@ pub struct WorkerStart<B: Backend> {
     pub running: bool,
 }
 
-/// A subscriber that may have work at a time of its own, besides its events.
-trait Timed {
-    /// How long the loop may wait for events before calling [`Timed::on_time`]; `None`
-    /// waits for events only.
-    fn wait_limit(&self) -> Option<Duration> {
-        None
-    }
-
-    /// Called after every wait, whether events came or the limit passed.
-    fn on_time(&mut self) {}
-}
-
 /// Runs an epoll loop for `subscriber` until `stop` is set. The event manager is created on
 /// the thread itself (subscribers need not be `Send`); `ready` reports whether it could be.
-fn run_loop<S: MutEventSubscriber + Timed>(
+fn run_loop<S: MutEventSubscriber>(
     subscriber: impl FnOnce() -> S,
     stop: &AtomicBool,
     ready: std::sync::mpsc::Sender<io::Result<()>>,
@@ -397,26 +422,15 @@ fn run_loop<S: MutEventSubscriber + Timed>(
             return;
         }
     };
-    let id = em.add_subscriber(subscriber());
+    em.add_subscriber(subscriber());
     let _ = ready.send(Ok(()));
     while !stop.load(Ordering::Relaxed) {
-        // Whole milliseconds (epoll's unit), rounded up so a deadline is never missed.
-        let timeout_ms = em
-            .subscriber_mut(id)
-            .ok()
-            .and_then(|s| s.wait_limit())
-            .map_or(-1, |d| {
-                i32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
-            });
-        if let Err(e) = em.run_with_timeout(timeout_ms) {
+        if let Err(e) = em.run() {
             error!(
                 "virtio-net: {:?} epoll failed: {e}",
                 std::thread::current().name()
             );
             break;
-        }
-        if let Ok(s) = em.subscriber_mut(id) {
-            s.on_time();
         }
     }
 }
@@ -532,6 +546,18 @@ pub fn spawn_worker<B: Backend + 'static>(
                     offloads_seen: offloads,
                     // Differs from any generation: the first refresh takes the filter.
                     settings_seen: u64::MAX,
+                    timer: match TimerFd::new() {
+                        Ok(timer) => Some(timer),
+                        Err(e) => {
+                            warn!(
+                                "virtio-net: pair {} has no timer ({e}); notifications are \
+                                 not coalesced",
+                                start.pair
+                            );
+                            None
+                        }
+                    },
+                    timer_due: None,
                     features: start.features,
                     warned_err: false,
                     backend_error: false,
@@ -563,8 +589,6 @@ impl<T: CtrlTarget> CtrlWorker<T> {
         }
     }
 }
-
-impl<T: CtrlTarget> Timed for CtrlWorker<T> {}
 
 impl<T: CtrlTarget> MutEventSubscriber for CtrlWorker<T> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {

@@ -238,11 +238,17 @@ pub fn vcpu(pci: bool) -> Result<Rules, BackendError> {
 }
 
 /// A queue-pair worker (`net-pairN`): its epoll loop, readv/writev on its tap queue,
-/// eventfd kicks and irqfd writes.
+/// eventfd kicks and irqfd writes, and its one timer fd, which releases used-buffer
+/// notifications the driver asked to coalesce (`ethtool -C ... rx-usecs N`) on time.
 pub fn net_pair() -> Result<Rules, BackendError> {
     let mut b = base()?;
     event_loop(&mut b)
-        .allow(&[libc::SYS_readv, libc::SYS_writev])
+        .allow(&[
+            libc::SYS_readv,
+            libc::SYS_writev,
+            libc::SYS_timerfd_create,
+            libc::SYS_timerfd_settime,
+        ])
         .ioctls(&worker_tun_ioctls())?;
     Ok(b.build())
 }

@@ -104,3 +104,27 @@ fn a_held_interrupt_goes_out_when_its_time_is_up() {
         "VQ_SET not offered"
     );
 }
+
+#[test]
+fn a_held_interrupt_the_driver_no_longer_wants_is_not_sent() {
+    // With EVENT_IDX: the first frame crosses used_event (0), so an interrupt is owed; before
+    // its time is up the driver, now polling, moves used_event far ahead.
+    let mem = guest_memory();
+    let drop = bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6);
+    let acked = (f_mq() & !drop) | bit(VIRTIO_NET_F_NOTF_COAL);
+    let mut rig = socket_rig(&mem, 1, 1500, acked);
+    rig.fill_rx(0);
+    assert_eq!(
+        coal(&mut rig, VIRTIO_NET_CTRL_NOTF_COAL_RX_SET, 1000, 50_000),
+        ACK_OK
+    );
+    let irqs = rig.irq.count(0);
+    receive(&mut rig, 1);
+    rig.q[0].set_used_event(100);
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(rig.irq.count(0), irqs, "the driver polls: no interrupt");
+    // Once the driver asks again, the next frame's interrupt comes (after the time limit).
+    rig.q[0].set_used_event(1);
+    receive(&mut rig, 1);
+    assert!(wait_for(|| rig.irq.count(0) == irqs + 1));
+}
