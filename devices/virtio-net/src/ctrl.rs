@@ -15,12 +15,14 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET, VIRTIO_NET_CTRL_MAC,
     VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MQ,
     VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_NOTF_COAL, VIRTIO_NET_CTRL_NOTF_COAL_RX_SET,
-    VIRTIO_NET_CTRL_NOTF_COAL_TX_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI,
+    VIRTIO_NET_CTRL_NOTF_COAL_TX_SET, VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET,
+    VIRTIO_NET_CTRL_NOTF_COAL_VQ_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI,
     VIRTIO_NET_CTRL_RX_ALLUNI, VIRTIO_NET_CTRL_RX_NOBCAST, VIRTIO_NET_CTRL_RX_NOMULTI,
     VIRTIO_NET_CTRL_RX_NOUNI, VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_CTRL_VLAN,
     VIRTIO_NET_CTRL_VLAN_ADD, VIRTIO_NET_CTRL_VLAN_DEL, VIRTIO_NET_ERR,
     VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
-    VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_NOTF_COAL, VIRTIO_NET_OK,
+    VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_NOTF_COAL,
+    VIRTIO_NET_F_VQ_NOTF_COAL, VIRTIO_NET_OK,
 };
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -215,6 +217,14 @@ pub trait CtrlTarget {
     fn set_coalescing(&mut self, _tx: bool, _cfg: Coalesce) -> bool {
         true
     }
+    /// Set the notification coalescing of data queue `vqn` (checked to exist).
+    fn set_queue_coalescing(&mut self, _vqn: u16, _cfg: Coalesce) -> bool {
+        true
+    }
+    /// The notification coalescing of data queue `vqn` (checked to exist).
+    fn queue_coalescing(&self, _vqn: u16) -> Coalesce {
+        Coalesce::default()
+    }
     /// Waits until the device may carry out `cmd` (host operations are rate-limited);
     /// false if the device is being stopped meanwhile, and `cmd` must not run.
     fn admit(&mut self, _cmd: &Command) -> bool {
@@ -248,6 +258,19 @@ pub enum Command {
         tx: bool,
         /// The parameters.
         cfg: Coalesce,
+    },
+    /// VIRTIO_NET_CTRL_NOTF_COAL_VQ_SET: one data queue's coalescing.
+    VqCoalSet {
+        /// The queue index.
+        vqn: u16,
+        /// The parameters.
+        cfg: Coalesce,
+    },
+    /// VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET: one data queue's coalescing, returned after the ack
+    /// as `struct virtio_net_ctrl_coal`.
+    VqCoalGet {
+        /// The queue index.
+        vqn: u16,
     },
 }
 
@@ -329,6 +352,33 @@ pub fn parse_command(
                 _ => return None,
             }
         }
+        (
+            VIRTIO_NET_CTRL_NOTF_COAL,
+            cmd @ (VIRTIO_NET_CTRL_NOTF_COAL_VQ_SET | VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET),
+        ) if features.has(VIRTIO_NET_F_VQ_NOTF_COAL) => {
+            let b = data.get(..2)?;
+            let vqn = u16::from_le_bytes([b[0], b[1]]);
+            // Data queues only: the control queue has no coalescing.
+            let data_queues = if features.mq() {
+                2 * u32::from(max_pairs)
+            } else {
+                2
+            };
+            if u32::from(vqn) >= data_queues {
+                debug!("virtio-net: coalescing of queue {vqn}: not a data queue");
+                return None;
+            }
+            if cmd == VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET {
+                Command::VqCoalGet { vqn }
+            } else {
+                let b = data.get(4..12)?;
+                let cfg = Coalesce {
+                    max_packets: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                    usecs: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+                };
+                Command::VqCoalSet { vqn, cfg }
+            }
+        }
         (VIRTIO_NET_CTRL_NOTF_COAL, cmd) if features.has(VIRTIO_NET_F_NOTF_COAL) => {
             let tx = match cmd {
                 VIRTIO_NET_CTRL_NOTF_COAL_TX_SET => true,
@@ -342,8 +392,7 @@ pub fn parse_command(
             };
             Command::NotfCoal { tx, cfg }
         }
-        // ANNOUNCE needs GUEST_ANNOUNCE, RSS needs RSS, VQ_NOTF_COAL needs VQ_NOTF_COAL:
-        // none is offered. Commands of
+        // ANNOUNCE needs GUEST_ANNOUNCE, RSS needs RSS: neither is offered. Commands of
         // features that were not negotiated, and unknown ones, are refused.
         _ => {
             debug!("virtio-net: control command class {class} command {command} refused");
@@ -363,6 +412,9 @@ pub fn apply<T: CtrlTarget>(cmd: Command, target: &mut T) -> u8 {
         Command::MacTableSet(table) => target.set_mac_table(table),
         Command::Vlan(vid, allowed) => target.set_vlan(vid, allowed),
         Command::NotfCoal { tx, cfg } => target.set_coalescing(tx, cfg),
+        Command::VqCoalSet { vqn, cfg } => target.set_queue_coalescing(vqn, cfg),
+        // The value is written by the control queue after the ack.
+        Command::VqCoalGet { .. } => true,
     };
     if ok {
         ACK_OK
@@ -404,7 +456,13 @@ pub struct CtrlRequest {
     pub ack_addr: GuestAddress,
     /// Device-writable bytes after the ack, for a command-specific result.
     pub result_len: usize,
+    /// Where those bytes are: (address, length) of up to [`RESULT_SEGMENTS`] writable
+    /// pieces after the ack byte.
+    result_segments: [(GuestAddress, usize); RESULT_SEGMENTS],
 }
+
+/// Writable pieces of a control chain a result may be spread over (Linux uses one).
+const RESULT_SEGMENTS: usize = 4;
 
 impl CtrlRequest {
     /// Class and command, if the readable part holds them.
@@ -421,6 +479,27 @@ impl CtrlRequest {
     pub fn data(&self) -> &[u8] {
         let end = self.readable_len.min(CMD_BUF_LEN);
         self.buf.get(2..end).unwrap_or(&[])
+    }
+
+    /// Writes a command-specific result after the ack byte; false if the driver gave too
+    /// little room (or it is not in guest memory), and then nothing is written.
+    pub fn write_result(&self, mem: &GuestMemoryMmap, result: &[u8]) -> bool {
+        let room: usize = self.result_segments.iter().map(|(_, len)| len).sum();
+        if room < result.len() {
+            return false;
+        }
+        let mut rest = result;
+        for &(addr, len) in &self.result_segments {
+            if rest.is_empty() {
+                break;
+            }
+            let n = len.min(rest.len());
+            if mem.write_slice(&rest[..n], addr).is_err() {
+                return false;
+            }
+            rest = &rest[n..];
+        }
+        true
     }
 }
 
@@ -451,7 +530,9 @@ pub fn parse_request(
         readable_len: 0,
         ack_addr: GuestAddress(0),
         result_len: 0,
+        result_segments: [(GuestAddress(0), 0); RESULT_SEGMENTS],
     };
+    let mut segments = 0;
     let mut ack: Option<GuestAddress> = None;
     let mut seen_writable = false;
     let mut order_error = false;
@@ -466,12 +547,17 @@ pub fn parse_request(
         if desc.is_write_only() {
             seen_writable = true;
             if len > 0 {
-                match ack {
+                let (at, room) = match ack {
                     None => {
                         ack = Some(desc.addr());
-                        req.result_len = len - 1;
+                        (GuestAddress(desc.addr().0.wrapping_add(1)), len - 1)
                     }
-                    Some(_) => req.result_len = req.result_len.saturating_add(len),
+                    Some(_) => (desc.addr(), len),
+                };
+                req.result_len = req.result_len.saturating_add(room);
+                if room > 0 && segments < RESULT_SEGMENTS {
+                    req.result_segments[segments] = (at, room);
+                    segments += 1;
                 }
             }
         } else {
@@ -606,16 +692,27 @@ impl CtrlQueue {
                         target.max_pairs(),
                     )
                 });
-                let ack = match cmd {
+                let mut result = Vec::new();
+                let mut ack = match cmd {
                     Some(cmd) => {
                         if !target.admit(&cmd) {
                             // Stopping: the reset that follows discards the queue.
                             return Work::Done;
                         }
+                        if let Command::VqCoalGet { vqn } = cmd {
+                            let cfg = target.queue_coalescing(vqn);
+                            result.extend_from_slice(&cfg.max_packets.to_le_bytes());
+                            result.extend_from_slice(&cfg.usecs.to_le_bytes());
+                        }
                         apply(cmd, target)
                     }
                     None => ACK_ERR,
                 };
+                // A result goes after the ack; no room for it is an error.
+                if ack == ACK_OK && !result.is_empty() && !req.write_result(&self.mem, &result) {
+                    ack = ACK_ERR;
+                    result.clear();
+                }
                 if ack == ACK_OK {
                     tally.packets += 1;
                 } else {
@@ -639,7 +736,7 @@ impl CtrlQueue {
                     let ns = u64::try_from(kicked_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
                     m.last_vq_pairs_set_ns.store(ns, Ordering::Relaxed);
                 }
-                self.finish(head, 1, tally);
+                self.finish(head, 1 + result.len() as u32, tally);
             }
             match self.ring.enable_kicks(&self.mem) {
                 Ok(true) => continue,

@@ -10,7 +10,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_USO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_HOST_USO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_NOTF_COAL, VIRTIO_NET_F_SPEED_DUPLEX,
-    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_F_VQ_NOTF_COAL,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
@@ -80,7 +80,8 @@ const CTRL_FEATURES: u64 = bit(VIRTIO_NET_F_CTRL_VQ)
     | bit(VIRTIO_NET_F_CTRL_RX)
     | bit(VIRTIO_NET_F_CTRL_RX_EXTRA)
     | bit(VIRTIO_NET_F_CTRL_VLAN)
-    | bit(VIRTIO_NET_F_NOTF_COAL);
+    | bit(VIRTIO_NET_F_NOTF_COAL)
+    | bit(VIRTIO_NET_F_VQ_NOTF_COAL);
 
 /// The feature set offered for a device with these options; `uso` says whether the tap
 /// does UDP segmentation.

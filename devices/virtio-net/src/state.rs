@@ -58,7 +58,8 @@ pub struct Shared<B> {
     /// The receive filter and the notification coalescing (rx, tx) the driver configured;
     /// `settings_gen` counts their changes, so the workers copy them only when they changed.
     rx_filter: Mutex<RxFilter>,
-    coalescing: Mutex<(Coalesce, Coalesce)>,
+    /// Per data queue, by queue index (rx of pair p at 2p, tx at 2p + 1).
+    coalescing: Mutex<Vec<Coalesce>>,
     pub(crate) settings_gen: AtomicU64,
     /// Host operations the guest's control commands may cause (kept across resets, so a
     /// reset does not refill it).
@@ -121,7 +122,7 @@ impl<B: Backend> Shared<B> {
                 tun_flags: 0,
             }),
             rx_filter: Mutex::new(RxFilter::new(mac, false)),
-            coalescing: Mutex::new((Coalesce::default(), Coalesce::default())),
+            coalescing: Mutex::new(vec![Coalesce::default(); 2 * pairs]),
             settings_gen: AtomicU64::new(0),
             stop: StopSignal::default(),
             reconfig_limit: Mutex::new(TokenBucket::for_reconfig(pairs, Instant::now())),
@@ -191,9 +192,11 @@ impl<B: Backend> Shared<B> {
         (!f.passes_all()).then(|| f.clone())
     }
 
-    /// The notification coalescing of receive and transmit queues.
-    pub(crate) fn coalescing(&self) -> (Coalesce, Coalesce) {
-        *relock(&self.coalescing)
+    /// The notification coalescing of the receive and transmit queue of `pair`.
+    pub(crate) fn coalescing(&self, pair: usize) -> (Coalesce, Coalesce) {
+        let c = relock(&self.coalescing);
+        let get = |i: usize| c.get(i).copied().unwrap_or_default();
+        (get(2 * pair), get(2 * pair + 1))
     }
 
     /// Puts the receive filter (for a driver that negotiated CTRL_VLAN, `vlan_filtering`,
@@ -201,12 +204,12 @@ impl<B: Backend> Shared<B> {
     pub(crate) fn reset_settings(&self, vlan_filtering: bool) {
         let mac = relock(&self.config).mac;
         *relock(&self.rx_filter) = RxFilter::new(mac, vlan_filtering);
-        *relock(&self.coalescing) = (Coalesce::default(), Coalesce::default());
+        relock(&self.coalescing).fill(Coalesce::default());
         self.settings_gen.fetch_add(1, Ordering::Release);
     }
 
     /// Changes the coalescing with `f` and has every worker apply it before returning.
-    fn change_coalescing(&self, f: impl FnOnce(&mut (Coalesce, Coalesce))) -> bool {
+    fn change_coalescing(&self, f: impl FnOnce(&mut [Coalesce])) -> bool {
         f(&mut relock(&self.coalescing));
         self.settings_gen.fetch_add(1, Ordering::Release);
         let state = relock(&self.state);
@@ -388,7 +391,9 @@ impl<B: Backend> DeviceCtrl<B> {
             | Command::RxMode(..)
             | Command::MacTableSet(_)
             | Command::Vlan(..)
-            | Command::NotfCoal { .. } => 0,
+            | Command::NotfCoal { .. }
+            | Command::VqCoalSet { .. }
+            | Command::VqCoalGet { .. } => 0,
         }
     }
 
@@ -549,13 +554,29 @@ impl<B: Backend> CtrlTarget for DeviceCtrl<B> {
     }
 
     fn set_coalescing(&mut self, tx: bool, cfg: Coalesce) -> bool {
-        self.shared.change_coalescing(|(rx_cfg, tx_cfg)| {
-            if tx {
-                *tx_cfg = cfg;
-            } else {
-                *rx_cfg = cfg;
+        self.shared.change_coalescing(|queues| {
+            let first = usize::from(tx);
+            queues
+                .iter_mut()
+                .skip(first)
+                .step_by(2)
+                .for_each(|c| *c = cfg);
+        })
+    }
+
+    fn set_queue_coalescing(&mut self, vqn: u16, cfg: Coalesce) -> bool {
+        self.shared.change_coalescing(|queues| {
+            if let Some(c) = queues.get_mut(usize::from(vqn)) {
+                *c = cfg;
             }
         })
+    }
+
+    fn queue_coalescing(&self, vqn: u16) -> Coalesce {
+        relock(&self.shared.coalescing)
+            .get(usize::from(vqn))
+            .copied()
+            .unwrap_or_default()
     }
 }
 

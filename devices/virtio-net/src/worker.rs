@@ -181,7 +181,7 @@ impl<B: Backend> PairWorker<B> {
         if settings_gen != self.settings_seen {
             self.settings_seen = settings_gen;
             self.qp.set_filter(self.shared.rx_filter());
-            let (rx, tx) = self.shared.coalescing();
+            let (rx, tx) = self.shared.coalescing(self.pair);
             if self.timer.is_some() {
                 self.qp.set_coalescing(rx, tx);
             }

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_NOTF_COAL, VIRTIO_NET_CTRL_NOTF_COAL_RX_SET, VIRTIO_NET_CTRL_NOTF_COAL_TX_SET,
-    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_NOTF_COAL,
+    VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET, VIRTIO_NET_CTRL_NOTF_COAL_VQ_SET, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_NOTF_COAL, VIRTIO_NET_F_VQ_NOTF_COAL,
 };
 
 use super::device::{f_mq, socket_rig, Rig};
@@ -127,4 +128,76 @@ fn a_held_interrupt_the_driver_no_longer_wants_is_not_sent() {
     rig.q[0].set_used_event(1);
     receive(&mut rig, 1);
     assert!(wait_for(|| rig.irq.count(0) == irqs + 1));
+}
+
+#[test]
+fn per_queue_coalescing_is_set_and_read_back_through_the_control_queue() {
+    let mem = guest_memory();
+    let drop = F_EVENT_IDX | bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6);
+    let acked = (f_mq() & !drop) | bit(VIRTIO_NET_F_NOTF_COAL) | bit(VIRTIO_NET_F_VQ_NOTF_COAL);
+    let mut rig = socket_rig(&mem, 2, 1500, acked);
+    rig.fill_rx(0);
+    // VQ_SET on rx queue 0 (vqn 0): like RX_SET, for that queue only.
+    let vq_set = |vqn: u16, max_packets: u32, usecs: u32| {
+        let mut d = vqn.to_le_bytes().to_vec();
+        d.extend_from_slice(&[0, 0]);
+        d.extend_from_slice(&max_packets.to_le_bytes());
+        d.extend_from_slice(&usecs.to_le_bytes());
+        d
+    };
+    let set = VIRTIO_NET_CTRL_NOTF_COAL_VQ_SET;
+    assert_eq!(
+        rig.command(VIRTIO_NET_CTRL_NOTF_COAL, set, &vq_set(0, 4, 0)),
+        ACK_OK
+    );
+    assert_eq!(
+        rig.command(VIRTIO_NET_CTRL_NOTF_COAL, set, &vq_set(3, 7, 99)),
+        ACK_OK
+    );
+    let ctrl = rig.ctrl_index as u16;
+    let refused = rig.command(VIRTIO_NET_CTRL_NOTF_COAL, set, &vq_set(ctrl, 1, 1));
+    assert_eq!(refused, ACK_ERR, "the control queue has no coalescing");
+    let irqs = rig.irq.count(0);
+    receive(&mut rig, 3);
+    assert_eq!(rig.irq.count(0), irqs, "3 of 4 on rx 0: held");
+    receive(&mut rig, 1);
+    assert!(wait_for(|| rig.irq.count(0) == irqs + 1));
+
+    // VQ_GET: the vqn in, the ack, then struct virtio_net_ctrl_coal after it.
+    let ci = rig.ctrl_index;
+    let get = |rig: &mut Rig<'_>, vqn: u16, room: u32| -> (u8, Vec<u8>, u32) {
+        let at = 0x2f_0000;
+        mem.write_slice(
+            &[
+                VIRTIO_NET_CTRL_NOTF_COAL as u8,
+                VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET as u8,
+            ],
+            GuestAddress(at),
+        )
+        .unwrap();
+        mem.write_slice(&vqn.to_le_bytes(), GuestAddress(at + 2))
+            .unwrap();
+        mem.write_slice(&[0xee; 16], GuestAddress(at + 0x100))
+            .unwrap();
+        let before = rig.q[ci].used_idx();
+        rig.q[ci].add(&[r(at, 4), w(at + 0x100, room)]);
+        rig.kick(ci);
+        assert!(rig.q[ci].wait_used(before.wrapping_add(1)));
+        let len = rig.q[ci].used(before).1;
+        let bytes = read_guest(&mem, at + 0x100, 9);
+        (bytes[0], bytes[1..].to_vec(), len)
+    };
+    let (ack, result, len) = get(&mut rig, 3, 9);
+    assert_eq!(ack, ACK_OK);
+    assert_eq!(
+        result,
+        [7, 0, 0, 0, 99, 0, 0, 0],
+        "max_packets 7, max_usecs 99"
+    );
+    assert_eq!(len, 9, "ack and result written");
+    let (ack, result, _) = get(&mut rig, 1, 9);
+    assert_eq!((ack, result), (ACK_OK, vec![0; 8]), "tx 0 was never set");
+    let (ack, result, len) = get(&mut rig, 3, 4);
+    assert_eq!((ack, len), (ACK_ERR, 1), "no room for the result");
+    assert_eq!(result, [0xee; 8]);
 }

@@ -40,6 +40,7 @@ fn offered_features_follow_the_options() {
         VIRTIO_NET_F_CTRL_RX_EXTRA,
         VIRTIO_NET_F_CTRL_VLAN,
         VIRTIO_NET_F_NOTF_COAL,
+        VIRTIO_NET_F_VQ_NOTF_COAL,
     ];
     let never = [VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_RSS];
     let uso_bits = [
