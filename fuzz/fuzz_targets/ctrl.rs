@@ -36,10 +36,12 @@ use mqvmm_fuzz::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
-    VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM,
-    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_MQ,
-    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_NOTF_COAL,
+    VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_NOTF_COAL,
+    VIRTIO_NET_F_VQ_NOTF_COAL,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_net::chain::DescTable;
@@ -56,8 +58,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const CTRL_MAX: u16 = 64;
 const PAIR_QUEUE_SIZE: u16 = 2;
-const FEATURE_BITS: [u32; 12] = [
+const FEATURE_BITS: [u32; 17] = [
     VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_RX_EXTRA,
+    VIRTIO_NET_F_CTRL_VLAN,
+    VIRTIO_NET_F_NOTF_COAL,
+    VIRTIO_NET_F_VQ_NOTF_COAL,
     VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
     VIRTIO_NET_F_CTRL_MAC_ADDR,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -324,9 +331,19 @@ impl Checker {
             );
             return;
         };
-        assert_eq!(len, 1, "parsed command returned with length {len}");
         let ack: u8 = mem.read_obj(req.ack_addr).expect("ack byte in memory");
         assert!(ack == ACK_OK || ack == ACK_ERR, "ack byte {ack}");
+        // Only VQ_GET answers OK with a result (struct virtio_net_ctrl_coal) after the ack.
+        let vq_get = req.header()
+            == Some((
+                VIRTIO_NET_CTRL_NOTF_COAL as u8,
+                VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET as u8,
+            ));
+        let expected_len = if vq_get && ack == ACK_OK { 9 } else { 1 };
+        assert_eq!(
+            len, expected_len,
+            "parsed command returned with length {len}"
+        );
         let pairs_set = req.header()
             == Some((
                 VIRTIO_NET_CTRL_MQ as u8,
