@@ -60,11 +60,6 @@ const CTRL_MAX: u16 = 64;
 const PAIR_QUEUE_SIZE: u16 = 2;
 const FEATURE_BITS: [u32; 17] = [
     VIRTIO_NET_F_MQ,
-    VIRTIO_NET_F_CTRL_RX,
-    VIRTIO_NET_F_CTRL_RX_EXTRA,
-    VIRTIO_NET_F_CTRL_VLAN,
-    VIRTIO_NET_F_NOTF_COAL,
-    VIRTIO_NET_F_VQ_NOTF_COAL,
     VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
     VIRTIO_NET_F_CTRL_MAC_ADDR,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -76,6 +71,12 @@ const FEATURE_BITS: [u32; 17] = [
     VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_NET_F_CTRL_VQ,
+    // Input bits 12-14 were unused before these; 15 and 16 come from an extra input byte.
+    VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_RX_EXTRA,
+    VIRTIO_NET_F_CTRL_VLAN,
+    VIRTIO_NET_F_NOTF_COAL,
+    VIRTIO_NET_F_VQ_NOTF_COAL,
 ];
 
 /// The model device of the direct mode. Its pair switch runs the real `switch_pairs`.
@@ -387,7 +388,7 @@ impl Checker {
 }
 
 fn read_features(inp: &mut Input, first: u8) -> u64 {
-    let word = u16::from(first >> 1) | (u16::from(inp.u8()) << 7);
+    let word = u32::from(first >> 1) | (u32::from(inp.u8()) << 7) | (u32::from(inp.u8()) << 15);
     FEATURE_BITS
         .iter()
         .enumerate()
