@@ -3,7 +3,7 @@
 # another, one libFuzzer process at a time; writes libFuzzer's final numbers per target to
 # fuzz/last-run.txt. Used by `make fuzz`; see fuzz/README.md.
 #
-#   fuzz/run.sh [TARGET...]            default: ctrl queue_pair mmio pci
+#   fuzz/run.sh [TARGET...]            default: ctrl queue_pair mmio pci api
 #   FUZZ_SECONDS=60 fuzz/run.sh ctrl
 #   FUZZ_MERGE=1 fuzz/run.sh           afterwards, re-minimise fuzz/corpus/<target>
 #   FUZZ_SECONDS=0 FUZZ_MERGE=1 fuzz/run.sh   only re-minimise (no fuzzing, no new stats)
@@ -19,7 +19,7 @@ build=${MQVMM_BUILD:-$root/build}
 tools=$build/tools
 work=$build/fuzz
 targets=("$@")
-all_targets=(ctrl queue_pair mmio pci)
+all_targets=(ctrl queue_pair mmio pci api)
 [ ${#targets[@]} -gt 0 ] || targets=("${all_targets[@]}")
 
 # cargo-fuzz, installed once into the build cache.

@@ -10,6 +10,7 @@ fn main() -> std::io::Result<()> {
         ("queue_pair", mqvmm_fuzz::seeds::queue_pair()),
         ("mmio", mqvmm_fuzz::seeds::mmio()),
         ("pci", mqvmm_fuzz::seeds::pci()),
+        ("api", mqvmm_fuzz::seeds::api()),
     ] {
         let dir = root.join(target);
         std::fs::create_dir_all(&dir)?;

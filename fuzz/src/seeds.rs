@@ -394,3 +394,27 @@ pub fn pci() -> Vec<(&'static str, Vec<u8>)> {
         ("relocation", pci_relocation()),
     ]
 }
+
+/// `api`: a mode byte (bit 0 network device, bit 2 through a connection, bits 3..7 the
+/// piece size), then a request.
+pub fn api() -> Vec<(&'static str, Vec<u8>)> {
+    let seed = |mode: u8, request: &str| [&[mode][..], request.as_bytes()].concat();
+    vec![
+        ("counters", seed(1, r#"{"command":"counters"}"#)),
+        ("queues", seed(1, r#"{"command":"queues"}"#)),
+        ("link-down", seed(1, r#"{"command":"link","up":false}"#)),
+        (
+            "link-up-tap-gone",
+            seed(3, r#"{"command":"link","up":true}"#),
+        ),
+        ("shutdown", seed(0, r#"{"command":"shutdown"}"#)),
+        (
+            "connection-in-pieces",
+            seed(
+                1 | 4 | (2 << 3),
+                "{\"command\":\"link\",\"up\":true}\n{\"command\":\"shutdown\"}\n",
+            ),
+        ),
+        ("no-device", seed(0, r#"{"command":"counters"}"#)),
+    ]
+}

@@ -147,14 +147,22 @@ impl TapQueue {
     /// also resynchronises the state that gates I/O, should another holder of the same open file
     /// have changed it.
     pub fn is_attached(&self) -> Result<bool, Error> {
+        let attached = self.kernel_attached()?;
+        self.attached.store(attached, Ordering::Release);
+        Ok(attached)
+    }
+
+    /// Whether the kernel has the queue attached (TUNGETIFF), without touching the state that
+    /// gates I/O: for an observer on another thread than the one that attaches and detaches,
+    /// whose stale answer would otherwise overwrite a concurrent [`TapQueue::attach`] or
+    /// [`TapQueue::detach`].
+    pub fn kernel_attached(&self) -> Result<bool, Error> {
         let ifr = sys::tun_get_iff(self.raw()).map_err(|source| Error::QueueState {
             name: self.if_name.clone(),
             queue: self.queue,
             source,
         })?;
-        let attached = ifr.flags() & libc::IFF_DETACH_QUEUE == 0;
-        self.attached.store(attached, Ordering::Release);
-        Ok(attached)
+        Ok(ifr.flags() & libc::IFF_DETACH_QUEUE == 0)
     }
 
     /// The virtio-net header size the device uses (10 by default). It is per device, not per queue.

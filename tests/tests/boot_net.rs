@@ -675,3 +675,196 @@ fn ping_avg_ms(console: &mut GuestConsole) -> f64 {
         .and_then(|avg| avg.trim().parse().ok())
         .unwrap_or_else(|| panic!("no round-trip line in:\n{out}"))
 }
+
+#[test]
+fn an_operator_sets_the_link_reads_counters_and_stops_mqvmm_over_the_api_socket_pci() {
+    if !requirements() || !skip::require_binary("mqvmm-ctl") {
+        return;
+    }
+    rig::in_kvm_env(
+        "an_operator_sets_the_link_reads_counters_and_stops_mqvmm_over_the_api_socket_pci",
+        api_socket,
+    );
+}
+
+/// `mqvmm-ctl --api-socket SOCKET ARGS...`: its exit status and the JSON it printed.
+fn ctl(socket: &str, args: &[&str]) -> (i32, serde_json::Value) {
+    let out = Command::new(rig::bin_path("mqvmm-ctl"))
+        .args(["--api-socket", socket])
+        .args(args)
+        .output()
+        .expect("run mqvmm-ctl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let reply = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "mqvmm-ctl {args:?} printed no JSON ({e}): {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), reply)
+}
+
+/// `mqvmm-ctl ARGS...` must succeed; its reply.
+fn ctl_ok(socket: &str, args: &[&str]) -> serde_json::Value {
+    let (code, reply) = ctl(socket, args);
+    assert_eq!((code, &reply["ok"]), (0, &true.into()), "{args:?}: {reply}");
+    reply
+}
+
+/// The guest's eth0 carrier (`/sys/class/net/eth0/carrier`) once it is `want`, or what it
+/// still is after 10 s.
+fn guest_carrier(console: &mut GuestConsole, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let carrier = console
+            .check("cat /sys/class/net/eth0/carrier", STEP)
+            .trim()
+            .to_string();
+        if carrier == want || Instant::now() > deadline {
+            return carrier;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// (rx_packets, tx_packets) of the guest's eth0.
+fn guest_packets(console: &mut GuestConsole) -> (u64, u64) {
+    let out = console.check(
+        "cat /sys/class/net/eth0/statistics/rx_packets /sys/class/net/eth0/statistics/tx_packets",
+        STEP,
+    );
+    let numbers: Vec<u64> = out
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    match numbers[..] {
+        [rx, tx] => (rx, tx),
+        _ => panic!("guest statistics: {out:?}"),
+    }
+}
+
+/// The device's (rx, tx) packets over all pairs in a `counters` reply.
+fn device_packets(reply: &serde_json::Value) -> (u64, u64) {
+    let pairs = reply["counters"]["pairs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no pairs in {reply}"));
+    let sum = |dir: &str| {
+        pairs
+            .iter()
+            .map(|p| p[dir]["packets"].as_u64().expect("a packet counter"))
+            .sum()
+    };
+    (sum("rx"), sum("tx"))
+}
+
+/// 2 pairs over virtio-pci, launched with `--api-socket`: `queues` agrees with the host
+/// tap's attached count; `mqvmm-ctl link down` gives the guest NO-CARRIER and stops its
+/// traffic, `link up` brings the carrier and the traffic back; the device's packet counters
+/// from `counters` match the guest's own eth0 statistics; a bad request gets an error and
+/// changes nothing; `shutdown` ends mqvmm with exit status 0 and removes the socket.
+fn api_socket() {
+    let tap = HostTap::new("mqapi0");
+    let dir = "/run/mqvmm-api-boot";
+    let _ = std::fs::remove_dir_all(dir);
+    let socket = format!("{dir}/api.sock");
+    let started = Instant::now();
+    let mut console = start_guest(&tap, 2, 2, Transport::Pci, &["--api-socket", &socket]);
+    assert_unprivileged(&mut console);
+
+    let queues = ctl_ok(&socket, &["queues"]);
+    let host = tap.attached();
+    assert_eq!(queues["queues"]["max_pairs"], 2, "{queues}");
+    assert_eq!(
+        queues["queues"]["host_attached_queues"],
+        u64::from(host),
+        "queues reply against netlink's {host}: {queues}"
+    );
+    assert_eq!(
+        queues["queues"]["attached_pairs"],
+        u64::from(host),
+        "{queues}"
+    );
+    console.check(&format!("ping -c 2 -W 5 {HOST_IP}"), STEP);
+
+    let reply = ctl_ok(&socket, &["link", "down"]);
+    assert_eq!(reply["link"]["up"], false, "{reply}");
+    let carrier = guest_carrier(&mut console, "0");
+    assert_eq!(carrier, "0", "guest carrier after link down");
+    let link = console.check("ip link show eth0", STEP);
+    assert!(link.contains("NO-CARRIER"), "ip link show eth0:\n{link}");
+    let ping = console
+        .run(&format!("ping -c 1 -W 2 {HOST_IP}"), STEP)
+        .expect("run ping");
+    assert_ne!(ping.status, 0, "ping with the link down:\n{}", ping.output);
+    let counters = ctl_ok(&socket, &["counters"]);
+    assert_eq!(counters["counters"]["link_up"], false, "{counters}");
+
+    ctl_ok(&socket, &["link", "up"]);
+    let carrier = guest_carrier(&mut console, "1");
+    assert_eq!(carrier, "1", "guest carrier after link up");
+    // The guest's neighbour entry and route come back with the carrier: give it a few tries.
+    console.check(
+        &format!("for i in 1 2 3 4 5; do ping -c 1 -W 2 {HOST_IP} && break; done; ping -c 10 -i 0.2 -W 2 {HOST_IP}"),
+        STEP,
+    );
+
+    std::thread::sleep(Duration::from_secs(1));
+    let guest_before = guest_packets(&mut console);
+    let counters = ctl_ok(&socket, &["counters"]);
+    let guest_after = guest_packets(&mut console);
+    let device = device_packets(&counters);
+    // The guest counts a received frame after the device used its buffer, and a sent one
+    // once the device returned it: the device's counts lie between two reads of the guest's,
+    // give or take a frame in flight.
+    const SLACK: u64 = 2;
+    for (what, dev, before, after) in [
+        ("rx", device.0, guest_before.0, guest_after.0),
+        ("tx", device.1, guest_before.1, guest_after.1),
+    ] {
+        assert!(
+            dev + SLACK >= before && dev <= after + SLACK,
+            "device {what} packets {dev}, guest {before}..{after}: {counters}"
+        );
+    }
+    assert!(device.1 >= 10, "the pings are not in tx: {counters}");
+
+    let mut conn = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    let bad = vmm::api::client::call_raw(
+        &mut conn,
+        b"{\"command\":\"link\",\"up\":\"maybe\"}\n",
+        Duration::from_secs(10),
+    )
+    .expect("a reply to a bad request");
+    assert_eq!(bad["ok"], false, "{bad}");
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("invalid request"),
+        "{bad}"
+    );
+    assert_eq!(
+        guest_carrier(&mut console, "1"),
+        "1",
+        "a bad request changed the link"
+    );
+
+    let reply = ctl_ok(&socket, &["shutdown"]);
+    assert_eq!(reply["shutdown"]["exit_code"], 0, "{reply}");
+    let code = console.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        code,
+        Some(0),
+        "mqvmm did not exit 0 after shutdown:\n{}",
+        console.transcript()
+    );
+    assert!(
+        !std::path::Path::new(&socket).exists(),
+        "the API socket outlived mqvmm"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    rig::note(&format!(
+        "timing: api socket: host attached {host}, link down -> NO-CARRIER, link up -> ping ok, device rx/tx {device:?} vs guest {guest_before:?}..{guest_after:?}, shutdown exit 0, {:.1} s in all",
+        started.elapsed().as_secs_f64()
+    ));
+}

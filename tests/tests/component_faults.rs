@@ -20,7 +20,7 @@ use mqvmm_tests::driver::{DriverConfig, NetDriver, ACK_ERR, ACK_OK, DEFAULT_FEAT
 use mqvmm_tests::{netns, skip};
 use tap::{MultiQueueTap, TapConfig, TapQueue};
 use virtio_net::test_utils::fakes::{Fault, FaultPlan, FaultyBackend};
-use virtio_net::{Backend, Net, NetConfig, NetMetrics};
+use virtio_net::{Backend, Net, NetConfig, NetControl, NetMetrics};
 
 const PAIRS: u16 = 4;
 const QUEUE_SIZE: u16 = 256;
@@ -68,6 +68,14 @@ fn get(counter: &AtomicU64) -> u64 {
 }
 
 fn driver<B: Backend + 'static>(backends: Vec<B>) -> (NetDriver, Arc<NetMetrics>) {
+    let (drv, metrics, _) = driver_with_control(backends);
+    (drv, metrics)
+}
+
+/// [`driver`], and the device's operator handle (what mqvmm's API socket uses).
+fn driver_with_control<B: Backend + 'static>(
+    backends: Vec<B>,
+) -> (NetDriver, Arc<NetMetrics>, NetControl<B>) {
     let net = Net::new(
         NetConfig {
             queue_size: QUEUE_SIZE,
@@ -77,6 +85,7 @@ fn driver<B: Backend + 'static>(backends: Vec<B>) -> (NetDriver, Arc<NetMetrics>
     )
     .unwrap_or_else(|e| panic!("create the device: {e}"));
     let metrics = net.metrics();
+    let control = net.control();
     let mut drv = NetDriver::new(
         Box::new(net),
         DriverConfig {
@@ -86,7 +95,18 @@ fn driver<B: Backend + 'static>(backends: Vec<B>) -> (NetDriver, Arc<NetMetrics>
         },
     );
     assert_eq!(drv.init(), DEFAULT_FEATURES);
-    (drv, metrics)
+    (drv, metrics, control)
+}
+
+/// Waits up to 5 s for a configuration-change interrupt.
+fn config_interrupt(drv: &mut NetDriver) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if drv.wait_interrupt(Duration::from_millis(100)) & INT_CONFIG != 0 {
+            return true;
+        }
+    }
+    false
 }
 
 /// A broadcast frame from the guest side on `pair` reaches the host's tap.
@@ -201,13 +221,27 @@ fn deleted_tap_takes_the_link_down_drops_tx_and_refuses_vq_pairs_set() {
         "deleted_tap_takes_the_link_down_drops_tx_and_refuses_vq_pairs_set",
         || {
             let tap = "mqcf1";
-            let (mut drv, metrics) = driver(make_tap(tap));
+            let (mut drv, metrics, control) = driver_with_control(make_tap(tap));
             assert_eq!(drv.set_queue_pairs(2), ACK_OK);
             expect_host_queues(tap, 2, "VQ_PAIRS_SET(2)");
             assert!(guest_frame_reaches_host(&mut drv, tap, 1));
             assert_eq!(drv.link_status() & 1, 1, "link up");
             // Forget earlier interrupts.
             while drv.wait_interrupt(Duration::from_millis(50)) != 0 {}
+            // The operator's link switch: STATUS and a config interrupt each way.
+            assert!(control.set_link_up(false));
+            assert!(
+                config_interrupt(&mut drv),
+                "no config interrupt for link down"
+            );
+            assert_eq!(drv.link_status() & 1, 0, "operator's link down");
+            assert!(control.set_link_up(true));
+            assert!(
+                config_interrupt(&mut drv),
+                "no config interrupt for link up"
+            );
+            assert_eq!(drv.link_status() & 1, 1, "operator's link up");
+            assert!(guest_frame_reaches_host(&mut drv, tap, 0));
 
             let out = std::process::Command::new("ip")
                 .args(["link", "del", tap])
@@ -264,6 +298,12 @@ fn deleted_tap_takes_the_link_down_drops_tx_and_refuses_vq_pairs_set() {
             assert_eq!(drv.set_queue_pairs(4), ACK_ERR);
             assert_eq!(drv.set_queue_pairs(1), ACK_ERR);
             assert_eq!(get(&metrics.active_pairs), 2);
+
+            // The operator cannot bring the link back up over a deleted tap.
+            assert!(!control.set_link_up(true), "link up over a deleted tap");
+            assert_eq!(drv.link_status() & 1, 0);
+            assert!(!metrics.link_up.load(Ordering::SeqCst));
+            assert!(control.set_link_up(false));
             eprintln!(
                 "tap deleted: config interrupt, link down, device threads {spent} ticks in 2 s, tx dropped, VQ_PAIRS_SET ERR"
             );

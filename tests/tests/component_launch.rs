@@ -1402,3 +1402,68 @@ fn mqvmm_refuses_fds_of_two_taps() {
         );
     });
 }
+
+/// `--api-socket PATH`: the launcher creates PATH's missing directory for the VMM's user
+/// (mode 0700, owner nobody), leaves an existing one alone, passes `--api-socket PATH` on, and
+/// refuses the option after `--`.
+#[test]
+fn launcher_creates_the_api_socket_directory_for_the_vmm_user_and_passes_the_path() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns(
+        "launcher_creates_the_api_socket_directory_for_the_vmm_user_and_passes_the_path",
+        || {
+            use std::os::unix::fs::MetadataExt;
+            let scratch = ScratchDir::new("api-dir", 0o755);
+            let socket = scratch.file("vm1/api.sock");
+            let args = ["--tap", "mqapi0", "--queues", "1", "--user", "nobody"];
+            for round in ["created", "exists"] {
+                let mut cmd = launch_fdcheck(
+                    &launcher,
+                    &[&args[..], &["--api-socket", &socket]].concat(),
+                    &[],
+                );
+                cmd.stderr(Stdio::piped());
+                let mut vmm = FdCheck::spawn(cmd);
+                let stderr_pipe = vmm.child.stderr.take();
+                vmm.quit();
+                let mut log = String::new();
+                stderr_pipe.unwrap().read_to_string(&mut log).unwrap();
+                let exec = log.lines().find(|l| l.contains(": exec ")).unwrap_or("");
+                assert!(exec.ends_with(&format!(" --api-socket {socket}")), "{log}");
+                assert!(
+                    log.contains(&format!("directory {}: {round}", scratch.file("vm1"))),
+                    "{log}"
+                );
+                let meta = std::fs::metadata(scratch.0.join("vm1")).unwrap();
+                assert!(meta.is_dir());
+                assert_eq!(meta.mode() & 0o7777, 0o700);
+                assert_eq!((meta.uid(), meta.gid()), (NOBODY, NOBODY));
+            }
+            let out = run(launch_fdcheck(&launcher, &args, &["--api-socket", &socket]));
+            assert_one_line_error(
+                &out,
+                2,
+                "mqvmm-launch: error:",
+                "--api-socket is added by mqvmm-launch: do not pass it after --",
+            );
+            let out = run(launch_fdcheck(
+                &launcher,
+                &[
+                    &args[..],
+                    &["--api-socket", &scratch.file("no/such/api.sock")],
+                ]
+                .concat(),
+                &[],
+            ));
+            assert_one_line_error(
+                &out,
+                1,
+                "mqvmm-launch: error:",
+                "cannot create the --api-socket directory",
+            );
+        },
+    );
+}

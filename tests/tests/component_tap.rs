@@ -580,3 +580,34 @@ fn create_joins_existing_taps_and_applies_settings() {
         }
     });
 }
+
+/// An observer's query (what mqvmm's API thread asks for `queues`) reports the kernel's
+/// state and leaves the queue's I/O gate alone; `is_attached` resynchronises it. Shown with a
+/// second holder of the same open file that detaches the queue behind the first one's back.
+#[test]
+fn kernel_attached_reports_the_kernel_state_without_moving_the_io_gate() {
+    if skip() {
+        return;
+    }
+    netns::run_in_netns(
+        "kernel_attached_reports_the_kernel_state_without_moving_the_io_gate",
+        || {
+            let tap = "mqobs0";
+            let mq = create(tap, 2);
+            let queue = &mq.queues()[1];
+            let dup = queue.as_fd().try_clone_to_owned().unwrap();
+            // SAFETY: `dup` was just created and is handed over; nothing else owns it.
+            let other = unsafe { tap::TapQueue::from_raw_fd(dup.into_raw_fd(), 1) }.unwrap();
+            assert!(queue.kernel_attached().unwrap());
+            other.detach().unwrap();
+            expect_queues(tap, 1, 1, "detaching through the second holder");
+            assert!(!queue.kernel_attached().unwrap());
+            // The gate still says attached: a read reaches the kernel (nothing queued).
+            let err = queue.read(&mut [0u8; 2048]).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock, "{err}");
+            assert!(!queue.is_attached().unwrap());
+            let err = queue.read(&mut [0u8; 2048]).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EBADFD), "{err}");
+        },
+    );
+}

@@ -15,13 +15,16 @@ pub enum VmExit {
     Error(String),
     /// The VMM was told to stop by a signal.
     Signal(i32),
+    /// An operator asked for it on the API socket (`shutdown`).
+    Shutdown,
 }
 
 impl VmExit {
-    /// Process exit code: 0 when the guest ended itself, 1 on errors, 128+N on signals.
+    /// Process exit code: 0 when the guest ended itself or an operator ended it through the
+    /// API socket, 1 on errors, 128+N on signals.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::PowerOff | VmExit::Reset => 0,
+            VmExit::PowerOff | VmExit::Reset | VmExit::Shutdown => 0,
             VmExit::Error(_) => 1,
             VmExit::Signal(sig) => 128 + sig,
         }
@@ -84,6 +87,7 @@ mod tests {
         assert_eq!(h.reason(), Some(VmExit::PowerOff));
         assert_eq!(h.event().read().unwrap(), 2);
         assert_eq!(VmExit::Reset.exit_code(), 0);
+        assert_eq!(VmExit::Shutdown.exit_code(), 0);
         assert_eq!(VmExit::Error(String::new()).exit_code(), 1);
         assert_eq!(VmExit::Signal(15).exit_code(), 143);
     }

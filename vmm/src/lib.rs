@@ -6,8 +6,10 @@
 //! [`devices`] holds the platform devices, [`virtio`] the two transports (virtio-mmio, and
 //! virtio-pci with MSI-X on the [`pci`] root bus) that host the `virtio-net` device, and [`vm`]
 //! puts it together and runs the main loop. [`seccomp`] confines
-//! every thread to the system calls its job needs once the VM is built.
+//! every thread to the system calls its job needs once the VM is built. [`api`] is the
+//! operator's control socket (`--api-socket`) and its JSON protocol.
 
+pub mod api;
 pub mod arch;
 pub mod bus;
 pub mod devices;

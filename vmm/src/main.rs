@@ -11,9 +11,10 @@ use tap::MacAddr;
 use virtio_net::config::MIN_MTU;
 use virtio_net::MAX_QUEUE_PAIRS;
 
+use vmm::api::ApiSocket;
 use vmm::arch::boot::{self, Image, ImageKind};
 use vmm::exit::VmExit;
-use vmm::seccomp::{Machine, Mode as SeccompMode, Sandbox, ThreadKind};
+use vmm::seccomp::{ApiFds, Machine, Mode as SeccompMode, Sandbox, ThreadKind};
 use vmm::signals::SignalFd;
 use vmm::terminal::RawTerminal;
 use vmm::vm::{self, KvmSource, NetSetup, Transport, Vm, VmConfig};
@@ -31,7 +32,8 @@ const DEFAULT_CMDLINE_PCI: &str = "console=ttyS0";
     after_help = "Unprivileged use: let mqvmm-launch create the tap and open /dev/kvm, e.g.\n  \
         mqvmm-launch --tap mq0 --queues 4 --user nobody -- --kernel vmlinux --initramfs initramfs.cpio.gz --cpus 4\n\
         Exit codes: 0 guest powered off or rebooted, 1 VM error, 2 bad arguments, 128+N signal N.\n\
-        SIGUSR1 prints the network device counters as one line on stderr:\n  mqvmm-metrics: virtio-net max_pairs=4 active_pairs=2 ... | pair0 attached=1 parked=0 rx_packets=... | ctrl ..."
+        SIGUSR1 prints the network device counters as one line on stderr:\n  mqvmm-metrics: virtio-net max_pairs=4 active_pairs=2 ... | pair0 attached=1 parked=0 rx_packets=... | ctrl ...\n\
+        With --api-socket PATH: mqvmm-ctl --api-socket PATH counters|queues|link up|link down|shutdown"
 )]
 #[command(group(ArgGroup::new("kernel_image").required(true).args(["kernel", "kernel_fd"])))]
 #[command(group(ArgGroup::new("initramfs_image").args(["initramfs", "initramfs_fd"])))]
@@ -82,7 +84,12 @@ struct Args {
     /// debugging), `off` (no filters; for debugging only).
     #[arg(long, value_name = "MODE", default_value = "on", value_parser = parse_seccomp_mode)]
     seccomp: SeccompMode,
-    /// Test only: the named thread kind (main, vcpu, spawner, net-pair, net-ctrl) issues a
+    /// The operator's control socket: a unix socket mqvmm creates at PATH (mode 0600; an
+    /// existing file that is not a stale socket is refused) and removes at exit. One JSON
+    /// request per connection: counters, queues, link up/down, shutdown (see mqvmm-ctl).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Test only: the named thread kind (main, vcpu, spawner, net-pair, net-ctrl, api) issues a
     /// forbidden system call right after entering its filter.
     #[arg(long, value_name = "THREAD", hide = true, value_parser = parse_thread_kind)]
     seccomp_selftest: Option<ThreadKind>,
@@ -562,8 +569,23 @@ fn run(args: Args) -> Result<VmExit, Failure> {
     }
     let (transport, cmdline) = transport_and_cmdline(args.transport, args.cmdline, net.is_some())
         .map_err(Failure::Usage)?;
+    // Created after the handed fds are adopted (its fds cannot take one of their numbers) and
+    // before the filters, which name its fds. Dropped at the end of this function, which
+    // removes the socket file.
+    let mut api_socket = args
+        .api_socket
+        .as_deref()
+        .map(ApiSocket::bind)
+        .transpose()
+        .map_err(|e| usage(&e))?;
     let machine = Machine {
         pci: net.is_some() && transport == Transport::Pci,
+        api: api_socket.as_ref().and_then(|socket| {
+            Some(ApiFds {
+                listener: socket.listener_fd()?,
+                dir: socket.dir_fd(),
+            })
+        }),
     };
     let sandbox = Sandbox::for_machine(args.seccomp, args.seccomp_selftest, machine)
         .map_err(|e| Failure::Runtime(error_chain(&e)))?;
@@ -577,6 +599,7 @@ fn run(args: Args) -> Result<VmExit, Failure> {
         net,
         transport,
         sandbox: std::sync::Arc::new(sandbox),
+        api: api_socket.as_mut().and_then(ApiSocket::take_listener),
     };
     let signals = SignalFd::new(&[
         libc::SIGTERM,
@@ -598,6 +621,7 @@ fn run(args: Args) -> Result<VmExit, Failure> {
     let _terminal = RawTerminal::enable();
     let exit = vm.run(signals).map_err(classify)?;
     log::info!("VM ran for {:.3} s", started.elapsed().as_secs_f64());
+    drop(api_socket);
     Ok(exit)
 }
 
@@ -642,6 +666,7 @@ fn main() -> ExitCode {
                 VmExit::Error(paragraph) => eprintln!("mqvmm: error: {paragraph}"),
                 VmExit::Signal(sig) => eprintln!("mqvmm: stopped by signal {sig}"),
                 VmExit::PowerOff | VmExit::Reset => log::info!("guest ended: {exit:?}"),
+                VmExit::Shutdown => log::info!("stopped by a shutdown request on the API socket"),
             }
             ExitCode::from(exit.exit_code() as u8)
         }

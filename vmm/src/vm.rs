@@ -18,6 +18,7 @@ use vm_memory::{
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::api;
 use crate::arch::{acpi, boot, cpu, layout};
 use crate::bus::{self, Bus};
 use crate::devices::legacy::{AcpiPm, Sink, I8042};
@@ -94,6 +95,8 @@ pub struct VmConfig {
     pub transport: Transport,
     /// Seccomp filters, entered by every thread once the VM is built.
     pub sandbox: Arc<Sandbox>,
+    /// The listening API socket (`--api-socket`), served by the `api` thread.
+    pub api: Option<std::os::unix::net::UnixListener>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +190,8 @@ pub enum Error {
     EventLoop(#[source] event_manager::Error),
     #[error(transparent)]
     Seccomp(#[from] seccomp::Error),
+    #[error(transparent)]
+    Api(#[from] api::ServerError),
 }
 
 impl Error {
@@ -296,6 +301,8 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole<ConsoleOut>>>,
     serial_drained: EventFd,
     net_metrics: Option<Arc<virtio_net::NetMetrics>>,
+    net_control: Option<virtio_net::NetControl<tap::TapQueue>>,
+    api: Option<std::os::unix::net::UnixListener>,
     sandbox: Arc<Sandbox>,
 }
 
@@ -398,6 +405,7 @@ impl Vm {
         let mut mmio_devices = Vec::new();
         let mut pci_root = None;
         let mut net_metrics = None;
+        let mut net_control = None;
         if let Some(net) = config.net {
             let mut device = virtio_net::Net::new(
                 virtio_net::NetConfig {
@@ -415,6 +423,7 @@ impl Vm {
             // spawner thread instead, so each enters its own filter (see seccomp).
             device.set_thread_spawner(Arc::new(Spawner::start(config.sandbox.clone())?));
             net_metrics = Some(device.metrics());
+            net_control = Some(device.control());
             match config.transport {
                 Transport::Mmio => {
                     mmio_devices.push(attach_mmio(&vm, &mem, &mut mmio_bus, Box::new(device))?);
@@ -466,6 +475,8 @@ impl Vm {
             serial,
             serial_drained,
             net_metrics,
+            net_control,
+            api: config.api,
             sandbox: config.sandbox,
         })
     }
@@ -497,6 +508,20 @@ impl Vm {
 
         for vcpu in self.vcpus.drain(..) {
             vcpu.spawn()?;
+        }
+        if let Some(listener) = self.api.take() {
+            let exit = self.exit.clone();
+            api::spawn(
+                listener,
+                Box::new(api::NetVmm {
+                    net: self.net_control.take(),
+                }),
+                self.sandbox.clone(),
+                Box::new(move || {
+                    log::info!("shutdown requested on the API socket; stopping the VM");
+                    exit.request(VmExit::Shutdown);
+                }),
+            )?;
         }
         // Everything the main loop needs exists (its epoll set included); from here on it only
         // waits, reads, writes and ends.

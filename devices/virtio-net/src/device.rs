@@ -150,6 +150,34 @@ impl<B: Backend> Drop for Running<B> {
     }
 }
 
+/// What an operator may see and change of a running device ([`Net::control`]).
+pub struct NetControl<B> {
+    shared: Arc<Shared<B>>,
+}
+
+impl<B: Backend> NetControl<B> {
+    /// Sets the link state shown to the guest, as [`Net::set_link_up`] does. Refused (returns
+    /// false, the link stays down) for `up` once a backend is gone: the tap was deleted, and
+    /// the device cannot reach the host any more.
+    pub fn set_link_up(&self, up: bool) -> bool {
+        if up && self.shared.backend_gone.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.shared.set_link(up);
+        true
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> &Arc<NetMetrics> {
+        &self.shared.metrics
+    }
+
+    /// The backends, one per queue pair.
+    pub fn backends(&self) -> &[B] {
+        &self.shared.backends
+    }
+}
+
 /// A multiqueue virtio-net device; one [`Backend`] per queue pair.
 pub struct Net<B: Backend> {
     cfg: NetConfig,
@@ -299,6 +327,14 @@ impl<B: Backend + 'static> Net<B> {
     /// While the link is down, transmitted frames are dropped (counted).
     pub fn set_link_up(&self, up: bool) {
         self.shared.set_link(up);
+    }
+
+    /// A handle on the link, the counters and the backends for a VMM's operator interface:
+    /// it stays usable, from any thread, once the device belongs to a transport.
+    pub fn control(&self) -> NetControl<B> {
+        NetControl {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Starts the device (driver set DRIVER_OK): one worker per queue pair whose two queues

@@ -109,7 +109,7 @@ mod tests;
 
 pub use backend::{Backend, BackendError, BackendOp};
 pub use config::{ConfigError, Duplex, NetConfig, DEFAULT_QUEUE_SIZE, MAX_QUEUE_PAIRS};
-pub use device::{Error, Net};
+pub use device::{Error, Net, NetControl};
 pub use metrics::{NetMetrics, PairMetrics, QueueMetrics};
 pub use worker::{DeviceThread, StdSpawner, ThreadSpawner};
 

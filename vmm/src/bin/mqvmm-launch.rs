@@ -55,6 +55,9 @@ Who may run it: root, or a caller given CAP_NET_ADMIN, e.g.
 --mqvmm must be an absolute path; only the default mqvmm may run as --user root;
 --seccomp off|log after -- needs --allow-unsandboxed.
 
+--api-socket /run/mqvmm/vm1/api.sock gives the operator a control socket (the launcher creates
+/run/mqvmm/vm1 for USER if missing): mqvmm-ctl --api-socket /run/mqvmm/vm1/api.sock counters
+
 Exit status: 2 for bad arguments or a refused invocation (a kernel or initramfs that cannot be
 opened among them), 1 when setting up fails; otherwise mqvmm's own.";
 
@@ -103,6 +106,11 @@ struct Args {
     /// without working system call filters (for debugging only).
     #[arg(long)]
     allow_unsandboxed: bool,
+    /// The operator's control socket, passed on as mqvmm's `--api-socket PATH` (mqvmm creates
+    /// the socket; see mqvmm-ctl). A missing directory of PATH (the last level only) is
+    /// created, mode 0700, owned by USER and GROUP; an existing one is left as it is.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
     /// Do not open /dev/kvm and pass no --kvm-fd (for tests with a stand-in VMM).
     #[arg(long)]
     no_kvm: bool,
@@ -145,6 +153,8 @@ enum LaunchError {
     MissingValue(&'static str),
     #[error("invalid --tap")]
     TapName(#[source] tap::Error),
+    #[error("--api-socket {0}: not a path of a file")]
+    ApiSocketPath(String),
     #[error("cannot open {what} {path}")]
     OpenImage {
         what: &'static str,
@@ -202,6 +212,14 @@ enum LaunchError {
     StdFds(#[source] io::Error),
     #[error("cannot open /dev/kvm")]
     OpenKvm(#[source] io::Error),
+    #[error("cannot create the --api-socket directory {path} for uid {uid} gid {gid}")]
+    ApiDirectory {
+        path: String,
+        uid: u32,
+        gid: u32,
+        #[source]
+        source: io::Error,
+    },
     #[error("{what} failed")]
     Syscall {
         what: String,
@@ -233,6 +251,7 @@ impl LaunchError {
             | LaunchError::Unsandboxed(_)
             | LaunchError::MissingValue(_)
             | LaunchError::TapName(_)
+            | LaunchError::ApiSocketPath(_)
             | LaunchError::OpenImage { .. }
             | LaunchError::ImageNotAFile { .. }
             | LaunchError::SecureExec { .. }
@@ -302,7 +321,13 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     // Arguments first: nothing is opened before they are all known to be good.
     for arg in &args.mqvmm_args {
         let arg = arg.to_string_lossy();
-        for reserved in ["--kvm-fd", "--net", "--kernel-fd", "--initramfs-fd"] {
+        for reserved in [
+            "--kvm-fd",
+            "--net",
+            "--kernel-fd",
+            "--initramfs-fd",
+            "--api-socket",
+        ] {
             if arg == reserved || arg.starts_with(&format!("{reserved}=")) {
                 return Err(LaunchError::Reserved(reserved.to_owned()));
             }
@@ -314,6 +339,7 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
         }
     }
     let image_args = image_args(&args.mqvmm_args)?;
+    let api_dir = args.api_socket.as_deref().map(api_socket_dir).transpose()?;
     let (uid, primary_gid) = resolve_user(&args.user)?;
     let gid = match &args.group {
         Some(group) => resolve_group(group)?,
@@ -427,6 +453,24 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     if let Some(fd) = kvm_fd {
         log(&format!("/dev/kvm on fd {fd}"));
     }
+    if let Some(dir) = &api_dir {
+        let created =
+            create_api_dir(dir, uid, gid).map_err(|source| LaunchError::ApiDirectory {
+                path: dir.display().to_string(),
+                uid,
+                gid,
+                source,
+            })?;
+        log(&format!(
+            "--api-socket directory {}: {}",
+            dir.display(),
+            if created {
+                format!("created, mode 0700, owner {uid}:{gid}")
+            } else {
+                "exists, left as it is".to_owned()
+            }
+        ));
+    }
 
     // Only the fds we pass survive the exec.
     let mut pass = queue_fds.clone();
@@ -467,6 +511,9 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
         cmd.arg("--kvm-fd").arg(fd.to_string());
     }
     cmd.arg("--net").arg(&net);
+    if let Some(path) = &args.api_socket {
+        cmd.arg("--api-socket").arg(path);
+    }
     let shown: Vec<String> = cmd
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())
@@ -480,6 +527,43 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
         uid,
         source,
     })
+}
+
+/// The directory of an `--api-socket` path (`.` for a bare name); refused without a file name.
+fn api_socket_dir(path: &std::path::Path) -> Result<PathBuf, LaunchError> {
+    if path.file_name().is_none() {
+        return Err(LaunchError::ApiSocketPath(path.display().to_string()));
+    }
+    Ok(match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    })
+}
+
+/// Creates `dir` (its parent must exist), mode 0700, owned by `uid`:`gid`; returns false,
+/// changing nothing, when something of that name exists. The new directory is opened without
+/// following a symlink and changed through that fd, so that a name swapped in between (by
+/// whoever may write the parent) is refused rather than chowned.
+fn create_api_dir(dir: &std::path::Path, uid: u32, gid: u32) -> io::Result<bool> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    let opened = File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)?;
+    // SAFETY: fchown and fchmod take the fd of the directory opened above and integers.
+    if unsafe { libc::fchown(opened.as_raw_fd(), uid, gid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; mkdir's mode was narrowed by the umask, this sets it exactly.
+    if unsafe { libc::fchmod(opened.as_raw_fd(), 0o700) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
 }
 
 /// `path` with every symlink, `.` and `..` resolved, if it is a file.
@@ -1178,6 +1262,27 @@ mod tests {
     }
 
     #[test]
+    fn the_api_socket_directory_is_the_paths_parent() {
+        assert_eq!(
+            api_socket_dir("/run/mqvmm/vm1/api.sock".as_ref()).unwrap(),
+            PathBuf::from("/run/mqvmm/vm1")
+        );
+        assert_eq!(
+            api_socket_dir("api.sock".as_ref()).unwrap(),
+            PathBuf::from(".")
+        );
+        for bad in ["/", "/run/..", ""] {
+            assert!(
+                matches!(
+                    api_socket_dir(bad.as_ref()),
+                    Err(LaunchError::ApiSocketPath(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn seccomp_off_and_log_are_found_in_both_spellings() {
         assert_eq!(
             unsandboxed_mode(&os(&["--cpus", "2", "--seccomp", "off"])).as_deref(),
@@ -1216,6 +1321,8 @@ mod tests {
             "--net fds=",
             "--ambient-caps +net_admin",
             "--allow-unsandboxed",
+            "--api-socket",
+            "mqvmm-ctl",
         ] {
             assert!(help.contains(needle), "help lacks {needle:?}");
         }

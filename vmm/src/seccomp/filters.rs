@@ -20,6 +20,7 @@
 //! virtio-pci, the two a vCPU needs when the guest programs an MSI-X vector or moves a BAR).
 
 use std::collections::BTreeMap;
+use std::os::fd::RawFd;
 
 use kvm_bindings::{kvm_ioeventfd, kvm_irq_routing, kvm_regs, kvm_sregs, KVMIO};
 use seccompiler::{
@@ -210,11 +211,48 @@ fn event_loop(b: &mut Builder) -> &mut Builder {
     ])
 }
 
+/// `fcntl(_, F_GETFD)`, a query: built with debug assertions, std checks that an fd is open
+/// when an `OwnedFd` takes it (an accepted connection) or closes it (the socket's directory).
+fn fd_open_check(b: &mut Builder) -> Result<&mut Builder, BackendError> {
+    b.allow_if(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)?])
+}
+
 /// The main thread: the main loop (stdin to the serial console, the exit eventfd, the
-/// signalfd, SIGUSR1 metrics) and the way out (terminal restored, fds closed).
-pub fn main_thread() -> Result<Rules, BackendError> {
+/// signalfd, SIGUSR1 metrics) and the way out (terminal restored, fds closed). With an API
+/// socket whose directory is open on `api_dir`, also what removes the socket at exit, and
+/// only relative to that directory: `newfstatat` (is the file still the socket mqvmm
+/// created?) and `unlinkat` without flags (no directories).
+pub fn main_thread(api_dir: Option<RawFd>) -> Result<Rules, BackendError> {
     let mut b = base()?;
     event_loop(&mut b);
+    if let Some(dir) = api_dir {
+        fd_open_check(&mut b)?;
+        let dir = dir as u64;
+        b.allow_if(libc::SYS_newfstatat, vec![arg_eq(0, dir)?])?
+            .allow_if(libc::SYS_unlinkat, vec![arg_eq(0, dir)?, arg_eq(2, 0)?])?;
+    }
+    Ok(b.build())
+}
+
+/// The `api` thread: accepts connections on the listening socket `listener` (accept4 on no
+/// other fd: it cannot take connections from sockets a compromised thread might have), reads
+/// and writes them (recvfrom, sendto) with deadlines (poll), closes them, and asks the tap
+/// queues whether they are attached (TUNGETIFF, for `queues`). It opens nothing, creates no
+/// socket and sends no fds. Without a listener (no `--api-socket`) no such thread runs, and
+/// the filter allows no accept4 at all.
+pub fn api(listener: Option<RawFd>) -> Result<Rules, BackendError> {
+    let mut b = base()?;
+    b.allow(&[
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+    ])
+    .ioctls(&worker_tun_ioctls())?;
+    fd_open_check(&mut b)?;
+    if let Some(fd) = listener {
+        b.allow_if(libc::SYS_accept4, vec![arg_eq(0, fd as u64)?])?;
+    }
     Ok(b.build())
 }
 
@@ -337,7 +375,9 @@ mod tests {
     #[test]
     fn no_thread_may_open_exec_or_change_signal_handlers() {
         for (name, rules) in [
-            ("main", main_thread().unwrap()),
+            ("main", main_thread(None).unwrap()),
+            ("main with an API socket", main_thread(Some(9)).unwrap()),
+            ("api", api(Some(7)).unwrap()),
             ("vcpu", vcpu(false).unwrap()),
             ("vcpu with pci", vcpu(true).unwrap()),
             ("net-pair", net_pair().unwrap()),
@@ -370,7 +410,8 @@ mod tests {
     #[test]
     fn only_the_spawner_creates_threads_and_installs_filters() {
         for rules in [
-            main_thread(),
+            main_thread(Some(9)),
+            api(Some(7)),
             vcpu(false),
             vcpu(true),
             net_pair(),
@@ -435,7 +476,13 @@ mod tests {
         for request in vcpu_pci_kvm_ioctls() {
             assert!(has(&vcpu(true).unwrap(), request));
             assert!(!has(&vcpu(false).unwrap(), request));
-            for rules in [main_thread(), net_pair(), net_ctrl(), spawner()] {
+            for rules in [
+                main_thread(None),
+                api(Some(7)),
+                net_pair(),
+                net_ctrl(),
+                spawner(),
+            ] {
                 assert!(!has(&rules.unwrap(), request));
             }
         }
@@ -443,6 +490,55 @@ mod tests {
             !vcpu(true).unwrap()[&libc::SYS_ioctl].is_empty(),
             "ioctl stays conditional"
         );
+    }
+
+    /// Accepting connections is the `api` thread's alone, on the listening socket only;
+    /// removing a file is the main thread's alone, in the socket's directory only, never a
+    /// directory; and only with an API socket.
+    #[test]
+    fn only_the_api_thread_accepts_and_only_main_unlinks_in_the_sockets_directory() {
+        let rule = |conditions: Vec<Cond>| vec![SeccompRule::new(conditions).unwrap()];
+        let api_rules = api(Some(7)).unwrap();
+        assert_eq!(
+            api_rules[&libc::SYS_accept4],
+            rule(vec![arg_eq(0, 7).unwrap()])
+        );
+        assert!(!allows(&api(None).unwrap(), libc::SYS_accept4));
+        let main = main_thread(Some(9)).unwrap();
+        assert_eq!(
+            main[&libc::SYS_unlinkat],
+            rule(vec![arg_eq(0, 9).unwrap(), arg_eq(2, 0).unwrap()])
+        );
+        assert_eq!(
+            main[&libc::SYS_newfstatat],
+            rule(vec![arg_eq(0, 9).unwrap()])
+        );
+        let plain_main = main_thread(None).unwrap();
+        assert!(!allows(&plain_main, libc::SYS_unlinkat));
+        assert!(!allows(&plain_main, libc::SYS_newfstatat));
+        for (name, rules) in [
+            ("main", main),
+            ("vcpu", vcpu(true).unwrap()),
+            ("net-pair", net_pair().unwrap()),
+            ("net-ctrl", net_ctrl().unwrap()),
+            ("spawner", spawner().unwrap()),
+        ] {
+            for nr in [libc::SYS_accept, libc::SYS_accept4] {
+                assert!(!allows(&rules, nr), "{name} allows syscall {nr}");
+            }
+        }
+        for nr in [
+            libc::SYS_accept,
+            libc::SYS_connect,
+            libc::SYS_sendmsg,
+            libc::SYS_recvmsg,
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
+            libc::SYS_rename,
+            libc::SYS_nanosleep,
+        ] {
+            assert!(!allows(&api_rules, nr), "api allows syscall {nr}");
+        }
     }
 
     #[test]

@@ -4,11 +4,12 @@
 //! # Threads and their filters
 //! | thread | filter (`filters`) | installed |
 //! |---|---|---|
-//! | `main` | main loop: epoll, read, write, TCSETS on fd 0 | in [`crate::vm::Vm::run`], after the vCPUs started |
+//! | `main` | main loop: epoll, read, write, TCSETS on fd 0; with `--api-socket`, removing the socket from its directory at exit | in [`crate::vm::Vm::run`], after the vCPUs and the `api` thread started |
 //! | `vcpuN` | KVM_RUN (+ register reads for error reports), MMIO device work: eventfds, the tun ioctls of activation and reset; with virtio-pci also KVM_SET_GSI_ROUTING (MSI-X table writes) and KVM_IOEVENTFD (BAR moves) | first thing on the vCPU thread |
 //! | `spawner` | thread creation (`clone` with CLONE_THREAD; `clone3` fails with ENOSYS, see below), plus everything the device threads need | first thing on the spawner thread, started while the VM is built |
 //! | `net-pairN` | epoll, eventfds, readv/writev on its tap queue, TUNGETIFF | by the new thread itself, before it runs the device's code |
 //! | `net-ctrl` | epoll, eventfds, TUNSETQUEUE, TUNSETOFFLOAD, TUNSETVNETHDRSZ, TUNGETIFF | likewise |
+//! | `api` | with `--api-socket`: accept4 on the listening socket only, recv/send and poll on the connection, TUNGETIFF | first thing on the thread, started by the main thread before its own filter |
 //!
 //! Everything that needs more (opening /dev/kvm or the tap, creating the VM, memory, vCPUs,
 //! ioeventfds and irqfds, loading the kernel, blocking signals for the signalfd, reading the
@@ -102,15 +103,17 @@ pub enum ThreadKind {
     Spawner,
     NetPair,
     NetCtrl,
+    Api,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Spawner,
         ThreadKind::NetPair,
         ThreadKind::NetCtrl,
+        ThreadKind::Api,
     ];
 
     /// The name used on the command line and in messages.
@@ -121,6 +124,7 @@ impl ThreadKind {
             ThreadKind::Spawner => "spawner",
             ThreadKind::NetPair => "net-pair",
             ThreadKind::NetCtrl => "net-ctrl",
+            ThreadKind::Api => "api",
         }
     }
 
@@ -134,11 +138,12 @@ impl ThreadKind {
 
     fn rules(self, machine: Machine) -> Result<filters::Rules, BackendError> {
         match self {
-            ThreadKind::Main => filters::main_thread(),
+            ThreadKind::Main => filters::main_thread(machine.api.map(|api| api.dir)),
             ThreadKind::Vcpu => filters::vcpu(machine.pci),
             ThreadKind::Spawner => filters::spawner(),
             ThreadKind::NetPair => filters::net_pair(),
             ThreadKind::NetCtrl => filters::net_ctrl(),
+            ThreadKind::Api => filters::api(machine.api.map(|api| api.listener)),
         }
     }
 
@@ -203,6 +208,18 @@ pub struct Machine {
     /// A PCI bus with MSI-X devices: vCPUs update KVM's MSI routes when the guest programs a
     /// vector, and move ioeventfds when it moves a BAR.
     pub pci: bool,
+    /// The API socket (`--api-socket`): the `api` thread accepts on its listening fd, and the
+    /// main thread removes it from its directory at exit.
+    pub api: Option<ApiFds>,
+}
+
+/// The fds of the API socket that filters name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiFds {
+    /// The listening socket.
+    pub listener: std::os::fd::RawFd,
+    /// The directory the socket file is in.
+    pub dir: std::os::fd::RawFd,
 }
 
 /// The compiled filters and how to apply them; shared by every thread.
@@ -542,7 +559,18 @@ mod tests {
 
     #[test]
     fn every_filter_compiles() {
-        let machines = [Machine::default(), Machine { pci: true }];
+        let api = Some(ApiFds {
+            listener: 7,
+            dir: 8,
+        });
+        let machines = [
+            Machine::default(),
+            Machine {
+                pci: true,
+                api: None,
+            },
+            Machine { pci: true, api },
+        ];
         for (kind, machine) in ThreadKind::ALL
             .into_iter()
             .flat_map(|k| machines.map(|m| (k, m)))
