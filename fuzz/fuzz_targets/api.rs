@@ -23,60 +23,8 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use mqvmm_fuzz::{trace, Input};
 use serde_json::Value;
-use virtio_net::metrics::NetSnapshot;
-use virtio_net::NetMetrics;
-use vmm::api::{
-    handle, serve_connection, PairQueues, QueueReport, Request, RequestError, Vmm, MAX_REQUEST,
-};
-
-struct FakeVmm {
-    has_net: bool,
-    tap_gone: bool,
-    links: Mutex<Vec<bool>>,
-}
-
-impl FakeVmm {
-    fn check(&self) -> Result<(), RequestError> {
-        if self.has_net {
-            Ok(())
-        } else {
-            Err(RequestError::NoNetworkDevice)
-        }
-    }
-}
-
-impl Vmm for FakeVmm {
-    fn counters(&self) -> Result<NetSnapshot, RequestError> {
-        self.check()?;
-        Ok(NetMetrics::new(2).snapshot())
-    }
-
-    fn queues(&self) -> Result<QueueReport, RequestError> {
-        self.check()?;
-        Ok(QueueReport {
-            max_pairs: 1,
-            active_pairs: 1,
-            attached_pairs: 1,
-            host_attached_queues: 1,
-            pairs: vec![PairQueues {
-                pair: 0,
-                attached: true,
-                parked: false,
-                host_attached: Some(true),
-                host_error: None,
-            }],
-        })
-    }
-
-    fn set_link(&self, up: bool) -> Result<(), RequestError> {
-        self.check()?;
-        if up && self.tap_gone {
-            return Err(RequestError::TapGone);
-        }
-        self.links.lock().unwrap().push(up);
-        Ok(())
-    }
-}
+use vmm::api::testing::FakeVmm;
+use vmm::api::{handle, serve_connection, Request, MAX_REQUEST};
 
 /// The request the server takes from `sent` on a connection: up to the first newline.
 fn framed(sent: &[u8]) -> &[u8] {

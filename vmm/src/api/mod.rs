@@ -258,5 +258,7 @@ impl Vmm for NetVmm {
     }
 }
 
+#[cfg(any(test, feature = "test-utils"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;
