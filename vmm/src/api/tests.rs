@@ -5,12 +5,9 @@ use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use virtio_net::metrics::NetSnapshot;
-use virtio_net::NetMetrics;
 
 use super::testing::FakeVmm;
 use super::*;
