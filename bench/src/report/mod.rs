@@ -989,6 +989,29 @@ mod tests {
         assert!(plot.contains("<polyline") && plot.contains("qemu-vhost-on"));
     }
 
+    /// The markdown without its method paragraphs (prose, not rendering).
+    fn without_method(md: &str) -> String {
+        md.lines()
+            .filter(|l| !l.starts_with("Method: "))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn legacy_records_render_the_tables_the_previous_renderer_wrote() {
+        // testdata/legacy.rec: part of the published run's samples in the tab-separated
+        // records format; legacy.md: what the renderer wrote from it before serde.
+        let path = Path::new("testdata/legacy.rec");
+        let records =
+            crate::record::parse(path, include_str!("../../testdata/legacy.rec")).unwrap();
+        let data = Data::from_records(&records);
+        let (dev, guest) = (device_rows(&data), guest_rows(&data));
+        assert_eq!(
+            without_method(&markdown(&data, &dev, &guest)),
+            without_method(include_str!("../../testdata/legacy.md"))
+        );
+    }
+
     #[test]
     fn json_keeps_every_sample_and_meta() {
         let recs = vec![
