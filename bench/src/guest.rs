@@ -21,7 +21,7 @@ use mqvmm_tests::console::GuestConsole;
 use mqvmm_tests::netns;
 use mqvmm_tests::rig::{self, GUEST_IP, HOST_IP};
 
-use crate::record::{self, Record};
+use crate::record::{self, GuestSample, Record};
 
 const TAP: &str = "mqbt0";
 const STEP: Duration = Duration::from_secs(90);
@@ -391,14 +391,13 @@ impl Boot<'_> {
     }
 
     fn sample(&mut self, metric: &str, pairs: Option<u16>, value: f64) {
-        let mut r = Record::new("guest")
-            .with("vmm", self.vmm.key())
-            .with("rep", self.rep)
-            .with("metric", metric);
-        if let Some(p) = pairs {
-            r = r.with("pairs", p);
-        }
-        self.out.push(r.with("value", format!("{value:.6}")));
+        self.out.push(Record::Guest(GuestSample {
+            vmm: self.vmm.key().into(),
+            rep: self.rep as u64,
+            metric: metric.into(),
+            pairs: pairs.map(u64::from),
+            value,
+        }));
     }
 
     fn check(&mut self, cmd: &str) -> Result<String, Error> {
@@ -464,11 +463,10 @@ impl Boot<'_> {
             "nowns() { { read -r _; read -r _; read -r _ _ n _; } </proc/timer_list; echo $n; }; irqs() { awk '/virtio/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i } END { print s + 0 }' /proc/interrupts; }",
         )?;
         let kernel = self.check("uname -r")?;
-        self.out.push(
-            Record::new("fact")
-                .with("key", format!("l2_kernel_{}", self.vmm.key()))
-                .with("value", kernel.trim()),
-        );
+        self.out.push(Record::meta(
+            format!("l2_kernel_{}", self.vmm.key()),
+            kernel.trim(),
+        ));
         let mut baseline = Vec::new();
         for n in 1..=self.opts.pairs {
             baseline.push(self.timed("true")?);
@@ -598,7 +596,6 @@ fn one_boot(vmm: Vmm, rep: usize, opts: &Options, out: &mut Vec<Record>) -> Resu
 
 /// Facts about the KVM environment the guests run in.
 fn environment_facts() -> Vec<Record> {
-    let fact = |k: &str, v: String| Record::new("fact").with("key", k).with("value", v);
     let first_line = |cmd: &str| {
         host(cmd)
             .ok()
@@ -606,17 +603,17 @@ fn environment_facts() -> Vec<Record> {
             .unwrap_or_else(|| "unknown".into())
     };
     vec![
-        fact(
+        Record::meta(
             "kvm_env",
             if rig::in_l1() {
-                "nested rig L1 (QEMU TCG, emulated SVM)".into()
+                "nested rig L1 (QEMU TCG, emulated SVM)"
             } else {
-                "direct (host KVM)".into()
+                "direct (host KVM)"
             },
         ),
-        fact("kvm_host_kernel", first_line("uname -r")),
-        fact("qemu_version", first_line("qemu-system-x86_64 --version")),
-        fact("kvm_host_cpus", first_line("nproc")),
+        Record::meta("kvm_host_kernel", first_line("uname -r")),
+        Record::meta("qemu_version", first_line("qemu-system-x86_64 --version")),
+        Record::meta("kvm_host_cpus", first_line("nproc")),
     ]
 }
 
@@ -640,8 +637,8 @@ pub fn run_inner(opts: &Options, path: &Path, progress: &mut dyn FnMut(&str)) ->
         }
     }
     let mut out = environment_facts();
-    out.push(Record::new("fact").with("key", "guest_config").with(
-        "value",
+    out.push(Record::meta(
+        "guest_config",
         format!(
             "{} vCPUs, {} MiB, {} queue pairs, mqvmm --transport {}, iperf3 -P {} -t {}",
             opts.cpus,
@@ -668,11 +665,7 @@ pub fn run_inner(opts: &Options, path: &Path, progress: &mut dyn FnMut(&str)) ->
                 progress(&format!(
                     "guest: rep {rep} {vmm} failed, retrying once: {why}"
                 ));
-                out.push(
-                    Record::new("fact")
-                        .with("key", format!("retried_{vmm}_rep{rep}"))
-                        .with("value", why),
-                );
+                out.push(Record::meta(format!("retried_{vmm}_rep{rep}"), why));
                 samples.clear();
                 result = one_boot(vmm, rep, opts, &mut samples);
             }
@@ -693,8 +686,10 @@ fn summarize_boot(samples: &[Record]) -> String {
     let get = |m: &str| {
         samples
             .iter()
-            .filter(|r| r.get("metric") == Some(m))
-            .filter_map(|r| r.num("value"))
+            .filter_map(|r| match r {
+                Record::Guest(s) if s.metric == m => Some(s.value),
+                _ => None,
+            })
             .collect::<Vec<f64>>()
     };
     let fmt = |v: Vec<f64>| {

@@ -304,7 +304,6 @@ fn loadavg() -> String {
 }
 
 fn machine_meta() -> Vec<Record> {
-    let meta = |k: &str, v: String| Record::new("meta").with("key", k).with("value", v);
     let ws = mqvmm_tests::rig::workspace_dir();
     let ws = ws.to_string_lossy();
     let commit = first_line("git", &["-C", &ws, "rev-parse", "HEAD"]);
@@ -323,18 +322,18 @@ fn machine_meta() -> Vec<Record> {
         .unwrap_or_else(|| "unknown".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     vec![
-        meta("date", first_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])),
-        meta(
+        Record::meta("date", first_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])),
+        Record::meta(
             "commit",
             format!(
                 "{commit}{}",
                 if dirty { " (with local changes)" } else { "" }
             ),
         ),
-        meta("cpu_model", cpu),
-        meta("cores", cores.to_string()),
-        meta("host_kernel", first_line("uname", &["-r"])),
-        meta("loadavg_start", loadavg()),
+        Record::meta("cpu_model", cpu),
+        Record::meta("cores", cores.to_string()),
+        Record::meta("host_kernel", first_line("uname", &["-r"])),
+        Record::meta("loadavg_start", loadavg()),
     ]
 }
 
@@ -364,8 +363,10 @@ fn run_all(
     say(&format!(
         "bench: {} cores, load average {} (numbers are only comparable within one run)",
         meta.iter()
-            .find(|r| r.get("key") == Some("cores"))
-            .and_then(|r| r.get("value"))
+            .find_map(|r| match r {
+                Record::Meta { key, value } if key == "cores" => Some(value.as_str()),
+                _ => None,
+            })
             .unwrap_or("?"),
         loadavg()
     ));
@@ -402,11 +403,10 @@ fn run_all(
     if !no_guest {
         let t = Instant::now();
         let decision = mqvmm_tests::rig::decision();
-        meta.push(
-            Record::new("meta")
-                .with("key", "rig_decision")
-                .with("value", format!("{}: {}", decision.mode, decision.reason)),
-        );
+        meta.push(Record::meta(
+            "rig_decision",
+            format!("{}: {}", decision.mode, decision.reason),
+        ));
         // A failed guest run still leaves what it measured; render it, then report the failure.
         let _ = std::fs::remove_file(&guest_path);
         guest_failed = guest::run(&gargs.options()?, &guest_path, &mut |l| say(l)).err();
@@ -423,16 +423,11 @@ fn run_all(
             parts.push(guest_path);
         }
     }
-    meta.push(
-        Record::new("meta")
-            .with("key", "loadavg_end")
-            .with("value", loadavg()),
-    );
-    meta.push(
-        Record::new("meta")
-            .with("key", "duration_s")
-            .with("value", format!("{:.0}", started.elapsed().as_secs_f64())),
-    );
+    meta.push(Record::meta("loadavg_end", loadavg()));
+    meta.push(Record::meta(
+        "duration_s",
+        format!("{:.0}", started.elapsed().as_secs_f64()),
+    ));
     record::write_all(&meta_path, &meta)?;
     render(&parts, &out)?;
     match guest_failed {
@@ -446,7 +441,7 @@ fn render(parts: &[PathBuf], out: &Path) -> Result<(), Error> {
     for p in parts {
         records.extend(record::read_all(p)?);
     }
-    let data = report::Data::from_records(&records);
+    let data = report::Data::from_records(records);
     let written = report::write(&data, out)?;
     say("");
     if !data.device.is_empty() {

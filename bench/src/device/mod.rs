@@ -64,7 +64,7 @@ use virtio_net::test_utils::ring::{write_table, Segment, DESC_F_INDIRECT, DESC_F
 use virtio_net::{Interrupt, NetMetrics};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::record::Record;
+use crate::record::{DevSample, Record};
 use driver::Ring;
 use frames::Flow;
 
@@ -902,20 +902,19 @@ fn run_size(
                 if s == 0 {
                     line.push_str(&format!(" {}={:.0}kpps", path.name(), pps / 1e3));
                 }
-                sink(
-                    Record::new("device")
-                        .with("dir", dir.name())
-                        .with("pairs", pairs)
-                        .with("frame", frame_len)
-                        .with("path", path.name())
-                        .with("sample", s)
-                        .with("units", units)
-                        .with("frames", t.frames)
-                        .with("bytes", t.bytes)
-                        .with("wall_ns", t.wall_ns)
-                        .with("cpu_ns", t.cpu_ns)
-                        .with("irqs", t.irqs),
-                );
+                sink(Record::Device(DevSample {
+                    dir: dir.name().into(),
+                    pairs: pairs as u64,
+                    frame: frame_len as u64,
+                    path: path.name().into(),
+                    sample: s as u64,
+                    units,
+                    frames: t.frames,
+                    bytes: t.bytes,
+                    wall_ns: t.wall_ns,
+                    cpu_ns: t.cpu_ns,
+                    irqs: t.irqs,
+                }));
             }
         }
         progress(&line);

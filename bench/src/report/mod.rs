@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use crate::device::frames;
 use crate::guest::Vmm;
-use crate::record::Record;
+use crate::record::{DevSample, GuestSample, Record};
 use crate::stats::{paired_ratio, Summary};
 use json::Json;
 use svg::{Panel, Point, Series, Svg};
@@ -58,62 +58,6 @@ same around `true`. VQ_PAIRS_SET: mqvmm's last_vq_pairs_set_ns (control kick to 
 beyond guest RAM: VmRSS minus the Rss of the guest-RAM mapping, after the traffic. Ratios are mqvmm/QEMU per \
 repetition (same L1, consecutive boots); median and range.";
 
-/// One device-path sample.
-#[derive(Debug, Clone)]
-pub struct DevSample {
-    /// tx or rx.
-    pub dir: String,
-    /// Pair count.
-    pub pairs: u64,
-    /// Ethernet frame length.
-    pub frame: u64,
-    /// device or ceiling.
-    pub path: String,
-    /// Sample index.
-    pub sample: u64,
-    /// Units per sample.
-    pub units: u64,
-    /// Frames moved.
-    pub frames: u64,
-    /// Frame bytes moved.
-    pub bytes: u64,
-    /// Wall time.
-    pub wall_ns: u64,
-    /// CPU time of the pair threads.
-    pub cpu_ns: u64,
-    /// Interrupts signalled.
-    pub irqs: u64,
-}
-
-impl DevSample {
-    fn pps(&self) -> f64 {
-        self.frames as f64 * 1e9 / self.wall_ns.max(1) as f64
-    }
-
-    fn gbps(&self) -> f64 {
-        self.bytes as f64 * 8.0 / self.wall_ns.max(1) as f64
-    }
-
-    fn cpu_per_frame(&self) -> f64 {
-        self.cpu_ns as f64 / self.frames.max(1) as f64
-    }
-}
-
-/// One guest sample.
-#[derive(Debug, Clone)]
-pub struct GuestSample {
-    /// VMM key.
-    pub vmm: String,
-    /// Repetition.
-    pub rep: u64,
-    /// Metric name.
-    pub metric: String,
-    /// Active pairs, for per-step metrics.
-    pub pairs: Option<u64>,
-    /// Value.
-    pub value: f64,
-}
-
 /// Everything a report is made of.
 #[derive(Debug, Default)]
 pub struct Data {
@@ -126,44 +70,18 @@ pub struct Data {
 }
 
 impl Data {
-    /// Collects `records` (kinds `meta`/`fact`, `device`, `guest`; others are ignored).
-    pub fn from_records(records: &[Record]) -> Data {
+    /// Collects `records`; of a meta key given twice the first value counts.
+    pub fn from_records(records: impl IntoIterator<Item = Record>) -> Data {
         let mut d = Data::default();
-        let u = |r: &Record, k: &str| r.num(k).unwrap_or(0.0) as u64;
         for r in records {
-            match r.kind.as_str() {
-                "meta" | "fact" => {
-                    if let (Some(k), Some(v)) = (r.get("key"), r.get("value")) {
-                        if !d.meta.iter().any(|(mk, _)| mk == k) {
-                            d.meta.push((k.to_string(), v.to_string()));
-                        }
+            match r {
+                Record::Meta { key, value } => {
+                    if !d.meta.iter().any(|(k, _)| *k == key) {
+                        d.meta.push((key, value));
                     }
                 }
-                "device" => d.device.push(DevSample {
-                    dir: r.get("dir").unwrap_or_default().to_string(),
-                    pairs: u(r, "pairs"),
-                    frame: u(r, "frame"),
-                    path: r.get("path").unwrap_or_default().to_string(),
-                    sample: u(r, "sample"),
-                    units: u(r, "units"),
-                    frames: u(r, "frames"),
-                    bytes: u(r, "bytes"),
-                    wall_ns: u(r, "wall_ns"),
-                    cpu_ns: u(r, "cpu_ns"),
-                    irqs: u(r, "irqs"),
-                }),
-                "guest" => {
-                    if let Some(value) = r.num("value") {
-                        d.guest.push(GuestSample {
-                            vmm: r.get("vmm").unwrap_or_default().to_string(),
-                            rep: u(r, "rep"),
-                            metric: r.get("metric").unwrap_or_default().to_string(),
-                            pairs: r.num("pairs").map(|p| p as u64),
-                            value,
-                        });
-                    }
-                }
-                _ => {}
+                Record::Device(s) => d.device.push(s),
+                Record::Guest(s) => d.guest.push(s),
             }
         }
         d
@@ -903,29 +821,29 @@ mod tests {
     use super::*;
 
     fn dev(path: &str, sample: u64, frames: u64, wall_ns: u64) -> Record {
-        Record::new("device")
-            .with("dir", "tx")
-            .with("pairs", 1)
-            .with("frame", 1514)
-            .with("path", path)
-            .with("sample", sample)
-            .with("units", 4)
-            .with("frames", frames)
-            .with("bytes", frames * 1514)
-            .with("wall_ns", wall_ns)
-            .with("cpu_ns", wall_ns)
-            .with("irqs", 4)
+        Record::Device(DevSample {
+            dir: "tx".into(),
+            pairs: 1,
+            frame: 1514,
+            path: path.into(),
+            sample,
+            units: 4,
+            frames,
+            bytes: frames * 1514,
+            wall_ns,
+            cpu_ns: wall_ns,
+            irqs: 4,
+        })
     }
 
     fn guest(vmm: &str, rep: u64, metric: &str, pairs: Option<u64>, value: f64) -> Record {
-        let mut r = Record::new("guest")
-            .with("vmm", vmm)
-            .with("rep", rep)
-            .with("metric", metric);
-        if let Some(p) = pairs {
-            r = r.with("pairs", p);
-        }
-        r.with("value", value)
+        Record::Guest(GuestSample {
+            vmm: vmm.into(),
+            rep,
+            metric: metric.into(),
+            pairs,
+            value,
+        })
     }
 
     #[test]
@@ -936,7 +854,7 @@ mod tests {
             dev("ceiling", 1, 1000, 2_000_000),
             dev("device", 1, 800, 2_000_000),
         ];
-        let rows = device_rows(&Data::from_records(&recs));
+        let rows = device_rows(&Data::from_records(recs));
         assert_eq!(rows.len(), 1);
         let r = rows[0].ratio.unwrap();
         assert!(
@@ -969,7 +887,7 @@ mod tests {
                 recs.push(guest("qemu-vhost-on", rep, "iperf_up_mbps", Some(p), 50.0));
             }
         }
-        let rows = guest_rows(&Data::from_records(&recs));
+        let rows = guest_rows(&Data::from_records(recs));
         let boot = rows.iter().find(|r| r.metric == "boot_wall_s").unwrap();
         assert_eq!(boot.pairs, None);
         assert_eq!(boot.ratios[0].unwrap().median, 0.5);
@@ -1004,7 +922,7 @@ mod tests {
         let path = Path::new("testdata/legacy.rec");
         let records =
             crate::record::parse(path, include_str!("../../testdata/legacy.rec")).unwrap();
-        let data = Data::from_records(&records);
+        let data = Data::from_records(records);
         let (dev, guest) = (device_rows(&data), guest_rows(&data));
         assert_eq!(
             without_method(&markdown(&data, &dev, &guest)),
@@ -1015,14 +933,12 @@ mod tests {
     #[test]
     fn json_keeps_every_sample_and_meta() {
         let recs = vec![
-            Record::new("meta")
-                .with("key", "commit")
-                .with("value", "abc"),
+            Record::meta("commit", "abc"),
             dev("ceiling", 0, 1000, 1_000_000),
             dev("device", 0, 900, 1_000_000),
             guest("mqvmm", 1, "rss_beyond_guest_mib", None, 12.5),
         ];
-        let data = Data::from_records(&recs);
+        let data = Data::from_records(recs);
         let j = to_json(&data, &device_rows(&data), &guest_rows(&data)).pretty();
         assert!(j.contains("\"commit\": \"abc\""));
         assert_eq!(j.matches("\"wall_ns\"").count(), 2);
