@@ -80,9 +80,10 @@ enum Cmd {
         #[command(flatten)]
         guest: GuestArgs,
     },
-    /// Render records files into latest.json, latest.md and the plots.
+    /// Render records files, or a latest.json, into latest.json, latest.md and the plots.
     Report {
-        /// Records files (meta, device, guest).
+        /// Records files (meta, device, guest), or a latest.json (by its extension) for its
+        /// facts and samples.
         #[arg(long, required = true, num_args = 1..)]
         records: Vec<PathBuf>,
         /// Output directory.
@@ -439,7 +440,11 @@ fn run_all(
 fn render(parts: &[PathBuf], out: &Path) -> Result<(), Error> {
     let mut records = Vec::new();
     for p in parts {
-        records.extend(record::read_all(p)?);
+        if p.extension().is_some_and(|e| e == "json") {
+            records.extend(report::Published::read(p)?.into_records());
+        } else {
+            records.extend(record::read_all(p)?);
+        }
     }
     let data = report::Data::from_records(records);
     let written = report::write(&data, out)?;

@@ -1,24 +1,54 @@
 // SPDX-License-Identifier: Apache-2.0
 //! From records to `latest.json` (every sample, with the machine and the method),
-//! `latest.md` (tables) and two SVG plots.
+//! `latest.md` (tables) and two SVG plots; and from a `latest.json` back to its records.
 
-pub mod json;
 pub mod svg;
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize, Serializer};
+
 use crate::device::frames;
 use crate::guest::Vmm;
 use crate::record::{DevSample, GuestSample, Record};
 use crate::stats::{paired_ratio, Summary};
-use json::Json;
 use svg::{Panel, Point, Series, Svg};
 
-/// Writing the report failed.
+/// The format of `latest.json`.
+pub const SCHEMA: &str = "mqvmm-bench/1";
+
+/// Writing the report, or reading a published one, failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A published `latest.json` could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A published `latest.json` is not one.
+    #[error("{path} is not a {SCHEMA} latest.json")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A published `latest.json` has another format.
+    #[error("{path} has schema {found:?}, this report reads {SCHEMA:?}")]
+    Schema {
+        /// The file.
+        path: PathBuf,
+        /// Its schema.
+        found: String,
+    },
     /// An output file could not be written.
     #[error("cannot write {path}")]
     Write {
@@ -62,7 +92,7 @@ repetition (same L1, consecutive boots); median and range.";
 #[derive(Debug, Default)]
 pub struct Data {
     /// Facts about the run (date, commit, machine, kernels), in order.
-    pub meta: Vec<(String, String)>,
+    pub meta: IndexMap<String, String>,
     /// Device samples.
     pub device: Vec<DevSample>,
     /// Guest samples.
@@ -76,9 +106,7 @@ impl Data {
         for r in records {
             match r {
                 Record::Meta { key, value } => {
-                    if !d.meta.iter().any(|(k, _)| *k == key) {
-                        d.meta.push((key, value));
-                    }
+                    d.meta.entry(key).or_insert(value);
                 }
                 Record::Device(s) => d.device.push(s),
                 Record::Guest(s) => d.guest.push(s),
@@ -88,31 +116,42 @@ impl Data {
     }
 
     fn meta(&self, key: &str) -> &str {
-        self.meta
-            .iter()
-            .find(|(k, _)| k == key)
-            .map_or("unknown", |(_, v)| v.as_str())
+        self.meta.get(key).map_or("unknown", String::as_str)
     }
 }
 
 /// Device-path summary of one (direction, frame, pairs).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct DevRow {
     /// tx or rx.
     pub dir: String,
     /// Frame length.
+    #[serde(rename = "frame_bytes")]
     pub frame: u64,
     /// Pairs.
     pub pairs: u64,
-    /// Ceiling packets/s, Gbit/s, CPU ns per frame.
-    pub ceiling: [Option<Summary>; 3],
-    /// Device packets/s, Gbit/s, CPU ns per frame.
-    pub device: [Option<Summary>; 3],
+    /// The ceiling's figures.
+    pub ceiling: PathFigures,
+    /// The device's figures.
+    pub device: PathFigures,
     /// device/ceiling packets/s of back-to-back samples.
+    #[serde(rename = "ratio_pps_device_over_ceiling")]
     pub ratio: Option<Summary>,
     /// ceiling/device CPU time per frame of back-to-back samples: the throughput ratio the
     /// device would reach if both were CPU-bound on an idle machine (robust to contention).
+    #[serde(rename = "ratio_cpu_per_frame_ceiling_over_device")]
     pub cpu_ratio: Option<Summary>,
+}
+
+/// The figures of one path (device or ceiling) in one configuration.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PathFigures {
+    /// Packets/s.
+    pub pps: Option<Summary>,
+    /// Gbit/s.
+    pub gbit_s: Option<Summary>,
+    /// CPU ns per frame.
+    pub cpu_ns_per_frame: Option<Summary>,
 }
 
 /// Summarises the device samples per configuration (tx before rx, then frame, then pairs).
@@ -137,12 +176,12 @@ pub fn device_rows(data: &Data) -> Vec<DevRow> {
                 v
             };
             let (c, d) = (of("ceiling"), of("device"));
-            let sums = |v: &[&DevSample]| {
-                [
-                    Summary::of(&v.iter().map(|s| s.pps()).collect::<Vec<_>>()),
-                    Summary::of(&v.iter().map(|s| s.gbps()).collect::<Vec<_>>()),
-                    Summary::of(&v.iter().map(|s| s.cpu_per_frame()).collect::<Vec<_>>()),
-                ]
+            let sums = |v: &[&DevSample]| PathFigures {
+                pps: Summary::of(&v.iter().map(|s| s.pps()).collect::<Vec<_>>()),
+                gbit_s: Summary::of(&v.iter().map(|s| s.gbps()).collect::<Vec<_>>()),
+                cpu_ns_per_frame: Summary::of(
+                    &v.iter().map(|s| s.cpu_per_frame()).collect::<Vec<_>>(),
+                ),
             };
             let paired = |f: fn(&DevSample) -> f64| {
                 let pairs: Vec<(f64, f64)> = d
@@ -275,16 +314,25 @@ pub const METRICS: [MetricInfo; 15] = [
 ];
 
 /// One row of the guest table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct GuestRow {
     /// Metric key.
     pub metric: &'static str,
     /// Pairs (per-step metrics) or None (pooled).
     pub pairs: Option<u64>,
-    /// Per VMM (in [`Vmm::ALL`] order).
+    /// Per VMM (in [`Vmm::ALL`] order; an object keyed by VMM in JSON).
+    #[serde(serialize_with = "by_vmm")]
     pub vmms: Vec<Option<Summary>>,
-    /// mqvmm / QEMU vhost=off, mqvmm / QEMU vhost=on (paired by repetition and step).
-    pub ratios: [Option<Summary>; 2],
+    /// mqvmm / QEMU vhost=off, paired by repetition and step.
+    #[serde(rename = "ratio_mqvmm_over_qemu_vhost_off")]
+    pub vs_vhost_off: Option<Summary>,
+    /// mqvmm / QEMU vhost=on, paired by repetition and step.
+    #[serde(rename = "ratio_mqvmm_over_qemu_vhost_on")]
+    pub vs_vhost_on: Option<Summary>,
+}
+
+fn by_vmm<S: Serializer>(vmms: &[Option<Summary>], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(Vmm::ALL.iter().map(|v| v.key()).zip(vmms))
 }
 
 /// Summarises the guest samples.
@@ -335,7 +383,8 @@ pub fn guest_rows(data: &Data) -> Vec<GuestRow> {
             rows.push(GuestRow {
                 metric: m.key,
                 pairs,
-                ratios: [ratio(Vmm::QemuVhostOff), ratio(Vmm::QemuVhostOn)],
+                vs_vhost_off: ratio(Vmm::QemuVhostOff),
+                vs_vhost_on: ratio(Vmm::QemuVhostOn),
                 vmms,
             });
         }
@@ -343,110 +392,108 @@ pub fn guest_rows(data: &Data) -> Vec<GuestRow> {
     rows
 }
 
-fn sum_json(s: &Option<Summary>) -> Json {
-    match s {
-        None => Json::Null,
-        Some(s) => Json::obj()
-            .set("median", s.median)
-            .set("min", s.min)
-            .set("max", s.max)
-            .set("n", s.n)
-            .set("spread", s.spread()),
-    }
+/// `latest.json`: the run's facts and every sample, with the summaries made from them.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Published {
+    /// [`SCHEMA`].
+    schema: String,
+    /// Facts about the run, in the order recorded.
+    meta: IndexMap<String, String>,
+    /// The device data path.
+    device: Part<DevRow, DevFigures>,
+    /// The guests.
+    guest: Part<GuestRow, GuestSample>,
 }
 
-fn to_json(data: &Data, dev: &[DevRow], guest: &[GuestRow]) -> Json {
-    let mut meta = Json::obj();
-    for (k, v) in &data.meta {
-        meta = meta.set(k, v.as_str());
+/// One half of the report: how it was measured, the summaries, the samples.
+#[derive(Debug, Serialize, Deserialize)]
+struct Part<Row, Sample> {
+    method: String,
+    /// Made from the samples: not read back but made again.
+    #[serde(skip_deserializing, default = "Vec::new")]
+    summary: Vec<Row>,
+    samples: Vec<Sample>,
+}
+
+/// A device sample with the figures the report makes of it (not read back).
+#[derive(Debug, Serialize, Deserialize)]
+struct DevFigures {
+    #[serde(flatten)]
+    sample: DevSample,
+    #[serde(skip_deserializing)]
+    pps: f64,
+    #[serde(skip_deserializing)]
+    gbit_s: f64,
+    #[serde(skip_deserializing)]
+    cpu_ns_per_frame: f64,
+}
+
+impl Published {
+    /// The report of `data`.
+    pub fn of(data: &Data) -> Published {
+        Published {
+            schema: SCHEMA.into(),
+            meta: data.meta.clone(),
+            device: Part {
+                method: DEVICE_METHOD.into(),
+                summary: device_rows(data),
+                samples: data
+                    .device
+                    .iter()
+                    .map(|s| DevFigures {
+                        sample: s.clone(),
+                        pps: s.pps(),
+                        gbit_s: s.gbps(),
+                        cpu_ns_per_frame: s.cpu_per_frame(),
+                    })
+                    .collect(),
+            },
+            guest: Part {
+                method: GUEST_METHOD.into(),
+                summary: guest_rows(data),
+                samples: data.guest.clone(),
+            },
+        }
     }
-    let dev_samples: Vec<Json> = data
-        .device
-        .iter()
-        .map(|s| {
-            Json::obj()
-                .set("dir", s.dir.as_str())
-                .set("pairs", s.pairs)
-                .set("frame_bytes", s.frame)
-                .set("path", s.path.as_str())
-                .set("sample", s.sample)
-                .set("units", s.units)
-                .set("frames", s.frames)
-                .set("bytes", s.bytes)
-                .set("wall_ns", s.wall_ns)
-                .set("cpu_ns", s.cpu_ns)
-                .set("interrupts", s.irqs)
-                .set("pps", s.pps())
-                .set("gbit_s", s.gbps())
-                .set("cpu_ns_per_frame", s.cpu_per_frame())
-        })
-        .collect();
-    let dev_summary: Vec<Json> = dev
-        .iter()
-        .map(|r| {
-            let part = |s: &[Option<Summary>; 3]| {
-                Json::obj()
-                    .set("pps", sum_json(&s[0]))
-                    .set("gbit_s", sum_json(&s[1]))
-                    .set("cpu_ns_per_frame", sum_json(&s[2]))
-            };
-            Json::obj()
-                .set("dir", r.dir.as_str())
-                .set("frame_bytes", r.frame)
-                .set("pairs", r.pairs)
-                .set("ceiling", part(&r.ceiling))
-                .set("device", part(&r.device))
-                .set("ratio_pps_device_over_ceiling", sum_json(&r.ratio))
-                .set(
-                    "ratio_cpu_per_frame_ceiling_over_device",
-                    sum_json(&r.cpu_ratio),
-                )
-        })
-        .collect();
-    let guest_samples: Vec<Json> = data
-        .guest
-        .iter()
-        .map(|s| {
-            Json::obj()
-                .set("vmm", s.vmm.as_str())
-                .set("rep", s.rep)
-                .set("metric", s.metric.as_str())
-                .set("pairs", s.pairs)
-                .set("value", s.value)
-        })
-        .collect();
-    let guest_summary: Vec<Json> = guest
-        .iter()
-        .map(|r| {
-            let mut vmms = Json::obj();
-            for (v, s) in Vmm::ALL.iter().zip(&r.vmms) {
-                vmms = vmms.set(v.key(), sum_json(s));
-            }
-            Json::obj()
-                .set("metric", r.metric)
-                .set("pairs", r.pairs)
-                .set("vmms", vmms)
-                .set("ratio_mqvmm_over_qemu_vhost_off", sum_json(&r.ratios[0]))
-                .set("ratio_mqvmm_over_qemu_vhost_on", sum_json(&r.ratios[1]))
-        })
-        .collect();
-    Json::obj()
-        .set("schema", "mqvmm-bench/1")
-        .set("meta", meta)
-        .set(
-            "device",
-            Json::obj()
-                .set("method", DEVICE_METHOD)
-                .set("summary", dev_summary)
-                .set("samples", dev_samples),
-        )
-        .set(
-            "guest",
-            Json::obj()
-                .set("method", GUEST_METHOD)
-                .set("summary", guest_summary)
-                .set("samples", guest_samples),
-        )
+
+    /// Parses a `latest.json`; `path` only names the source in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Published, Error> {
+        let published: Published = serde_json::from_str(text).map_err(|source| Error::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if published.schema != SCHEMA {
+            return Err(Error::Schema {
+                path: path.to_path_buf(),
+                found: published.schema,
+            });
+        }
+        Ok(published)
+    }
+
+    /// Reads a `latest.json`.
+    pub fn read(path: &Path) -> Result<Published, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Published::parse(path, &text)
+    }
+
+    /// The records the report was made of.
+    pub fn into_records(self) -> Vec<Record> {
+        let meta = self.meta.into_iter().map(|(k, v)| Record::meta(k, v));
+        let device = self.device.samples.into_iter();
+        let guest = self.guest.samples.into_iter();
+        meta.chain(device.map(|s| Record::Device(s.sample)))
+            .chain(guest.map(Record::Guest))
+            .collect()
+    }
+
+    /// The pretty-printed document with a trailing newline.
+    fn to_text(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string_pretty(self).map(|text| text + "\n")
+    }
 }
 
 fn fmt_num(v: f64, digits: usize) -> String {
@@ -455,7 +502,7 @@ fn fmt_num(v: f64, digits: usize) -> String {
 
 fn cell(s: &Option<Summary>, digits: usize) -> String {
     match s {
-        Some(s) => format!("{} ±{:.0}%", fmt_num(s.median, digits), s.spread() * 100.0),
+        Some(s) => format!("{} ±{:.0}%", fmt_num(s.median, digits), s.spread * 100.0),
         None => "–".into(),
     }
 }
@@ -492,11 +539,11 @@ pub fn device_table(rows: &[DevRow]) -> String {
             "| {dir} | {} | {} | {} | {} | {} | {} | {} | **{}** | {} |",
             frames::label(r.frame as usize),
             r.pairs,
-            cell(&k(&r.ceiling[0]), 0),
-            cell(&k(&r.device[0]), 0),
-            cell(&r.device[1], 2),
-            cell(&r.ceiling[2], 0),
-            cell(&r.device[2], 0),
+            cell(&k(&r.ceiling.pps), 0),
+            cell(&k(&r.device.pps), 0),
+            cell(&r.device.gbit_s, 2),
+            cell(&r.ceiling.cpu_ns_per_frame, 0),
+            cell(&r.device.cpu_ns_per_frame, 0),
             ratio_cell(&r.ratio),
             ratio_cell(&r.cpu_ratio)
         );
@@ -517,7 +564,7 @@ pub fn device_summary_table(rows: &[DevRow]) -> String {
             r.dir,
             frames::label(r.frame as usize),
             r.pairs,
-            cell(&r.device[1], 2),
+            cell(&r.device.gbit_s, 2),
             ratio_cell(&r.ratio),
             ratio_cell(&r.cpu_ratio)
         );
@@ -546,8 +593,8 @@ pub fn guest_table(rows: &[GuestRow], diagnostics: bool) -> String {
             cell(&r.vmms[0], m.digits),
             cell(&r.vmms[1], m.digits),
             cell(&r.vmms[2], m.digits),
-            ratio_cell(&r.ratios[0]),
-            ratio_cell(&r.ratios[1])
+            ratio_cell(&r.vs_vhost_off),
+            ratio_cell(&r.vs_vhost_on)
         );
     }
     s
@@ -785,8 +832,8 @@ pub struct Written {
 
 /// Writes latest.json, latest.md and the plots into `dir`.
 pub fn write(data: &Data, dir: &Path) -> Result<Written, Error> {
-    let dev = device_rows(data);
-    let guest = guest_rows(data);
+    let published = Published::of(data);
+    let (dev, guest) = (&published.device.summary, &published.guest.summary);
     let mut files = Vec::new();
     let mut put = |name: &str, text: String| -> Result<(), Error> {
         let path = dir.join(name);
@@ -801,23 +848,29 @@ pub fn write(data: &Data, dir: &Path) -> Result<Written, Error> {
         path: dir.to_path_buf(),
         source,
     })?;
-    put("latest.json", to_json(data, &dev, &guest).pretty())?;
-    put("latest.md", markdown(data, &dev, &guest))?;
+    let json = published.to_text().map_err(|e| Error::Write {
+        path: dir.join("latest.json"),
+        source: e.into(),
+    })?;
+    put("latest.json", json)?;
+    put("latest.md", markdown(data, dev, guest))?;
     if !dev.is_empty() {
-        put("device-vs-ceiling.svg", device_plot(&dev))?;
+        put("device-vs-ceiling.svg", device_plot(dev))?;
     }
     if !guest.is_empty() {
-        put("guest-throughput.svg", guest_plot(&guest))?;
+        put("guest-throughput.svg", guest_plot(guest))?;
     }
     Ok(Written {
         files,
-        device_table: device_table(&dev),
-        guest_table: guest_table(&guest, true),
+        device_table: device_table(dev),
+        guest_table: guest_table(guest, true),
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     fn dev(path: &str, sample: u64, frames: u64, wall_ns: u64) -> Record {
@@ -861,7 +914,7 @@ mod tests {
             (r.median - 0.85).abs() < 1e-9 && r.min == 0.8 && r.max == 0.9,
             "{r:?}"
         );
-        assert_eq!(rows[0].device[0].unwrap().n, 2);
+        assert_eq!(rows[0].device.pps.unwrap().n, 2);
         let table = device_table(&rows);
         assert!(
             table.contains("| tx (guest→host) | 1514 B | 1 |"),
@@ -890,13 +943,13 @@ mod tests {
         let rows = guest_rows(&Data::from_records(recs));
         let boot = rows.iter().find(|r| r.metric == "boot_wall_s").unwrap();
         assert_eq!(boot.pairs, None);
-        assert_eq!(boot.ratios[0].unwrap().median, 0.5);
-        assert!(boot.ratios[1].is_none() && boot.vmms[2].is_none());
+        assert_eq!(boot.vs_vhost_off.unwrap().median, 0.5);
+        assert!(boot.vs_vhost_on.is_none() && boot.vmms[2].is_none());
         let up2 = rows
             .iter()
             .find(|r| r.metric == "iperf_up_mbps" && r.pairs == Some(2))
             .unwrap();
-        assert_eq!(up2.ratios[1].unwrap().median, 4.0);
+        assert_eq!(up2.vs_vhost_on.unwrap().median, 4.0);
         assert_eq!(up2.vmms[0].unwrap().n, 3);
         let table = guest_table(&rows, true);
         assert!(
@@ -930,6 +983,65 @@ mod tests {
         );
     }
 
+    /// Where two JSON documents first differ, numbers compared as values (the writer before
+    /// serde wrote 3.0 as 3) and method paragraphs left out.
+    fn first_difference(a: &Value, b: &Value, at: &str) -> Option<String> {
+        let differs = || Some(format!("{at}: {a} vs {b}"));
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => (x.as_f64() != y.as_f64()).then(differs)?,
+            (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+                .iter()
+                .zip(y)
+                .enumerate()
+                .find_map(|(i, (x, y))| first_difference(x, y, &format!("{at}[{i}]"))),
+            (Value::Object(x), Value::Object(y)) if x.len() == y.len() => x
+                .iter()
+                .filter(|(k, _)| *k != "method")
+                .find_map(|(k, x)| match y.get(k) {
+                    Some(y) => first_difference(x, y, &format!("{at}.{k}")),
+                    None => Some(format!("{at}.{k} missing")),
+                }),
+            _ => (a != b).then(differs)?,
+        }
+    }
+
+    #[test]
+    fn the_published_latest_json_renders_the_published_tables_and_itself() {
+        let path = Path::new("bench/results/latest.json");
+        let text = include_str!("../../results/latest.json");
+        let published = Published::parse(path, text).unwrap();
+        let keys: Vec<String> = published.meta.keys().cloned().collect();
+        let data = Data::from_records(published.into_records());
+        assert_eq!((data.device.len(), data.guest.len()), (180, 330));
+        let again = Published::of(&data);
+        let (dev, guest) = (&again.device.summary, &again.guest.summary);
+        assert_eq!(
+            without_method(&markdown(&data, dev, guest)),
+            without_method(include_str!("../../results/latest.md"))
+        );
+        let written = again.to_text().unwrap();
+        let (before, after): (Value, Value) = (
+            serde_json::from_str(text).unwrap(),
+            serde_json::from_str(&written).unwrap(),
+        );
+        assert_eq!(first_difference(&before, &after, "latest.json"), None);
+        let reread = Published::parse(path, &written).unwrap();
+        assert!(reread.meta.keys().eq(keys.iter()), "meta order");
+    }
+
+    #[test]
+    fn a_json_that_is_not_a_published_report_is_refused() {
+        let path = Path::new("x.json");
+        let other = r#"{"schema": "mqvmm-bench/0", "meta": {}, "device": {"method": "", "samples": []}, "guest": {"method": "", "samples": []}}"#;
+        let err = Published::parse(path, other).unwrap_err();
+        assert!(err.to_string().contains("\"mqvmm-bench/0\""), "{err}");
+        let err = Published::parse(path, "{\"kind\": \"meta\"}").unwrap_err();
+        assert!(
+            err.to_string().contains("x.json is not a mqvmm-bench/1"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn json_keeps_every_sample_and_meta() {
         let recs = vec![
@@ -939,7 +1051,7 @@ mod tests {
             guest("mqvmm", 1, "rss_beyond_guest_mib", None, 12.5),
         ];
         let data = Data::from_records(recs);
-        let j = to_json(&data, &device_rows(&data), &guest_rows(&data)).pretty();
+        let j = Published::of(&data).to_text().unwrap();
         assert!(j.contains("\"commit\": \"abc\""));
         assert_eq!(j.matches("\"wall_ns\"").count(), 2);
         assert!(j.contains("\"metric\": \"rss_beyond_guest_mib\""));
