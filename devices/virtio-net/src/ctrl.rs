@@ -454,9 +454,7 @@ pub struct CtrlRequest {
     /// command-specific data (virtio 1.x 5.1.6.5: `ack` precedes any command-specific
     /// result).
     pub ack_addr: GuestAddress,
-    /// Device-writable bytes after the ack, for a command-specific result.
-    pub result_len: usize,
-    /// Where those bytes are: (address, length) of up to [`RESULT_SEGMENTS`] writable
+    /// Where the device-writable bytes after the ack are, for a command-specific result: (address, length) of up to [`RESULT_SEGMENTS`] writable
     /// pieces after the ack byte.
     result_segments: [(GuestAddress, usize); RESULT_SEGMENTS],
 }
@@ -529,7 +527,6 @@ pub fn parse_request(
         buf: [0; CMD_BUF_LEN],
         readable_len: 0,
         ack_addr: GuestAddress(0),
-        result_len: 0,
         result_segments: [(GuestAddress(0), 0); RESULT_SEGMENTS],
     };
     let mut segments = 0;
@@ -554,7 +551,6 @@ pub fn parse_request(
                     }
                     Some(_) => (desc.addr(), len),
                 };
-                req.result_len = req.result_len.saturating_add(room);
                 if room > 0 && segments < RESULT_SEGMENTS {
                     req.result_segments[segments] = (at, room);
                     segments += 1;

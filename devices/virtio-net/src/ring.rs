@@ -132,11 +132,6 @@ impl Ring {
         Ok(())
     }
 
-    /// Whether entries were put since the last [`Ring::publish`].
-    pub fn has_unpublished(&self) -> bool {
-        self.unsignalled != 0
-    }
-
     /// How many entries were put since the last [`Ring::publish`].
     pub fn unpublished(&self) -> u16 {
         self.unsignalled
@@ -279,7 +274,7 @@ mod tests {
         let head = q.add(&[w(BUF, 64)]);
         assert_eq!(ring.pop(&mem).ok(), Some(Some(head)));
         ring.put(&mem, head, 42).unwrap();
-        assert!(ring.has_unpublished());
+        assert_eq!(ring.unpublished(), 1);
         assert_eq!(q.used_idx(), 0, "not published yet");
         assert!(
             ring.publish(&mem),
@@ -287,7 +282,7 @@ mod tests {
         );
         assert_eq!(q.used_idx(), 1);
         assert_eq!(q.used(0), (head, 42));
-        assert!(!ring.has_unpublished());
+        assert_eq!(ring.unpublished(), 0);
         // A head outside the table is refused.
         assert!(matches!(
             ring.put(&mem, 8, 0),

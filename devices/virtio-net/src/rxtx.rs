@@ -267,7 +267,7 @@ impl QueuePair {
     fn publish_tx(&mut self, tally: &mut Tally) {
         let used = u32::from(self.tx.unpublished());
         let wanted = self.tx.publish(&self.mem);
-        if self.tx_coal.publish(used, wanted, Instant::now()) {
+        if self.tx_coal.publish(used, wanted, Instant::now) {
             self.notify_tx(tally);
         }
     }
@@ -276,7 +276,7 @@ impl QueuePair {
     fn publish_rx(&mut self, tally: &mut Tally) {
         let used = u32::from(self.rx.unpublished());
         let wanted = self.rx.publish(&self.mem);
-        if self.rx_coal.publish(used, wanted, Instant::now()) {
+        if self.rx_coal.publish(used, wanted, Instant::now) {
             self.notify_rx(tally);
         }
     }
