@@ -652,8 +652,8 @@ mod tests {
         assert!(build_cmdline(&long).is_err());
     }
 
-    #[test]
-    fn initramfs_goes_high_and_never_over_the_kernel() {
+    /// 64 MiB of guest memory and an ELF kernel loaded at 16..32 MiB.
+    fn memory_and_elf_kernel() -> (u64, GuestMemoryMmap, LoadedKernel) {
         let size = 64u64 << 20;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
         let kernel = LoadedKernel {
@@ -662,6 +662,12 @@ mod tests {
             end: 0x200_0000,
             setup_header: None,
         };
+        (size, mem, kernel)
+    }
+
+    #[test]
+    fn initramfs_goes_high_and_never_over_the_kernel() {
+        let (size, mem, kernel) = memory_and_elf_kernel();
         let p = tmpfile("initrd", &[7u8; 10000]);
         let mut image = Image::open(ImageKind::Initramfs, &p).unwrap();
         let loaded = load_initramfs(&mem, &mut image, &kernel, size).unwrap();
@@ -676,14 +682,7 @@ mod tests {
 
     #[test]
     fn an_initramfs_fd_is_read_from_its_start_whatever_its_offset() {
-        let size = 64u64 << 20;
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
-        let kernel = LoadedKernel {
-            format: KernelFormat::Elf,
-            entry: GuestAddress(0x100_0000),
-            end: 0x200_0000,
-            setup_header: None,
-        };
+        let (size, mem, kernel) = memory_and_elf_kernel();
         let bytes: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
         let p = tmpfile("initrd-fd", &bytes);
         let mut file = File::open(&p).unwrap();
