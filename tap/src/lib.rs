@@ -22,6 +22,7 @@ mod error;
 mod iface;
 mod mac;
 mod queue;
+pub mod steering;
 mod sys;
 
 pub use create::{MultiQueueTap, TapConfig};

@@ -152,8 +152,8 @@ impl NetConfig {
 }
 
 /// Size of the config space we expose: mac, status, max_virtqueue_pairs, mtu, speed,
-/// duplex. The RSS fields that follow belong to features we do not offer.
-pub const CONFIG_SPACE_LEN: usize = 17;
+/// duplex, rss_max_key_size, rss_max_indirection_table_length, supported_hash_types.
+pub const CONFIG_SPACE_LEN: usize = 24;
 
 /// The live config space. Fields are little endian (virtio 1.x).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +170,8 @@ pub struct ConfigSpace {
     pub speed: u32,
     /// Link duplex.
     pub duplex: Duplex,
+    /// RSS limits (key size, table length, hash types); zero when RSS is not offered.
+    pub rss: (u8, u16, u32),
 }
 
 impl ConfigSpace {
@@ -186,7 +188,19 @@ impl ConfigSpace {
             mtu: mtu.unwrap_or(0),
             speed: DEFAULT_SPEED_MBPS,
             duplex: Duplex::Full,
+            rss: (0, 0, 0),
         }
+    }
+
+    /// The same with the RSS fields filled in, for a device that offers VIRTIO_NET_F_RSS.
+    pub fn with_rss(mut self, offered: bool) -> Self {
+        use crate::steer::{RSS_MAX_KEY_SIZE, RSS_MAX_TABLE_LEN, SUPPORTED_HASH_TYPES};
+        self.rss = if offered {
+            (RSS_MAX_KEY_SIZE, RSS_MAX_TABLE_LEN, SUPPORTED_HASH_TYPES)
+        } else {
+            (0, 0, 0)
+        };
+        self
     }
 
     /// The same with the link speed and duplex of `cfg`.
@@ -205,6 +219,9 @@ impl ConfigSpace {
         b[10..12].copy_from_slice(&self.mtu.to_le_bytes());
         b[12..16].copy_from_slice(&self.speed.to_le_bytes());
         b[16] = self.duplex.config_value();
+        b[17] = self.rss.0;
+        b[18..20].copy_from_slice(&self.rss.1.to_le_bytes());
+        b[20..24].copy_from_slice(&self.rss.2.to_le_bytes());
         b
     }
 

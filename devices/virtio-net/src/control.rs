@@ -47,6 +47,10 @@ pub(crate) enum QueueOp {
         rx: bool,
         queue: virtio_queue::Queue,
     },
+    /// Hand what waits on the backend to the receive queue now, and say whether the backend
+    /// was left empty; with `discard`, read and count as dropped what the guest had no
+    /// buffers for (the queue is about to be detached, which would purge it unseen).
+    Drain { discard: bool },
 }
 
 #[derive(Debug)]
@@ -65,6 +69,8 @@ pub struct PairControl {
     evt: EventFd,
     state: Mutex<ControlState>,
     cond: Condvar,
+    /// The last [`QueueOp::Drain`] left the backend empty.
+    drained: AtomicBool,
 }
 
 impl PairControl {
@@ -80,6 +86,7 @@ impl PairControl {
                 result: None,
             }),
             cond: Condvar::new(),
+            drained: AtomicBool::new(false),
         })
     }
 
@@ -171,6 +178,42 @@ impl PairControl {
             s.requested
         };
         self.request(pair, state, timeout, None)
+    }
+
+    /// Asks the worker of `pair` to drain its backend into its receive queue ([`QueueOp::Drain`]
+    /// without discarding) and waits as [`Self::request`] does; true if the backend was left
+    /// empty, false if the guest ran out of receive buffers first.
+    pub(crate) fn request_drain(
+        &self,
+        pair: usize,
+        timeout: Duration,
+        abort: Option<&StopSignal>,
+    ) -> Result<bool, SwitchError> {
+        self.drained.store(false, Ordering::SeqCst);
+        let state = {
+            let mut s = self.lock();
+            s.queue_op = Some(QueueOp::Drain { discard: false });
+            s.requested
+        };
+        self.request(pair, state, timeout, abort)?;
+        Ok(self.drained.load(Ordering::SeqCst))
+    }
+
+    /// Asks the worker of `pair` to park after a last drain that discards (and counts) what
+    /// the guest has no buffers for; waits as [`Self::request`] does.
+    pub(crate) fn request_drained_park(
+        &self,
+        pair: usize,
+        timeout: Duration,
+        abort: Option<&StopSignal>,
+    ) -> Result<(), SwitchError> {
+        self.lock().queue_op = Some(QueueOp::Drain { discard: true });
+        self.request(pair, RunState::Parked, timeout, abort)
+    }
+
+    /// Worker side: the outcome of a [`QueueOp::Drain`], before confirming.
+    pub(crate) fn set_drained(&self, empty: bool) {
+        self.drained.store(empty, Ordering::SeqCst);
     }
 
     /// Worker side: the queue change asked for, if any (taken: it is carried out once).

@@ -14,14 +14,14 @@ use log::{debug, error, warn};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET, VIRTIO_NET_CTRL_MAC,
     VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_MQ,
-    VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_NOTF_COAL, VIRTIO_NET_CTRL_NOTF_COAL_RX_SET,
-    VIRTIO_NET_CTRL_NOTF_COAL_TX_SET, VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET,
-    VIRTIO_NET_CTRL_NOTF_COAL_VQ_SET, VIRTIO_NET_CTRL_RX, VIRTIO_NET_CTRL_RX_ALLMULTI,
-    VIRTIO_NET_CTRL_RX_ALLUNI, VIRTIO_NET_CTRL_RX_NOBCAST, VIRTIO_NET_CTRL_RX_NOMULTI,
-    VIRTIO_NET_CTRL_RX_NOUNI, VIRTIO_NET_CTRL_RX_PROMISC, VIRTIO_NET_CTRL_VLAN,
-    VIRTIO_NET_CTRL_VLAN_ADD, VIRTIO_NET_CTRL_VLAN_DEL, VIRTIO_NET_ERR,
+    VIRTIO_NET_CTRL_MQ_RSS_CONFIG, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_NOTF_COAL,
+    VIRTIO_NET_CTRL_NOTF_COAL_RX_SET, VIRTIO_NET_CTRL_NOTF_COAL_TX_SET,
+    VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET, VIRTIO_NET_CTRL_NOTF_COAL_VQ_SET, VIRTIO_NET_CTRL_RX,
+    VIRTIO_NET_CTRL_RX_ALLMULTI, VIRTIO_NET_CTRL_RX_ALLUNI, VIRTIO_NET_CTRL_RX_NOBCAST,
+    VIRTIO_NET_CTRL_RX_NOMULTI, VIRTIO_NET_CTRL_RX_NOUNI, VIRTIO_NET_CTRL_RX_PROMISC,
+    VIRTIO_NET_CTRL_VLAN, VIRTIO_NET_CTRL_VLAN_ADD, VIRTIO_NET_CTRL_VLAN_DEL, VIRTIO_NET_ERR,
     VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
-    VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_NOTF_COAL,
+    VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_NOTF_COAL, VIRTIO_NET_F_RSS,
     VIRTIO_NET_F_VQ_NOTF_COAL, VIRTIO_NET_OK,
 };
 use virtio_queue::Queue;
@@ -35,6 +35,7 @@ use crate::filter::{parse_mac_table, MacTable, RxMode, VLAN_IDS};
 use crate::metrics::{NetMetrics, Tally};
 use crate::ring::Ring;
 use crate::rxtx::Work;
+use crate::steer::RssConfig;
 use crate::Interrupt;
 
 /// Reply byte for a command that was applied.
@@ -196,6 +197,10 @@ pub trait CtrlTarget {
     /// Enable pairs `0..n` (1 <= n <= max already checked); false means refused and
     /// rolled back.
     fn set_queue_pairs(&mut self, n: u16) -> bool;
+    /// Steer received frames as `cfg` says (validated), enabling the pairs it needs.
+    fn set_rss(&mut self, _cfg: RssConfig) -> bool {
+        false
+    }
     /// Apply guest receive offloads (VIRTIO_NET_F_GUEST_* bits, already checked against
     /// the negotiated features).
     fn set_guest_offloads(&mut self, offloads: u64) -> bool;
@@ -272,6 +277,8 @@ pub enum Command {
         /// The queue index.
         vqn: u16,
     },
+    /// VIRTIO_NET_CTRL_MQ_RSS_CONFIG, validated ([`RssConfig::parse`]).
+    RssConfig(RssConfig),
 }
 
 /// Parses one command. `data` is the command-specific data, possibly truncated to what we
@@ -295,6 +302,9 @@ pub fn parse_command(
                 return None;
             }
             Command::VqPairsSet(n)
+        }
+        (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_RSS_CONFIG) if features.has(VIRTIO_NET_F_RSS) => {
+            Command::RssConfig(RssConfig::parse(data, data_len, max_pairs)?)
         }
         (VIRTIO_NET_CTRL_GUEST_OFFLOADS, VIRTIO_NET_CTRL_GUEST_OFFLOADS_SET)
             if features.has(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS) =>
@@ -392,7 +402,7 @@ pub fn parse_command(
             };
             Command::NotfCoal { tx, cfg }
         }
-        // ANNOUNCE needs GUEST_ANNOUNCE, RSS needs RSS: neither is offered. Commands of
+        // ANNOUNCE needs GUEST_ANNOUNCE, HASH_CONFIG needs HASH_REPORT: neither is offered. Commands of
         // features that were not negotiated, and unknown ones, are refused.
         _ => {
             debug!("virtio-net: control command class {class} command {command} refused");
@@ -406,6 +416,7 @@ pub fn parse_command(
 pub fn apply<T: CtrlTarget>(cmd: Command, target: &mut T) -> u8 {
     let ok = match cmd {
         Command::VqPairsSet(n) => target.set_queue_pairs(n),
+        Command::RssConfig(cfg) => target.set_rss(cfg),
         Command::GuestOffloadsSet(offloads) => target.set_guest_offloads(offloads),
         Command::MacAddrSet(mac) => target.set_mac(mac),
         Command::RxMode(mode, on) => target.set_rx_mode(mode, on),
@@ -723,6 +734,18 @@ impl CtrlQueue {
                     u32::from(class) == VIRTIO_NET_CTRL_MQ
                         && u32::from(command) == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
                 });
+                let rss_config = req.header().is_some_and(|(class, command)| {
+                    u32::from(class) == VIRTIO_NET_CTRL_MQ
+                        && u32::from(command) == VIRTIO_NET_CTRL_MQ_RSS_CONFIG
+                });
+                if rss_config {
+                    self.metrics.rss_configs.fetch_add(1, Ordering::Relaxed);
+                    if ack != ACK_OK {
+                        self.metrics
+                            .rss_config_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 if vq_pairs_set {
                     let m = &self.metrics;
                     m.vq_pairs_set.fetch_add(1, Ordering::Relaxed);

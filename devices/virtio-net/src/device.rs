@@ -18,6 +18,7 @@ use crate::ctrl::CtrlQueue;
 use crate::features::{bit, offered_features, tun_offload_flags, Negotiated, TUN_USO_PROBE};
 use crate::metrics::NetMetrics;
 use crate::state::{relock, DeviceCtrl, ResetFailed, Shared};
+use crate::steer::Steering;
 use crate::worker::{
     spawn_ctrl, spawn_worker, DeviceThreadHandle, StdSpawner, ThreadSpawner, WorkerFds,
     WorkerStart, JOIN_TIMEOUT,
@@ -198,7 +199,18 @@ impl<B: Backend + 'static> Net<B> {
     /// Without a configured MTU the device advertises the MTU of the host interface
     /// ([`Backend::mtu`]) when it can be learned, so that the guest's MTU, and the receive
     /// buffers, match what the host can send it.
-    pub fn new(mut cfg: NetConfig, backends: Vec<B>) -> Result<Self, Error> {
+    pub fn new(cfg: NetConfig, backends: Vec<B>) -> Result<Self, Error> {
+        Self::with_steering(cfg, backends, None)
+    }
+
+    /// The same, steering received frames through the tap's steering program, whose
+    /// configuration `steering` writes (see `steer.rs`): VQ_PAIRS_SET then loses no frame,
+    /// and the device offers VIRTIO_NET_F_RSS (with MQ).
+    pub fn with_steering(
+        mut cfg: NetConfig,
+        backends: Vec<B>,
+        steering: Option<Arc<dyn Steering>>,
+    ) -> Result<Self, Error> {
         cfg.validate(backends.len())?;
         if cfg.mtu.is_none() {
             cfg.mtu = backends
@@ -218,15 +230,18 @@ impl<B: Backend + 'static> Net<B> {
                     .map_err(|source| Error::BackendSetup { pair, source })
             })
             .collect::<Result<Vec<bool>, Error>>()?;
+        let rss = cfg.mq && steering.is_some();
         let config = ConfigSpace::new(cfg.mac, backends.len() as u16, cfg.mtu, true)
-            .with_link(cfg.speed_mbps, cfg.duplex);
-        let shared =
-            Arc::new(Shared::new(backends, attached, config, cfg.mtu).map_err(Error::EventFd)?);
+            .with_link(cfg.speed_mbps, cfg.duplex)
+            .with_rss(rss);
+        let shared = Arc::new(
+            Shared::new(backends, attached, config, cfg.mtu, steering).map_err(Error::EventFd)?,
+        );
         shared.enter_reset_state(&mut relock(&shared.state))?;
         // Pair 0 is attached now; activation sets the offloads the driver negotiated.
         let uso = shared.backends[0].accepts_offload(TUN_USO_PROBE);
         Ok(Net {
-            avail_features: offered_features(cfg.mtu.is_some(), cfg.mq, uso),
+            avail_features: offered_features(cfg.mtu.is_some(), cfg.mq, uso, rss),
             acked_features: 0,
             cfg,
             shared,
@@ -583,7 +598,8 @@ impl<B: Backend + 'static> Net<B> {
             self.cfg.mtu,
             link,
         )
-        .with_link(self.cfg.speed_mbps, self.cfg.duplex);
+        .with_link(self.cfg.speed_mbps, self.cfg.duplex)
+        .with_rss(self.cfg.mq && self.shared.steers());
         self.shared.reset_settings(false);
         for p in &self.shared.metrics.pairs {
             p.parked.store(true, Ordering::Relaxed);

@@ -9,8 +9,8 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_GUEST_USO4,
     VIRTIO_NET_F_GUEST_USO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_HOST_USO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
-    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_NOTF_COAL, VIRTIO_NET_F_SPEED_DUPLEX,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_F_VQ_NOTF_COAL,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_NOTF_COAL, VIRTIO_NET_F_RSS,
+    VIRTIO_NET_F_SPEED_DUPLEX, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_VQ_NOTF_COAL,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
@@ -84,8 +84,9 @@ const CTRL_FEATURES: u64 = bit(VIRTIO_NET_F_CTRL_VQ)
     | bit(VIRTIO_NET_F_VQ_NOTF_COAL);
 
 /// The feature set offered for a device with these options; `uso` says whether the tap
-/// does UDP segmentation.
-pub fn offered_features(mtu: bool, mq: bool, uso: bool) -> u64 {
+/// does UDP segmentation, `rss` whether the device steers received frames itself (the tap's
+/// steering program is in place: see `steer.rs`). RSS needs the control queue.
+pub fn offered_features(mtu: bool, mq: bool, uso: bool, rss: bool) -> u64 {
     let mut features = BASE_FEATURES;
     if mtu {
         features |= bit(VIRTIO_NET_F_MTU);
@@ -95,6 +96,9 @@ pub fn offered_features(mtu: bool, mq: bool, uso: bool) -> u64 {
     }
     if mq {
         features |= CTRL_FEATURES;
+        if rss {
+            features |= bit(VIRTIO_NET_F_RSS);
+        }
     }
     features
 }

@@ -99,6 +99,7 @@ pub mod metrics;
 pub mod ring;
 pub mod rxtx;
 mod state;
+pub mod steer;
 mod tap_backend;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

@@ -147,6 +147,14 @@ pub struct NetMetrics {
     pub host_reconfigs: AtomicU64,
     /// Control commands that had to wait for the rate limit.
     pub throttled_commands: AtomicU64,
+    /// Frames that were on a tap queue being disabled with steering and that the guest had
+    /// no receive buffers for (read and dropped; without steering such frames are purged by
+    /// the kernel unseen).
+    pub steer_dropped: AtomicU64,
+    /// VIRTIO_NET_CTRL_MQ_RSS_CONFIG commands received, and answered with ERR.
+    pub rss_configs: AtomicU64,
+    /// RSS_CONFIG commands answered with ERR.
+    pub rss_config_errors: AtomicU64,
 }
 
 impl NetMetrics {
@@ -163,6 +171,9 @@ impl NetMetrics {
             link_up: AtomicBool::new(true),
             host_reconfigs: AtomicU64::new(0),
             throttled_commands: AtomicU64::new(0),
+            steer_dropped: AtomicU64::new(0),
+            rss_configs: AtomicU64::new(0),
+            rss_config_errors: AtomicU64::new(0),
         }
     }
 
@@ -187,6 +198,9 @@ impl NetMetrics {
             rollback_failures: load(&self.rollback_failures),
             host_reconfigs: load(&self.host_reconfigs),
             throttled_commands: load(&self.throttled_commands),
+            steer_dropped: load(&self.steer_dropped),
+            rss_configs: load(&self.rss_configs),
+            rss_config_errors: load(&self.rss_config_errors),
             link_up: self.link_up.load(Ordering::Relaxed),
             pairs: self
                 .pairs
@@ -254,6 +268,12 @@ pub struct NetSnapshot {
     pub host_reconfigs: u64,
     /// See [`NetMetrics::throttled_commands`].
     pub throttled_commands: u64,
+    /// See [`NetMetrics::steer_dropped`].
+    pub steer_dropped: u64,
+    /// See [`NetMetrics::rss_configs`].
+    pub rss_configs: u64,
+    /// See [`NetMetrics::rss_config_errors`].
+    pub rss_config_errors: u64,
     /// See [`NetMetrics::link_up`].
     pub link_up: bool,
     /// One entry per queue pair.
@@ -263,7 +283,7 @@ pub struct NetSnapshot {
 }
 
 impl NetSnapshot {
-    fn device_fields(&self) -> [(&'static str, u64); 9] {
+    fn device_fields(&self) -> [(&'static str, u64); 12] {
         [
             ("max_pairs", self.max_pairs),
             ("active_pairs", self.active_pairs),
@@ -274,6 +294,9 @@ impl NetSnapshot {
             ("rollback_failures", self.rollback_failures),
             ("host_reconfigs", self.host_reconfigs),
             ("throttled_commands", self.throttled_commands),
+            ("steer_dropped", self.steer_dropped),
+            ("rss_configs", self.rss_configs),
+            ("rss_config_errors", self.rss_config_errors),
         ]
     }
 
@@ -351,7 +374,7 @@ mod tests {
         let expected = format!(
             "virtio-net max_pairs=2 active_pairs=1 attached_pairs=1 vq_pairs_set=0 \
              vq_pairs_set_errors=0 last_vq_pairs_set_ns=0 rollback_failures=0 host_reconfigs=0 \
-             throttled_commands=0 link_up=0 | pair0 attached=1 parked=0 {} {} | pair1 attached=0 \
+             throttled_commands=0 steer_dropped=0 rss_configs=0 rss_config_errors=0 link_up=0 | pair0 attached=1 parked=0 {} {} | pair1 attached=0 \
              parked=1 {} {} | ctrl packets=1 bytes=0 drops=0 bad_chains=0 filtered=0 \
              notifications=0 interrupts=0",
             queue("rx", [3, 180, 0, 0, 0, 0, 0]),

@@ -23,6 +23,7 @@ use crate::filter::{MacTable, RxFilter, RxMode};
 use crate::limit::{LogLimit, TokenBucket};
 use crate::metrics::NetMetrics;
 use crate::rxtx::PathConfig;
+use crate::steer::{random_key, RssConfig, Steering, TunOrder};
 use crate::Interrupt;
 
 /// Serialised pair state: changed by activation, reset and the control thread only.
@@ -38,6 +39,13 @@ pub(crate) struct PairsState {
     pub hdr_len: i32,
     /// TUN_F_* flags set on the backends.
     pub tun_flags: u32,
+    /// The tap's numbering of the attached queues (for the steering program).
+    pub tun_order: TunOrder,
+    /// The steering in force, in pairs (automatic steering or the driver's RSS); what the
+    /// program gets after translation through `tun_order`.
+    pub steer: RssConfig,
+    /// The driver configured RSS (else steering is automatic, over the enabled pairs).
+    pub rss: bool,
 }
 
 /// State shared by the device, its workers and its control thread.
@@ -68,6 +76,10 @@ pub struct Shared<B> {
     switch_log: Mutex<LogLimit>,
     /// The MTU in the config space, when one is advertised.
     mtu: Option<u16>,
+    /// The tap's steering program's configuration, when the launcher set one up.
+    steering: Option<Arc<dyn Steering>>,
+    /// The key of automatic steering.
+    auto_key: [u8; tap::steering::KEY_LEN],
 }
 
 /// Host operations of one step of a queue-pair switch: detaching a queue is one
@@ -94,9 +106,11 @@ impl<B: Backend> Shared<B> {
         attached: Vec<bool>,
         config: ConfigSpace,
         mtu: Option<u16>,
+        steering: Option<Arc<dyn Steering>>,
     ) -> std::io::Result<Self> {
         let pairs = backends.len();
         let mac = config.mac;
+        let auto_key = random_key();
         let metrics = Arc::new(NetMetrics::new(pairs));
         for (pair, &a) in attached.iter().enumerate() {
             metrics.pairs[pair].attached.store(a, Ordering::Relaxed);
@@ -120,6 +134,9 @@ impl<B: Backend> Shared<B> {
                 has_worker: vec![false; pairs],
                 hdr_len: 0,
                 tun_flags: 0,
+                tun_order: TunOrder::unknown(),
+                steer: RssConfig::spread(1, &auto_key),
+                rss: false,
             }),
             rx_filter: Mutex::new(RxFilter::new(mac, false)),
             coalescing: Mutex::new(vec![Coalesce::default(); 2 * pairs]),
@@ -128,6 +145,8 @@ impl<B: Backend> Shared<B> {
             reconfig_limit: Mutex::new(TokenBucket::for_reconfig(pairs, Instant::now())),
             switch_log: Mutex::new(LogLimit::new(Duration::from_secs(1))),
             mtu,
+            steering,
+            auto_key,
         })
     }
 
@@ -246,11 +265,40 @@ impl<B: Backend> Shared<B> {
         all
     }
 
+    /// Records that `pair`'s backend was attached or detached; with steering, the program's
+    /// table follows the tap's renumbering at once.
     fn set_attached(&self, state: &mut PairsState, pair: usize, attached: bool) {
         state.attached[pair] = attached;
         self.metrics.pairs[pair]
             .attached
             .store(attached, Ordering::Relaxed);
+        if attached {
+            state.tun_order.attached(pair);
+        } else {
+            state.tun_order.detached(pair);
+        }
+        self.publish_steering(state);
+    }
+
+    /// Whether the tap's steering program is ours to configure.
+    pub(crate) fn steers(&self) -> bool {
+        self.steering.is_some()
+    }
+
+    /// Automatic steering over pairs `0..pairs`.
+    pub(crate) fn auto_steering(&self, pairs: usize) -> RssConfig {
+        RssConfig::spread(pairs as u16, &self.auto_key)
+    }
+
+    /// Writes `state.steer`, in the tap's queue numbers, into the program's map.
+    pub(crate) fn publish_steering(&self, state: &PairsState) {
+        let Some(steering) = &self.steering else {
+            return;
+        };
+        let cfg = state.steer.to_tun(&state.tun_order);
+        if let Err(e) = steering.publish(&cfg) {
+            error!("virtio-net: cannot update the tap's steering: {e}");
+        }
     }
 
     /// Attach / detach backends so that exactly pair 0 is attached (the reset state). On
@@ -278,20 +326,68 @@ impl<B: Backend> Shared<B> {
         }
         state.active = 1;
         self.metrics.active_pairs.store(1, Ordering::Relaxed);
+        // Exactly pair 0 attached: the tap numbers it 0, whatever happened before.
+        state.tun_order = if result.is_ok() {
+            TunOrder::only(0)
+        } else {
+            TunOrder::unknown()
+        };
+        state.steer = self.auto_steering(1);
+        state.rss = false;
+        self.publish_steering(state);
         result
     }
 }
+
+/// How long frames the steering program already sent towards a queue may take to reach it:
+/// between the program's choice and the tap queue's ring a frame is inside one softirq
+/// (`dev_queue_xmit`); this is that with a wide margin, and it is paid once per shrink.
+const STEER_SETTLE: Duration = Duration::from_millis(10);
+/// How long a shrink waits for the guest to give receive buffers for frames still on a
+/// queue being disabled, and how often it looks.
+const DRAIN_WAIT: Duration = Duration::from_millis(200);
+const DRAIN_POLL: Duration = Duration::from_millis(1);
 
 /// [`PairSwitch`] over the real workers and backends.
 struct DevicePairs<'a, B> {
     shared: &'a Shared<B>,
     state: &'a mut PairsState,
+    /// Parking hands what is on the pair's tap queue to the guest first (with steering, when
+    /// nothing is steered to the pair any more).
+    drain: bool,
+}
+
+impl<B: Backend> DevicePairs<'_, B> {
+    /// Has the worker of `pair` deliver what its tap queue holds, waiting (up to
+    /// [`DRAIN_WAIT`]) for the guest to give receive buffers while frames remain. The guest
+    /// keeps consuming a receive queue until the command that disables it completes.
+    fn drain(&mut self, pair: usize) -> Result<(), SwitchError> {
+        let ctl = &self.shared.pairs[pair];
+        let deadline = Instant::now() + DRAIN_WAIT;
+        loop {
+            let empty = ctl.request_drain(pair, WORKER_CONFIRM_TIMEOUT, Some(&self.shared.stop))?;
+            if empty || Instant::now() >= deadline {
+                return Ok(());
+            }
+            if !self.shared.stop.sleep(DRAIN_POLL) {
+                return Err(SwitchError::Stopping { pair });
+            }
+        }
+    }
 }
 
 impl<B: Backend> PairSwitch for DevicePairs<'_, B> {
     fn park(&mut self, pair: usize) -> Result<(), SwitchError> {
         if !self.state.has_worker[pair] {
             return Ok(());
+        }
+        if self.drain {
+            self.drain(pair)?;
+            return self.shared.pairs[pair].request_drained_park(
+                pair,
+                WORKER_CONFIRM_TIMEOUT,
+                Some(&self.shared.stop),
+            );
         }
         self.shared.pairs[pair].request(
             pair,
@@ -377,15 +473,17 @@ impl<B: Backend> DeviceCtrl<B> {
     /// Host operations `cmd` will cause.
     fn cost(&self, cmd: &Command) -> u32 {
         let state = relock(&self.shared.state);
-        match *cmd {
-            Command::VqPairsSet(n) => {
-                let (current, target) = (state.active as u32, u32::from(n));
-                if target < current {
-                    (current - target) * DETACH_OPS
-                } else {
-                    (target - current) * ATTACH_OPS
-                }
+        let pairs_to = |n: u16| {
+            let (current, target) = (state.active as u32, u32::from(n));
+            if target < current {
+                (current - target) * DETACH_OPS
+            } else {
+                (target - current) * ATTACH_OPS
             }
+        };
+        match cmd {
+            Command::VqPairsSet(n) => pairs_to(*n),
+            Command::RssConfig(cfg) => pairs_to(cfg.pairs_needed()),
             Command::GuestOffloadsSet(_) => state.attached.iter().filter(|&&a| a).count() as u32,
             Command::MacAddrSet(_)
             | Command::RxMode(..)
@@ -417,6 +515,86 @@ impl<B: Backend> DeviceCtrl<B> {
             }
         }
         true
+    }
+}
+
+impl<B: Backend> DeviceCtrl<B> {
+    /// Enables pairs `0..target` and, with steering, steers as `steer` says (`rss`: the
+    /// driver's RSS, else automatic steering). With steering, a shrink first steers every
+    /// flow away from the pairs being disabled, waits for frames already on their way, and
+    /// drains those pairs' tap queues into their receive queues before they are parked and
+    /// detached: nothing is lost. A grow attaches first and widens the steering after.
+    /// On failure everything is rolled back, the old steering included.
+    fn reconfigure(&mut self, what: &str, target: usize, steer: RssConfig, rss: bool) -> bool {
+        let mut state = relock(&self.shared.state);
+        let current = state.active;
+        let steering = self.shared.steers();
+        if target == current && (!steering || (!rss && !state.rss)) {
+            return true;
+        }
+        let (old_steer, old_rss) = (state.steer.clone(), state.rss);
+        let shrink = target < current;
+        if steering && shrink {
+            state.steer = steer.clone();
+            self.shared.publish_steering(&state);
+            if !self.shared.stop.sleep(STEER_SETTLE) {
+                state.steer = old_steer;
+                self.shared.publish_steering(&state);
+                return false;
+            }
+        }
+        let result = if target == current {
+            Ok(())
+        } else {
+            switch_pairs(
+                &mut DevicePairs {
+                    shared: &self.shared,
+                    state: &mut state,
+                    drain: steering && shrink,
+                },
+                current,
+                target,
+            )
+        };
+        match result {
+            Ok(()) => {
+                if steering {
+                    state.steer = steer;
+                    state.rss = rss;
+                    self.shared.publish_steering(&state);
+                }
+                if target == current {
+                    return true;
+                }
+                state.active = target;
+                self.shared
+                    .metrics
+                    .active_pairs
+                    .store(target as u64, Ordering::Relaxed);
+                if let Some(held) = relock(&self.shared.switch_log).allow(Instant::now()) {
+                    if held == 0 {
+                        info!("virtio-net: {current} -> {target} queue pairs");
+                    } else {
+                        info!(
+                            "virtio-net: {current} -> {target} queue pairs \
+                             ({held} more switches in the last second not logged)"
+                        );
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                warn!("virtio-net: {what} ({target} pairs) refused, staying at {current}: {e}");
+                if steering {
+                    state.steer = old_steer;
+                    state.rss = old_rss;
+                    self.shared.publish_steering(&state);
+                }
+                drop(state);
+                self.shared.check_backends_gone();
+                false
+            }
+        }
     }
 }
 
@@ -455,46 +633,13 @@ impl<B: Backend> CtrlTarget for DeviceCtrl<B> {
     }
 
     fn set_queue_pairs(&mut self, n: u16) -> bool {
-        let mut state = relock(&self.shared.state);
-        let current = state.active;
-        let target = usize::from(n);
-        if target == current {
-            return true;
-        }
-        let result = switch_pairs(
-            &mut DevicePairs {
-                shared: &self.shared,
-                state: &mut state,
-            },
-            current,
-            target,
-        );
-        match result {
-            Ok(()) => {
-                state.active = target;
-                self.shared
-                    .metrics
-                    .active_pairs
-                    .store(target as u64, Ordering::Relaxed);
-                if let Some(held) = relock(&self.shared.switch_log).allow(Instant::now()) {
-                    if held == 0 {
-                        info!("virtio-net: {current} -> {target} queue pairs");
-                    } else {
-                        info!(
-                            "virtio-net: {current} -> {target} queue pairs \
-                             ({held} more switches in the last second not logged)"
-                        );
-                    }
-                }
-                true
-            }
-            Err(e) => {
-                warn!("virtio-net: VQ_PAIRS_SET({target}) refused, staying at {current}: {e}");
-                drop(state);
-                self.shared.check_backends_gone();
-                false
-            }
-        }
+        let steer = self.shared.auto_steering(usize::from(n));
+        self.reconfigure("VQ_PAIRS_SET", usize::from(n), steer, false)
+    }
+
+    fn set_rss(&mut self, cfg: RssConfig) -> bool {
+        let target = usize::from(cfg.pairs_needed());
+        self.reconfigure("RSS_CONFIG", target, cfg, true)
     }
 
     /// Receive buffers must be large enough for what the tap may send before the tap is

@@ -203,6 +203,40 @@ impl<B: Backend> PairWorker<B> {
         }
     }
 
+    /// Hands what waits on the backend to the receive queue (bounded: a few budgets' worth);
+    /// returns true if the backend was left empty. With `discard`, what the guest has no
+    /// buffers for is read and counted as dropped (`steer_dropped`), so that the backend is
+    /// empty when it is detached: a detached tap queue is purged unseen.
+    fn drain_rx(&mut self, discard: bool) -> bool {
+        if !self.running || self.lost {
+            return true;
+        }
+        self.refresh_path();
+        for _ in 0..DRAIN_ROUNDS {
+            match self.qp.process_rx(&self.shared.backends[self.pair]) {
+                RxState::More => {}
+                RxState::Drained => return true,
+                _ => break,
+            }
+        }
+        if !discard {
+            return false;
+        }
+        let dropped = discard_frames(&self.shared.backends[self.pair]);
+        if dropped > 0 {
+            self.shared
+                .metrics
+                .steer_dropped
+                .fetch_add(dropped, Ordering::Relaxed);
+            warn!(
+                "virtio-net: pair {}: {dropped} received frames dropped while disabling it \
+                 (the guest gave no receive buffers for them)",
+                self.pair
+            );
+        }
+        true
+    }
+
     /// After a backend error: a backend that is gone (its tap deleted) reports an error on
     /// every poll and read from now on, so stop polling it (no busy loop) and let the device
     /// take the link down. Any other error is left to the next event (edge-triggered).
@@ -242,6 +276,11 @@ impl<B: Backend> PairWorker<B> {
             Some(QueueOp::Enable { rx, queue }) => {
                 self.qp.enable_queue(rx, queue);
                 true
+            }
+            Some(QueueOp::Drain { discard }) => {
+                let empty = self.drain_rx(discard);
+                self.shared.pairs[self.pair].set_drained(empty);
+                false
             }
             None => false,
         };
@@ -313,6 +352,30 @@ fn tx_backend<B: Backend>(
     } else {
         None
     }
+}
+
+/// Budgets of frames a drain hands to the guest before it reports the backend not empty.
+const DRAIN_ROUNDS: usize = 8;
+/// Frames a discarding drain reads at most (a tap queue holds 500 by default).
+const DISCARD_MAX: u64 = 4096;
+
+/// Reads and drops up to [`DISCARD_MAX`] frames from `backend`; returns how many.
+fn discard_frames<B: Backend>(backend: &B) -> u64 {
+    let mut buf = vec![0u8; 65536 + 64];
+    let iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    let mut n = 0;
+    while n < DISCARD_MAX {
+        // SAFETY: the iovec describes `buf`, which is alive and writable for the call.
+        match unsafe { backend.readv(&iov) } {
+            Ok(_) => n += 1,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    n
 }
 
 fn drain(evt: &EventFd) -> u64 {

@@ -42,19 +42,24 @@ fn offered_features_follow_the_options() {
         VIRTIO_NET_F_NOTF_COAL,
         VIRTIO_NET_F_VQ_NOTF_COAL,
     ];
-    let never = [VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_RSS];
+    let never = [VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_HASH_REPORT];
     let uso_bits = [
         VIRTIO_NET_F_HOST_USO,
         VIRTIO_NET_F_GUEST_USO4,
         VIRTIO_NET_F_GUEST_USO6,
     ];
-    for (mtu, mq, uso) in [
-        (false, false, false),
-        (false, true, true),
-        (true, false, true),
-        (true, true, false),
+    for (mtu, mq, uso, rss) in [
+        (false, false, false, true),
+        (false, true, true, false),
+        (true, false, true, false),
+        (true, true, false, true),
     ] {
-        let f = offered_features(mtu, mq, uso);
+        let f = offered_features(mtu, mq, uso, rss);
+        assert_eq!(
+            f & bit(VIRTIO_NET_F_RSS) != 0,
+            mq && rss,
+            "RSS offered iff steering is in place and the control queue is"
+        );
         for b in uso_bits {
             assert_eq!(f & bit(b) != 0, uso, "bit {b} offered iff the tap does USO");
         }

@@ -60,7 +60,19 @@ pub(super) fn rig_over<B: Backend + 'static>(
     acked: u64,
     ready: impl Fn(usize) -> bool,
 ) -> Result<Rig<'_, B>, Error> {
-    let mut net = Net::new(cfg, backends)?;
+    rig_over_steered(mem, backends, cfg, acked, ready, None)
+}
+
+/// The same, with the tap's steering written through `steering`.
+pub(super) fn rig_over_steered<B: Backend + 'static>(
+    mem: &GuestMemoryMmap,
+    backends: Vec<B>,
+    cfg: NetConfig,
+    acked: u64,
+    ready: impl Fn(usize) -> bool,
+    steering: Option<Arc<dyn crate::steer::Steering>>,
+) -> Result<Rig<'_, B>, Error> {
+    let mut net = Net::with_steering(cfg, backends, steering)?;
     net.set_acked_features(acked);
     let count = net.queue_max_sizes().len();
     let ctrl_index = usize::from(net.ctrl_queue_index());
@@ -143,21 +155,24 @@ impl<B: Backend + 'static> Rig<'_, B> {
 
     /// Sends a control command and returns the ack byte.
     pub fn command(&mut self, class: u32, cmd: u32, data: &[u8]) -> u8 {
-        let at = CTRL_BUF + self.cmds * 0x100;
+        // Room for the largest command (RSS_CONFIG: 309 bytes) before the ack.
+        let at = CTRL_BUF + self.cmds * 0x400;
+        let ack = at + 0x3f0;
         self.cmds += 1;
         let mut bytes = vec![class as u8, cmd as u8];
         bytes.extend_from_slice(data);
+        assert!(bytes.len() <= 0x3f0, "command too long for the rig");
         self.mem.write_slice(&bytes, GuestAddress(at)).unwrap();
-        self.mem.write_obj(0xaau8, GuestAddress(at + 0x80)).unwrap();
+        self.mem.write_obj(0xaau8, GuestAddress(ack)).unwrap();
         let ci = self.ctrl_index;
         let before = self.q[ci].used_idx();
-        self.q[ci].add(&[r(at, bytes.len() as u32), w(at + 0x80, 1)]);
+        self.q[ci].add(&[r(at, bytes.len() as u32), w(ack, 1)]);
         self.kick(ci);
         assert!(
             self.q[ci].wait_used(before.wrapping_add(1)),
             "control command answered"
         );
-        read_guest(self.mem, at + 0x80, 1)[0]
+        read_guest(self.mem, ack, 1)[0]
     }
 
     pub fn set_pairs(&mut self, n: u16) -> u8 {

@@ -17,6 +17,7 @@ mod pairs;
 mod queue_reset;
 mod real_tap;
 mod rx;
+mod steering;
 mod tx;
 
 use std::io;
@@ -262,6 +263,8 @@ pub enum Op {
     DetachFailed(u16),
     VnetHdr(u16, i32),
     Offload(u16, u32),
+    /// The steering program's table (tap queue numbers) was written.
+    Steer(Vec<u16>),
 }
 
 type Probe = Box<dyn Fn(&Op) + Send + Sync>;
