@@ -39,6 +39,11 @@ pub struct SteeringMap;
 
 impl SteeringMap {
     /// PLACEHOLDER.
+    pub fn from_fd(_fd: std::os::fd::OwnedFd) -> std::io::Result<Self> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
+    /// PLACEHOLDER.
     pub fn publish(&self, _cfg: &SteerConfig) -> std::io::Result<()> {
         Err(std::io::ErrorKind::Unsupported.into())
     }

@@ -1,7 +1,7 @@
 //! mqvmm: boots a Linux guest on KVM with a multiqueue virtio-net device. Runs unprivileged when
 //! given its /dev/kvm and tap queue fds (see `mqvmm-launch`).
 
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -196,6 +196,8 @@ struct NetSpec {
     mq: bool,
     speed_mbps: u32,
     duplex: virtio_net::Duplex,
+    /// `steer-map=`: the fd of the tap's steering program's map (from mqvmm-launch).
+    steer_map: Option<RawFd>,
 }
 
 fn parse_log_level(s: &str) -> Result<LevelFilter, String> {
@@ -212,6 +214,7 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
     let mut mq = true;
     let mut speed_mbps = virtio_net::config::DEFAULT_SPEED_MBPS;
     let mut duplex = virtio_net::Duplex::Full;
+    let mut steer_map = None;
     // Options are comma-separated `key=value`; only `fds=` takes a list, so a bare number
     // continues the `fds=` list before it.
     let mut pairs: Vec<(&str, String)> = Vec::new();
@@ -290,6 +293,17 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
                     })?;
             }
             "duplex" => duplex = value.parse().map_err(|e| format!("duplex: {e}"))?,
+            "steer-map" => {
+                steer_map = Some(
+                    value
+                        .parse::<RawFd>()
+                        .ok()
+                        .filter(|fd| *fd >= 0)
+                        .ok_or_else(|| {
+                            format!("steer-map={value} is not a file descriptor number")
+                        })?,
+                )
+            }
             _ => return Err(format!("unknown --net option {key:?}")),
         }
     }
@@ -323,6 +337,7 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
         speed_mbps,
         duplex,
         mq,
+        steer_map,
     })
 }
 
@@ -392,7 +407,42 @@ enum NetQueues {
     Open { name: String, queues: u16 },
 }
 
-fn open_net(spec: NetSpec, queues: NetQueues) -> Result<NetSetup, Failure> {
+/// Takes ownership of the steering map's fd.
+///
+/// # Safety
+/// `fd` must be handed over to mqvmm and used by nothing else in the process.
+unsafe fn adopt_steer_map(fd: RawFd) -> Result<OwnedFd, String> {
+    // SAFETY: F_GETFD only reads the fd's flags; it fails for a number that is not open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!(
+            "--net steer-map={fd}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the fd is open, and the caller guarantees it is ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The steering map, mapped; without it the device runs with the tap's own steering, and
+/// says so in one line.
+fn map_steering(fd: Option<OwnedFd>) -> Option<tap::steering::SteeringMap> {
+    match tap::steering::SteeringMap::from_fd(fd?) {
+        Ok(map) => Some(map),
+        Err(e) => {
+            log::warn!(
+                "virtio-net: steering off (the tap's steering map cannot be mapped: {e}); \
+                 RSS is not offered and VQ_PAIRS_SET may lose frames queued for a disabled pair"
+            );
+            None
+        }
+    }
+}
+
+fn open_net(
+    spec: NetSpec,
+    queues: NetQueues,
+    steer_map: Option<OwnedFd>,
+) -> Result<NetSetup, Failure> {
     let queues = match queues {
         NetQueues::Adopted(queues) => queues,
         NetQueues::Open { name, queues } => {
@@ -430,6 +480,7 @@ fn open_net(spec: NetSpec, queues: NetQueues) -> Result<NetSetup, Failure> {
         speed_mbps: spec.speed_mbps,
         duplex: spec.duplex,
         queues,
+        steering: map_steering(steer_map),
     })
 }
 
@@ -444,6 +495,7 @@ impl std::fmt::Display for HandedFd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.option {
             NET_FDS => write!(f, "fd {} of {NET_FDS}", self.fd),
+            option if option.ends_with('=') => write!(f, "{option}{}", self.fd),
             option => write!(f, "{option} {}", self.fd),
         }
     }
@@ -462,6 +514,9 @@ fn handed_fds(args: &Args) -> Vec<HandedFd> {
     }) = &args.net
     {
         net.iter().for_each(|&fd| add(NET_FDS, fd));
+    }
+    if let Some(fd) = args.net.as_ref().and_then(|spec| spec.steer_map) {
+        add("--net steer-map=", fd);
     }
     args.kernel_fd
         .into_iter()
@@ -519,12 +574,12 @@ fn run(args: Args) -> Result<VmExit, Failure> {
     // The handed fds are checked and adopted before anything is opened, so that a launcher's
     // mistake is reported as such.
     check_handed_fds(&handed_fds(&args)).map_err(Failure::Usage)?;
-    // SAFETY: the fds of --kvm-fd, --net fds=, --kernel-fd and --initramfs-fd are handed over by
+    // SAFETY: the fds of --kvm-fd, --net fds= and steer-map=, --kernel-fd and --initramfs-fd are handed over by
     // whoever started mqvmm (mqvmm-launch, or a manager), and nothing else in this process uses
     // them: none is a standard stream and no two options name the same fd (check_handed_fds),
     // and adopt_queues refuses an fd listed twice. So each is owned once, by what adopts it
     // here; a number that is not open is refused, not adopted.
-    let (kvm, net_queues, kernel, initramfs) = unsafe {
+    let (kvm, net_queues, kernel, initramfs, steer_map) = unsafe {
         let kvm = args.kvm_fd.map(|fd| vm::adopt_kvm_fd(fd));
         let net_queues = args.net.as_ref().map(|spec| match &spec.source {
             NetSource::Fds(fds) => tap::adopt_queues(fds).map(NetQueues::Adopted),
@@ -539,8 +594,14 @@ fn run(args: Args) -> Result<VmExit, Failure> {
         let initramfs = args
             .initramfs_fd
             .map(|fd| Image::from_fd(ImageKind::Initramfs, fd));
-        (kvm, net_queues, kernel, initramfs)
+        let steer_map = args
+            .net
+            .as_ref()
+            .and_then(|spec| spec.steer_map)
+            .map(|fd| adopt_steer_map(fd));
+        (kvm, net_queues, kernel, initramfs, steer_map)
     };
+    let steer_map = steer_map.transpose().map_err(Failure::Usage)?;
     let kvm = match kvm.transpose().map_err(|e| usage(&e))? {
         Some(kvm) => KvmSource::Fd(kvm),
         None => KvmSource::Open,
@@ -551,7 +612,7 @@ fn run(args: Args) -> Result<VmExit, Failure> {
     let kernel = kernel.transpose().map_err(|e| usage(&e))?;
     let initramfs = initramfs.transpose().map_err(|e| usage(&e))?;
     let net = match (args.net, net_queues) {
-        (Some(spec), Some(queues)) => Some(open_net(spec, queues)?),
+        (Some(spec), Some(queues)) => Some(open_net(spec, queues, steer_map)?),
         _ => None,
     };
     // Catch a wrong path or a file that is no kernel at all before touching KVM.
@@ -697,6 +758,9 @@ mod tests {
         assert!(spec.mq);
         assert_eq!(spec.speed_mbps, 10_000);
         assert_eq!(spec.duplex, virtio_net::Duplex::Full);
+        let spec = parse_net_spec("fds=3,4,steer-map=9").unwrap();
+        assert_eq!(spec.source, NetSource::Fds(vec![3, 4]));
+        assert_eq!(spec.steer_map, Some(9));
         let spec = parse_net_spec("fds=3,speed=25000,duplex=half").unwrap();
         assert_eq!(spec.speed_mbps, 25_000);
         assert_eq!(spec.duplex, virtio_net::Duplex::Half);
@@ -736,6 +800,14 @@ mod tests {
             ("tap=a/b", "invalid interface name \"a/b\""),
             ("nonsense", "key=value"),
             ("fds=3,,4", "not a file descriptor"),
+            (
+                "fds=3,steer-map=x",
+                "steer-map=x is not a file descriptor number",
+            ),
+            (
+                "fds=3,steer-map=-2",
+                "steer-map=-2 is not a file descriptor number",
+            ),
         ] {
             let err = parse_net_spec(spec).unwrap_err();
             assert!(err.contains(needle), "{spec}: {err}");
@@ -796,6 +868,15 @@ mod tests {
             (
                 &["--kernel", "k", "--net", "fds=3,1"],
                 "fd 1 of --net fds= is standard input, output or error, which mqvmm keeps for \
+                 the console",
+            ),
+            (
+                &["--kernel", "k", "--net", "fds=3,4,steer-map=4"],
+                "--net fds= and --net steer-map= are both fd 4",
+            ),
+            (
+                &["--kernel", "k", "--net", "fds=3,steer-map=2"],
+                "--net steer-map=2 is standard input, output or error, which mqvmm keeps for \
                  the console",
             ),
             (

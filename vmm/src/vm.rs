@@ -50,6 +50,9 @@ pub struct NetSetup {
     /// Link speed (Mbit/s) and duplex shown to the guest.
     pub speed_mbps: u32,
     pub duplex: virtio_net::Duplex,
+    /// The tap's steering program's map, when the launcher set one up (RSS, lossless
+    /// VQ_PAIRS_SET).
+    pub steering: Option<tap::steering::SteeringMap>,
 }
 
 /// How the network device is attached to the guest.
@@ -407,7 +410,10 @@ impl Vm {
         let mut net_metrics = None;
         let mut net_control = None;
         if let Some(net) = config.net {
-            let mut device = virtio_net::Net::new(
+            let steering = net
+                .steering
+                .map(|m| Arc::new(m) as Arc<dyn virtio_net::steer::Steering>);
+            let mut device = virtio_net::Net::with_steering(
                 virtio_net::NetConfig {
                     mac: net.mac.octets(),
                     mtu: net.mtu,
@@ -417,6 +423,7 @@ impl Vm {
                     ..Default::default()
                 },
                 net.queues,
+                steering,
             )
             .map_err(Error::Net)?;
             // The device starts its threads at activation, on a vCPU; they are created by the
