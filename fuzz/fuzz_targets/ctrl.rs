@@ -13,7 +13,8 @@
 //!
 //! Input: mode/feature byte, feature word, pair count, control ring (see `Ring::read`),
 //! then operations (tag % 10): 0..=5 shape memory (`ring_op`), 6 add a backend fault,
-//! 7 kick and check, 8 add a worker fault (direct mode), 9 write a VQ_PAIRS_SET command.
+//! 7 kick and check, 8 add a worker fault (direct mode), 9 write a VQ_PAIRS_SET or an
+//! RSS_CONFIG command (the device mode's `Net` steers through a checking fake map).
 //!
 //! After every kick, when exactly one command was pending and its reply cannot have been
 //! overwritten: the chain came back with length 1 iff it parsed, the ack byte is OK or ERR,
@@ -36,12 +37,12 @@ use mqvmm_fuzz::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_CTRL_NOTF_COAL,
-    VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR,
-    VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_RX_EXTRA, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_VQ,
-    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_NOTF_COAL,
-    VIRTIO_NET_F_VQ_NOTF_COAL,
+    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_RSS_CONFIG, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+    VIRTIO_NET_CTRL_NOTF_COAL, VIRTIO_NET_CTRL_NOTF_COAL_VQ_GET, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+    VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_RX_EXTRA,
+    VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_NOTF_COAL, VIRTIO_NET_F_RSS, VIRTIO_NET_F_VQ_NOTF_COAL,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_net::chain::DescTable;
@@ -50,6 +51,7 @@ use virtio_net::ctrl::{
     ACK_ERR, ACK_OK,
 };
 use virtio_net::features::{bit, tun_offload_flags, Negotiated};
+use virtio_net::steer::{RssConfig, Steering};
 use virtio_net::test_utils::fakes::{Fault, FaultPlan, FaultyBackend};
 use virtio_net::{Backend, Net, NetConfig, NetMetrics};
 use virtio_queue::{Queue, QueueT};
@@ -58,7 +60,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const CTRL_MAX: u16 = 64;
 const PAIR_QUEUE_SIZE: u16 = 2;
-const FEATURE_BITS: [u32; 17] = [
+const FEATURE_BITS: [u32; 18] = [
     VIRTIO_NET_F_MQ,
     VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
     VIRTIO_NET_F_CTRL_MAC_ADDR,
@@ -77,7 +79,24 @@ const FEATURE_BITS: [u32; 17] = [
     VIRTIO_NET_F_CTRL_VLAN,
     VIRTIO_NET_F_NOTF_COAL,
     VIRTIO_NET_F_VQ_NOTF_COAL,
+    VIRTIO_NET_F_RSS,
 ];
+
+/// The steering map of the device mode: every configuration the device writes must be one
+/// the program can apply.
+struct CheckedSteering;
+
+impl Steering for CheckedSteering {
+    fn publish(&self, cfg: &tap::steering::SteerConfig) -> std::io::Result<()> {
+        let len = cfg.table.len();
+        assert!(
+            len.is_power_of_two() && len <= tap::steering::TABLE_LEN,
+            "steering table of {len} entries"
+        );
+        assert_eq!(cfg.hash_types & !tap::steering::SUPPORTED_HASH_TYPES, 0);
+        Ok(())
+    }
+}
 
 /// The model device of the direct mode. Its pair switch runs the real `switch_pairs`.
 struct Model<'a> {
@@ -182,6 +201,15 @@ impl CtrlTarget for Model<'_> {
             "switch rolled back"
         });
         ok
+    }
+
+    fn set_rss(&mut self, cfg: RssConfig) -> bool {
+        let n = cfg.pairs_needed();
+        assert!(
+            n >= 1 && usize::from(n) <= self.backends.len(),
+            "RSS_CONFIG needing {n} pairs passed validation"
+        );
+        self.set_queue_pairs(n)
     }
 
     fn set_guest_offloads(&mut self, offloads: u64) -> bool {
@@ -354,6 +382,25 @@ impl Checker {
             .data()
             .get(..2)
             .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])));
+        let rss_config = req.header()
+            == Some((
+                VIRTIO_NET_CTRL_MQ as u8,
+                VIRTIO_NET_CTRL_MQ_RSS_CONFIG as u8,
+            ));
+        if rss_config {
+            let parsed = RssConfig::parse(req.data(), req.data_len(), self.max_pairs as u16)
+                .filter(|_| self.features.has(VIRTIO_NET_F_RSS));
+            match parsed {
+                None => assert_eq!(ack, ACK_ERR, "invalid or unnegotiated RSS_CONFIG acked"),
+                Some(cfg) if ack == ACK_OK => assert_eq!(
+                    active_after,
+                    usize::from(cfg.pairs_needed()),
+                    "RSS_CONFIG acked OK"
+                ),
+                Some(_) => assert_eq!(active_after, p.active_before, "RSS_CONFIG answered ERR"),
+            }
+            return;
+        }
         match (pairs_set, n) {
             (true, Some(n)) if self.features.mq() => {
                 if n == 0 || n > self.max_pairs {
@@ -394,6 +441,56 @@ fn read_features(inp: &mut Input, first: u8) -> u64 {
         .enumerate()
         .filter(|(i, _)| word & (1 << i) != 0)
         .fold(0, |acc, (_, &b)| acc | bit(b))
+}
+
+/// Writes a VQ_PAIRS_SET or (when the input's next byte has its top bit set) an RSS_CONFIG
+/// command at an input-chosen address.
+fn write_mq_command(inp: &mut Input, mem: &GuestMemoryMmap) {
+    let sel = inp.u8();
+    if sel & 0x80 != 0 {
+        write_rss_config(inp, mem, sel);
+    } else {
+        write_pairs_set(inp, mem);
+    }
+}
+
+/// Writes an RSS_CONFIG command: mostly well-formed (table length, queues, key length from
+/// small input values), sometimes with raw input lengths and queue numbers.
+fn write_rss_config(inp: &mut Input, mem: &GuestMemoryMmap, sel: u8) {
+    let at = DATA_AREA + 16 * u64::from(inp.u8());
+    let raw = sel & 0x40 != 0;
+    let hash_types = if raw {
+        u32::from(inp.u16())
+    } else {
+        u32::from(inp.u8() & 0x3f)
+    };
+    let len: u16 = if raw {
+        inp.u8().into()
+    } else {
+        1 << (inp.u8() % 8)
+    };
+    let mut cmd = vec![
+        VIRTIO_NET_CTRL_MQ as u8,
+        VIRTIO_NET_CTRL_MQ_RSS_CONFIG as u8,
+    ];
+    cmd.extend(hash_types.to_le_bytes());
+    cmd.extend(len.wrapping_sub(1).to_le_bytes());
+    let queue = |inp: &mut Input| {
+        if raw {
+            inp.u16()
+        } else {
+            u16::from(inp.u8() % 6)
+        }
+    };
+    cmd.extend(queue(inp).to_le_bytes());
+    for _ in 0..len {
+        cmd.extend(queue(inp).to_le_bytes());
+    }
+    cmd.extend(queue(inp).to_le_bytes());
+    let key_len = if raw { inp.u8() } else { inp.u8() % 41 };
+    cmd.push(key_len);
+    cmd.extend((0..key_len).map(|i| i.wrapping_mul(37)));
+    let _ = mem.write_slice(&cmd, GuestAddress(at));
 }
 
 /// Writes a VQ_PAIRS_SET command (class, command, n) at an input-chosen address.
@@ -482,7 +579,7 @@ fn run_direct(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
                 };
                 plan.fail_kth(op, u32::from(b >> 1) % 8 + 1);
             }
-            _ => write_pairs_set(&mut inp, &mem),
+            _ => write_mq_command(&mut inp, &mem),
         }
     }
 }
@@ -596,7 +693,8 @@ fn run_device(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
         queue_size: CTRL_MAX,
         ..NetConfig::default()
     };
-    let Ok(mut net) = Net::new(cfg, backends) else {
+    let steering: Arc<dyn Steering> = Arc::new(CheckedSteering);
+    let Ok(mut net) = Net::with_steering(cfg, backends, Some(steering)) else {
         trace!("device: Net::new failed");
         return;
     };
@@ -682,7 +780,7 @@ fn run_device(mut inp: Input, features: u64, pairs: usize, mut ring: Ring) {
                 };
                 check_device(&net, &attached_after_setup, true);
             }
-            _ => write_pairs_set(&mut inp, &mem),
+            _ => write_mq_command(&mut inp, &mem),
         }
     }
     net.reset();
