@@ -196,6 +196,9 @@ struct NetSpec {
     mq: bool,
     speed_mbps: u32,
     duplex: virtio_net::Duplex,
+    /// `steer-map=FD`: the tap's eBPF steering map (mqvmm-launch attaches the program).
+    /// Parsed only; nothing uses it yet.
+    steer_map: Option<RawFd>,
 }
 
 fn parse_log_level(s: &str) -> Result<LevelFilter, String> {
@@ -212,6 +215,7 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
     let mut mq = true;
     let mut speed_mbps = virtio_net::config::DEFAULT_SPEED_MBPS;
     let mut duplex = virtio_net::Duplex::Full;
+    let mut steer_map = None;
     // Options are comma-separated `key=value`; only `fds=` takes a list, so a bare number
     // continues the `fds=` list before it.
     let mut pairs: Vec<(&str, String)> = Vec::new();
@@ -290,6 +294,17 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
                     })?;
             }
             "duplex" => duplex = value.parse().map_err(|e| format!("duplex: {e}"))?,
+            "steer-map" => {
+                steer_map = Some(
+                    value
+                        .parse::<RawFd>()
+                        .ok()
+                        .filter(|fd| *fd >= 0)
+                        .ok_or_else(|| {
+                            format!("steer-map: {value:?} is not a file descriptor number")
+                        })?,
+                )
+            }
             _ => return Err(format!("unknown --net option {key:?}")),
         }
     }
@@ -323,6 +338,7 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
         speed_mbps,
         duplex,
         mq,
+        steer_map,
     })
 }
 
@@ -697,6 +713,11 @@ mod tests {
         assert!(spec.mq);
         assert_eq!(spec.speed_mbps, 10_000);
         assert_eq!(spec.duplex, virtio_net::Duplex::Full);
+        assert_eq!(parse_net_spec("fds=3,4").unwrap().steer_map, None);
+        assert_eq!(
+            parse_net_spec("fds=3,4,steer-map=9").unwrap().steer_map,
+            Some(9)
+        );
         let spec = parse_net_spec("fds=3,speed=25000,duplex=half").unwrap();
         assert_eq!(spec.speed_mbps, 25_000);
         assert_eq!(spec.duplex, virtio_net::Duplex::Half);
@@ -731,6 +752,8 @@ mod tests {
             ("fds=3,mac=00:00:00:00:00:00", "not a usable MAC address"),
             ("fds=3,mtu=10", "68 to 65535"),
             ("fds=3,mq=maybe", "on or off"),
+            ("fds=3,steer-map=x", "steer-map: \"x\" is not a"),
+            ("fds=3,steer-map=-1", "not a file descriptor"),
             ("fds=3,color=red", "unknown --net option"),
             ("tap=averyveryverylongname", "longer than 15 bytes"),
             ("tap=a/b", "invalid interface name \"a/b\""),
