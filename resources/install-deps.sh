@@ -11,6 +11,9 @@ PACKAGES=(
     busybox-static ethtool iperf3 iproute2
     # image building: .deb extraction, kernel payload formats, cpio archives, module metadata
     dpkg cpio gzip xz-utils lz4 zstd bzip2 lzop kmod binutils file
+    # build: clang compiles the eBPF steering program (steering/bpf/steer.c) for the bpf target
+    # (linux/bpf.h comes from linux-libc-dev, which clang pulls in through libc6-dev)
+    clang
     # tools the tests run on the host or inside L1 (it chroots into the host's root)
     coreutils util-linux procps
 )

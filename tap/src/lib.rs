@@ -8,6 +8,9 @@
 //!   those numbers), after which [`TapQueue::detach`] and [`TapQueue::attach`] (TUNSETQUEUE)
 //!   switch queues off and on with no capability at all.
 //!
+//! [`steering`] maps the tap's eBPF steering map (made by the launcher) and publishes RSS
+//! configurations into it, with no bpf() call.
+//!
 //! [`MacAddr`] is the one parser and text form of a MAC address (a device's, a tap's).
 //!
 //! Kernel facts this crate relies on (checked by the component tests): detaching a queue purges

@@ -1,4 +1,5 @@
-//! Thin wrappers around the system calls this crate needs. All `unsafe` of the crate lives here.
+//! Thin wrappers around the system calls this crate needs. All `unsafe` of the crate lives here,
+//! but for `steering`'s accesses to the memory it maps.
 
 use std::io;
 use std::os::raw::{c_int, c_short, c_uint, c_ulong};
@@ -226,6 +227,44 @@ pub unsafe fn writev(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
     // SAFETY: the caller guarantees every iovec is readable memory; `iov` itself is a valid
     // array of `count` iovecs for the call.
     check_len(unsafe { libc::writev(fd, iov.as_ptr(), count) })
+}
+
+/// The system's page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).unwrap_or(4096)
+}
+
+/// Maps `len` bytes (a multiple of the page size) of `fd` from offset 0, or of anonymous memory
+/// when `fd` is None, shared and read-write; zero-filled when anonymous.
+pub fn mmap_shared(fd: Option<RawFd>, len: usize) -> io::Result<std::ptr::NonNull<u8>> {
+    let (fd, flags) = match fd {
+        Some(fd) => (fd, libc::MAP_SHARED),
+        None => (-1, libc::MAP_SHARED | libc::MAP_ANONYMOUS),
+    };
+    // SAFETY: a new mapping at an address the kernel chooses: no existing memory is touched.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    std::ptr::NonNull::new(addr.cast()).ok_or_else(|| io::Error::from(io::ErrorKind::Other))
+}
+
+/// Unmaps a mapping made by [`mmap_shared`]; the caller must hold no reference into it.
+pub fn munmap(addr: std::ptr::NonNull<u8>, len: usize) {
+    // SAFETY: `addr` and `len` describe a mapping of mmap_shared that the caller owns and no
+    // longer uses; munmap only fails for arguments that are not such a mapping.
+    unsafe { libc::munmap(addr.as_ptr().cast(), len) };
 }
 
 #[cfg(test)]

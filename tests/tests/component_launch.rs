@@ -191,6 +191,9 @@ fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
             assert_eq!(ready["initramfshead"], "494e495452442d31", "INITRD-1");
             expected.insert(ready["kernelfd"].parse().unwrap());
             expected.insert(ready["initramfsfd"].parse().unwrap());
+            // The tap's eBPF steering map (4 queues), which nobody can map and publish into.
+            expected.insert(ready["steermap"].parse().unwrap());
+            assert_eq!(ready["steer"], "ok");
             let open: BTreeSet<RawFd> = ready["open"]
                 .split(',')
                 .map(|s| s.parse().unwrap())
@@ -252,7 +255,14 @@ fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
                 "the paths are replaced by fds, in place: {exec}"
             );
             assert!(
-                log.lines().count() <= 6,
+                log.contains(&format!(
+                    "mqvmm-launch: tap {tap}: eBPF steering attached; its map on fd {}",
+                    ready["steermap"]
+                )),
+                "{log}"
+            );
+            assert!(
+                log.lines().count() <= 7,
                 "the launcher should log a line per thing it opens, the drop and the exec: {log}"
             );
             assert!(
@@ -294,17 +304,25 @@ fn launcher_never_passes_a_standard_stream_fd_number() {
         for (option, value) in words.iter().zip(words.iter().skip(1)) {
             match *option {
                 "--kernel-fd" | "--initramfs-fd" | "--kvm-fd" => passed.push(*value),
-                "--net" => passed.extend(
-                    value
-                        .trim_start_matches("fds=")
-                        .split(',')
-                        .take_while(|p| !p.contains('=')),
-                ),
+                "--net" => {
+                    passed.extend(
+                        value
+                            .trim_start_matches("fds=")
+                            .split(',')
+                            .take_while(|p| !p.contains('=')),
+                    );
+                    passed.extend(
+                        value
+                            .split(',')
+                            .filter_map(|p| p.strip_prefix("steer-map=")),
+                    );
+                }
                 _ => {}
             }
         }
         let passed: Vec<RawFd> = passed.iter().map(|fd| fd.parse().unwrap()).collect();
-        let expected = if Path::new("/dev/kvm").exists() { 5 } else { 4 };
+        // Two queues, the images, the steering map, and /dev/kvm if there is one.
+        let expected = if Path::new("/dev/kvm").exists() { 6 } else { 5 };
         assert_eq!(passed.len(), expected, "{exec}");
         assert!(passed.iter().all(|&fd| fd > 2), "{passed:?} in {exec}");
     });
@@ -760,7 +778,83 @@ fn launcher_runs_for_a_caller_with_only_cap_net_admin() {
             ),
             "{log}"
         );
+        // No CAP_BPF: steering is off, said in one line, and the launch goes on without it.
+        assert_eq!(ready["steermap"], "none");
+        let off: Vec<&str> = log.lines().filter(|l| l.contains("steering")).collect();
+        assert_eq!(off.len(), 1, "{log}");
+        assert!(
+            off[0].starts_with(&format!("mqvmm-launch: tap {tap}: steering is off: ")),
+            "{log}"
+        );
     });
+}
+
+/// The launcher's log and the stand-in VMM's `ready` fields for a launch on a new tap.
+fn launch_and_report(
+    launcher: &Path,
+    tap: &str,
+    queues: &str,
+    extra: &[&str],
+) -> (String, std::collections::HashMap<String, String>) {
+    let mut args = vec!["--tap", tap, "--queues", queues, "--user", "nobody"];
+    args.extend(extra);
+    let mut cmd = launch_fdcheck(launcher, &args, &[]);
+    cmd.stderr(Stdio::piped());
+    let mut vmm = FdCheck::spawn(cmd);
+    let ready = vmm.ready.clone();
+    let stderr_pipe = vmm.child.stderr.take();
+    vmm.quit();
+    let mut log = String::new();
+    stderr_pipe.unwrap().read_to_string(&mut log).unwrap();
+    (log, ready)
+}
+
+fn open_fds(ready: &std::collections::HashMap<String, String>) -> BTreeSet<RawFd> {
+    ready["open"]
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn launcher_passes_the_steering_map_as_its_only_extra_fd_unless_told_not_to() {
+    let Some(launcher) = launcher() else { return };
+    if !needs_netns() {
+        return;
+    }
+    netns::run_in_netns(
+        "launcher_passes_the_steering_map_as_its_only_extra_fd_unless_told_not_to",
+        || {
+            let (log, steered) = launch_and_report(&launcher, "mqsm0", "4", &[]);
+            let map: RawFd = steered["steermap"]
+                .parse()
+                .unwrap_or_else(|_| panic!("no steering map passed: {log}"));
+            assert!(map > 2, "{map}");
+            assert_eq!(steered["steer"], "ok", "mapped and published as nobody");
+            let exec = log.lines().find(|l| l.contains(": exec ")).unwrap_or("");
+            assert!(exec.contains(&format!(",steer-map={map}")), "{exec}");
+            let attached: Vec<&str> = log.lines().filter(|l| l.contains("steering")).collect();
+            assert_eq!(
+                attached,
+                [format!(
+                    "mqvmm-launch: tap mqsm0: eBPF steering attached; its map on fd {map}"
+                )],
+                "{log}"
+            );
+
+            let (log, plain) = launch_and_report(&launcher, "mqsm1", "4", &["--no-steering"]);
+            assert_eq!(plain["steermap"], "none");
+            assert!(!log.contains("steer"), "{log}");
+            let mut with_map = open_fds(&plain);
+            with_map.insert(map);
+            assert_eq!(open_fds(&steered), with_map, "the map is the only extra fd");
+
+            // One queue: nothing to steer between, and nothing said about it.
+            let (log, single) = launch_and_report(&launcher, "mqsm2", "1", &[]);
+            assert_eq!(single["steermap"], "none");
+            assert!(!log.contains("steer"), "{log}");
+        },
+    );
 }
 
 #[test]

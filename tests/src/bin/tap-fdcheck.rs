@@ -1,11 +1,13 @@
 //! tap-fdcheck: a stand-in for the unprivileged VMM in the tap component tests.
 //!
 //! Accepts mqvmm's command line (`... [--kernel-fd F] [--initramfs-fd I] [--kvm-fd K]
-//! --net fds=A,B,...[,mac=M][,mtu=N]`, other arguments ignored) plus its own options, parses the
+//! --net fds=A,B,...[,mac=M][,mtu=N][,steer-map=S]`, other arguments ignored) plus its own options, parses the
 //! MAC as mqvmm does ([`tap::MacAddr`]), validates the passed tap fds with `tap::adopt_queues`
 //! (exit 2 with one line naming the fd if they are not what mqvmm expects), prints one `ready`
 //! line describing its identity and the fds (for an image fd: its number, the file it names and
-//! its first bytes in hex, read through the fd), then answers one line per command on stdin:
+//! its first bytes in hex, read through the fd; for a steering map: `steermap=S` and, after it
+//! mapped the map and published a configuration into it as mqvmm does, `steer=ok` or
+//! `steer=err(...)`), then answers one line per command on stdin:
 //!
 //!   detach I | attach I     TUNSETQUEUE on queue I             -> ok | err ...
 //!   state                   attached state of every queue      -> attached=1,0,...
@@ -34,6 +36,7 @@ struct Opts {
     initramfs_fd: Option<RawFd>,
     fds: Vec<RawFd>,
     mac: Option<MacAddr>,
+    steer_map: Option<RawFd>,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -45,6 +48,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         initramfs_fd: None,
         fds: Vec::new(),
         mac: None,
+        steer_map: None,
     };
     let mut it = args.iter();
     let num = |v: Option<&String>, what: &str| -> Result<i32, String> {
@@ -77,6 +81,10 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                         in_fds = false;
                         if let Some(mac) = part.strip_prefix("mac=") {
                             opts.mac = Some(mac.parse().map_err(|e| format!("mac: {e}"))?);
+                        }
+                        if let Some(fd) = part.strip_prefix("steer-map=") {
+                            opts.steer_map =
+                                Some(fd.parse().map_err(|_| format!("bad steer-map {fd:?}"))?);
                         }
                         continue;
                     };
@@ -165,12 +173,15 @@ fn main() {
     );
     let fds: Vec<String> = opts.fds.iter().map(|fd| fd.to_string()).collect();
     let open: Vec<String> = netns::open_fds().iter().map(|fd| fd.to_string()).collect();
+    let steer = opts
+        .steer_map
+        .map_or_else(|| "none".to_owned(), check_steering_map);
     let groups = status_field(&status, "Groups");
     let out = io::stdout();
     let mut out = out.lock();
     let _ = writeln!(
         out,
-        "ready pid={} uid={} gid={} groups={} capinh={} capprm={} capeff={} capbnd={} capamb={} nnp={} tap={} queues={} fds={} kvm={} kvmfd={} {} {} mac={} open={}",
+        "ready pid={} uid={} gid={} groups={} capinh={} capprm={} capeff={} capbnd={} capamb={} nnp={} tap={} queues={} fds={} kvm={} kvmfd={} {} {} mac={} steermap={} steer={} open={}",
         std::process::id(),
         status_field(&status, "Uid").replace(' ', ","),
         status_field(&status, "Gid").replace(' ', ","),
@@ -189,6 +200,9 @@ fn main() {
         image_fields("kernel", opts.kernel_fd),
         image_fields("initramfs", opts.initramfs_fd),
         opts.mac.map_or_else(|| "none".to_owned(), |mac| mac.to_string()),
+        opts.steer_map
+            .map_or_else(|| "none".to_owned(), |fd| fd.to_string()),
+        steer,
         open.join(","),
     );
     let _ = out.flush();
@@ -246,5 +260,33 @@ fn main() {
         };
         let _ = writeln!(out, "{reply}");
         let _ = out.flush();
+    }
+}
+
+/// Maps the steering map passed as `fd` and publishes a configuration into it, as mqvmm does
+/// (no bpf() call, whatever identity this process has by now): `ok`, or `err(...)` without
+/// spaces.
+fn check_steering_map(fd: RawFd) -> String {
+    use tap::steering::{SteerConfig, SteeringMap, HASH_TCPV4, KEY_LEN};
+    // SAFETY: the fd was handed to this process for this purpose (like mqvmm's steer-map=), and
+    // nothing else in it uses that number.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let cfg = SteerConfig {
+        hash_types: HASH_TCPV4,
+        key: [7; KEY_LEN],
+        table: vec![1, 0],
+        unclassified: 1,
+    };
+    let result = SteeringMap::from_fd(fd).and_then(|map| {
+        map.publish(&cfg)?;
+        if map.live() == cfg && map.seq() == 1 {
+            Ok(())
+        } else {
+            Err(io::Error::other("published configuration not live"))
+        }
+    });
+    match result {
+        Ok(()) => "ok".to_owned(),
+        Err(e) => format!("err({})", e.to_string().replace(' ', "_")),
     }
 }

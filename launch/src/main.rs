@@ -5,10 +5,15 @@
 //! own uid may not read), then gives up every privilege — no_new_privs, empty bounding set,
 //! target uid/gid with no supplementary groups, empty capability sets including ambient, all
 //! verified — and execs mqvmm with exactly those fds:
-//! `mqvmm [ARGS...] --kernel-fd F [--initramfs-fd I] --kvm-fd K --net fds=A,B,...[,mac=MAC]`.
+//! `mqvmm [ARGS...] --kernel-fd F [--initramfs-fd I] --kvm-fd K --net fds=A,B,...[,mac=MAC][,steer-map=M]`.
 //!
-//! Self-contained on purpose (only the tap crate, clap, libc, thiserror, and virtio-net's
-//! limits): small enough to audit.
+//! With more than one queue it also attaches the eBPF steering program to the tap (the
+//! `steering` crate) and passes the program's map as `steer-map=M`, through which mqvmm applies
+//! the guest's RSS configuration; when the kernel refuses, it says so in one line and goes on
+//! without (`--no-steering` skips it).
+//!
+//! Self-contained on purpose (only the tap and steering crates, clap, libc, thiserror, and
+//! virtio-net's limits): small enough to audit.
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
@@ -17,7 +22,7 @@ use std::ops::Range;
 use std::os::raw::{c_char, c_int, c_ulong};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -43,10 +48,10 @@ Example (as root):
   mqvmm-launch --tap mq0 --queues 4 --user nobody -- --kernel ...
 
 mqvmm then runs as nobody:nogroup with no capabilities, as
-  mqvmm --kernel-fd 3 --initramfs-fd 4 ... --kvm-fd 9 --net fds=5,6,7,8,mac=52:54:00:12:34:56
+  mqvmm --kernel-fd 3 --initramfs-fd 4 ... --kvm-fd 9 --net fds=5,6,7,8,mac=52:54:00:12:34:56,steer-map=10
 (the launcher opens the kernel and initramfs as its caller, so nobody need not be able to read
 them; one tap queue per virtio-net queue pair; the guest enables them with
-`ethtool -L eth0 combined N`).
+`ethtool -L eth0 combined N`; steer-map is the tap's eBPF steering map, see --no-steering).
 
 Who may run it: root, or a caller given CAP_NET_ADMIN, e.g.
   setpriv --reuid U --regid G --clear-groups --inh-caps +net_admin --ambient-caps +net_admin \\
@@ -111,6 +116,13 @@ struct Args {
     /// created, mode 0700, owned by USER and GROUP; an existing one is left as it is.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Attach no eBPF steering program to the tap. By default, with more than one queue, the
+    /// launcher attaches one (TUNSETSTEERINGEBPF; needs CAP_BPF or root, and Linux 4.16+) and
+    /// passes its map on as `--net ...,steer-map=FD`: mqvmm then steers each frame to the queue
+    /// the guest's RSS configuration picks. If attaching fails, the launcher logs one line
+    /// and goes on without (the kernel's own flow hash picks the queue).
+    #[arg(long)]
+    no_steering: bool,
     /// Do not open /dev/kvm and pass no --kvm-fd (for tests with a stand-in VMM).
     #[arg(long)]
     no_kvm: bool,
@@ -438,6 +450,8 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
         queue_fds.len(),
         join(&queue_fds)
     ));
+    let steer_map = attach_steering(&tap_name, &queues, args.no_steering);
+    let steer_map_fd = steer_map.as_ref().map(AsRawFd::as_raw_fd);
     let kvm: Option<OwnedFd> = if args.no_kvm {
         None
     } else {
@@ -476,6 +490,7 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     let mut pass = queue_fds.clone();
     pass.extend(kvm_fd);
     pass.extend(&image_fds);
+    pass.extend(steer_map_fd);
     cloexec_all_except(&pass)?;
 
     let kept_bounding_set = drop_privileges(uid, gid)?;
@@ -505,6 +520,9 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     if args.no_mq {
         net.push_str(",mq=off");
     }
+    if let Some(fd) = steer_map_fd {
+        net.push_str(&format!(",steer-map={fd}"));
+    }
     let mut cmd = Command::new(&mqvmm);
     cmd.args(&mqvmm_args);
     if let Some(fd) = kvm_fd {
@@ -521,12 +539,52 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     log(&format!("exec {} {}", mqvmm.display(), shown.join(" ")));
     let source = cmd.exec();
     // The fds must stay open until exec; it failed, so they close here.
-    drop((queues, kvm, images));
+    drop((queues, kvm, images, steer_map));
     Err(LaunchError::Exec {
         path: mqvmm.display().to_string(),
         uid,
         source,
     })
+}
+
+/// Attaches the eBPF steering program to the tap (through its first queue; the program is the
+/// tap's, not the queue's) and returns its map's fd, for mqvmm. One log line either way; a
+/// failure leaves the tap as it was and is not an error: mqvmm runs without steering.
+fn attach_steering(tap: &str, queues: &[tap::TapQueue], off: bool) -> Option<OwnedFd> {
+    if off || queues.len() < 2 {
+        return None;
+    }
+    match steering::attach(queues[0].as_fd()) {
+        Ok(map) => {
+            log(&format!(
+                "tap {tap}: eBPF steering attached; its map on fd {}",
+                map.as_raw_fd()
+            ));
+            Some(map)
+        }
+        Err(err) => {
+            // The loader's errors can repeat a message at two levels of the chain: say it once.
+            let mut parts = vec![err.to_string()];
+            let mut source = std::error::Error::source(&err);
+            while let Some(s) = source {
+                parts.push(s.to_string());
+                source = s.source();
+            }
+            let mut line: Vec<String> = Vec::new();
+            for part in parts {
+                match line.last() {
+                    Some(last) if last.ends_with(&part) => continue,
+                    Some(last) if part.starts_with(last.as_str()) => {
+                        line.pop();
+                    }
+                    _ => {}
+                }
+                line.push(part);
+            }
+            log(&format!("tap {tap}: steering is off: {}", line.join(": ")));
+            None
+        }
+    }
 }
 
 /// The directory of an `--api-socket` path (`.` for a bare name); refused without a file name.
