@@ -31,6 +31,7 @@ test-unit:
 
 test-component: deps build
 	$(CARGO) test --release -p mqvmm-tests --test 'component_*'
+	$(CARGO) test --release -p steering --tests
 
 test-boot: resources build
 	$(CARGO) test --release -p mqvmm-tests --test 'boot_*' -- --test-threads=1

@@ -918,7 +918,9 @@ fn udp_through_shrinks(tap: &HostTap, launch_extra: &[&str]) -> (u64, u64, u32) 
     // 4 streams of 1 Mbit/s, 1000-byte datagrams: 500 datagrams/s, well within what the rig's
     // guest takes, so that any loss is the switches'.
     let client = Command::new("iperf3")
-        .args(["-c", GUEST_IP, "-u", "-b", "1M", "-l", "1000", "-P", "4", "-t", "50"])
+        .args([
+            "-c", GUEST_IP, "-u", "-b", "1M", "-l", "1000", "-P", "4", "-t", "50",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -957,11 +959,18 @@ fn udp_through_shrinks(tap: &HostTap, launch_extra: &[&str]) -> (u64, u64, u32) 
     rig::note(&format!(
         "steering {}: {cycles} cycles of ethtool -L 4 -> 1 -> 4 in {:.1} s under 4 UDP flows: \
          {lost} of {total} datagrams lost (guest socket buffer drops {rcvbuf}); device: {}",
-        if launch_extra.contains(&"--no-steering") { "off" } else { "on" },
+        if launch_extra.contains(&"--no-steering") {
+            "off"
+        } else {
+            "on"
+        },
         cycles_took.as_secs_f64(),
         line.split(" | ").next().unwrap_or("")
     ));
-    assert_eq!(rcvbuf, 0, "the guest's own sockets dropped datagrams: the load is too high for this test to tell");
+    assert_eq!(
+        rcvbuf, 0,
+        "the guest's own sockets dropped datagrams: the load is too high for this test to tell"
+    );
     console.send("poweroff\n").expect("type");
     assert_eq!(console.wait_exit(Duration::from_secs(60)), Some(0));
     (lost, total, cycles)
@@ -990,14 +999,19 @@ fn ethtool_x_and_n_move_flows_between_queues_pci() {
     if !requirements() {
         return;
     }
-    rig::in_kvm_env("ethtool_x_and_n_move_flows_between_queues_pci", rss_moves_flows);
+    rig::in_kvm_env(
+        "ethtool_x_and_n_move_flows_between_queues_pci",
+        rss_moves_flows,
+    );
 }
 
 /// Frames per guest receive queue while 16 UDP flows run host -> guest for 3 s.
 fn rx_per_queue_under_flows(console: &mut GuestConsole) -> Vec<u64> {
     let before = guest_rx_counters(console);
     let out = Command::new("iperf3")
-        .args(["-c", GUEST_IP, "-u", "-b", "200K", "-l", "1000", "-P", "16", "-t", "3"])
+        .args([
+            "-c", GUEST_IP, "-u", "-b", "200K", "-l", "1000", "-P", "16", "-t", "3",
+        ])
         .output()
         .expect("iperf3 -c");
     assert!(
@@ -1042,13 +1056,21 @@ fn rss_moves_flows() {
     console.check("ethtool -X eth0 equal 2", STEP);
     let d = rx_per_queue_under_flows(&mut console);
     assert_eq!((d[2], d[3]), (0, 0), "equal 2: per-queue rx {d:?}");
-    assert_eq!(busy(&d), [0, 1], "equal 2: 16 flows over queues 0 and 1: {d:?}");
+    assert_eq!(
+        busy(&d),
+        [0, 1],
+        "equal 2: 16 flows over queues 0 and 1: {d:?}"
+    );
     rig::note(&format!("rss: equal 2: guest rx per queue {d:?}"));
 
     console.check("ethtool -X eth0 equal 4 && ethtool -K eth0 rxhash on", STEP);
     console.check("ethtool -N eth0 rx-flow-hash udp4 sd", STEP);
     let d = rx_per_queue_under_flows(&mut console);
-    assert_eq!(busy(&d).len(), 1, "udp4 sd: one source and destination address, one queue: {d:?}");
+    assert_eq!(
+        busy(&d).len(),
+        1,
+        "udp4 sd: one source and destination address, one queue: {d:?}"
+    );
     rig::note(&format!("rss: udp4 sd: guest rx per queue {d:?}"));
     console.check("ethtool -N eth0 rx-flow-hash udp4 sdfn", STEP);
     let d = rx_per_queue_under_flows(&mut console);
