@@ -552,6 +552,12 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
 /// failure leaves the tap as it was and is not an error: mqvmm runs without steering.
 fn attach_steering(tap: &str, queues: &[tap::TapQueue], off: bool) -> Option<OwnedFd> {
     if off || queues.len() < 2 {
+        // An adopted tap may still carry the program of an earlier run, whose map nobody
+        // updates any more: it would steer to queues mqvmm has disabled. Take it off.
+        // (A kernel without TUNSETSTEERINGEBPF has none to take off: the error is moot.)
+        if let Some(q) = queues.first() {
+            let _ = steering::detach(q.as_fd());
+        }
         return None;
     }
     match steering::attach(queues[0].as_fd()) {
@@ -582,6 +588,8 @@ fn attach_steering(tap: &str, queues: &[tap::TapQueue], off: bool) -> Option<Own
                 line.push(part);
             }
             log(&format!("tap {tap}: steering is off: {}", line.join(": ")));
+            // Whatever program an earlier run left on an adopted tap goes too (see above).
+            let _ = steering::detach(queues[0].as_fd());
             None
         }
     }
