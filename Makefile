@@ -40,8 +40,8 @@ test-soak: resources build
 	MQVMM_RIG_TEST_TIMEOUT=$${MQVMM_RIG_TEST_TIMEOUT:-900} $(CARGO) test --release -p mqvmm-tests --test 'soak_*' -- --ignored --test-threads=1 --nocapture
 
 # Benchmarks (not part of `make test`; root): mqvmm's device data path against the raw tap ceiling,
-# then guests under mqvmm and under Debian's QEMU (vhost=off, vhost=on) in the same run, in the
-# nested rig when /dev/kvm cannot run guests. Writes bench/results/latest.{json,md} and SVG plots.
+# then guests under mqvmm (with and without eBPF steering) and under Debian's QEMU (vhost=off,
+# vhost=on) in the same run, in the nested rig when /dev/kvm cannot run guests. Writes bench/results/latest.{json,md} and SVG plots.
 # BENCH_ARGS is passed on, e.g. BENCH_ARGS="--no-guest" or "--reps 5" (`mqvmm-bench all --help`).
 bench: resources build
 	$(CARGO) run --release -q -p mqvmm-bench -- all $(BENCH_ARGS)

@@ -2,15 +2,21 @@
 //! Guest benchmarks: mqvmm and Debian's QEMU (virtio-net-pci, vhost=off and vhost=on) boot
 //! the same guest kernel and initramfs with the same vCPUs and memory on the same multiqueue
 //! tap, one after the other, in one KVM environment (the nested rig's L1 here, one L1 boot for
-//! everything), repeated `reps` times in rotating order.
+//! everything), repeated `reps` times in rotating order. mqvmm boots twice per repetition: as
+//! `mqvmm` (mqvmm-launch attaches its eBPF steering program to the tap, the device picks each
+//! received frame's queue) and as `mqvmm-no-steering` (`mqvmm-launch --no-steering`: the tap's
+//! own flow steering picks it). Steering only decides where host->guest frames land, so the
+//! second boot measures host->guest throughput only.
 //!
 //! Per boot: boot time (VMM spawn to the guest's `MQVMM-READY`, wall; and the guest's own
 //! uptime at that point), then for 1..=max pairs: `ethtool -L eth0 combined N` timed in the
 //! guest (ktime from /proc/timer_list around the command, minus the same measurement around
 //! the `true` builtin), for mqvmm also `last_vq_pairs_set_ns` from its SIGUSR1 metrics line
 //! (control kick to used entry, inside the VMM), the host tap's attached queue count, iperf3
-//! TCP guest->host and host->guest with parallel streams; at the end the VMM's RSS beyond
-//! guest RAM (VmRSS minus the Rss of the guest-memory mapping in /proc/PID/smaps).
+//! TCP guest->host and host->guest with parallel streams (host->guest only for
+//! `mqvmm-no-steering`); at the end the VMM's RSS beyond guest RAM (VmRSS minus the Rss of the
+//! guest-memory mapping in /proc/PID/smaps). For mqvmm, a fact per boot records whether the
+//! launcher attached steering (`steering_<vmm>_rep<N>`).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -79,17 +85,26 @@ pub enum Error {
 /// The VMMs compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Vmm {
-    /// mqvmm under mqvmm-launch, unprivileged.
+    /// mqvmm under mqvmm-launch, unprivileged, with the launcher's eBPF steering (its default
+    /// with more than one queue).
     Mqvmm,
     /// QEMU, virtio-net-pci, userspace virtio-net.
     QemuVhostOff,
     /// QEMU, virtio-net-pci, vhost-net in the host kernel.
     QemuVhostOn,
+    /// mqvmm under `mqvmm-launch --no-steering`: the tap's own flow steering picks the queue of
+    /// each host->guest frame. Measured host->guest only.
+    MqvmmNoSteering,
 }
 
 impl Vmm {
     /// All VMMs in report order.
-    pub const ALL: [Vmm; 3] = [Vmm::Mqvmm, Vmm::QemuVhostOff, Vmm::QemuVhostOn];
+    pub const ALL: [Vmm; 4] = [
+        Vmm::Mqvmm,
+        Vmm::QemuVhostOff,
+        Vmm::QemuVhostOn,
+        Vmm::MqvmmNoSteering,
+    ];
 
     /// Key used in records.
     pub fn key(self) -> &'static str {
@@ -97,7 +112,20 @@ impl Vmm {
             Vmm::Mqvmm => "mqvmm",
             Vmm::QemuVhostOff => "qemu-vhost-off",
             Vmm::QemuVhostOn => "qemu-vhost-on",
+            Vmm::MqvmmNoSteering => "mqvmm-no-steering",
         }
+    }
+
+    /// Whether this is mqvmm (with its SIGUSR1 metrics line), in either steering mode.
+    pub fn is_mqvmm(self) -> bool {
+        matches!(self, Vmm::Mqvmm | Vmm::MqvmmNoSteering)
+    }
+
+    /// Whether iperf3 runs in direction `dir` (`up`: guest->host, `down`: host->guest) under
+    /// this VMM. Steering decides only where host->guest frames land: without it, guest->host
+    /// would measure the same as `mqvmm`.
+    pub fn measures(self, dir: &str) -> bool {
+        self != Vmm::MqvmmNoSteering || dir == "down"
     }
 
     /// Parses a key.
@@ -226,10 +254,13 @@ fn vmm_command(vmm: Vmm, opts: &Options) -> Command {
     let images = rig::guest_images();
     let cmdline = format!("console=ttyS0 quiet panic=-1 mqvmm.ip={GUEST_IP}/24");
     match vmm {
-        Vmm::Mqvmm => {
+        Vmm::Mqvmm | Vmm::MqvmmNoSteering => {
             let mut cmd = Command::new(rig::bin_path("mqvmm-launch"));
-            cmd.args(["--tap", TAP, "--queues", &opts.pairs.to_string()])
-                .args(["--user", "nobody", "--"])
+            cmd.args(["--tap", TAP, "--queues", &opts.pairs.to_string()]);
+            if vmm == Vmm::MqvmmNoSteering {
+                cmd.arg("--no-steering");
+            }
+            cmd.args(["--user", "nobody", "--"])
                 .arg("--kernel")
                 .arg(&images.vmlinux)
                 .arg("--initramfs")
@@ -327,6 +358,23 @@ pub fn iperf_sum(output: &str) -> Option<(f64, f64)> {
         Some(value * scale)
     };
     Some((mega("bits/sec")?, mega("Bytes")?))
+}
+
+/// What mqvmm-launch said about steering in a VMM's output: `attached`, `off: <why>` (the
+/// launcher could not attach it), or `off` (no line: `--no-steering`, or one queue).
+pub fn launcher_steering(transcript: &str) -> String {
+    for line in transcript.lines() {
+        let Some(msg) = line.trim().strip_prefix("mqvmm-launch: tap ") else {
+            continue;
+        };
+        if msg.contains(": eBPF steering attached") {
+            return "attached".into();
+        }
+        if let Some((_, why)) = msg.split_once(": steering is off: ") {
+            return format!("off: {why}");
+        }
+    }
+    "off".into()
 }
 
 /// `key=value` from a `mqvmm-metrics:` line (device fields come before the first `|`).
@@ -458,6 +506,13 @@ impl Boot<'_> {
             wall
         };
         self.sample("boot_wall_s", None, wall);
+        if self.vmm.is_mqvmm() {
+            let steering = launcher_steering(&self.console.transcript());
+            self.out.push(Record::meta(
+                format!("steering_{}_rep{}", self.vmm.key(), self.rep),
+                steering,
+            ));
+        }
         self.sync_shell()?;
         self.check(
             "nowns() { { read -r _; read -r _; read -r _ _ n _; } </proc/timer_list; echo $n; }; irqs() { awk '/virtio/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i } END { print s + 0 }' /proc/interrupts; }",
@@ -473,7 +528,7 @@ impl Boot<'_> {
             let set_ns = self.timed(&format!("ethtool -L eth0 combined {n}"))?;
             let base = baseline.iter().copied().fold(f64::INFINITY, f64::min);
             self.sample("ethtool_l_ms", Some(n), (set_ns - base).max(0.0) / 1e6);
-            if self.vmm == Vmm::Mqvmm {
+            if self.vmm.is_mqvmm() {
                 let line = self.metrics_line()?;
                 let ns = metric(&line, "last_vq_pairs_set_ns")
                     .ok_or_else(|| self.fail(format!("no last_vq_pairs_set_ns in {line:?}")))?;
@@ -485,9 +540,13 @@ impl Boot<'_> {
             let secs = self.opts.iperf_secs;
             let p = self.opts.streams;
             for (dir, extra) in [("up", ""), ("down", " -R")] {
-                let before = match self.vmm {
-                    Vmm::Mqvmm => Some(self.metrics_line()?),
-                    _ => None,
+                if !self.vmm.measures(dir) {
+                    continue;
+                }
+                let before = if self.vmm.is_mqvmm() {
+                    Some(self.metrics_line()?)
+                } else {
+                    None
                 };
                 let out = self.check(&format!(
                     "i0=$(irqs); iperf3 -c {HOST_IP} -P {p} -t {secs} -f m{extra} | grep -E 'SUM|receiver|sender'; r=$?; i1=$(irqs); echo GUEST_IRQS=$((i1-i0)); [ $r = 0 ]"
@@ -788,6 +847,59 @@ mod tests {
         let g = "[SUM]   0.00-2.08   sec  1.5 GBytes  1.25 Gbits/sec                  receiver";
         assert_eq!(iperf_sum(g), Some((1250.0, 1500.0)));
         assert_eq!(iperf_sum("iperf3: error"), None);
+    }
+
+    #[test]
+    fn every_vmm_key_parses_back_and_only_no_steering_skips_guest_to_host() {
+        for v in Vmm::ALL {
+            assert_eq!(Vmm::from_key(v.key()), Some(v));
+            assert!(v.measures("down"), "{v}");
+        }
+        assert_eq!(
+            Vmm::from_key("mqvmm-no-steering"),
+            Some(Vmm::MqvmmNoSteering)
+        );
+        assert!(!Vmm::MqvmmNoSteering.measures("up"));
+        assert!(Vmm::Mqvmm.measures("up") && Vmm::QemuVhostOn.measures("up"));
+        assert!(Vmm::MqvmmNoSteering.is_mqvmm() && !Vmm::QemuVhostOff.is_mqvmm());
+    }
+
+    #[test]
+    fn no_steering_variant_passes_the_launcher_option_before_the_separator() {
+        let opts = Options {
+            reps: 1,
+            iperf_secs: 1,
+            streams: 1,
+            cpus: 1,
+            memory_mib: 128,
+            pairs: 4,
+            vmms: vec![Vmm::MqvmmNoSteering],
+            mqvmm_transport: "pci".into(),
+        };
+        let args = |vmm| -> Vec<String> {
+            vmm_command(vmm, &opts)
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        let off = args(Vmm::MqvmmNoSteering);
+        let flag = off.iter().position(|a| a == "--no-steering").unwrap();
+        let separator = off.iter().position(|a| a == "--").unwrap();
+        assert!(flag < separator, "{off:?}");
+        assert!(!args(Vmm::Mqvmm).contains(&"--no-steering".to_string()));
+    }
+
+    #[test]
+    fn launcher_steering_reads_the_launchers_line() {
+        let on = "mqvmm-launch: tap mqbt0: 4 queues\nmqvmm-launch: tap mqbt0: eBPF steering attached; its map on fd 9\n";
+        assert_eq!(launcher_steering(on), "attached");
+        let refused =
+            "mqvmm-launch: tap mqbt0: steering is off: cannot load the program: Operation not permitted (os error 1)\n";
+        assert_eq!(
+            launcher_steering(refused),
+            "off: cannot load the program: Operation not permitted (os error 1)"
+        );
+        assert_eq!(launcher_steering("[    0.000000] Linux version\n"), "off");
     }
 
     #[test]

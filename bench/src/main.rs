@@ -2,8 +2,9 @@
 //! `mqvmm-bench`: what `make bench` runs.
 //!
 //! - `all`: the device data path against the raw tap ceiling (a child process in its own
-//!   network namespace), then the guests (mqvmm vs QEMU vhost off/on, in the nested rig's L1
-//!   when /dev/kvm cannot run guests here), then the report: `bench/results/latest.json`,
+//!   network namespace), then the guests (mqvmm vs QEMU vhost off/on, and mqvmm with vs
+//!   without eBPF steering host->guest; in the nested rig's L1 when /dev/kvm cannot run guests
+//!   here), then the report: `bench/results/latest.json`,
 //!   `latest.md`, `device-vs-ceiling.svg`, `guest-throughput.svg`.
 //! - `device`, `guest`: one part, records to a file; `report`: render records files.
 //! - `guest-inner`: the guest part where KVM works (started inside L1 by `guest`).
@@ -137,11 +138,12 @@ struct GuestArgs {
     /// Queue pairs (steps 1..=N).
     #[arg(long, default_value_t = 4)]
     pairs: u16,
-    /// VMMs to compare.
+    /// VMMs to compare: mqvmm (with the launcher's eBPF steering), qemu-vhost-off,
+    /// qemu-vhost-on, mqvmm-no-steering (`mqvmm-launch --no-steering`; host->guest only).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "mqvmm,qemu-vhost-off,qemu-vhost-on"
+        default_value = "mqvmm,qemu-vhost-off,qemu-vhost-on,mqvmm-no-steering"
     )]
     vmms: Vec<String>,
     /// How mqvmm attaches its network device (`mqvmm --transport`; pci, mqvmm's default, is
@@ -245,7 +247,7 @@ impl GuestArgs {
                 guest::Vmm::from_key(v).ok_or_else(|| Error::Value {
                     what: "VMM",
                     value: v.clone(),
-                    expected: "mqvmm, qemu-vhost-off or qemu-vhost-on",
+                    expected: "mqvmm, qemu-vhost-off, qemu-vhost-on or mqvmm-no-steering",
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -500,7 +502,7 @@ fn main() -> ExitCode {
 mod tests {
     use clap::{CommandFactory, Parser};
 
-    use super::{Cli, Cmd};
+    use super::{guest, Cli, Cmd};
 
     #[test]
     fn command_line_is_consistent_and_defaults_parse() {
@@ -513,7 +515,8 @@ mod tests {
         assert_eq!(d.pairs, vec![1, 2, 4]);
         assert_eq!(d.sizes, vec![64, 1514, 65535]);
         let g = guest.options().unwrap();
-        assert_eq!((g.reps, g.pairs, g.vmms.len()), (3, 4, 3));
+        assert_eq!((g.reps, g.pairs), (3, 4));
+        assert_eq!(g.vmms, guest::Vmm::ALL);
         // The device child and the L1 run get the same options back.
         let again = Cli::try_parse_from(
             [
@@ -567,6 +570,27 @@ mod tests {
             "isa"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn the_no_steering_variant_is_selectable_alone_and_reaches_l1() {
+        let cli = Cli::try_parse_from([
+            "mqvmm-bench",
+            "guest",
+            "--records",
+            "z",
+            "--vmms",
+            "mqvmm-no-steering",
+        ])
+        .unwrap();
+        let Cmd::Guest { guest: args, .. } = cli.cmd else {
+            panic!("not guest");
+        };
+        let opts = args.options().unwrap();
+        assert_eq!(opts.vmms, vec![guest::Vmm::MqvmmNoSteering]);
+        assert!(opts
+            .to_args()
+            .contains(&"--vmms=mqvmm-no-steering".to_string()));
     }
 
     #[test]

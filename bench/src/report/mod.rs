@@ -86,7 +86,11 @@ guest's uptime at that line. Throughput: iperf3 TCP, parallel streams, guest cli
 and with -R (host->guest), after `ethtool -L eth0 combined N`. ethtool -L: guest ktime around the command minus the \
 same around `true`. VQ_PAIRS_SET: mqvmm's last_vq_pairs_set_ns (control kick to used entry, inside the VMM). RSS \
 beyond guest RAM: VmRSS minus the Rss of the guest-RAM mapping, after the traffic. Ratios are mqvmm/QEMU per \
-repetition (same L1, consecutive boots); median and range.";
+repetition (same L1, consecutive boots); median and range. Steering: mqvmm boots a second time per repetition as \
+mqvmm-no-steering (mqvmm-launch --no-steering: no eBPF program on the tap, the tap's own flow steering picks the \
+queue of each host->guest frame, as before steering existed), measured host->guest only (steering does not touch \
+guest->host); mqvmm / mqvmm-no-steering is paired by repetition and step like the QEMU ratios, and whether the \
+launcher attached steering is recorded per boot (steering_<vmm>_rep<N>).";
 
 /// Everything a report is made of.
 #[derive(Debug, Default)]
@@ -313,6 +317,10 @@ pub const METRICS: [MetricInfo; 15] = [
     },
 ];
 
+/// The VMMs of the guest table's columns, in order; the others are shown only where a run has
+/// them (`mqvmm-no-steering`: [`steering_table`]).
+const COLUMNS: [Vmm; 3] = [Vmm::Mqvmm, Vmm::QemuVhostOff, Vmm::QemuVhostOn];
+
 /// One row of the guest table.
 #[derive(Debug, Clone, Serialize)]
 pub struct GuestRow {
@@ -329,10 +337,33 @@ pub struct GuestRow {
     /// mqvmm / QEMU vhost=on, paired by repetition and step.
     #[serde(rename = "ratio_mqvmm_over_qemu_vhost_on")]
     pub vs_vhost_on: Option<Summary>,
+    /// mqvmm (eBPF steering) / mqvmm-no-steering, paired by repetition and step; left out of
+    /// the JSON where there is none.
+    #[serde(
+        rename = "ratio_mqvmm_over_mqvmm_no_steering",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub vs_no_steering: Option<Summary>,
 }
 
+impl GuestRow {
+    /// The summary of `vmm`'s samples.
+    pub fn of(&self, vmm: Vmm) -> Option<Summary> {
+        let k = Vmm::ALL.iter().position(|&v| v == vmm)?;
+        self.vmms.get(k).copied().flatten()
+    }
+}
+
+/// Every column VMM, `null` where it has no samples; the others only where they have some (a
+/// run without them publishes what it did before they existed).
 fn by_vmm<S: Serializer>(vmms: &[Option<Summary>], serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_map(Vmm::ALL.iter().map(|v| v.key()).zip(vmms))
+    serializer.collect_map(
+        Vmm::ALL
+            .iter()
+            .zip(vmms)
+            .filter(|(v, s)| COLUMNS.contains(v) || s.is_some())
+            .map(|(v, s)| (v.key(), s)),
+    )
 }
 
 /// Summarises the guest samples.
@@ -385,6 +416,7 @@ pub fn guest_rows(data: &Data) -> Vec<GuestRow> {
                 pairs,
                 vs_vhost_off: ratio(Vmm::QemuVhostOff),
                 vs_vhost_on: ratio(Vmm::QemuVhostOn),
+                vs_no_steering: ratio(Vmm::MqvmmNoSteering),
                 vmms,
             });
         }
@@ -590,14 +622,80 @@ pub fn guest_table(rows: &[GuestRow], diagnostics: bool) -> String {
             s,
             "| {} | {pairs} | {} | {} | {} | {} | {} |",
             m.label,
-            cell(&r.vmms[0], m.digits),
-            cell(&r.vmms[1], m.digits),
-            cell(&r.vmms[2], m.digits),
+            cell(&r.of(COLUMNS[0]), m.digits),
+            cell(&r.of(COLUMNS[1]), m.digits),
+            cell(&r.of(COLUMNS[2]), m.digits),
             ratio_cell(&r.vs_vhost_off),
             ratio_cell(&r.vs_vhost_on)
         );
     }
     s
+}
+
+/// Host->guest throughput of mqvmm with the launcher's eBPF steering against the same without
+/// (`mqvmm-no-steering`), per active pair count, next to mqvmm's ratios to QEMU (markdown);
+/// empty when the run has no `mqvmm-no-steering` samples.
+pub fn steering_table(rows: &[GuestRow]) -> String {
+    let rows: Vec<&GuestRow> = rows
+        .iter()
+        .filter(|r| r.metric == "iperf_down_mbps" && r.of(Vmm::MqvmmNoSteering).is_some())
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "| pairs | mqvmm host→guest, eBPF steering (Mbit/s) | mqvmm host→guest, --no-steering (Mbit/s) | steering / no steering | mqvmm / QEMU off | mqvmm / QEMU on |\n\
+         |--:|--:|--:|--:|--:|--:|\n",
+    );
+    for r in rows {
+        let pairs = r.pairs.map_or("–".to_string(), |p| p.to_string());
+        let _ = writeln!(
+            s,
+            "| {pairs} | {} | {} | **{}** | {} | {} |",
+            cell(&r.of(Vmm::Mqvmm), 0),
+            cell(&r.of(Vmm::MqvmmNoSteering), 0),
+            ratio_cell(&r.vs_no_steering),
+            ratio_cell(&r.vs_vhost_off),
+            ratio_cell(&r.vs_vhost_on)
+        );
+    }
+    s
+}
+
+/// What the launcher reported about steering, per mqvmm variant: boots with it attached out of
+/// those recorded, and why it was off where it said so.
+fn steering_note(data: &Data) -> String {
+    let mut parts = Vec::new();
+    for v in [Vmm::Mqvmm, Vmm::MqvmmNoSteering] {
+        let prefix = format!("steering_{}_rep", v.key());
+        let said: Vec<&str> = data
+            .meta
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, said)| said.as_str())
+            .collect();
+        if said.is_empty() {
+            continue;
+        }
+        let attached = said.iter().filter(|s| **s == "attached").count();
+        let mut part = format!("{} {attached}/{}", v.key(), said.len());
+        let why: BTreeSet<&str> = said
+            .iter()
+            .filter_map(|s| s.strip_prefix("off: "))
+            .collect();
+        if !why.is_empty() {
+            let why: Vec<&str> = why.into_iter().collect();
+            let _ = write!(part, " (off: {})", why.join("; "));
+        }
+        parts.push(part);
+    }
+    if parts.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\nBoots in which mqvmm-launch attached its eBPF steering program: {}.\n",
+        parts.join(", ")
+    )
 }
 
 fn point(s: &Option<Summary>) -> Option<Point> {
@@ -688,6 +786,11 @@ pub fn guest_plot(rows: &[GuestRow]) -> String {
         .into_iter()
         .collect();
     let labels: Vec<String> = pair_counts.iter().map(u64::to_string).collect();
+    // The column VMMs always (their colours stay put), the others where the run has them.
+    let plotted: Vec<Vmm> = Vmm::ALL
+        .into_iter()
+        .filter(|v| COLUMNS.contains(v) || rows.iter().any(|r| r.of(*v).is_some()))
+        .collect();
     let mut svg = Svg::new(900.0, 400.0);
     svg.text(
         450.0,
@@ -704,14 +807,15 @@ pub fn guest_plot(rows: &[GuestRow]) -> String {
     .iter()
     .enumerate()
     {
-        let series: Vec<Series> = (0..Vmm::ALL.len())
-            .map(|k| Series {
+        let series: Vec<Series> = plotted
+            .iter()
+            .map(|&v| Series {
                 points: pair_counts
                     .iter()
                     .map(|&p| {
                         rows.iter()
                             .find(|r| r.metric == *metric && r.pairs == Some(p))
-                            .and_then(|r| point(&r.vmms[k]))
+                            .and_then(|r| point(&r.of(v)))
                     })
                     .collect(),
             })
@@ -736,8 +840,13 @@ pub fn guest_plot(rows: &[GuestRow]) -> String {
             &series,
         );
     }
-    let names: Vec<String> = Vmm::ALL.iter().map(|v| v.key().to_string()).collect();
-    svg::legend(&mut svg, 300.0, 390.0, &names);
+    let names: Vec<String> = plotted.iter().map(|v| v.key().to_string()).collect();
+    // Where the legend of the column VMMs alone starts, moved left by half of what more there is.
+    let extra: usize = names[COLUMNS.len()..]
+        .iter()
+        .map(|n| svg::legend_width(n))
+        .sum();
+    svg::legend(&mut svg, 300.0 - extra as f64 / 2.0, 390.0, &names);
     svg.finish()
 }
 
@@ -767,6 +876,11 @@ fn markdown(data: &Data, dev: &[DevRow], guest: &[GuestRow]) -> String {
         s.push_str(&guest_table(guest, false));
         s.push('\n');
     }
+    let steering = steering_table(guest);
+    if !steering.is_empty() {
+        s.push_str(&steering);
+        s.push('\n');
+    }
     if !dev.is_empty() {
         s.push_str("## Device data path (no guest)\n\n");
         s.push_str(&device_table(dev));
@@ -787,6 +901,11 @@ fn markdown(data: &Data, dev: &[DevRow], guest: &[GuestRow]) -> String {
         );
         s.push_str(&guest_table(guest, true));
         s.push_str(&host_queue_note(data));
+        if !steering.is_empty() {
+            s.push_str("\n### Host→guest with and without eBPF steering (mqvmm), same run\n\n");
+            s.push_str(&steering);
+            s.push_str(&steering_note(data));
+        }
         s.push_str("\n![guest throughput](guest-throughput.svg)\n\n");
         let _ = writeln!(s, "Method: {GUEST_METHOD}\n");
     }
@@ -826,7 +945,7 @@ pub struct Written {
     pub files: Vec<PathBuf>,
     /// The device table.
     pub device_table: String,
-    /// The guest table.
+    /// The guest table, then the steering table when the run has one.
     pub guest_table: String,
 }
 
@@ -863,7 +982,11 @@ pub fn write(data: &Data, dir: &Path) -> Result<Written, Error> {
     Ok(Written {
         files,
         device_table: device_table(dev),
-        guest_table: guest_table(guest, true),
+        guest_table: [guest_table(guest, true), steering_table(guest)]
+            .into_iter()
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n"),
     })
 }
 
@@ -958,6 +1081,90 @@ mod tests {
         );
         let plot = guest_plot(&rows);
         assert!(plot.contains("<polyline") && plot.contains("qemu-vhost-on"));
+    }
+
+    #[test]
+    fn no_steering_boots_add_a_steering_table_and_leave_the_guest_table_as_it_was() {
+        let (mut base, mut extra) = (Vec::new(), Vec::new());
+        for rep in 1..=2 {
+            for p in 1..=2 {
+                let p_f = p as f64;
+                base.push(guest("mqvmm", rep, "iperf_down_mbps", Some(p), 300.0 * p_f));
+                base.push(guest("mqvmm", rep, "iperf_up_mbps", Some(p), 100.0));
+                base.push(guest(
+                    "qemu-vhost-off",
+                    rep,
+                    "iperf_down_mbps",
+                    Some(p),
+                    200.0 * p_f,
+                ));
+                extra.push(guest(
+                    "mqvmm-no-steering",
+                    rep,
+                    "iperf_down_mbps",
+                    Some(p),
+                    150.0 * p_f,
+                ));
+            }
+            base.push(guest("mqvmm", rep, "boot_wall_s", None, 3.0));
+            extra.push(guest("mqvmm-no-steering", rep, "boot_wall_s", None, 3.0));
+            extra.push(Record::meta(format!("steering_mqvmm_rep{rep}"), "attached"));
+            extra.push(Record::meta(
+                format!("steering_mqvmm-no-steering_rep{rep}"),
+                "off",
+            ));
+        }
+        let without = Data::from_records(base.clone());
+        let with = Data::from_records(base.into_iter().chain(extra));
+        let (rows_without, rows_with) = (guest_rows(&without), guest_rows(&with));
+        assert_eq!(
+            guest_table(&rows_with, true),
+            guest_table(&rows_without, true)
+        );
+        assert_eq!(steering_table(&rows_without), "");
+        let table = steering_table(&rows_with);
+        assert_eq!(table.lines().count(), 4, "{table}");
+        assert!(
+            table.contains(
+                "| 2 | 600 ±0% | 300 ±0% | **2.00 (2.00–2.00)** | 1.50 (1.50–1.50) | – |"
+            ),
+            "{table}"
+        );
+        let md = markdown(&with, &[], &rows_with);
+        assert_eq!(
+            md.matches(table.as_str()).count(),
+            2,
+            "summary and guests: {md}"
+        );
+        assert!(md.contains("### Host→guest with and without eBPF steering (mqvmm), same run"));
+        assert!(
+            md.contains("eBPF steering program: mqvmm 2/2, mqvmm-no-steering 0/2."),
+            "{md}"
+        );
+        let md_without = without_method(&markdown(&without, &[], &rows_without));
+        assert!(!md_without.contains("steering"), "{md_without}");
+        // JSON: the variant and its ratio only where it was measured.
+        let json = serde_json::to_value(&rows_with).unwrap();
+        let row = |metric: &str, pairs: Value| {
+            json.as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["metric"] == metric && r["pairs"] == pairs)
+                .unwrap()
+                .clone()
+        };
+        let up = row("iperf_up_mbps", 1.into());
+        assert!(up["vmms"].get("mqvmm-no-steering").is_none(), "{up}");
+        assert!(up["vmms"]["qemu-vhost-on"].is_null(), "{up}");
+        assert!(
+            up.get("ratio_mqvmm_over_mqvmm_no_steering").is_none(),
+            "{up}"
+        );
+        let down = row("iperf_down_mbps", 1.into());
+        assert_eq!(down["vmms"]["mqvmm-no-steering"]["median"], 150.0);
+        assert_eq!(down["ratio_mqvmm_over_mqvmm_no_steering"]["median"], 2.0);
+        assert!(guest_plot(&rows_with).contains("mqvmm-no-steering"));
+        assert!(!guest_plot(&rows_without).contains("mqvmm-no-steering"));
     }
 
     /// The markdown without its method paragraphs (prose, not rendering).

@@ -310,6 +310,11 @@ pub fn bar_panel(
     }
 }
 
+/// The room one entry of a [`legend`] takes, swatch and gap included.
+pub fn legend_width(name: &str) -> usize {
+    36 + 8 * name.len()
+}
+
 /// A legend row at (`x`, `y`).
 pub fn legend(svg: &mut Svg, x: f64, y: f64, names: &[String]) {
     let mut cx = x;
@@ -317,7 +322,7 @@ pub fn legend(svg: &mut Svg, x: f64, y: f64, names: &[String]) {
         let colour = COLOURS[k % COLOURS.len()];
         svg.rect(cx, y - 9.0, 12.0, 12.0, colour, None);
         svg.text(cx + 16.0, y + 1.0, name, 12.0, "start", false);
-        cx += 36.0 + 8.0 * name.len() as f64;
+        cx += legend_width(name) as f64;
     }
 }
 
