@@ -919,7 +919,7 @@ fn udp_through_shrinks(tap: &HostTap, launch_extra: &[&str]) -> (u64, u64, u32) 
     // guest takes, so that any loss is the switches'.
     let client = Command::new("iperf3")
         .args([
-            "-c", GUEST_IP, "-u", "-b", "1M", "-l", "1000", "-P", "4", "-t", "50",
+            "-c", GUEST_IP, "-u", "-b", "1M", "-l", "1000", "-P", "4", "-t", "75",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -950,7 +950,7 @@ fn udp_through_shrinks(tap: &HostTap, launch_extra: &[&str]) -> (u64, u64, u32) 
     );
     // With steering every cycle must have run under traffic; the run without is a contrast
     // only (its switches have been seen to take twice as long in the rig), so it reports.
-    let under_traffic = cycles_took < Duration::from_secs(46);
+    let under_traffic = cycles_took < Duration::from_secs(71);
     assert!(
         under_traffic || launch_extra.contains(&"--no-steering"),
         "the {cycles} cycles took {cycles_took:?}, longer than the traffic ran"
@@ -987,7 +987,7 @@ fn lossless_shrink() {
     let tap = HostTap::new("mqsteer0");
     let (lost, total, cycles) = udp_through_shrinks(&tap, &[]);
     assert!(cycles >= 20, "only {cycles} cycles");
-    assert!(total > 10_000, "only {total} datagrams sent");
+    assert!(total > 20_000, "only {total} datagrams sent");
     assert_eq!(lost, 0, "{lost} of {total} datagrams lost with steering");
     drop(tap);
     let tap = HostTap::new("mqsteer1");
