@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -32,7 +32,8 @@ use mqvmm_tests::{rig, skip};
 use tap::{MultiQueueTap, TapConfig};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_RSS_CONFIG, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ, VIRTIO_NET_F_RSS, VIRTIO_NET_F_STATUS,
 };
 use virtio_net::{Net, NetConfig, NetMetrics};
 
@@ -68,6 +69,9 @@ struct Scenario {
     features: u64,
     /// After the walk: reset the device, check only pair 0 stays attached, bring it up again.
     reset_at_end: bool,
+    /// The launcher's eBPF steering program on the tap, its map handed to the device (which
+    /// then offers RSS); the walk ends with an RSS table.
+    steering: bool,
 }
 
 #[test]
@@ -77,6 +81,21 @@ fn vq_pairs_set_walk_unprivileged_mrg_rxbuf() {
         tap: "mqcn0",
         features: DEFAULT_FEATURES,
         reset_at_end: false,
+        steering: false,
+    };
+    if requirements_met() {
+        run_test(scenario);
+    }
+}
+
+#[test]
+fn vq_pairs_set_walk_unprivileged_with_steering_and_rss() {
+    let scenario = Scenario {
+        test: "vq_pairs_set_walk_unprivileged_with_steering_and_rss",
+        tap: "mqcn2",
+        features: DEFAULT_FEATURES | feature(VIRTIO_NET_F_RSS),
+        reset_at_end: true,
+        steering: true,
     };
     if requirements_met() {
         run_test(scenario);
@@ -97,6 +116,7 @@ fn vq_pairs_set_walk_unprivileged_event_idx_csum_then_reset() {
             | EVENT_IDX
             | CSUM_FEATURES,
         reset_at_end: true,
+        steering: false,
     };
     if requirements_met() {
         run_test(scenario);
@@ -136,6 +156,13 @@ fn privileged_part(s: &Scenario) {
     .unwrap_or_else(|e| panic!("create tap {}: {e}", s.tap));
     configure_host_side(s.tap);
     let tap_mac = interface_mac(s.tap);
+    // The launcher's step: the steering program on the tap, its map for the device.
+    let steer_map: Option<RawFd> = s.steering.then(|| {
+        let queue = tap.queues().first().expect("a queue");
+        steering::attach(queue.as_fd())
+            .unwrap_or_else(|e| panic!("attach the steering program: {e}"))
+            .into_raw_fd()
+    });
     let fds: Vec<RawFd> = tap
         .into_queues()
         .into_iter()
@@ -154,14 +181,14 @@ fn privileged_part(s: &Scenario) {
     assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            unprivileged_part(s, &fds, &spare_tun, tap_mac, &mut summary)
+            unprivileged_part(s, &fds, steer_map, &spare_tun, tap_mac, &mut summary)
         }));
         let _ = std::io::stderr().flush();
         // SAFETY: ends the child without unwinding into the harness or running its exit hooks.
         unsafe { libc::_exit(i32::from(result.is_err())) };
     }
     // The parent keeps no queue fd: the unprivileged child holds the only ones.
-    for fd in fds {
+    for fd in fds.into_iter().chain(steer_map) {
         // SAFETY: `fd` came from into_raw_fd above and is owned by nothing else in this process.
         drop(unsafe { OwnedFd::from_raw_fd(fd) });
     }
@@ -249,6 +276,7 @@ fn interface_mac(ifname: &str) -> [u8; 6] {
 fn unprivileged_part(
     s: &Scenario,
     fds: &[RawFd],
+    steer_map: Option<RawFd>,
     spare_tun: &OwnedFd,
     tap_mac: [u8; 6],
     summary: &mut File,
@@ -263,8 +291,11 @@ fn unprivileged_part(
     assert_unprivileged("before the device exists", 1);
     assert_tunsetiff_refused(spare_tun, s.tap);
 
-    let mut ctx = Ctx::new(s, fds, tap_mac, summary);
+    let mut ctx = Ctx::new(s, fds, steer_map, tap_mac, summary);
     ctx.walk();
+    if s.steering {
+        ctx.rss();
+    }
     if s.reset_at_end {
         ctx.reset_and_restart();
     }
@@ -391,19 +422,34 @@ struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    fn new(s: &Scenario, fds: &[RawFd], tap_mac: [u8; 6], summary: &'a mut File) -> Ctx<'a> {
+    fn new(
+        s: &Scenario,
+        fds: &[RawFd],
+        steer_map: Option<RawFd>,
+        tap_mac: [u8; 6],
+        summary: &'a mut File,
+    ) -> Ctx<'a> {
         // The kernel still has all four queues attached, as the launcher left them.
         expect_host_queues(s.tap, PAIRS, "adoption");
         // SAFETY: the fds came from into_raw_fd in `privileged_part`, and this forked child, which
         // runs only `unprivileged_part`, adopts them once, here.
         let queues = unsafe { tap::adopt_queues(fds) }
             .unwrap_or_else(|e| panic!("adopt the queue fds: {e}"));
-        let net = Net::new(
+        let steering = steer_map.map(|fd| {
+            // SAFETY: the map's fd came from into_raw_fd in `privileged_part` and is adopted
+            // once, here, as mqvmm adopts `steer-map=`.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let map = tap::steering::SteeringMap::from_fd(fd)
+                .unwrap_or_else(|e| panic!("map the steering map unprivileged: {e}"));
+            Arc::new(map) as Arc<dyn virtio_net::steer::Steering>
+        });
+        let net = Net::with_steering(
             NetConfig {
                 queue_size: QUEUE_SIZE,
                 ..NetConfig::default()
             },
             queues,
+            steering,
         )
         .unwrap_or_else(|e| panic!("create the device unprivileged: {e}"));
         // Creation puts the backends in the reset state: pair 0 attached only.
@@ -490,6 +536,58 @@ impl<'a> Ctx<'a> {
                 "pair {p} parked"
             );
         }
+    }
+
+    /// With steering: an RSS table naming pairs 0 and 2 only keeps every flow off 1 and 3
+    /// (all four stay enabled: `max_tx_vq` is 4); a table naming a pair beyond the device is
+    /// refused and changes nothing; VQ_PAIRS_SET returns to spreading over every pair.
+    fn rss(&mut self) {
+        assert_eq!(self.drv.set_queue_pairs(PAIRS), ACK_OK);
+        let rss = |table: &[u16], max_tx_vq: u16| {
+            let mut b = 0x3fu32.to_le_bytes().to_vec();
+            b.extend((table.len() as u16 - 1).to_le_bytes());
+            b.extend(0u16.to_le_bytes());
+            table.iter().for_each(|q| b.extend(q.to_le_bytes()));
+            b.extend(max_tx_vq.to_le_bytes());
+            b.push(40);
+            b.extend((0..40u8).map(|i| i.wrapping_mul(73)));
+            b
+        };
+        let mq = VIRTIO_NET_CTRL_MQ as u8;
+        let cmd = VIRTIO_NET_CTRL_MQ_RSS_CONFIG as u8;
+        assert_eq!(self.drv.ctrl_command(mq, cmd, &rss(&[0, 2], PAIRS)), ACK_OK);
+        expect_host_queues(self.tap, PAIRS, "RSS_CONFIG [0, 2]");
+        self.step += 1;
+        let (per_queue, dropped) = self.burst(PAIRS);
+        assert_eq!(
+            (per_queue[1], per_queue[3]),
+            (0, 0),
+            "RSS [0, 2]: {per_queue:?}"
+        );
+        assert!(
+            per_queue[0] > 0 && per_queue[2] > 0,
+            "RSS [0, 2]: {per_queue:?}"
+        );
+        self.say(&format!(
+            "step {} RSS_CONFIG table [0, 2]: rx burst per rx queue {per_queue:?} (dropped {dropped})",
+            self.step
+        ));
+        assert_eq!(
+            self.drv.ctrl_command(mq, cmd, &rss(&[0, 4], PAIRS)),
+            ACK_ERR
+        );
+        self.step += 1;
+        let (per_queue, _) = self.burst(PAIRS);
+        assert_eq!(
+            (per_queue[1], per_queue[3]),
+            (0, 0),
+            "after a refused RSS_CONFIG: {per_queue:?}"
+        );
+        assert_eq!(self.drv.set_queue_pairs(PAIRS), ACK_OK);
+        self.traffic(
+            PAIRS,
+            "VQ_PAIRS_SET after RSS: automatic steering again".to_owned(),
+        );
     }
 
     /// VQ_PAIRS_SET 0, max + 1, 0x8001: ERR and nothing changes; the same n again: OK.
