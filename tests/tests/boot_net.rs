@@ -960,7 +960,7 @@ fn udp_through_shrinks(tap: &HostTap, launch_extra: &[&str]) -> (u64, u64, u32) 
     let rcvbuf = guest_udp_rcvbuf_errors(&mut console) - rcvbuf_before;
     let line = device_metrics_line(&mut console);
     rig::note(&format!(
-        "steering {}: {cycles} cycles of ethtool -L 4 -> 1 -> 4 in {:.1} s under 4 UDP flows: \
+        "timing: steering {}: {cycles} cycles of ethtool -L 4 -> 1 -> 4 in {:.1} s under 4 UDP flows: \
          {lost} of {total} datagrams lost (guest socket buffer drops {rcvbuf}); device: {}",
         if launch_extra.contains(&"--no-steering") {
             "off"
@@ -993,7 +993,7 @@ fn lossless_shrink() {
     let tap = HostTap::new("mqsteer1");
     let (lost_off, total_off, cycles_off) = udp_through_shrinks(&tap, &["--no-steering"]);
     rig::note(&format!(
-        "steering contrast: on {lost}/{total} lost over {cycles} cycles; off {lost_off}/{total_off} over {cycles_off}"
+        "timing: steering contrast: on {lost}/{total} lost over {cycles} cycles; off {lost_off}/{total_off} over {cycles_off}"
     ));
 }
 
@@ -1054,7 +1054,9 @@ fn rss_moves_flows() {
     let d = rx_per_queue_under_flows(&mut console);
     assert_eq!((d[1], d[3]), (0, 0), "weight 1 0 1 0: per-queue rx {d:?}");
     assert!(d[0] + d[2] >= 1000, "weight 1 0 1 0: per-queue rx {d:?}");
-    rig::note(&format!("rss: weight 1 0 1 0: guest rx per queue {d:?}"));
+    rig::note(&format!(
+        "timing: rss: weight 1 0 1 0: guest rx per queue {d:?}"
+    ));
 
     console.check("ethtool -X eth0 equal 2", STEP);
     let d = rx_per_queue_under_flows(&mut console);
@@ -1064,7 +1066,7 @@ fn rss_moves_flows() {
         [0, 1],
         "equal 2: 16 flows over queues 0 and 1: {d:?}"
     );
-    rig::note(&format!("rss: equal 2: guest rx per queue {d:?}"));
+    rig::note(&format!("timing: rss: equal 2: guest rx per queue {d:?}"));
 
     console.check("ethtool -X eth0 equal 4 && ethtool -K eth0 rxhash on", STEP);
     console.check("ethtool -N eth0 rx-flow-hash udp4 sd", STEP);
@@ -1074,11 +1076,11 @@ fn rss_moves_flows() {
         1,
         "udp4 sd: one source and destination address, one queue: {d:?}"
     );
-    rig::note(&format!("rss: udp4 sd: guest rx per queue {d:?}"));
+    rig::note(&format!("timing: rss: udp4 sd: guest rx per queue {d:?}"));
     console.check("ethtool -N eth0 rx-flow-hash udp4 sdfn", STEP);
     let d = rx_per_queue_under_flows(&mut console);
     assert!(busy(&d).len() >= 2, "udp4 sdfn: 16 flows by port: {d:?}");
-    rig::note(&format!("rss: udp4 sdfn: guest rx per queue {d:?}"));
+    rig::note(&format!("timing: rss: udp4 sdfn: guest rx per queue {d:?}"));
 
     let line = device_metrics_line(&mut console);
     assert!(line.contains("rss_config_errors=0"), "{line}");
