@@ -15,11 +15,12 @@
 //!
 //! What KVM does not count: kicks an ioeventfd took (no exit to the VMM, no counter of its own).
 //! Under the rig's shadow paging (L1 runs with `-npt`) such a kick is an MMIO page fault KVM
-//! decodes and emulates in the kernel: it counts in `insn_emulation` but not in `mmio_exits`,
-//! while an MMIO exit to the VMM counts in both. So `insn_emulation - mmio_exits` is the MMIO
-//! KVM completed itself: ioeventfd kicks, plus any in-kernel xAPIC/IOAPIC MMIO (the guests here
-//! use x2APIC, MSRs, and MSI-X, so there is little of that; mqvmm's own kick counter is the
-//! check).
+//! decodes and emulates in the kernel: it counts in `insn_emulation` (once per decoded
+//! instruction) but not in `mmio_exits`, while an MMIO exit to the VMM counts in both. So
+//! `insn_emulation - mmio_exits` is what KVM emulated and completed itself: ioeventfd kicks,
+//! plus, under shadow paging, the guest's writes to its own write-protected page tables (and
+//! any in-kernel xAPIC/IOAPIC MMIO; the guests here use x2APIC, MSRs, and MSI-X). mqvmm's own
+//! kick counter, recorded over the same run, tells how much of it is kicks.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -110,9 +111,9 @@ pub struct PerMb {
     /// Exits to the VMM for MMIO or port I/O (`mmio_exits + io_exits`): kicks without an
     /// ioeventfd, MSI-X table and config accesses, the serial port.
     pub vmm_io_exits: f64,
-    /// MMIO that KVM emulated and completed itself (`insn_emulation - mmio_exits`): mostly
-    /// ioeventfd kicks.
-    pub kernel_mmio: f64,
+    /// Instructions KVM emulated and completed itself (`insn_emulation - mmio_exits`):
+    /// ioeventfd kicks and shadow page-table writes.
+    pub kernel_emulation: f64,
     /// Interrupts injected into the guest (`irq_injections`: every vector, virtio MSIs, timer,
     /// IPIs).
     pub irq_injections: f64,
@@ -134,7 +135,7 @@ impl PerMb {
         Some(PerMb {
             exits: per(delta("exits")?),
             vmm_io_exits: per(mmio + delta("io_exits")?),
-            kernel_mmio: per(delta("insn_emulation")?.saturating_sub(mmio)),
+            kernel_emulation: per(delta("insn_emulation")?.saturating_sub(mmio)),
             irq_injections: per(delta("irq_injections")?),
             halt_exits: per(delta("halt_exits")?),
         })
@@ -146,7 +147,7 @@ impl PerMb {
         [
             ("exits", self.exits),
             ("vmm_io_exits", self.vmm_io_exits),
-            ("kernel_mmio", self.kernel_mmio),
+            ("kernel_emulation", self.kernel_emulation),
             ("irq_injections", self.irq_injections),
             ("halt_exits", self.halt_exits),
         ]
@@ -330,7 +331,7 @@ mod tests {
     }
 
     #[test]
-    fn per_mb_splits_userspace_and_in_kernel_mmio() {
+    fn per_mb_splits_exits_to_the_vmm_from_emulation_in_kvm() {
         let c = |exits, mmio, io, emul, irqs, halts| -> Counters {
             [
                 ("exits", exits),
@@ -352,7 +353,7 @@ mod tests {
             PerMb {
                 exits: 100.0,
                 vmm_io_exits: 4.0,
-                kernel_mmio: 20.0,
+                kernel_emulation: 20.0,
                 irq_injections: 10.0,
                 halt_exits: 5.0,
             }

@@ -673,9 +673,10 @@ KVM_GET_STATS_FD on each vCPU fd taken from the VMM with pidfd_getfd; the counte
 kvm:kvm_userspace_exit tracepoints and injection would show, without tracing), summed over the vCPUs, their change \
 across each iperf3 run (the run's console output is printed after the second reading) divided by the MB that run \
 moved. exits: every exit from the guest. MMIO/PIO to VMM: mmio_exits + io_exits, accesses KVM handed to the VMM \
-(kicks without an ioeventfd, MSI-X table, config space, the serial console). MMIO in KVM: insn_emulation − \
-mmio_exits, MMIO that KVM emulated and completed itself: under L1's shadow paging that is where ioeventfd kicks \
-show (KVM keeps no ioeventfd counter); mqvmm's own kick counter is the check. irq injections: irq_injections, every \
+(kicks without an ioeventfd, MSI-X table, config space, the serial console). emulated in KVM: insn_emulation − \
+mmio_exits, instructions KVM emulated and completed itself: under L1's shadow paging that is where ioeventfd kicks \
+show (an MMIO page fault KVM emulates; KVM keeps no ioeventfd counter), together with the guest's writes to its \
+write-protected page tables; mqvmm's own kick counter tells the kicks apart. irq injections: irq_injections, every \
 interrupt KVM injected (virtio MSIs, timer, IPIs). halts: halt_exits. Guest virtio irqs: the guest's /proc/interrupts \
 virtio lines over the same run; device kicks and irqs: mqvmm's own counters (SIGUSR1 metrics) over the same run.";
 
@@ -693,8 +694,9 @@ pub struct ExitsRow {
     pub kvm_exits_per_mb: Option<Summary>,
     /// MMIO and port-I/O exits to the VMM per MB.
     pub kvm_vmm_io_exits_per_mb: Option<Summary>,
-    /// MMIO KVM emulated and completed itself (ioeventfd kicks) per MB.
-    pub kvm_kernel_mmio_per_mb: Option<Summary>,
+    /// Instructions KVM emulated and completed itself (ioeventfd kicks, shadow page-table
+    /// writes) per MB.
+    pub kvm_kernel_emulation_per_mb: Option<Summary>,
     /// Interrupts KVM injected per MB.
     pub kvm_irq_injections_per_mb: Option<Summary>,
     /// HLT exits per MB.
@@ -740,7 +742,7 @@ pub fn exits_rows(data: &Data) -> Vec<ExitsRow> {
                     vmm: vmm.key(),
                     kvm_exits_per_mb: summary("kvm_exits_per_mb"),
                     kvm_vmm_io_exits_per_mb: summary("kvm_vmm_io_exits_per_mb"),
-                    kvm_kernel_mmio_per_mb: summary("kvm_kernel_mmio_per_mb"),
+                    kvm_kernel_emulation_per_mb: summary("kvm_kernel_emulation_per_mb"),
                     kvm_irq_injections_per_mb: summary("kvm_irq_injections_per_mb"),
                     kvm_halt_exits_per_mb: summary("kvm_halt_exits_per_mb"),
                     guest_irqs_per_mb: summary("guest_irqs_per_mb"),
@@ -762,7 +764,7 @@ pub fn exits_table(rows: &[ExitsRow]) -> String {
         return String::new();
     }
     let mut s = String::from(
-        "| dir | pairs | VMM | exits | MMIO/PIO to VMM | MMIO in KVM (ioeventfd kicks) | irq injections | halts | guest virtio irqs | device kicks | device irqs |\n\
+        "| dir | pairs | VMM | exits | MMIO/PIO to VMM | emulated in KVM (ioeventfd kicks, PT writes) | irq injections | halts | guest virtio irqs | device kicks | device irqs |\n\
          |---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for r in rows {
@@ -778,7 +780,7 @@ pub fn exits_table(rows: &[ExitsRow]) -> String {
             r.vmm,
             cell(&r.kvm_exits_per_mb, 1),
             cell(&r.kvm_vmm_io_exits_per_mb, 1),
-            cell(&r.kvm_kernel_mmio_per_mb, 1),
+            cell(&r.kvm_kernel_emulation_per_mb, 1),
             cell(&r.kvm_irq_injections_per_mb, 1),
             cell(&r.kvm_halt_exits_per_mb, 1),
             cell(&r.guest_irqs_per_mb, 1),
@@ -1324,7 +1326,7 @@ mod tests {
                 for (stem, v) in [
                     ("exits", exits * p as f64),
                     ("vmm_io_exits", 1.5),
-                    ("kernel_mmio", 31.0),
+                    ("kernel_emulation", 31.0),
                     ("irq_injections", 20.0),
                     ("halt_exits", 9.0),
                 ] {
