@@ -7,11 +7,13 @@
 //! access, e.g. a virtio kick without an ioeventfd), `insn_emulation`, `irq_injections`,
 //! `halt_exits`. Reading those needs no new package (`perf` would) and costs nothing while the
 //! guest runs (tracing every exit in the nested rig's L1, itself an emulator, would slow exactly
-//! what is measured). Of KVM's two ways to export them, this reads the binary statistics fd
-//! (`KVM_GET_STATS_FD` on each vCPU fd, Linux >= 5.14): the debugfs files need debugfs mounted
-//! and are keyed by the VMM's pid and VM fd number, while the stats fd needs only the vCPU fd,
-//! which root takes from the VMM with `pidfd_getfd` (the VMM does not cooperate or notice; the
-//! duplicated fds are closed right after the read). Both give the same counters.
+//! what is measured). KVM exports them two ways. The binary statistics fd (`KVM_GET_STATS_FD`)
+//! would be the tidier one, but KVM answers that ioctl, like every vCPU ioctl, only to the
+//! process whose mm created the VM: from the bench, on a vCPU fd taken with `pidfd_getfd`, it
+//! fails with EIO (seen in L1's 6.1 kernel), and the VMMs would have to hand the fd out. So
+//! this reads debugfs, `/sys/kernel/debug/kvm/<pid>-<vm fd>/<counter>`, where every vCPU
+//! counter of the VM is already summed over its vCPUs; the bench mounts debugfs where it is
+//! not (L1's init does not). The VM fd number comes from /proc/PID/fd (`anon_inode:kvm-vm`).
 //!
 //! What KVM does not count: kicks an ioeventfd took (no exit to the VMM, no counter of its own).
 //! Under the rig's shadow paging (L1 runs with `-npt`) such a kick is an MMIO page fault KVM
@@ -23,17 +25,20 @@
 //! kick counter, recorded over the same run, tells how much of it is kicks.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Read;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
-/// `KVM_GET_STATS_FD`: `_IO(KVMIO, 0xce)`.
-const KVM_GET_STATS_FD: libc::c_ulong = 0xAECE;
-/// `struct kvm_stats_header`: flags, name_size, num_desc, id_offset, desc_offset, data_offset.
-const HEADER_LEN: usize = 24;
-/// `struct kvm_stats_desc` without its name: flags (u32), exponent (s16), size (u16),
-/// offset (u32), bucket_size (u32).
-const DESC_LEN: usize = 16;
+/// Where debugfs is mounted.
+const DEBUGFS: &str = "/sys/kernel/debug";
+/// The counters read (every one a vCPU counter, summed over the VM's vCPUs by KVM).
+pub const COUNTERS: [&str; 6] = [
+    "exits",
+    "mmio_exits",
+    "io_exits",
+    "insn_emulation",
+    "irq_injections",
+    "halt_exits",
+];
 
 /// Reading a VMM's KVM statistics failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,57 +52,32 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The VMM has no vCPU fd (not a KVM VMM, or it exited).
-    #[error("process {pid} holds no kvm-vcpu fd")]
-    NoVcpu {
+    /// The VMM has no VM fd (not a KVM VMM, or it exited).
+    #[error("process {pid} holds no kvm-vm fd")]
+    NoVm {
         /// The VMM.
         pid: u32,
     },
-    /// pidfd_open on the VMM failed.
-    #[error("pidfd_open({pid}) failed")]
-    PidfdOpen {
-        /// The VMM.
-        pid: u32,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// pidfd_getfd of one of its vCPU fds failed.
-    #[error("pidfd_getfd of fd {fd} of process {pid} failed")]
-    GetFd {
-        /// The VMM.
-        pid: u32,
-        /// Its fd.
-        fd: RawFd,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// KVM_GET_STATS_FD failed.
-    #[error("KVM_GET_STATS_FD on fd {fd} of process {pid} failed")]
-    StatsFd {
-        /// The VMM.
-        pid: u32,
-        /// Its vCPU fd.
-        fd: RawFd,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The statistics could not be read.
-    #[error("cannot read the statistics of fd {fd} of process {pid}")]
+    /// debugfs has no directory for KVM and could not be mounted.
+    #[error("no {DEBUGFS}/kvm, and `mount -t debugfs` failed: {0}")]
+    NoDebugfs(String),
+    /// A counter could not be read.
+    #[error("cannot read {path}")]
     Read {
-        /// The VMM.
-        pid: u32,
-        /// Its vCPU fd.
-        fd: RawFd,
+        /// The file.
+        path: PathBuf,
         /// Why.
         #[source]
         source: std::io::Error,
     },
-    /// The statistics are not in the format this reads.
-    #[error("malformed KVM statistics: {0}")]
-    Format(String),
+    /// A counter file does not hold a number.
+    #[error("{path} holds {text:?}, not a count")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What it holds.
+        text: String,
+    },
 }
 
 /// Counters by name, each summed over the vCPUs; histograms are left out.
@@ -154,180 +134,83 @@ impl PerMb {
     }
 }
 
-fn u32_at(buf: &[u8], at: usize) -> Result<u32, Error> {
-    buf.get(at..at + 4)
-        .and_then(|b| b.try_into().ok())
-        .map(u32::from_ne_bytes)
-        .ok_or_else(|| Error::Format(format!("u32 at {at} beyond {} bytes", buf.len())))
+/// The fd number of `pid`'s VM (`anon_inode:kvm-vm` in /proc/PID/fd).
+pub fn vm_fd(pid: u32) -> Result<u32, Error> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).map_err(|source| Error::ListFds { pid, source })?;
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:kvm-vm")
+        })
+        .find_map(|e| e.file_name().to_str()?.parse().ok())
+        .ok_or(Error::NoVm { pid })
 }
 
-fn u16_at(buf: &[u8], at: usize) -> Result<u16, Error> {
-    buf.get(at..at + 2)
-        .and_then(|b| b.try_into().ok())
-        .map(u16::from_ne_bytes)
-        .ok_or_else(|| Error::Format(format!("u16 at {at} beyond {} bytes", buf.len())))
-}
-
-fn u64_at(buf: &[u8], at: usize) -> Result<u64, Error> {
-    buf.get(at..at + 8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_ne_bytes)
-        .ok_or_else(|| Error::Format(format!("u64 at {at} beyond {} bytes", buf.len())))
-}
-
-/// Parses the whole content of a KVM statistics fd (header, id, descriptors, data, as read from
-/// offset 0) into its single-value counters; histograms (size > 1) are skipped.
-pub fn parse(buf: &[u8]) -> Result<Counters, Error> {
-    if buf.len() < HEADER_LEN {
-        return Err(Error::Format(format!("{} bytes, no header", buf.len())));
+/// Mounts debugfs where KVM's directory is missing (L1's init mounts only proc and sysfs).
+fn ensure_debugfs() -> Result<(), Error> {
+    if Path::new(DEBUGFS).join("kvm").is_dir() {
+        return Ok(());
     }
-    let name_size = u32_at(buf, 4)? as usize;
-    let num_desc = u32_at(buf, 8)? as usize;
-    let desc_offset = u32_at(buf, 16)? as usize;
-    let data_offset = u32_at(buf, 20)? as usize;
+    let out = Command::new("mount")
+        .args(["-t", "debugfs", "debugfs", DEBUGFS])
+        .output()
+        .map_err(|e| Error::NoDebugfs(e.to_string()))?;
+    if !out.status.success() || !Path::new(DEBUGFS).join("kvm").is_dir() {
+        return Err(Error::NoDebugfs(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads [`COUNTERS`] from a VM's debugfs directory.
+pub fn read_dir(dir: &Path) -> Result<Counters, Error> {
     let mut out = Counters::new();
-    for i in 0..num_desc {
-        let at = desc_offset + i * (DESC_LEN + name_size);
-        let size = u16_at(buf, at + 6)?;
-        let offset = u32_at(buf, at + 8)? as usize;
-        let name = buf
-            .get(at + DESC_LEN..at + DESC_LEN + name_size)
-            .ok_or_else(|| Error::Format(format!("descriptor {i} beyond the data")))?;
-        let name = name.split(|&b| b == 0).next().unwrap_or_default();
-        let name = String::from_utf8_lossy(name).into_owned();
-        if size != 1 {
-            continue;
-        }
-        out.insert(name, u64_at(buf, data_offset + offset)?);
+    for name in COUNTERS {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let value = text.trim().parse().map_err(|_| Error::Format {
+            path: path.clone(),
+            text: text.clone(),
+        })?;
+        out.insert(name.to_string(), value);
     }
     Ok(out)
 }
 
-/// The fd numbers of `pid`'s vCPUs (`anon_inode:kvm-vcpu:N` in /proc/PID/fd).
-pub fn vcpu_fds(pid: u32) -> Result<Vec<RawFd>, Error> {
-    let dir = format!("/proc/{pid}/fd");
-    let entries = std::fs::read_dir(&dir).map_err(|source| Error::ListFds { pid, source })?;
-    let mut fds: Vec<RawFd> = entries
-        .filter_map(Result::ok)
-        .filter(|e| {
-            std::fs::read_link(e.path())
-                .is_ok_and(|t| t.to_string_lossy().starts_with("anon_inode:kvm-vcpu:"))
-        })
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    fds.sort_unstable();
-    if fds.is_empty() {
-        return Err(Error::NoVcpu { pid });
-    }
-    Ok(fds)
-}
-
-fn owned(ret: libc::c_long) -> std::io::Result<OwnedFd> {
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(ret).map_err(|_| std::io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: the kernel just returned this new fd to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// The KVM counters of `pid`'s vCPUs, summed. Needs the right to ptrace `pid` (root here).
+/// The KVM counters of `pid`'s VM, summed over its vCPUs. Needs root (debugfs).
 pub fn snapshot(pid: u32) -> Result<Counters, Error> {
-    let fds = vcpu_fds(pid)?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let pidfd = owned(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })
-        .map_err(|source| Error::PidfdOpen { pid, source })?;
-    let mut sum = Counters::new();
-    for fd in fds {
-        use std::os::fd::AsRawFd;
-        // SAFETY: pidfd_getfd takes a pidfd we own, a target fd number and flags, and returns a
-        // new fd (a duplicate of the target's) or -1.
-        let vcpu = owned(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })
-            .map_err(|source| Error::GetFd { pid, fd, source })?;
-        // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd or -1; on a fd that
-        // is not a vCPU after all (reused since the listing) it fails with ENOTTY.
-        let stats = owned(unsafe {
-            libc::ioctl(vcpu.as_raw_fd(), KVM_GET_STATS_FD as _, 0) as libc::c_long
-        })
-        .map_err(|source| Error::StatsFd { pid, fd, source })?;
-        let mut buf = Vec::new();
-        File::from(stats)
-            .read_to_end(&mut buf)
-            .map_err(|source| Error::Read { pid, fd, source })?;
-        for (name, value) in parse(&buf)? {
-            *sum.entry(name).or_default() += value;
-        }
-    }
-    Ok(sum)
+    let fd = vm_fd(pid)?;
+    ensure_debugfs()?;
+    read_dir(&Path::new(DEBUGFS).join("kvm").join(format!("{pid}-{fd}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
-
-    /// A stats file as KVM lays it out: header, id string, descriptors, data.
-    fn stats_file(name_size: usize, stats: &[(&str, &[u64])]) -> Vec<u8> {
-        let id = b"kvm-1234/vcpu-0\0";
-        let desc_offset = HEADER_LEN + id.len();
-        let data_offset = desc_offset + stats.len() * (DESC_LEN + name_size);
-        let mut buf = Vec::new();
-        for v in [
-            0u32,
-            name_size as u32,
-            stats.len() as u32,
-            HEADER_LEN as u32,
-            desc_offset as u32,
-            data_offset as u32,
-        ] {
-            buf.extend_from_slice(&v.to_ne_bytes());
-        }
-        buf.extend_from_slice(id);
-        let mut offset = 0u32;
-        for (name, values) in stats {
-            buf.extend_from_slice(&0u32.to_ne_bytes());
-            buf.extend_from_slice(&0i16.to_ne_bytes());
-            buf.extend_from_slice(&(values.len() as u16).to_ne_bytes());
-            buf.extend_from_slice(&offset.to_ne_bytes());
-            buf.extend_from_slice(&0u32.to_ne_bytes());
-            let mut n = name.as_bytes().to_vec();
-            n.resize(name_size, 0);
-            buf.extend_from_slice(&n);
-            offset += 8 * values.len() as u32;
-        }
-        for (_, values) in stats {
-            for v in *values {
-                buf.extend_from_slice(&v.to_ne_bytes());
-            }
-        }
-        buf
-    }
+    use std::fs::File;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
     #[test]
-    fn parse_reads_counters_and_skips_histograms() {
-        let buf = stats_file(
-            48,
-            &[
-                ("exits", &[1234]),
-                ("halt_wait_hist", &[1, 2, 3]),
-                ("mmio_exits", &[7]),
-            ],
-        );
-        let c = parse(&buf).unwrap();
-        assert_eq!(c.get("exits"), Some(&1234));
-        assert_eq!(c.get("mmio_exits"), Some(&7));
-        assert_eq!(c.get("halt_wait_hist"), None);
-        assert_eq!(c.len(), 2);
-    }
-
-    #[test]
-    fn parse_refuses_a_truncated_file() {
-        let buf = stats_file(48, &[("exits", &[1]), ("io_exits", &[2])]);
-        assert!(matches!(
-            parse(&buf[..buf.len() - 4]),
-            Err(Error::Format(_))
-        ));
-        assert!(matches!(parse(&buf[..10]), Err(Error::Format(_))));
+    fn read_dir_reads_every_counter_and_names_a_bad_file() {
+        let dir = std::env::temp_dir().join(format!("kvmstat-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, name) in COUNTERS.iter().enumerate() {
+            std::fs::write(dir.join(name), format!("{}\n", 100 + i)).unwrap();
+        }
+        let c = read_dir(&dir).unwrap();
+        assert_eq!(c.get("exits"), Some(&100));
+        assert_eq!(c.get("halt_exits"), Some(&105));
+        std::fs::write(dir.join("io_exits"), "n/a\n").unwrap();
+        let err = read_dir(&dir).unwrap_err().to_string();
+        assert!(err.contains("io_exits") && err.contains("n/a"), "{err}");
+        std::fs::remove_file(dir.join("mmio_exits")).unwrap();
+        assert!(matches!(read_dir(&dir), Err(Error::Read { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -364,56 +247,38 @@ mod tests {
         assert_eq!(PerMb::between(&before, &missing, 1.0), None);
     }
 
-    /// The whole path on a real VM of this process: its vCPU fds are found in /proc, taken
-    /// with pidfd_getfd, and their statistics read and summed.
+    /// The VM fd of a real VM in this process is found in /proc (the number debugfs names its
+    /// directory by); where debugfs is mounted, its counters read.
     #[test]
-    fn snapshot_sums_the_vcpus_of_a_real_vm() {
-        if !std::path::Path::new("/dev/kvm").exists() {
-            eprintln!("skipped: no /dev/kvm");
-            return;
-        }
+    fn a_real_vm_is_found_by_its_fd() {
         let Ok(kvm) = File::options().read(true).write(true).open("/dev/kvm") else {
             eprintln!("skipped: cannot open /dev/kvm");
             return;
         };
         const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
-        const KVM_CREATE_VCPU: libc::c_ulong = 0xAE41;
         // SAFETY: KVM_CREATE_VM takes a machine type and returns a new fd or -1.
-        let vm = match owned(
-            unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM as _, 0) } as libc::c_long,
-        ) {
-            Ok(vm) => vm,
-            Err(e) => {
-                eprintln!("skipped: KVM_CREATE_VM: {e}");
-                return;
-            }
-        };
-        let create_vcpu = |id: libc::c_ulong| {
-            // SAFETY: KVM_CREATE_VCPU takes a vCPU id and returns a new fd or -1.
-            let ret = unsafe { libc::ioctl(vm.as_raw_fd(), KVM_CREATE_VCPU as _, id) };
-            owned(ret as libc::c_long)
-        };
-        let vcpus: Vec<OwnedFd> = (0..2).map(create_vcpu).collect::<Result<_, _>>().unwrap();
-        let listed = vcpu_fds(std::process::id()).unwrap();
-        for v in &vcpus {
-            assert!(listed.contains(&v.as_raw_fd()), "{listed:?}");
+        let ret = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM as _, 0) };
+        if ret < 0 {
+            eprintln!(
+                "skipped: KVM_CREATE_VM: {}",
+                std::io::Error::last_os_error()
+            );
+            return;
         }
-        let c = match snapshot(std::process::id()) {
-            Err(Error::StatsFd { source, .. }) if source.raw_os_error() == Some(libc::ENOTTY) => {
-                eprintln!("skipped: this KVM has no KVM_GET_STATS_FD");
-                return;
-            }
-            other => other.unwrap(),
-        };
-        for name in [
-            "exits",
-            "mmio_exits",
-            "io_exits",
-            "insn_emulation",
-            "irq_injections",
-            "halt_exits",
-        ] {
-            assert!(c.contains_key(name), "no {name} in {c:?}");
+        // SAFETY: the kernel just returned this new fd; nothing else owns it.
+        let vm = unsafe { OwnedFd::from_raw_fd(ret) };
+        let pid = std::process::id();
+        assert_eq!(vm_fd(pid).unwrap(), vm.as_raw_fd() as u32);
+        let dir = Path::new(DEBUGFS)
+            .join("kvm")
+            .join(format!("{pid}-{}", vm.as_raw_fd()));
+        if dir.is_dir() {
+            let c = read_dir(&dir).unwrap();
+            assert_eq!(c.len(), COUNTERS.len());
+        } else {
+            eprintln!("not read: no {}", dir.display());
         }
+        drop(vm);
+        assert!(matches!(vm_fd(pid), Err(Error::NoVm { .. })));
     }
 }

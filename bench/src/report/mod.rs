@@ -668,9 +668,9 @@ pub fn steering_table(rows: &[GuestRow]) -> String {
 }
 
 /// What the exits table's counters are and where they come from (goes under the table).
-pub const EXITS_METHOD: &str = "KVM's own per-vCPU counters of the VMM's VM in L1 (the binary statistics fd, \
-KVM_GET_STATS_FD on each vCPU fd taken from the VMM with pidfd_getfd; the counters the kvm:kvm_exit and \
-kvm:kvm_userspace_exit tracepoints and injection would show, without tracing), summed over the vCPUs, their change \
+pub const EXITS_METHOD: &str = "KVM's own per-vCPU counters of the VMM's VM in L1 (debugfs, \
+/sys/kernel/debug/kvm/<pid>-<vm fd>/<counter>, summed over the vCPUs by KVM; the counters the kvm:kvm_exit and \
+kvm:kvm_userspace_exit tracepoints and injection would show, without tracing), their change \
 across each iperf3 run (the run's console output is printed after the second reading) divided by the MB that run \
 moved. exits: every exit from the guest. MMIO/PIO to VMM: mmio_exits + io_exits, accesses KVM handed to the VMM \
 (kicks without an ioeventfd, MSI-X table, config space, the serial console). emulated in KVM: insn_emulation − \
