@@ -16,7 +16,10 @@
 //! TCP guest->host and host->guest with parallel streams (host->guest only for
 //! `mqvmm-no-steering`); at the end the VMM's RSS beyond guest RAM (VmRSS minus the Rss of the
 //! guest-memory mapping in /proc/PID/smaps). For mqvmm, a fact per boot records whether the
-//! launcher attached steering (`steering_<vmm>_rep<N>`).
+//! launcher attached steering (`steering_<vmm>_rep<N>`). Around every iperf3 run the VM's KVM
+//! counters are read from outside the VMM ([`crate::kvmstat`]) and their change per MB recorded
+//! (`kvm_<counter>_per_mb_<dir>`) next to the guest's interrupts per MB; a VMM whose counters
+//! cannot be read says why once per boot (`kvmstat_error_<vmm>_rep<N>`) and runs on.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -27,6 +30,7 @@ use mqvmm_tests::console::GuestConsole;
 use mqvmm_tests::netns;
 use mqvmm_tests::rig::{self, GUEST_IP, HOST_IP};
 
+use crate::kvmstat::{self, Counters, PerMb};
 use crate::record::{self, GuestSample, Record};
 
 const TAP: &str = "mqbt0";
@@ -471,6 +475,32 @@ impl Boot<'_> {
         }
     }
 
+    /// KVM's counters of the VMM's vCPUs, summed ([`kvmstat`]); None (and a meta record saying
+    /// why, once per boot) where they cannot be read, which costs only these figures.
+    fn kvm_counters(&mut self) -> Option<Counters> {
+        match kvmstat::snapshot(self.console.pid()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let key = format!("kvmstat_error_{}_rep{}", self.vmm.key(), self.rep);
+                if !self
+                    .out
+                    .iter()
+                    .any(|r| matches!(r, Record::Meta { key: k, .. } if *k == key))
+                {
+                    let mut why = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        why.push_str(": ");
+                        why.push_str(&s.to_string());
+                        source = s.source();
+                    }
+                    self.out.push(Record::meta(key, why));
+                }
+                None
+            }
+        }
+    }
+
     fn timed(&mut self, cmd: &str) -> Result<f64, Error> {
         let out = self.check(&format!(
             "a=$(nowns); {cmd}; r=$?; b=$(nowns); echo ELAPSED_NS=$((b-a)); [ $r = 0 ]"
@@ -548,13 +578,25 @@ impl Boot<'_> {
                 } else {
                     None
                 };
-                let out = self.check(&format!(
-                    "i0=$(irqs); iperf3 -c {HOST_IP} -P {p} -t {secs} -f m{extra} | grep -E 'SUM|receiver|sender'; r=$?; i1=$(irqs); echo GUEST_IRQS=$((i1-i0)); [ $r = 0 ]"
+                let kvm_before = self.kvm_counters();
+                // iperf3's report goes to a file and is shown after the second reading of
+                // KVM's counters: every byte on the serial console is several port-I/O exits.
+                let irq_line = self.check(&format!(
+                    "i0=$(irqs); iperf3 -c {HOST_IP} -P {p} -t {secs} -f m{extra} >/tmp/iperf.out 2>&1; r=$?; i1=$(irqs); echo GUEST_IRQS=$((i1-i0)); [ $r = 0 ] || {{ cat /tmp/iperf.out; false; }}"
                 ))?;
+                let kvm_after = self.kvm_counters();
+                let out = self.check("grep -E 'SUM|receiver|sender' /tmp/iperf.out")?;
                 let (mbps, mbytes) = iperf_sum(&out)
                     .ok_or_else(|| self.fail(format!("no iperf3 summary in {out:?}")))?;
+                if let (Some(before), Some(after)) = (&kvm_before, &kvm_after) {
+                    if let Some(per_mb) = PerMb::between(before, after, mbytes) {
+                        for (stem, value) in per_mb.fields() {
+                            self.sample(&format!("kvm_{stem}_per_mb_{dir}"), Some(n), value);
+                        }
+                    }
+                }
                 self.sample(&format!("iperf_{dir}_mbps"), Some(n), mbps);
-                let irqs = out
+                let irqs = irq_line
                     .lines()
                     .find_map(|l| l.trim().strip_prefix("GUEST_IRQS="))
                     .and_then(|v| v.parse::<f64>().ok());

@@ -13,6 +13,7 @@
 
 mod device;
 mod guest;
+mod kvmstat;
 mod record;
 mod report;
 mod stats;

@@ -435,6 +435,10 @@ pub struct Published {
     device: Part<DevRow, DevFigures>,
     /// The guests.
     guest: Part<GuestRow, GuestSample>,
+    /// KVM's exits, kicks and interrupts per MB next to the guest's and mqvmm's, made from the
+    /// guest samples (not read back); left out of runs without KVM counters.
+    #[serde(skip_deserializing, default, skip_serializing_if = "Vec::is_empty")]
+    guest_exits_per_mb: Vec<ExitsRow>,
 }
 
 /// One half of the report: how it was measured, the summaries, the samples.
@@ -485,6 +489,7 @@ impl Published {
                 summary: guest_rows(data),
                 samples: data.guest.clone(),
             },
+            guest_exits_per_mb: exits_rows(data),
         }
     }
 
@@ -657,6 +662,130 @@ pub fn steering_table(rows: &[GuestRow]) -> String {
             ratio_cell(&r.vs_no_steering),
             ratio_cell(&r.vs_vhost_off),
             ratio_cell(&r.vs_vhost_on)
+        );
+    }
+    s
+}
+
+/// What the exits table's counters are and where they come from (goes under the table).
+pub const EXITS_METHOD: &str = "KVM's own per-vCPU counters of the VMM's VM in L1 (debugfs, \
+/sys/kernel/debug/kvm/<pid>-<vm fd>/<counter>, summed over the vCPUs by KVM; the counters the kvm:kvm_exit and \
+kvm:kvm_userspace_exit tracepoints and injection would show, without tracing), their change \
+across each iperf3 run (the run's console output is printed after the second reading) divided by the MB that run \
+moved. exits: every exit from the guest. MMIO/PIO to VMM: mmio_exits + io_exits, accesses KVM handed to the VMM \
+(kicks without an ioeventfd, MSI-X table, config space, the serial console). emulated in KVM: insn_emulation − \
+mmio_exits, instructions KVM emulated and completed itself: under L1's shadow paging that is where ioeventfd kicks \
+show (an MMIO page fault KVM emulates; KVM keeps no ioeventfd counter), together with the guest's writes to its \
+write-protected page tables; mqvmm's own kick counter tells the kicks apart. irq injections: irq_injections, every \
+interrupt KVM injected (virtio MSIs, timer, IPIs). halts: halt_exits. Guest virtio irqs: the guest's /proc/interrupts \
+virtio lines over the same run; device kicks and irqs: mqvmm's own counters (SIGUSR1 metrics) over the same run.";
+
+/// The per-MB figures of one (direction, pairs, VMM): KVM's counters and the guest's and
+/// mqvmm's own, all over the same iperf3 runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExitsRow {
+    /// `up` (guest->host) or `down` (host->guest).
+    pub dir: &'static str,
+    /// Active pairs.
+    pub pairs: u64,
+    /// VMM key.
+    pub vmm: &'static str,
+    /// Exits from the guest per MB.
+    pub kvm_exits_per_mb: Option<Summary>,
+    /// MMIO and port-I/O exits to the VMM per MB.
+    pub kvm_vmm_io_exits_per_mb: Option<Summary>,
+    /// Instructions KVM emulated and completed itself (ioeventfd kicks, shadow page-table
+    /// writes) per MB.
+    pub kvm_kernel_emulation_per_mb: Option<Summary>,
+    /// Interrupts KVM injected per MB.
+    pub kvm_irq_injections_per_mb: Option<Summary>,
+    /// HLT exits per MB.
+    pub kvm_halt_exits_per_mb: Option<Summary>,
+    /// The guest's virtio interrupts per MB (/proc/interrupts).
+    pub guest_irqs_per_mb: Option<Summary>,
+    /// Kicks the device counted per MB (mqvmm only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm_kicks_per_mb: Option<Summary>,
+    /// Interrupts the device raised per MB (mqvmm only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmm_irqs_per_mb: Option<Summary>,
+}
+
+/// KVM's per-MB counters next to the guest's and mqvmm's, per direction, pair count and VMM;
+/// empty for a run without KVM counters.
+pub fn exits_rows(data: &Data) -> Vec<ExitsRow> {
+    let mut rows = Vec::new();
+    for dir in ["up", "down"] {
+        let exits = format!("kvm_exits_per_mb_{dir}");
+        let steps: BTreeSet<u64> = data
+            .guest
+            .iter()
+            .filter(|s| s.metric == exits)
+            .filter_map(|s| s.pairs)
+            .collect();
+        for pairs in steps {
+            for vmm in Vmm::ALL {
+                let summary = |metric: &str| {
+                    let metric = format!("{metric}_{dir}");
+                    let values: Vec<f64> = data
+                        .guest
+                        .iter()
+                        .filter(|s| s.metric == metric && s.vmm == vmm.key())
+                        .filter(|s| s.pairs == Some(pairs))
+                        .map(|s| s.value)
+                        .collect();
+                    Summary::of(&values)
+                };
+                let row = ExitsRow {
+                    dir,
+                    pairs,
+                    vmm: vmm.key(),
+                    kvm_exits_per_mb: summary("kvm_exits_per_mb"),
+                    kvm_vmm_io_exits_per_mb: summary("kvm_vmm_io_exits_per_mb"),
+                    kvm_kernel_emulation_per_mb: summary("kvm_kernel_emulation_per_mb"),
+                    kvm_irq_injections_per_mb: summary("kvm_irq_injections_per_mb"),
+                    kvm_halt_exits_per_mb: summary("kvm_halt_exits_per_mb"),
+                    guest_irqs_per_mb: summary("guest_irqs_per_mb"),
+                    vmm_kicks_per_mb: summary("vmm_kicks_per_mb"),
+                    vmm_irqs_per_mb: summary("vmm_irqs_per_mb"),
+                };
+                if row.kvm_exits_per_mb.is_some() {
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    rows
+}
+
+/// The exits table (markdown); empty without rows.
+pub fn exits_table(rows: &[ExitsRow]) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "| dir | pairs | VMM | exits | MMIO/PIO to VMM | emulated in KVM (ioeventfd kicks, PT writes) | irq injections | halts | guest virtio irqs | device kicks | device irqs |\n\
+         |---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for r in rows {
+        let dir = if r.dir == "up" {
+            "guest→host"
+        } else {
+            "host→guest"
+        };
+        let _ = writeln!(
+            s,
+            "| {dir} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.pairs,
+            r.vmm,
+            cell(&r.kvm_exits_per_mb, 1),
+            cell(&r.kvm_vmm_io_exits_per_mb, 1),
+            cell(&r.kvm_kernel_emulation_per_mb, 1),
+            cell(&r.kvm_irq_injections_per_mb, 1),
+            cell(&r.kvm_halt_exits_per_mb, 1),
+            cell(&r.guest_irqs_per_mb, 1),
+            cell(&r.vmm_kicks_per_mb, 1),
+            cell(&r.vmm_irqs_per_mb, 1),
         );
     }
     s
@@ -850,7 +979,7 @@ pub fn guest_plot(rows: &[GuestRow]) -> String {
     svg.finish()
 }
 
-fn markdown(data: &Data, dev: &[DevRow], guest: &[GuestRow]) -> String {
+fn markdown(data: &Data, dev: &[DevRow], guest: &[GuestRow], exits: &[ExitsRow]) -> String {
     let mut s = String::from("# mqvmm benchmark results\n\n");
     let _ = writeln!(
         s,
@@ -908,6 +1037,12 @@ fn markdown(data: &Data, dev: &[DevRow], guest: &[GuestRow]) -> String {
         }
         s.push_str("\n![guest throughput](guest-throughput.svg)\n\n");
         let _ = writeln!(s, "Method: {GUEST_METHOD}\n");
+    }
+    let exits = exits_table(exits);
+    if !exits.is_empty() {
+        s.push_str("### Exits, kicks and interrupts per MB (same run)\n\n");
+        s.push_str(&exits);
+        let _ = writeln!(s, "\nCounters: {EXITS_METHOD}\n");
     }
     s
 }
@@ -972,7 +1107,10 @@ pub fn write(data: &Data, dir: &Path) -> Result<Written, Error> {
         source: e.into(),
     })?;
     put("latest.json", json)?;
-    put("latest.md", markdown(data, dev, guest))?;
+    put(
+        "latest.md",
+        markdown(data, dev, guest, &published.guest_exits_per_mb),
+    )?;
     if !dev.is_empty() {
         put("device-vs-ceiling.svg", device_plot(dev))?;
     }
@@ -1130,7 +1268,7 @@ mod tests {
             ),
             "{table}"
         );
-        let md = markdown(&with, &[], &rows_with);
+        let md = markdown(&with, &[], &rows_with, &exits_rows(&with));
         assert_eq!(
             md.matches(table.as_str()).count(),
             2,
@@ -1141,7 +1279,12 @@ mod tests {
             md.contains("eBPF steering program: mqvmm 2/2, mqvmm-no-steering 0/2."),
             "{md}"
         );
-        let md_without = without_method(&markdown(&without, &[], &rows_without));
+        let md_without = without_method(&markdown(
+            &without,
+            &[],
+            &rows_without,
+            &exits_rows(&without),
+        ));
         assert!(!md_without.contains("steering"), "{md_without}");
         // JSON: the variant and its ratio only where it was measured.
         let json = serde_json::to_value(&rows_with).unwrap();
@@ -1167,6 +1310,61 @@ mod tests {
         assert!(!guest_plot(&rows_without).contains("mqvmm-no-steering"));
     }
 
+    #[test]
+    fn kvm_counters_add_an_exits_table_and_leave_the_other_tables_as_they_were() {
+        let mut without = Vec::new();
+        for (vmm, irqs) in [("mqvmm", 12.0), ("qemu-vhost-off", 6.0)] {
+            for p in 1..=2 {
+                without.push(guest(vmm, 1, "iperf_up_mbps", Some(p), 1000.0));
+                without.push(guest(vmm, 1, "guest_irqs_per_mb_up", Some(p), irqs));
+            }
+        }
+        without.push(guest("mqvmm", 1, "vmm_kicks_per_mb_up", Some(2), 30.0));
+        let mut with = without.clone();
+        for (vmm, exits) in [("mqvmm", 400.0), ("qemu-vhost-off", 250.0)] {
+            for p in 1..=2 {
+                for (stem, v) in [
+                    ("exits", exits * p as f64),
+                    ("vmm_io_exits", 1.5),
+                    ("kernel_emulation", 31.0),
+                    ("irq_injections", 20.0),
+                    ("halt_exits", 9.0),
+                ] {
+                    with.push(guest(vmm, 1, &format!("kvm_{stem}_per_mb_up"), Some(p), v));
+                }
+            }
+        }
+        let (with, without) = (Data::from_records(with), Data::from_records(without));
+        assert!(exits_rows(&without).is_empty());
+        let rows = exits_rows(&with);
+        assert_eq!(rows.len(), 4, "{rows:?}");
+        let table = exits_table(&rows);
+        assert!(
+            table.contains("| guest→host | 2 | mqvmm | 800.0 ±0% | 1.5 ±0% | 31.0 ±0% | 20.0 ±0% | 9.0 ±0% | 12.0 ±0% | 30.0 ±0% | – |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| guest→host | 1 | qemu-vhost-off | 250.0 ±0% | 1.5 ±0% | 31.0 ±0% | 20.0 ±0% | 9.0 ±0% | 6.0 ±0% | – | – |"),
+            "{table}"
+        );
+        let md = |d: &Data| markdown(d, &[], &guest_rows(d), &exits_rows(d));
+        let (md_with, md_without) = (md(&with), md(&without));
+        assert!(!md_without.contains("Exits, kicks and interrupts"));
+        let (head, tail) = md_with
+            .split_once("### Exits, kicks and interrupts per MB (same run)\n\n")
+            .unwrap();
+        assert_eq!(head, md_without);
+        assert!(tail.starts_with(&table), "{tail}");
+        let json: Value = serde_json::from_str(&Published::of(&with).to_text().unwrap()).unwrap();
+        let first = &json["guest_exits_per_mb"][0];
+        assert_eq!(first["vmm"], "mqvmm");
+        assert_eq!(first["kvm_exits_per_mb"]["median"], 400.0);
+        assert_eq!(first["guest_irqs_per_mb"]["median"], 12.0);
+        let json: Value =
+            serde_json::from_str(&Published::of(&without).to_text().unwrap()).unwrap();
+        assert!(json.get("guest_exits_per_mb").is_none(), "{json}");
+    }
+
     /// The markdown without its method paragraphs (prose, not rendering).
     fn without_method(md: &str) -> String {
         md.lines()
@@ -1185,7 +1383,7 @@ mod tests {
         let data = Data::from_records(records);
         let (dev, guest) = (device_rows(&data), guest_rows(&data));
         assert_eq!(
-            without_method(&markdown(&data, &dev, &guest)),
+            without_method(&markdown(&data, &dev, &guest, &exits_rows(&data))),
             without_method(include_str!("../../testdata/legacy.md"))
         );
     }
@@ -1223,7 +1421,7 @@ mod tests {
         let again = Published::of(&data);
         let (dev, guest) = (&again.device.summary, &again.guest.summary);
         assert_eq!(
-            without_method(&markdown(&data, dev, guest)),
+            without_method(&markdown(&data, dev, guest, &again.guest_exits_per_mb)),
             without_method(include_str!("../../results/latest.md"))
         );
         let written = again.to_text().unwrap();
