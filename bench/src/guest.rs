@@ -605,7 +605,15 @@ impl Boot<'_> {
                 }
                 if let Some(before) = before {
                     let after = self.metrics_line()?;
-                    for (kind, suffix) in [("irqs", "_interrupts"), ("kicks", "_notifications")] {
+                    // Interrupts split by queue direction too (receive: frames and the ACKs
+                    // of guest->host flows; transmit: completions), kept in the raw records
+                    // for the analysis of where guest->host interrupts come from.
+                    for (kind, suffix) in [
+                        ("irqs", "_interrupts"),
+                        ("kicks", "_notifications"),
+                        ("rx_irqs", "rx_interrupts"),
+                        ("tx_irqs", "tx_interrupts"),
+                    ] {
                         let delta =
                             pair_sum(&after, suffix).saturating_sub(pair_sum(&before, suffix));
                         if mbytes > 0.0 {
@@ -965,6 +973,8 @@ mod tests {
         let line = "mqvmm-metrics: virtio-net rx_interrupts=99 | pair0 attached=1 rx_interrupts=3 tx_interrupts=4 tx_notifications=7 | pair1 rx_interrupts=10 tx_interrupts=0 | ctrl interrupts=5";
         assert_eq!(pair_sum(line, "_interrupts"), 17);
         assert_eq!(pair_sum(line, "_notifications"), 7);
+        assert_eq!(pair_sum(line, "rx_interrupts"), 13);
+        assert_eq!(pair_sum(line, "tx_interrupts"), 4);
     }
 
     #[test]
