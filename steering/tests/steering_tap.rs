@@ -14,16 +14,6 @@ use tap::{MultiQueueTap, TapConfig, TapQueue};
 
 const HDR_LEN: usize = 12;
 
-fn skip() -> bool {
-    match netns::skip_reason() {
-        Some(why) => {
-            eprintln!("skip: {why}");
-            true
-        }
-        None => false,
-    }
-}
-
 fn create(name: &str, queues: u16) -> MultiQueueTap {
     MultiQueueTap::create(&TapConfig {
         name: Some(name.to_owned()),
@@ -88,7 +78,7 @@ fn send_and_locate(tap: &str, queues: &[TapQueue], ports: &[u16]) -> Vec<u16> {
 
 #[test]
 fn frames_from_the_host_arrive_on_the_queue_the_published_table_names() {
-    if skip() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns(

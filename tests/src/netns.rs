@@ -30,6 +30,15 @@ pub fn skip_reason() -> Option<String> {
     PROBE.get_or_init(probe_netns).clone()
 }
 
+/// Whether the namespaced tests can run here; if not, says why through [`crate::skip::skip`]
+/// (one `skip:` line, or a panic under `MQVMM_NO_SKIP=1`, so CI cannot skip them unseen).
+pub fn require_netns() -> bool {
+    match skip_reason() {
+        Some(why) => crate::skip::skip(&why),
+        None => true,
+    }
+}
+
 /// Whether a child can enter new network and mount namespaces here (a container may forbid it).
 fn probe_netns() -> Option<String> {
     let mut cmd = Command::new("/nonexistent-never-executed");

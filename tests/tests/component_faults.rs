@@ -27,13 +27,6 @@ const QUEUE_SIZE: u16 = 256;
 /// InterruptStatus bit of a configuration change.
 const INT_CONFIG: u32 = 2;
 
-fn requirements_met() -> bool {
-    match netns::skip_reason() {
-        Some(why) => skip::skip(&why),
-        None => true,
-    }
-}
-
 /// A 4-queue tap, up, with IPv6 off (no stray frames).
 fn make_tap(name: &str) -> Vec<TapQueue> {
     let tap = MultiQueueTap::create(&TapConfig {
@@ -129,7 +122,7 @@ fn guest_frame_reaches_host(drv: &mut NetDriver, tap: &str, pair: u16) -> bool {
 
 #[test]
 fn kth_tunsetqueue_failure_rolls_back_to_the_previous_host_queue_count_and_replies_err() {
-    if !requirements_met() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns(
@@ -214,7 +207,7 @@ fn threads_cpu_ticks(prefix: &str) -> u64 {
 
 #[test]
 fn deleted_tap_takes_the_link_down_drops_tx_and_refuses_vq_pairs_set() {
-    if !requirements_met() || !skip::require_program("ip") {
+    if !netns::require_netns() || !skip::require_program("ip") {
         return;
     }
     netns::run_in_netns(

@@ -35,16 +35,6 @@ fn mqvmm() -> Option<PathBuf> {
     bin
 }
 
-fn needs_netns() -> bool {
-    match netns::skip_reason() {
-        Some(why) => {
-            eprintln!("skip: {why}");
-            false
-        }
-        None => true,
-    }
-}
-
 /// The launcher with `args`, running `vmm` (the launcher's default, the `mqvmm` next to it, if
 /// `None`), without /dev/kvm when the host has none.
 fn launch(launcher: &Path, vmm: Option<&Path>, args: &[&str], vmm_args: &[&str]) -> Command {
@@ -121,7 +111,7 @@ impl Drop for ScratchDir {
 #[test]
 fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
     let Some(launcher) = launcher() else { return };
-    if !needs_netns() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns(
@@ -276,7 +266,7 @@ fn launcher_runs_the_vmm_as_nobody_without_capabilities() {
 #[test]
 fn launcher_never_passes_a_standard_stream_fd_number() {
     let Some(launcher) = launcher() else { return };
-    if !needs_netns() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns("launcher_never_passes_a_standard_stream_fd_number", || {
@@ -331,7 +321,7 @@ fn launcher_never_passes_a_standard_stream_fd_number() {
 #[test]
 fn launcher_adopts_an_existing_multiqueue_tap() {
     let Some(launcher) = launcher() else { return };
-    if !needs_netns() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns("launcher_adopts_an_existing_multiqueue_tap", || {
@@ -379,7 +369,7 @@ fn launcher_adopts_an_existing_multiqueue_tap() {
 #[test]
 fn launcher_runs_the_vmm_as_root_only_when_told() {
     let Some(launcher) = launcher() else { return };
-    if !needs_netns() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns("launcher_runs_the_vmm_as_root_only_when_told", || {
@@ -477,7 +467,7 @@ fn launcher_takes_only_an_absolute_mqvmm_path() {
 #[test]
 fn launcher_passes_seccomp_off_only_when_allowed() {
     let Some(launcher) = launcher() else { return };
-    if !needs_netns() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns("launcher_passes_seccomp_off_only_when_allowed", || {
@@ -512,7 +502,7 @@ fn launcher_passes_seccomp_off_only_when_allowed() {
 #[test]
 fn launcher_setup_failures_exit_1_with_one_line() {
     let Some(launcher) = launcher() else { return };
-    if !needs_netns() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns("launcher_setup_failures_exit_1_with_one_line", || {
@@ -584,7 +574,7 @@ fn launcher_setup_failures_exit_1_with_one_line() {
 #[test]
 fn launcher_refuses_images_it_cannot_open_before_creating_the_tap() {
     let Some(launcher) = launcher() else { return };
-    if !needs_netns() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns(
@@ -667,7 +657,7 @@ fn set_file_cap_net_admin(path: &Path) {
 #[test]
 fn launcher_refuses_callers_without_root_or_cap_net_admin() {
     let Some(launcher) = launcher() else { return };
-    if !needs_netns() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns(
@@ -736,7 +726,7 @@ fn launcher_refuses_callers_without_root_or_cap_net_admin() {
 #[test]
 fn launcher_runs_for_a_caller_with_only_cap_net_admin() {
     let Some(launcher) = launcher() else { return };
-    if !needs_netns() || !mqvmm_tests::skip::require_program("setpriv") {
+    if !netns::require_netns() || !mqvmm_tests::skip::require_program("setpriv") {
         return;
     }
     netns::run_in_netns("launcher_runs_for_a_caller_with_only_cap_net_admin", || {
@@ -819,7 +809,7 @@ fn open_fds(ready: &std::collections::HashMap<String, String>) -> BTreeSet<RawFd
 #[test]
 fn launcher_passes_the_steering_map_as_its_only_extra_fd_unless_told_not_to() {
     let Some(launcher) = launcher() else { return };
-    if !needs_netns() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns(
@@ -1041,7 +1031,7 @@ fn guest_kernel() -> Option<PathBuf> {
 fn real_mqvmm_setup() -> Option<(PathBuf, PathBuf, PathBuf)> {
     let launcher = launcher()?;
     let mqvmm = mqvmm()?;
-    if !needs_netns() {
+    if !netns::require_netns() {
         return None;
     }
     if !Path::new("/dev/kvm").exists() {
@@ -1454,7 +1444,7 @@ fn mqvmm_refuses_a_closed_fd() {
 #[test]
 fn mqvmm_refuses_a_single_queue_tap_fd() {
     let Some(mqvmm) = mqvmm() else { return };
-    if !needs_netns() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns("mqvmm_refuses_a_single_queue_tap_fd", || {
@@ -1472,7 +1462,7 @@ fn mqvmm_refuses_a_single_queue_tap_fd() {
 #[test]
 fn mqvmm_refuses_fds_of_two_taps() {
     let Some(mqvmm) = mqvmm() else { return };
-    if !needs_netns() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns("mqvmm_refuses_fds_of_two_taps", || {
@@ -1503,7 +1493,7 @@ fn mqvmm_refuses_fds_of_two_taps() {
 #[test]
 fn launcher_creates_the_api_socket_directory_for_the_vmm_user_and_passes_the_path() {
     let Some(launcher) = launcher() else { return };
-    if !needs_netns() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns(

@@ -28,7 +28,7 @@ use mqvmm_tests::driver::{
     feature, DriverConfig, NetDriver, ACK_ERR, ACK_OK, CSUM_FEATURES, DEFAULT_FEATURES, EVENT_IDX,
 };
 use mqvmm_tests::netns::{self, NOBODY};
-use mqvmm_tests::{rig, skip};
+use mqvmm_tests::rig;
 use tap::{MultiQueueTap, TapConfig};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
@@ -55,13 +55,6 @@ const ARRIVAL: Duration = Duration::from_secs(5);
 /// How long the unprivileged child may run.
 const CHILD_TIMEOUT: Duration = Duration::from_secs(45);
 
-fn requirements_met() -> bool {
-    match netns::skip_reason() {
-        Some(why) => skip::skip(&why),
-        None => true,
-    }
-}
-
 /// What one test varies.
 struct Scenario {
     test: &'static str,
@@ -83,7 +76,7 @@ fn vq_pairs_set_walk_unprivileged_mrg_rxbuf() {
         reset_at_end: false,
         steering: false,
     };
-    if requirements_met() {
+    if netns::require_netns() {
         run_test(scenario);
     }
 }
@@ -97,7 +90,7 @@ fn vq_pairs_set_walk_unprivileged_with_steering_and_rss() {
         reset_at_end: true,
         steering: true,
     };
-    if requirements_met() {
+    if netns::require_netns() {
         run_test(scenario);
     }
 }
@@ -118,7 +111,7 @@ fn vq_pairs_set_walk_unprivileged_event_idx_csum_then_reset() {
         reset_at_end: true,
         steering: false,
     };
-    if requirements_met() {
+    if netns::require_netns() {
         run_test(scenario);
     }
 }

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use mqvmm_tests::driver::{feature, DriverConfig, NetDriver, ACK_OK, DEFAULT_FEATURES};
-use mqvmm_tests::{netns, rig, skip};
+use mqvmm_tests::{netns, rig};
 use tap::{MultiQueueTap, TapConfig};
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MQ};
 use virtio_net::limit::{RECONFIG_BURST_MIN, RECONFIG_RATE};
@@ -39,8 +39,7 @@ fn process_cpu() -> Duration {
 #[test]
 fn a_vq_pairs_set_storm_is_held_to_the_host_operation_rate() {
     let test = "a_vq_pairs_set_storm_is_held_to_the_host_operation_rate";
-    if let Some(why) = netns::skip_reason() {
-        skip::skip(&why);
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns(test, storm);

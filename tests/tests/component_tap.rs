@@ -12,16 +12,6 @@ use tap::{MultiQueueTap, TapConfig};
 
 const FDCHECK: &str = env!("CARGO_BIN_EXE_tap-fdcheck");
 
-fn skip() -> bool {
-    match netns::skip_reason() {
-        Some(why) => {
-            eprintln!("skip: {why}");
-            true
-        }
-        None => false,
-    }
-}
-
 fn create(name: &str, queues: u16) -> MultiQueueTap {
     MultiQueueTap::create(&TapConfig {
         name: Some(name.to_owned()),
@@ -90,7 +80,7 @@ fn unprivileged_child(tap: &str) -> FdCheck {
 
 #[test]
 fn unprivileged_child_detaches_and_reattaches_queues() {
-    if skip() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns("unprivileged_child_detaches_and_reattaches_queues", || {
@@ -129,7 +119,7 @@ fn unprivileged_child_detaches_and_reattaches_queues() {
 
 #[test]
 fn unprivileged_child_gets_eperm_from_tunsetiff_and_einval_from_double_attach() {
-    if skip() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns(
@@ -183,7 +173,7 @@ fn drain(queue: &tap::TapQueue, hdr_len: usize, got: &mut Vec<(u16, Vec<u8>)>) {
 
 #[test]
 fn frames_from_the_host_reach_attached_queues_only() {
-    if skip() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns("frames_from_the_host_reach_attached_queues_only", || {
@@ -279,7 +269,7 @@ fn frames_from_the_host_reach_attached_queues_only() {
 
 #[test]
 fn detaching_purges_pending_frames_and_refuses_io() {
-    if skip() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns("detaching_purges_pending_frames_and_refuses_io", || {
@@ -355,7 +345,7 @@ fn assert_refused(fds: &[RawFd], expect: &str, check: impl Fn(&tap::Error) -> bo
 
 #[test]
 fn adoption_refuses_fds_mqvmm_cannot_use() {
-    if skip() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns("adoption_refuses_fds_mqvmm_cannot_use", || {
@@ -450,7 +440,7 @@ fn adoption_refuses_fds_mqvmm_cannot_use() {
 
 #[test]
 fn create_joins_existing_taps_and_applies_settings() {
-    if skip() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns("create_joins_existing_taps_and_applies_settings", || {
@@ -586,7 +576,7 @@ fn create_joins_existing_taps_and_applies_settings() {
 /// second holder of the same open file that detaches the queue behind the first one's back.
 #[test]
 fn kernel_attached_reports_the_kernel_state_without_moving_the_io_gate() {
-    if skip() {
+    if !netns::require_netns() {
         return;
     }
     netns::run_in_netns(
