@@ -152,6 +152,26 @@ impl PairControl {
         }
     }
 
+    /// Asks the worker of `pair` to carry out `op` (if any) and to move to `state` (`None`:
+    /// the state it was last asked for), and waits as [`Self::request`] does.
+    fn request_op(
+        &self,
+        pair: usize,
+        state: Option<RunState>,
+        op: Option<QueueOp>,
+        timeout: Duration,
+        abort: Option<&StopSignal>,
+    ) -> Result<(), SwitchError> {
+        let state = {
+            let mut s = self.lock();
+            if op.is_some() {
+                s.queue_op = op;
+            }
+            state.unwrap_or(s.requested)
+        };
+        self.request(pair, state, timeout, abort)
+    }
+
     /// Asks the worker of `pair` to confirm the state it was last asked for: it re-reads
     /// the device settings it caches (receive buffer sizing) before it confirms.
     pub(crate) fn refresh(
@@ -160,8 +180,7 @@ impl PairControl {
         timeout: Duration,
         abort: Option<&StopSignal>,
     ) -> Result<(), SwitchError> {
-        let state = self.lock().requested;
-        self.request(pair, state, timeout, abort)
+        self.request_op(pair, None, None, timeout, abort)
     }
 
     /// Asks the worker of `pair` to carry out `op` on one of its queues (staying in the state
@@ -172,12 +191,7 @@ impl PairControl {
         op: QueueOp,
         timeout: Duration,
     ) -> Result<(), SwitchError> {
-        let state = {
-            let mut s = self.lock();
-            s.queue_op = Some(op);
-            s.requested
-        };
-        self.request(pair, state, timeout, None)
+        self.request_op(pair, None, Some(op), timeout, None)
     }
 
     /// Asks the worker of `pair` to drain its backend into its receive queue ([`QueueOp::Drain`]
@@ -190,12 +204,8 @@ impl PairControl {
         abort: Option<&StopSignal>,
     ) -> Result<bool, SwitchError> {
         self.drained.store(false, Ordering::SeqCst);
-        let state = {
-            let mut s = self.lock();
-            s.queue_op = Some(QueueOp::Drain { discard: false });
-            s.requested
-        };
-        self.request(pair, state, timeout, abort)?;
+        let op = QueueOp::Drain { discard: false };
+        self.request_op(pair, None, Some(op), timeout, abort)?;
         Ok(self.drained.load(Ordering::SeqCst))
     }
 
@@ -207,8 +217,8 @@ impl PairControl {
         timeout: Duration,
         abort: Option<&StopSignal>,
     ) -> Result<(), SwitchError> {
-        self.lock().queue_op = Some(QueueOp::Drain { discard: true });
-        self.request(pair, RunState::Parked, timeout, abort)
+        let op = QueueOp::Drain { discard: true };
+        self.request_op(pair, Some(RunState::Parked), Some(op), timeout, abort)
     }
 
     /// Worker side: the outcome of a [`QueueOp::Drain`], before confirming.

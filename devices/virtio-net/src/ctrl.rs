@@ -730,30 +730,29 @@ impl CtrlQueue {
                     self.finish(head, 0, tally);
                     continue;
                 }
-                let vq_pairs_set = req.header().is_some_and(|(class, command)| {
-                    u32::from(class) == VIRTIO_NET_CTRL_MQ
-                        && u32::from(command) == VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET
-                });
-                let rss_config = req.header().is_some_and(|(class, command)| {
-                    u32::from(class) == VIRTIO_NET_CTRL_MQ
-                        && u32::from(command) == VIRTIO_NET_CTRL_MQ_RSS_CONFIG
-                });
-                if rss_config {
-                    self.metrics.rss_configs.fetch_add(1, Ordering::Relaxed);
-                    if ack != ACK_OK {
-                        self.metrics
-                            .rss_config_errors
-                            .fetch_add(1, Ordering::Relaxed);
+                let m = &self.metrics;
+                let mq_command = match req.header() {
+                    Some((class, command)) if u32::from(class) == VIRTIO_NET_CTRL_MQ => {
+                        Some(u32::from(command))
                     }
-                }
-                if vq_pairs_set {
-                    let m = &self.metrics;
-                    m.vq_pairs_set.fetch_add(1, Ordering::Relaxed);
-                    if ack != ACK_OK {
-                        m.vq_pairs_set_errors.fetch_add(1, Ordering::Relaxed);
+                    _ => None,
+                };
+                match mq_command {
+                    Some(VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) => {
+                        m.vq_pairs_set.fetch_add(1, Ordering::Relaxed);
+                        if ack != ACK_OK {
+                            m.vq_pairs_set_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let ns = u64::try_from(kicked_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                        m.last_vq_pairs_set_ns.store(ns, Ordering::Relaxed);
                     }
-                    let ns = u64::try_from(kicked_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                    m.last_vq_pairs_set_ns.store(ns, Ordering::Relaxed);
+                    Some(VIRTIO_NET_CTRL_MQ_RSS_CONFIG) => {
+                        m.rss_configs.fetch_add(1, Ordering::Relaxed);
+                        if ack != ACK_OK {
+                            m.rss_config_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    _ => {}
                 }
                 self.finish(head, 1 + result.len() as u32, tally);
             }

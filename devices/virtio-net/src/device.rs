@@ -522,31 +522,25 @@ impl<B: Backend + 'static> Net<B> {
     /// worker stops using it and forgets its state (held buffers, a held notification); the
     /// other queues, and the pair's other queue, run on. The control queue cannot be reset.
     pub fn reset_queue(&mut self, index: u16) -> Result<(), Error> {
-        let pair = self.data_queue_pair(index, "reset")?;
-        self.shared.pairs[pair]
-            .request_queue_op(
-                pair,
-                QueueOp::Reset {
-                    rx: index.is_multiple_of(2),
-                },
-                WORKER_CONFIRM_TIMEOUT,
-            )
-            .map_err(|source| Error::QueueWorker { index, source })
+        self.queue_op(index, "reset", |rx| QueueOp::Reset { rx })
     }
 
     /// The driver enabled queue `index` again after [`Self::reset_queue`], with `queue` (its
     /// new size and rings, EVENT_IDX as negotiated).
     pub fn enable_queue(&mut self, index: u16, queue: Queue) -> Result<(), Error> {
-        let pair = self.data_queue_pair(index, "enabled")?;
+        self.queue_op(index, "enabled", |rx| QueueOp::Enable { rx, queue })
+    }
+
+    /// Has the worker of data queue `index` carry out `op(is the receive queue)`.
+    fn queue_op(
+        &mut self,
+        index: u16,
+        what: &'static str,
+        op: impl FnOnce(bool) -> QueueOp,
+    ) -> Result<(), Error> {
+        let pair = self.data_queue_pair(index, what)?;
         self.shared.pairs[pair]
-            .request_queue_op(
-                pair,
-                QueueOp::Enable {
-                    rx: index.is_multiple_of(2),
-                    queue,
-                },
-                WORKER_CONFIRM_TIMEOUT,
-            )
+            .request_queue_op(pair, op(index.is_multiple_of(2)), WORKER_CONFIRM_TIMEOUT)
             .map_err(|source| Error::QueueWorker { index, source })
     }
 

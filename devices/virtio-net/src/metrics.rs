@@ -151,7 +151,7 @@ pub struct NetMetrics {
     /// no receive buffers for (read and dropped; without steering such frames are purged by
     /// the kernel unseen).
     pub steer_dropped: AtomicU64,
-    /// VIRTIO_NET_CTRL_MQ_RSS_CONFIG commands received, and answered with ERR.
+    /// VIRTIO_NET_CTRL_MQ_RSS_CONFIG commands received.
     pub rss_configs: AtomicU64,
     /// RSS_CONFIG commands answered with ERR.
     pub rss_config_errors: AtomicU64,
