@@ -318,14 +318,28 @@ fn main() {
 
 /// One line with the error and its sources, and the error's exit status.
 fn exit_with(err: LaunchError) -> ! {
-    let mut line = format!("mqvmm-launch: error: {err}");
-    let mut source = std::error::Error::source(&err);
+    eprintln!("mqvmm-launch: error: {}", error_line(&err));
+    std::process::exit(err.exit_code());
+}
+
+/// `err` and its sources joined by `: `, a message that repeats the one before it (some
+/// errors print their source too, the BPF loader's at two levels) said once.
+fn error_line(err: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![err.to_string()];
+    let mut source = err.source();
     while let Some(s) = source {
-        line.push_str(&format!(": {s}"));
+        let part = s.to_string();
+        match parts.last() {
+            Some(last) if last.ends_with(&part) => {}
+            Some(last) if part.starts_with(last.as_str()) => {
+                parts.pop();
+                parts.push(part);
+            }
+            _ => parts.push(part),
+        }
         source = s.source();
     }
-    eprintln!("{line}");
-    std::process::exit(err.exit_code());
+    parts.join(": ")
 }
 
 /// Everything up to the exec; returns only on failure.
@@ -549,50 +563,32 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
 
 /// Attaches the eBPF steering program to the tap (through its first queue; the program is the
 /// tap's, not the queue's) and returns its map's fd, for mqvmm. One log line either way; a
-/// failure leaves the tap as it was and is not an error: mqvmm runs without steering.
+/// failure is not an error: mqvmm runs without steering. Without steering, a program an earlier
+/// run left on an adopted tap is taken off: nobody updates its map any more, and it would steer
+/// to queues mqvmm has disabled (a kernel without TUNSETSTEERINGEBPF has none to take off).
 fn attach_steering(tap: &str, queues: &[tap::TapQueue], off: bool) -> Option<OwnedFd> {
-    if off || queues.len() < 2 {
-        // An adopted tap may still carry the program of an earlier run, whose map nobody
-        // updates any more: it would steer to queues mqvmm has disabled. Take it off.
-        // (A kernel without TUNSETSTEERINGEBPF has none to take off: the error is moot.)
-        if let Some(q) = queues.first() {
-            let _ = steering::detach(q.as_fd());
-        }
-        return None;
-    }
-    match steering::attach(queues[0].as_fd()) {
-        Ok(map) => {
-            log(&format!(
-                "tap {tap}: eBPF steering attached; its map on fd {}",
-                map.as_raw_fd()
-            ));
-            Some(map)
-        }
-        Err(err) => {
-            // The loader's errors can repeat a message at two levels of the chain: say it once.
-            let mut parts = vec![err.to_string()];
-            let mut source = std::error::Error::source(&err);
-            while let Some(s) = source {
-                parts.push(s.to_string());
-                source = s.source();
+    let first = queues.first()?;
+    let map = if off || queues.len() < 2 {
+        None
+    } else {
+        match steering::attach(first.as_fd()) {
+            Ok(map) => {
+                log(&format!(
+                    "tap {tap}: eBPF steering attached; its map on fd {}",
+                    map.as_raw_fd()
+                ));
+                Some(map)
             }
-            let mut line: Vec<String> = Vec::new();
-            for part in parts {
-                match line.last() {
-                    Some(last) if last.ends_with(&part) => continue,
-                    Some(last) if part.starts_with(last.as_str()) => {
-                        line.pop();
-                    }
-                    _ => {}
-                }
-                line.push(part);
+            Err(err) => {
+                log(&format!("tap {tap}: steering is off: {}", error_line(&err)));
+                None
             }
-            log(&format!("tap {tap}: steering is off: {}", line.join(": ")));
-            // Whatever program an earlier run left on an adopted tap goes too (see above).
-            let _ = steering::detach(queues[0].as_fd());
-            None
         }
+    };
+    if map.is_none() {
+        let _ = steering::detach(first.as_fd());
     }
+    map
 }
 
 /// The directory of an `--api-socket` path (`.` for a bare name); refused without a file name.
