@@ -350,7 +350,7 @@ pub fn toeplitz(key: &[u8], input: &[u8]) -> u32 {
 mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
-    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::net::IpAddr;
 
     /// The key of Microsoft's RSS verification suite.
     const MS_KEY: [u8; KEY_LEN] = [
@@ -366,6 +366,21 @@ mod tests {
             v.extend(dport.to_be_bytes());
         }
         v
+    }
+
+    /// Checks Microsoft's RSS verification `vectors`: (source, source port, destination,
+    /// destination port, hash of the addresses, hash with the ports).
+    fn check_vectors(vectors: &[(&str, u16, &str, u16, u32, u32)]) {
+        let octets = |a: &str| match a.parse::<IpAddr>().unwrap() {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        for &(src, sport, dst, dport, ip_only, with_ports) in vectors {
+            let (s, d) = (octets(src), octets(dst));
+            assert_eq!(toeplitz(&MS_KEY, &input(&s, &d, None)), ip_only, "{src}");
+            let input = input(&s, &d, Some((sport, dport)));
+            assert_eq!(toeplitz(&MS_KEY, &input), with_ports, "{src}");
+        }
     }
 
     #[test]
@@ -413,17 +428,7 @@ mod tests {
                 0x10e828a2,
             ),
         ];
-        for (src, sport, dst, dport, ip_only, with_tcp) in vectors {
-            let src = src.parse::<Ipv4Addr>().unwrap().octets();
-            let dst = dst.parse::<Ipv4Addr>().unwrap().octets();
-            assert_eq!(
-                toeplitz(&MS_KEY, &input(&src, &dst, None)),
-                ip_only,
-                "{src:?}"
-            );
-            let with_ports = input(&src, &dst, Some((sport, dport)));
-            assert_eq!(toeplitz(&MS_KEY, &with_ports), with_tcp, "{src:?}");
-        }
+        check_vectors(&vectors);
     }
 
     #[test]
@@ -454,17 +459,7 @@ mod tests {
                 0x02d1feef,
             ),
         ];
-        for (src, sport, dst, dport, ip_only, with_tcp) in vectors {
-            let src = src.parse::<Ipv6Addr>().unwrap().octets();
-            let dst = dst.parse::<Ipv6Addr>().unwrap().octets();
-            assert_eq!(
-                toeplitz(&MS_KEY, &input(&src, &dst, None)),
-                ip_only,
-                "{src:?}"
-            );
-            let with_ports = input(&src, &dst, Some((sport, dport)));
-            assert_eq!(toeplitz(&MS_KEY, &with_ports), with_tcp, "{src:?}");
-        }
+        check_vectors(&vectors);
     }
 
     #[test]
