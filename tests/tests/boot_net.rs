@@ -608,7 +608,11 @@ fn nic_features() {
     // What the guest sees of rx-usecs, deterministically: a ping's reply waits for the
     // held interrupt (the packet limit is never reached), then no longer once it is off.
     console.check("ethtool -C eth0 rx-usecs 100000 rx-frames 1000", STEP);
-    let held = ping_avg_ms(&mut console);
+    // A held notification goes out when its time is up, and every frame that arrived on the
+    // queue meanwhile goes with it: a stray frame from the host (IPv6 neighbour or multicast
+    // traffic) shortly before a reply cuts that reply's wait. So the better of two rounds of
+    // three pings counts (seen once in about five runs: an average of 74 ms).
+    let held = ping_avg_ms(&mut console).max(ping_avg_ms(&mut console));
     console.check("ethtool -C eth0 rx-usecs 0 rx-frames 0", STEP);
     let prompt = ping_avg_ms(&mut console);
     rig::note(&format!(
