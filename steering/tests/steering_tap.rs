@@ -10,19 +10,9 @@ use mqvmm_tests::netns;
 use tap::steering::{
     toeplitz, SteerConfig, SteeringMap, HASH_UDPV4, KEY_LEN, SUPPORTED_HASH_TYPES,
 };
-use tap::{MultiQueueTap, TapConfig, TapQueue};
+use tap::TapQueue;
 
 const HDR_LEN: usize = 12;
-
-fn create(name: &str, queues: u16) -> MultiQueueTap {
-    MultiQueueTap::create(&TapConfig {
-        name: Some(name.to_owned()),
-        queues,
-        owner: Some(0),
-        ..TapConfig::default()
-    })
-    .unwrap_or_else(|e| panic!("create tap {name}: {e}"))
-}
 
 /// Sends one UDP frame per source port and returns, per frame, the queue it arrived on.
 fn send_and_locate(tap: &str, queues: &[TapQueue], ports: &[u16]) -> Vec<u16> {
@@ -85,7 +75,7 @@ fn frames_from_the_host_arrive_on_the_queue_the_published_table_names() {
         "frames_from_the_host_arrive_on_the_queue_the_published_table_names",
         || {
             let tap = "mqsteer0";
-            let mq = create(tap, 4);
+            let mq = netns::root_owned_tap(tap, 4);
             let queues = mq.queues();
             queues[0].set_vnet_hdr_size(HDR_LEN as i32).unwrap();
             netns::set_link_up(tap).unwrap();

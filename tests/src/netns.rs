@@ -30,6 +30,19 @@ pub fn skip_reason() -> Option<String> {
     PROBE.get_or_init(probe_netns).clone()
 }
 
+/// A multiqueue tap named `name` with `queues` queues, owned by root: whether an unprivileged
+/// process may join it must not depend on the kernel's rule for taps without an owner (it lets
+/// anyone join those). Panics with the errno on failure.
+pub fn root_owned_tap(name: &str, queues: u16) -> tap::MultiQueueTap {
+    tap::MultiQueueTap::create(&tap::TapConfig {
+        name: Some(name.to_owned()),
+        queues,
+        owner: Some(0),
+        ..tap::TapConfig::default()
+    })
+    .unwrap_or_else(|e| panic!("create tap {name}: {e} ({:?})", e.raw_os_error()))
+}
+
 /// Whether the namespaced tests can run here; if not, says why through [`crate::skip::skip`]
 /// (one `skip:` line, or a panic under `MQVMM_NO_SKIP=1`, so CI cannot skip them unseen).
 pub fn require_netns() -> bool {

@@ -12,18 +12,6 @@ use tap::{MultiQueueTap, TapConfig};
 
 const FDCHECK: &str = env!("CARGO_BIN_EXE_tap-fdcheck");
 
-fn create(name: &str, queues: u16) -> MultiQueueTap {
-    MultiQueueTap::create(&TapConfig {
-        name: Some(name.to_owned()),
-        queues,
-        // Owned by root: whether an unprivileged process may join must not depend on the
-        // kernel's rule for taps without an owner (it lets anyone join those).
-        owner: Some(0),
-        ..TapConfig::default()
-    })
-    .unwrap_or_else(|e| panic!("create tap {name}: {e} ({:?})", e.raw_os_error()))
-}
-
 /// Asserts the kernel's own view of `tap`: `attached` queues in sysfs (tx-* and rx-*) and in
 /// netlink, and `disabled` detached ones in netlink.
 fn expect_queues(tap: &str, attached: u32, disabled: u32, step: &str) {
@@ -43,7 +31,7 @@ fn expect_queues(tap: &str, attached: u32, disabled: u32, step: &str) {
 /// unbound /dev/net/tun fd (as 110) to tap-fdcheck, which drops to 65534:65534 with no
 /// capabilities before touching them. This process keeps none of the fds.
 fn unprivileged_child(tap: &str) -> FdCheck {
-    let mq = create(tap, 4);
+    let mq = netns::root_owned_tap(tap, 4);
     let spare = netns::open_unbound_tun().unwrap();
     let mut map: Vec<(RawFd, RawFd)> = mq
         .queues()
@@ -178,7 +166,7 @@ fn frames_from_the_host_reach_attached_queues_only() {
     }
     netns::run_in_netns("frames_from_the_host_reach_attached_queues_only", || {
         let tap = "mqrx0";
-        let mq = create(tap, 4);
+        let mq = netns::root_owned_tap(tap, 4);
         let queues = mq.queues();
         // A 12-byte header (with num_buffers), set on one queue, applies to the whole device.
         queues[0].set_vnet_hdr_size(12).unwrap();
@@ -274,7 +262,7 @@ fn detaching_purges_pending_frames_and_refuses_io() {
     }
     netns::run_in_netns("detaching_purges_pending_frames_and_refuses_io", || {
         let tap = "mqpurge0";
-        let mq = create(tap, 1);
+        let mq = netns::root_owned_tap(tap, 1);
         let queue = &mq.queues()[0];
         netns::set_link_up(tap).unwrap();
         let sock = netns::PacketSocket::bind(tap).unwrap();
@@ -357,8 +345,8 @@ fn adoption_refuses_fds_mqvmm_cannot_use() {
         let tun = netns::open_raw_tun("tun0", TUN | NO_PI | VNET | MQ).unwrap();
         let novnet = netns::open_raw_tun("novnet0", TAP | NO_PI | MQ).unwrap();
         let unbound = netns::open_unbound_tun().unwrap();
-        let a = create("mqa0", 2);
-        let b = create("mqb0", 1);
+        let a = netns::root_owned_tap("mqa0", 2);
+        let b = netns::root_owned_tap("mqb0", 1);
         let (a0, a1) = (a.queues()[0].as_raw_fd(), a.queues()[1].as_raw_fd());
         let b0 = b.queues()[0].as_raw_fd();
 
@@ -407,7 +395,7 @@ fn adoption_refuses_fds_mqvmm_cannot_use() {
         );
 
         // The good case, from fds this process does not otherwise own.
-        let fresh = create("mqc0", 3).into_queues();
+        let fresh = netns::root_owned_tap("mqc0", 3).into_queues();
         let raw: Vec<RawFd> = fresh
             .into_iter()
             .map(|q| OwnedFd::from(q).into_raw_fd())
@@ -583,7 +571,7 @@ fn kernel_attached_reports_the_kernel_state_without_moving_the_io_gate() {
         "kernel_attached_reports_the_kernel_state_without_moving_the_io_gate",
         || {
             let tap = "mqobs0";
-            let mq = create(tap, 2);
+            let mq = netns::root_owned_tap(tap, 2);
             let queue = &mq.queues()[1];
             let dup = queue.as_fd().try_clone_to_owned().unwrap();
             // SAFETY: `dup` was just created and is handed over; nothing else owns it.
