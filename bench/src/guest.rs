@@ -99,15 +99,20 @@ pub enum Vmm {
     /// mqvmm under `mqvmm-launch --no-steering`: the tap's own flow steering picks the queue of
     /// each host->guest frame. Measured host->guest only.
     MqvmmNoSteering,
+    /// mqvmm with a worker thread per queue pair (`mqvmm-launch --io-threads <pairs>`), as it
+    /// ran before its default became the CPUs left beside the vCPUs. Measured guest->host and
+    /// host->guest.
+    MqvmmThreadPerPair,
 }
 
 impl Vmm {
     /// All VMMs in report order.
-    pub const ALL: [Vmm; 4] = [
+    pub const ALL: [Vmm; 5] = [
         Vmm::Mqvmm,
         Vmm::QemuVhostOff,
         Vmm::QemuVhostOn,
         Vmm::MqvmmNoSteering,
+        Vmm::MqvmmThreadPerPair,
     ];
 
     /// Key used in records.
@@ -117,12 +122,16 @@ impl Vmm {
             Vmm::QemuVhostOff => "qemu-vhost-off",
             Vmm::QemuVhostOn => "qemu-vhost-on",
             Vmm::MqvmmNoSteering => "mqvmm-no-steering",
+            Vmm::MqvmmThreadPerPair => "mqvmm-thread-per-pair",
         }
     }
 
     /// Whether this is mqvmm (with its SIGUSR1 metrics line), in either steering mode.
     pub fn is_mqvmm(self) -> bool {
-        matches!(self, Vmm::Mqvmm | Vmm::MqvmmNoSteering)
+        matches!(
+            self,
+            Vmm::Mqvmm | Vmm::MqvmmNoSteering | Vmm::MqvmmThreadPerPair
+        )
     }
 
     /// Whether iperf3 runs in direction `dir` (`up`: guest->host, `down`: host->guest) under
@@ -258,11 +267,14 @@ fn vmm_command(vmm: Vmm, opts: &Options) -> Command {
     let images = rig::guest_images();
     let cmdline = format!("console=ttyS0 quiet panic=-1 mqvmm.ip={GUEST_IP}/24");
     match vmm {
-        Vmm::Mqvmm | Vmm::MqvmmNoSteering => {
+        Vmm::Mqvmm | Vmm::MqvmmNoSteering | Vmm::MqvmmThreadPerPair => {
             let mut cmd = Command::new(rig::bin_path("mqvmm-launch"));
             cmd.args(["--tap", TAP, "--queues", &opts.pairs.to_string()]);
             if vmm == Vmm::MqvmmNoSteering {
                 cmd.arg("--no-steering");
+            }
+            if vmm == Vmm::MqvmmThreadPerPair {
+                cmd.args(["--io-threads", &opts.pairs.to_string()]);
             }
             cmd.args(["--user", "nobody", "--"])
                 .arg("--kernel")
@@ -937,6 +949,11 @@ mod tests {
         let separator = off.iter().position(|a| a == "--").unwrap();
         assert!(flag < separator, "{off:?}");
         assert!(!args(Vmm::Mqvmm).contains(&"--no-steering".to_string()));
+        let per_pair = args(Vmm::MqvmmThreadPerPair);
+        let flag = per_pair.iter().position(|a| a == "--io-threads").unwrap();
+        assert_eq!(per_pair[flag + 1], "4");
+        assert!(flag < per_pair.iter().position(|a| a == "--").unwrap());
+        assert!(!args(Vmm::Mqvmm).contains(&"--io-threads".to_string()));
     }
 
     #[test]

@@ -140,11 +140,12 @@ struct GuestArgs {
     #[arg(long, default_value_t = 4)]
     pairs: u16,
     /// VMMs to compare: mqvmm (with the launcher's eBPF steering), qemu-vhost-off,
-    /// qemu-vhost-on, mqvmm-no-steering (`mqvmm-launch --no-steering`; host->guest only).
+    /// qemu-vhost-on, mqvmm-no-steering (`mqvmm-launch --no-steering`; host->guest only),
+    /// mqvmm-thread-per-pair (`mqvmm-launch --io-threads <pairs>`: a worker thread per pair).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "mqvmm,qemu-vhost-off,qemu-vhost-on,mqvmm-no-steering"
+        default_value = "mqvmm,qemu-vhost-off,qemu-vhost-on,mqvmm-no-steering,mqvmm-thread-per-pair"
     )]
     vmms: Vec<String>,
     /// How mqvmm attaches its network device (`mqvmm --transport`; pci, mqvmm's default, is
@@ -248,7 +249,7 @@ impl GuestArgs {
                 guest::Vmm::from_key(v).ok_or_else(|| Error::Value {
                     what: "VMM",
                     value: v.clone(),
-                    expected: "mqvmm, qemu-vhost-off, qemu-vhost-on or mqvmm-no-steering",
+                    expected: "mqvmm, qemu-vhost-off, qemu-vhost-on, mqvmm-no-steering or mqvmm-thread-per-pair",
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -96,6 +96,10 @@ struct Args {
     /// (mqvmm's default: 10000).
     #[arg(long, value_name = "MBPS", value_parser = clap::value_parser!(u32).range(1..=i64::from(i32::MAX)))]
     speed: Option<u32>,
+    /// Worker threads mqvmm serves the queue pairs with, passed on as `--net ...,io-threads=N`
+    /// (mqvmm's default: the CPUs it may use beyond its vCPUs, one to one per pair).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    io_threads: Option<u16>,
     /// Link duplex the guest sees, `full` or `half`, passed on as `--net ...,duplex=D`.
     #[arg(long, value_name = "full|half", value_parser = ["full", "half"])]
     duplex: Option<String>,
@@ -530,6 +534,9 @@ fn run(args: Args) -> Result<std::convert::Infallible, LaunchError> {
     }
     if let Some(duplex) = &args.duplex {
         net.push_str(&format!(",duplex={duplex}"));
+    }
+    if let Some(n) = args.io_threads {
+        net.push_str(&format!(",io-threads={n}"));
     }
     if args.no_mq {
         net.push_str(",mq=off");

@@ -66,7 +66,8 @@ struct Args {
     kvm_fd: Option<RawFd>,
     /// Network device: `fds=A,B,...[,mac=MAC][,mtu=N][,mq=off]` (one tap queue fd per queue pair,
     /// passed in by mqvmm-launch or a manager) or `tap=NAME,queues=N[,mac=..][,mtu=..][,mq=off]`
-    /// (opens the tap itself, which needs CAP_NET_ADMIN).
+    /// (opens the tap itself, which needs CAP_NET_ADMIN). `io-threads=N|auto`: worker threads
+    /// the queue pairs share (auto: the CPUs mqvmm may use beyond its vCPUs, 1 to one per pair).
     #[arg(long, value_name = "SPEC", value_parser = parse_net_spec)]
     net: Option<NetSpec>,
     /// How the network device attaches: `pci` (virtio-pci, one MSI-X vector per queue: no
@@ -198,6 +199,9 @@ struct NetSpec {
     duplex: virtio_net::Duplex,
     /// `steer-map=`: the fd of the tap's steering program's map (from mqvmm-launch).
     steer_map: Option<RawFd>,
+    /// `io-threads=`: worker threads the queue pairs share; `None` (`auto`): the CPUs left
+    /// beside the vCPUs.
+    io_threads: Option<u16>,
 }
 
 fn parse_log_level(s: &str) -> Result<LevelFilter, String> {
@@ -215,6 +219,7 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
     let mut speed_mbps = virtio_net::config::DEFAULT_SPEED_MBPS;
     let mut duplex = virtio_net::Duplex::Full;
     let mut steer_map = None;
+    let mut io_threads = None;
     // Options are comma-separated `key=value`; only `fds=` takes a list, so a bare number
     // continues the `fds=` list before it.
     let mut pairs: Vec<(&str, String)> = Vec::new();
@@ -304,6 +309,23 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
                         })?,
                 )
             }
+            "io-threads" => {
+                io_threads = match value {
+                    "auto" => None,
+                    _ => Some(
+                        value
+                            .parse::<u16>()
+                            .ok()
+                            .filter(|&n| n >= 1 && usize::from(n) <= MAX_QUEUE_PAIRS)
+                            .ok_or_else(|| {
+                                format!(
+                                    "io-threads={value} is not auto or a number from 1 to \
+                                     {MAX_QUEUE_PAIRS}"
+                                )
+                            })?,
+                    ),
+                }
+            }
             _ => return Err(format!("unknown --net option {key:?}")),
         }
     }
@@ -338,6 +360,7 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
         duplex,
         mq,
         steer_map,
+        io_threads,
     })
 }
 
@@ -481,6 +504,7 @@ fn open_net(
         duplex: spec.duplex,
         queues,
         steering: map_steering(steer_map),
+        io_threads: spec.io_threads.map(usize::from),
     })
 }
 
@@ -761,6 +785,11 @@ mod tests {
         let spec = parse_net_spec("fds=3,4,steer-map=9").unwrap();
         assert_eq!(spec.source, NetSource::Fds(vec![3, 4]));
         assert_eq!(spec.steer_map, Some(9));
+        assert_eq!(spec.io_threads, None);
+        let spec = parse_net_spec("fds=3,4,io-threads=2").unwrap();
+        assert_eq!(spec.io_threads, Some(2));
+        let spec = parse_net_spec("fds=3,4,io-threads=auto").unwrap();
+        assert_eq!(spec.io_threads, None);
         let spec = parse_net_spec("fds=3,speed=25000,duplex=half").unwrap();
         assert_eq!(spec.speed_mbps, 25_000);
         assert_eq!(spec.duplex, virtio_net::Duplex::Half);
@@ -795,6 +824,11 @@ mod tests {
             ("fds=3,mac=00:00:00:00:00:00", "not a usable MAC address"),
             ("fds=3,mtu=10", "68 to 65535"),
             ("fds=3,mq=maybe", "on or off"),
+            (
+                "fds=3,io-threads=0",
+                "io-threads=0 is not auto or a number from 1",
+            ),
+            ("fds=3,io-threads=many", "io-threads=many is not auto"),
             ("fds=3,color=red", "unknown --net option"),
             ("tap=averyveryverylongname", "longer than 15 bytes"),
             ("tap=a/b", "invalid interface name \"a/b\""),

@@ -344,6 +344,13 @@ pub struct GuestRow {
         skip_serializing_if = "Option::is_none"
     )]
     pub vs_no_steering: Option<Summary>,
+    /// mqvmm (worker threads: its default) / mqvmm-thread-per-pair, paired by repetition and
+    /// step; left out of the JSON where there is none.
+    #[serde(
+        rename = "ratio_mqvmm_over_mqvmm_thread_per_pair",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub vs_thread_per_pair: Option<Summary>,
 }
 
 impl GuestRow {
@@ -417,6 +424,7 @@ pub fn guest_rows(data: &Data) -> Vec<GuestRow> {
                 vs_vhost_off: ratio(Vmm::QemuVhostOff),
                 vs_vhost_on: ratio(Vmm::QemuVhostOn),
                 vs_no_steering: ratio(Vmm::MqvmmNoSteering),
+                vs_thread_per_pair: ratio(Vmm::MqvmmThreadPerPair),
                 vmms,
             });
         }
@@ -666,6 +674,51 @@ pub fn steering_table(rows: &[GuestRow]) -> String {
     }
     s
 }
+
+/// Guest throughput and interrupts of mqvmm with its default worker threads against the same
+/// with a worker thread per pair (`mqvmm-thread-per-pair`), per direction and active pair
+/// count, next to mqvmm's ratio to QEMU vhost=off (markdown); empty when the run has no
+/// `mqvmm-thread-per-pair` samples.
+pub fn threads_table(rows: &[GuestRow]) -> String {
+    let rows: Vec<&GuestRow> = rows
+        .iter()
+        .filter(|r| {
+            matches!(r.metric, "iperf_up_mbps" | "iperf_down_mbps")
+                && r.of(Vmm::MqvmmThreadPerPair).is_some()
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "| dir | pairs | mqvmm, default threads (Mbit/s) | mqvmm, a thread per pair (Mbit/s) | default / per pair | mqvmm / QEMU off |\n\
+         |---|--:|--:|--:|--:|--:|\n",
+    );
+    for r in rows {
+        let dir = if r.metric == "iperf_up_mbps" {
+            "guest→host"
+        } else {
+            "host→guest"
+        };
+        let pairs = r.pairs.map_or("–".to_string(), |p| p.to_string());
+        let _ = writeln!(
+            s,
+            "| {dir} | {pairs} | {} | {} | **{}** | {} |",
+            cell(&r.of(Vmm::Mqvmm), 0),
+            cell(&r.of(Vmm::MqvmmThreadPerPair), 0),
+            ratio_cell(&r.vs_thread_per_pair),
+            ratio_cell(&r.vs_vhost_off),
+        );
+    }
+    s
+}
+
+/// Under the worker-threads table.
+const THREADS_NOTE: &str = "mqvmm serves its queue pairs from `--net ...,io-threads=N` worker \
+threads, by default the CPUs it may use beyond its vCPUs (one to one per pair; in this rig's L1, 2 CPUs and 2 vCPUs: \
+one thread for all pairs); mqvmm-thread-per-pair boots the same mqvmm a second time per repetition with \
+`mqvmm-launch --io-threads <pairs>`, a worker thread per pair as every mqvmm before this option. Ratios paired by \
+repetition and step.";
 
 /// What the exits table's counters are and where they come from (goes under the table).
 pub const EXITS_METHOD: &str = "KVM's own per-vCPU counters of the VMM's VM in L1 (debugfs, \
@@ -1035,6 +1088,14 @@ fn markdown(data: &Data, dev: &[DevRow], guest: &[GuestRow], exits: &[ExitsRow])
             s.push_str(&steering);
             s.push_str(&steering_note(data));
         }
+        let threads = threads_table(guest);
+        if !threads.is_empty() {
+            s.push_str(
+                "\n### Worker threads: mqvmm's default against a thread per pair, same run\n\n",
+            );
+            s.push_str(&threads);
+            s.push_str(&format!("\n{THREADS_NOTE}\n"));
+        }
         s.push_str("\n![guest throughput](guest-throughput.svg)\n\n");
         let _ = writeln!(s, "Method: {GUEST_METHOD}\n");
     }
@@ -1120,11 +1181,15 @@ pub fn write(data: &Data, dir: &Path) -> Result<Written, Error> {
     Ok(Written {
         files,
         device_table: device_table(dev),
-        guest_table: [guest_table(guest, true), steering_table(guest)]
-            .into_iter()
-            .filter(|t| !t.is_empty())
-            .collect::<Vec<_>>()
-            .join("\n"),
+        guest_table: [
+            guest_table(guest, true),
+            steering_table(guest),
+            threads_table(guest),
+        ]
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n"),
     })
 }
 
@@ -1219,6 +1284,47 @@ mod tests {
         );
         let plot = guest_plot(&rows);
         assert!(plot.contains("<polyline") && plot.contains("qemu-vhost-on"));
+    }
+
+    #[test]
+    fn thread_per_pair_boots_add_a_threads_table_in_both_directions() {
+        let mut recs = Vec::new();
+        for rep in 1..=2 {
+            for p in 1..=2 {
+                let p_f = p as f64;
+                for (vmm, up, down) in [
+                    ("mqvmm", 300.0 * p_f, 400.0),
+                    ("mqvmm-thread-per-pair", 150.0 * p_f, 400.0),
+                    ("qemu-vhost-off", 200.0, 200.0),
+                ] {
+                    recs.push(guest(vmm, rep, "iperf_up_mbps", Some(p), up));
+                    recs.push(guest(vmm, rep, "iperf_down_mbps", Some(p), down));
+                }
+            }
+        }
+        let with = Data::from_records(recs.clone());
+        let rows = guest_rows(&with);
+        let table = threads_table(&rows);
+        assert_eq!(table.lines().count(), 6, "{table}");
+        assert!(
+            table.contains(
+                "| guest→host | 2 | 600 ±0% | 300 ±0% | **2.00 (2.00–2.00)** | 3.00 (3.00–3.00) |"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "| host→guest | 1 | 400 ±0% | 400 ±0% | **1.00 (1.00–1.00)** | 2.00 (2.00–2.00) |"
+            ),
+            "{table}"
+        );
+        let md = markdown(&with, &[], &rows, &exits_rows(&with));
+        assert!(md.contains("### Worker threads: mqvmm's default against a thread per pair"));
+        let without: Vec<Record> = recs
+            .into_iter()
+            .filter(|r| !matches!(r, Record::Guest(g) if g.vmm == "mqvmm-thread-per-pair"))
+            .collect();
+        assert_eq!(threads_table(&guest_rows(&Data::from_records(without))), "");
     }
 
     #[test]

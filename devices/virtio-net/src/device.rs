@@ -20,8 +20,8 @@ use crate::metrics::NetMetrics;
 use crate::state::{relock, DeviceCtrl, ResetFailed, Shared};
 use crate::steer::Steering;
 use crate::worker::{
-    spawn_ctrl, spawn_worker, DeviceThreadHandle, StdSpawner, ThreadSpawner, WorkerFds,
-    WorkerStart, JOIN_TIMEOUT,
+    spawn_ctrl, spawn_workers, worker_thread_name, DeviceThreadHandle, StdSpawner, ThreadSpawner,
+    WorkerFds, WorkerStart, JOIN_TIMEOUT,
 };
 use crate::Interrupt;
 
@@ -115,7 +115,8 @@ pub enum Error {
 /// early return of activation, a reset and dropping the device all stop what was started.
 struct Running<B: Backend> {
     shared: Arc<Shared<B>>,
-    workers: Vec<(usize, DeviceThreadHandle)>,
+    /// Each worker thread with the pairs it serves.
+    workers: Vec<(Vec<usize>, DeviceThreadHandle)>,
     ctrl: Option<(EventFd, DeviceThreadHandle)>,
 }
 
@@ -136,15 +137,17 @@ impl<B: Backend> Drop for Running<B> {
             }
             handle.join_within(JOIN_TIMEOUT);
         }
-        for (pair, handle) in self.workers.drain(..) {
-            let stopped = self.shared.pairs[pair].request(
-                pair,
-                RunState::Stopped,
-                WORKER_CONFIRM_TIMEOUT,
-                None,
-            );
-            if let Err(e) = stopped {
-                error!("virtio-net: {e}");
+        for (pairs, handle) in self.workers.drain(..) {
+            for pair in pairs {
+                let stopped = self.shared.pairs[pair].request(
+                    pair,
+                    RunState::Stopped,
+                    WORKER_CONFIRM_TIMEOUT,
+                    None,
+                );
+                if let Err(e) = stopped {
+                    error!("virtio-net: {e}");
+                }
             }
             handle.join_within(JOIN_TIMEOUT);
         }
@@ -187,6 +190,8 @@ pub struct Net<B: Backend> {
     shared: Arc<Shared<B>>,
     running: Option<Running<B>>,
     spawner: Arc<dyn ThreadSpawner>,
+    /// Worker threads the queue pairs share; `None`: one per pair.
+    io_threads: Option<usize>,
 }
 
 impl<B: Backend + 'static> Net<B> {
@@ -247,6 +252,7 @@ impl<B: Backend + 'static> Net<B> {
             shared,
             running: None,
             spawner: Arc::new(StdSpawner),
+            io_threads: None,
         })
     }
 
@@ -254,6 +260,15 @@ impl<B: Backend + 'static> Net<B> {
     /// from the thread that activates the device).
     pub fn set_thread_spawner(&mut self, spawner: Arc<dyn ThreadSpawner>) {
         self.spawner = spawner;
+    }
+
+    /// Serves the queue pairs from at most `threads` worker threads (at least one; default:
+    /// one per pair). Pair `p` goes to thread `p % threads`, so the pairs the guest enables
+    /// first (0, 1, ...) land on different threads. Fewer threads than pairs suits a host
+    /// with few CPUs beyond the vCPUs: one thread serving several busy queues batches their
+    /// work instead of waking a thread per kick and competing with the vCPUs for a CPU.
+    pub fn set_io_threads(&mut self, threads: usize) {
+        self.io_threads = Some(threads.max(1));
     }
 
     /// Number of queue pairs (max_virtqueue_pairs).
@@ -353,7 +368,7 @@ impl<B: Backend + 'static> Net<B> {
     }
 
     /// Starts the device (driver set DRIVER_OK): one worker per queue pair whose two queues
-    /// are present, and the control thread if CTRL_VQ was negotiated. Only pair 0 is
+    /// are present (on [`Net::set_io_threads`] threads), and the control thread if CTRL_VQ was negotiated. Only pair 0 is
     /// attached and running; the others wait parked for VQ_PAIRS_SET.
     pub fn activate(
         &mut self,
@@ -381,6 +396,8 @@ impl<B: Backend + 'static> Net<B> {
             workers: Vec::new(),
             ctrl: None,
         };
+        let threads = self.io_threads.unwrap_or(pairs).clamp(1, pairs.max(1));
+        let mut groups: Vec<Vec<WorkerStart<B>>> = (0..threads).map(|_| Vec::new()).collect();
         for pair in 0..pairs {
             let rx_index = (2 * pair) as u16;
             let (Some(rx), Some(tx)) =
@@ -397,7 +414,7 @@ impl<B: Backend + 'static> Net<B> {
                 RunState::Parked
             };
             self.shared.pairs[pair].reset(initial);
-            let start = WorkerStart {
+            groups[pair % threads].push(WorkerStart {
                 shared: self.shared.clone(),
                 pair,
                 rx: rx.0,
@@ -410,14 +427,22 @@ impl<B: Backend + 'static> Net<B> {
                 interrupt: interrupt.clone(),
                 features,
                 running: pair == 0,
-            };
+            });
+        }
+        for group in groups.into_iter().filter(|g| !g.is_empty()) {
+            let served: Vec<usize> = group.iter().map(|s| s.pair).collect();
             let handle =
-                spawn_worker(self.spawner.as_ref(), start).map_err(|source| Error::Spawn {
-                    name: format!("net-pair{pair}"),
+                spawn_workers(self.spawner.as_ref(), group).map_err(|source| Error::Spawn {
+                    name: worker_thread_name(&served),
                     source,
                 })?;
-            running.workers.push((pair, handle));
-            relock(&self.shared.state).has_worker[pair] = true;
+            {
+                let mut state = relock(&self.shared.state);
+                for &pair in &served {
+                    state.has_worker[pair] = true;
+                }
+            }
+            running.workers.push((served, handle));
         }
         if let Some(index) = ctrl_index {
             match by_index.remove(&index) {

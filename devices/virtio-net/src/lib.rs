@@ -23,8 +23,11 @@
 //! - [`chain`]: descriptor chains to iovecs, every malformed case told apart.
 //!
 //! # Threads
-//! - `net-pairN`, one per queue pair whose queues the driver set up. Its epoll set holds
-//!   the rx kick, the tx kick, a reschedule eventfd (work left after a budget of 256
+//! - `net-pairN` (or `net-pair0+2` for a thread serving pairs 0 and 2), the workers: one
+//!   per queue pair whose queues the driver set up, by default on a thread of its own;
+//!   [`Net::set_io_threads`] puts them on fewer threads (pair `p` on thread
+//!   `p % threads`), each pair still its own epoll subscriber of the thread's one loop, so
+//!   everything below holds per pair. A pair's epoll set holds the rx kick, the tx kick, a reschedule eventfd (work left after a budget of 256
 //!   frames or 8192 descriptors, so rx and tx of a pair cannot starve each other or the
 //!   control eventfd, whatever chains the guest builds), a control eventfd, and —
 //!   only while the pair is enabled — the backend fd, `EPOLLIN | EPOLLET`. Tx: each

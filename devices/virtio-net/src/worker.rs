@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Threads: one worker per queue pair (`net-pairN`) and the control-queue thread
-//! (`net-ctrl`), each an event-manager epoll loop.
+//! Threads: one worker per queue pair, each pair's worker alone on a thread (`net-pairN`) or
+//! several on one (`net-pair0+2`: one epoll loop, each worker its own subscriber), and the
+//! control-queue thread (`net-ctrl`), each thread an event-manager epoll loop.
 //!
 //! A worker polls its rx kick, tx kick, a reschedule eventfd (work left over after a
 //! budget), its control eventfd, and — only while running — its backend fd, edge-triggered.
@@ -471,11 +472,12 @@ pub struct WorkerStart<B: Backend> {
     pub running: bool,
 }
 
-/// Runs an epoll loop for `subscriber` until `stop` is set. The event manager is created on
-/// the thread itself (subscribers need not be `Send`); `ready` reports whether it could be.
+/// Runs one epoll loop for `subscribers` until every flag in `stops` is set. The event
+/// manager is created on the thread itself (subscribers need not be `Send`); `ready` reports
+/// whether it could be.
 fn run_loop<S: MutEventSubscriber>(
-    subscriber: impl FnOnce() -> S,
-    stop: &AtomicBool,
+    subscribers: impl FnOnce() -> Vec<S>,
+    stops: &[Arc<AtomicBool>],
     ready: std::sync::mpsc::Sender<io::Result<()>>,
 ) {
     let mut em = match EventManager::<S>::new() {
@@ -485,9 +487,11 @@ fn run_loop<S: MutEventSubscriber>(
             return;
         }
     };
-    em.add_subscriber(subscriber());
+    for subscriber in subscribers() {
+        em.add_subscriber(subscriber);
+    }
     let _ = ready.send(Ok(()));
-    while !stop.load(Ordering::Relaxed) {
+    while !stops.iter().all(|s| s.load(Ordering::Relaxed)) {
         if let Err(e) = em.run() {
             error!(
                 "virtio-net: {:?} epoll failed: {e}",
@@ -573,64 +577,92 @@ pub(crate) fn spawn_loop(
     }
 }
 
-/// Spawns the worker thread `net-pair<pair>` and waits until it polls its fds.
-pub fn spawn_worker<B: Backend + 'static>(
+/// The name of the worker thread serving `pairs`: `net-pair0`, or `net-pair0+2` for a
+/// thread that serves pairs 0 and 2 (Linux keeps the first 15 bytes).
+pub fn worker_thread_name(pairs: &[usize]) -> String {
+    let list: Vec<String> = pairs.iter().map(ToString::to_string).collect();
+    format!("net-pair{}", list.join("+"))
+}
+
+/// Spawns one worker thread serving the queue pairs of `starts` (each pair its own epoll
+/// subscriber in the thread's one loop) and waits until it polls their fds.
+pub fn spawn_workers<B: Backend + 'static>(
     spawner: &dyn ThreadSpawner,
-    start: WorkerStart<B>,
+    starts: Vec<WorkerStart<B>>,
 ) -> io::Result<DeviceThreadHandle> {
-    let resched = EventFd::new(EFD_NONBLOCK)?;
-    let name = format!("net-pair{}", start.pair);
-    let kind = DeviceThread::QueuePair(start.pair as u16);
+    let pairs: Vec<usize> = starts.iter().map(|s| s.pair).collect();
+    let Some(&first) = pairs.first() else {
+        return Err(io::Error::other("a worker thread needs a queue pair"));
+    };
+    let name = worker_thread_name(&pairs);
+    let kind = DeviceThread::QueuePair(first as u16);
+    let mut parts = Vec::with_capacity(starts.len());
+    for start in starts {
+        parts.push((start, EventFd::new(EFD_NONBLOCK)?));
+    }
     spawn_loop(spawner, kind, name, move |ready| {
-        let stop = Arc::new(AtomicBool::new(false));
-        let worker_stop = stop.clone();
+        let stops: Vec<Arc<AtomicBool>> = parts
+            .iter()
+            .map(|_| Arc::new(AtomicBool::new(false)))
+            .collect();
+        let worker_stops = stops.clone();
         run_loop(
             move || {
-                let offloads = start.shared.guest_offloads.load(Ordering::Relaxed);
-                let qp = QueuePair::new(
-                    start.pair as u16,
-                    start.rx,
-                    start.tx,
-                    start.mem,
-                    start.interrupt,
-                    start.shared.metrics.clone(),
-                    start.shared.path_config(start.features, offloads),
-                );
-                PairWorker {
-                    qp,
-                    shared: start.shared,
-                    pair: start.pair,
-                    fds: start.fds,
-                    resched,
-                    running: start.running,
-                    stop: worker_stop,
-                    pending_tx: false,
-                    pending_rx: false,
-                    offloads_seen: offloads,
-                    // Differs from any generation: the first refresh takes the filter.
-                    settings_seen: u64::MAX,
-                    timer: match TimerFd::new() {
-                        Ok(timer) => Some(timer),
-                        Err(e) => {
-                            warn!(
-                                "virtio-net: pair {} has no timer ({e}); notifications are \
-                                 not coalesced",
-                                start.pair
-                            );
-                            None
-                        }
-                    },
-                    timer_due: None,
-                    features: start.features,
-                    warned_err: false,
-                    backend_error: false,
-                    lost: false,
-                }
+                parts
+                    .into_iter()
+                    .zip(worker_stops)
+                    .map(|((start, resched), stop)| PairWorker::new(start, resched, stop))
+                    .collect()
             },
-            &stop,
+            &stops,
             ready,
         );
     })
+}
+
+impl<B: Backend> PairWorker<B> {
+    fn new(start: WorkerStart<B>, resched: EventFd, stop: Arc<AtomicBool>) -> Self {
+        let offloads = start.shared.guest_offloads.load(Ordering::Relaxed);
+        let qp = QueuePair::new(
+            start.pair as u16,
+            start.rx,
+            start.tx,
+            start.mem,
+            start.interrupt,
+            start.shared.metrics.clone(),
+            start.shared.path_config(start.features, offloads),
+        );
+        PairWorker {
+            qp,
+            shared: start.shared,
+            pair: start.pair,
+            fds: start.fds,
+            resched,
+            running: start.running,
+            stop,
+            pending_tx: false,
+            pending_rx: false,
+            offloads_seen: offloads,
+            // Differs from any generation: the first refresh takes the filter.
+            settings_seen: u64::MAX,
+            timer: match TimerFd::new() {
+                Ok(timer) => Some(timer),
+                Err(e) => {
+                    warn!(
+                        "virtio-net: pair {} has no timer ({e}); notifications are \
+                         not coalesced",
+                        start.pair
+                    );
+                    None
+                }
+            },
+            timer_due: None,
+            features: start.features,
+            warned_err: false,
+            backend_error: false,
+            lost: false,
+        }
+    }
 }
 
 struct CtrlWorker<T: CtrlTarget> {
@@ -699,15 +731,17 @@ pub fn spawn_ctrl<T: CtrlTarget + Send + 'static>(
             let stop = Arc::new(AtomicBool::new(false));
             let worker_stop = stop.clone();
             run_loop(
-                move || CtrlWorker {
-                    cq,
-                    target,
-                    kick,
-                    resched,
-                    stop_evt,
-                    stop: worker_stop,
+                move || {
+                    vec![CtrlWorker {
+                        cq,
+                        target,
+                        kick,
+                        resched,
+                        stop_evt,
+                        stop: worker_stop,
+                    }]
                 },
-                &stop,
+                &[stop],
                 ready,
             );
         },

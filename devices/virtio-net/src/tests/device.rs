@@ -72,7 +72,23 @@ pub(super) fn rig_over_steered<B: Backend + 'static>(
     ready: impl Fn(usize) -> bool,
     steering: Option<Arc<dyn crate::steer::Steering>>,
 ) -> Result<Rig<'_, B>, Error> {
+    rig_over_threads(mem, backends, cfg, acked, ready, steering, None)
+}
+
+/// The same, with the pairs on `io_threads` worker threads (`None`: one per pair).
+fn rig_over_threads<B: Backend + 'static>(
+    mem: &GuestMemoryMmap,
+    backends: Vec<B>,
+    cfg: NetConfig,
+    acked: u64,
+    ready: impl Fn(usize) -> bool,
+    steering: Option<Arc<dyn crate::steer::Steering>>,
+    io_threads: Option<usize>,
+) -> Result<Rig<'_, B>, Error> {
     let mut net = Net::with_steering(cfg, backends, steering)?;
+    if let Some(threads) = io_threads {
+        net.set_io_threads(threads);
+    }
     net.set_acked_features(acked);
     let count = net.queue_max_sizes().len();
     let ctrl_index = usize::from(net.ctrl_queue_index());
@@ -378,6 +394,74 @@ fn vq_pairs_set_switches_backends_and_workers_and_acks_last() {
     assert_eq!(get(&metrics.pairs[2].tx.packets), 1);
     assert_eq!(get(&metrics.vq_pairs_set), 3);
     assert!(get(&metrics.last_vq_pairs_set_ns) > 0);
+}
+
+/// Names of this process's threads.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn pairs_sharing_worker_threads_each_carry_frames_and_switch() {
+    for (threads, names) in [
+        (1, vec!["net-pair0+1+2+3"]),
+        (2, vec!["net-pair0+2", "net-pair1+3"]),
+    ] {
+        let mem = guest_memory();
+        let (b, peers, journal) = backends(4);
+        let cfg = NetConfig {
+            queue_size: QSIZE,
+            ..Default::default()
+        };
+        let mut rig =
+            rig_over_threads(&mem, b, cfg, f_mq(), |_| true, None, Some(threads)).unwrap();
+        rig.peers = peers;
+        rig.journal = journal;
+        let running = thread_names();
+        for name in &names {
+            assert!(running.iter().any(|n| n == name), "{name} in {running:?}");
+        }
+        // Every pair of a shared thread parks, resumes and carries frames both ways.
+        for round in 0..2u8 {
+            assert_eq!(rig.set_pairs(4), ACK_OK);
+            assert_eq!(rig.parked(), [false; 4]);
+            for p in 0..4 {
+                if round == 0 {
+                    rig.fill_rx(p);
+                } else {
+                    // Gives back the buffer the last frame used: with mergeable buffers the
+                    // device reads once it holds the whole ring (or room for 64 KiB).
+                    rig.q[2 * p].add(&[w(RX_BUF + p as u64 * 0x10000, 2048)]);
+                }
+                rig.kick(2 * p);
+                let f = frame(&payload(300 + p, round * 4 + p as u8));
+                assert!(rig.deliver(p, &f), "threads {threads}: rx on pair {p}");
+                let out = frame(&payload(200 + p, 100 + round * 4 + p as u8));
+                rig.transmit(p, &out);
+                assert!(
+                    rig.q[2 * p + 1].wait_used(u16::from(round) + 1),
+                    "threads {threads}: tx on pair {p}"
+                );
+                assert_eq!(rig.peers[p].recv().as_deref(), Some(&out[..]));
+            }
+            assert_eq!(rig.set_pairs(1), ACK_OK);
+            assert_eq!(rig.parked(), [false, true, true, true]);
+            assert_eq!(rig.attached(), [true, false, false, false]);
+        }
+        for b in rig.net.backends() {
+            assert_eq!(b.state.touched_detached(), 0);
+        }
+        // Stopping the device ends every shared thread.
+        drop(rig);
+        let left = thread_names();
+        for name in &names {
+            assert!(!left.iter().any(|n| n == name), "{name} still in {left:?}");
+        }
+    }
 }
 
 #[test]
