@@ -557,7 +557,7 @@ impl Boot<'_> {
         }
         self.sync_shell()?;
         self.check(
-            "nowns() { { read -r _; read -r _; read -r _ _ n _; } </proc/timer_list; echo $n; }; irqs() { awk '/virtio/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i } END { print s + 0 }' /proc/interrupts; }",
+            "nowns() { { read -r _; read -r _; read -r _ _ n _; } </proc/timer_list; echo $n; }; irqs() { awk -v p=\"$1\" '/virtio/ && $NF ~ p { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i } END { print s + 0 }' /proc/interrupts; }",
         )?;
         let kernel = self.check("uname -r")?;
         self.out.push(Record::meta(
@@ -594,7 +594,7 @@ impl Boot<'_> {
                 // iperf3's report goes to a file and is shown after the second reading of
                 // KVM's counters: every byte on the serial console is several port-I/O exits.
                 let irq_line = self.check(&format!(
-                    "i0=$(irqs); iperf3 -c {HOST_IP} -P {p} -t {secs} -f m{extra} >/tmp/iperf.out 2>&1; r=$?; i1=$(irqs); echo GUEST_IRQS=$((i1-i0)); [ $r = 0 ] || {{ cat /tmp/iperf.out; false; }}"
+                    "i0=$(irqs); n0=$(irqs input); o0=$(irqs output); iperf3 -c {HOST_IP} -P {p} -t {secs} -f m{extra} >/tmp/iperf.out 2>&1; r=$?; i1=$(irqs); n1=$(irqs input); o1=$(irqs output); echo GUEST_IRQS=$((i1-i0)) $((n1-n0)) $((o1-o0)); [ $r = 0 ] || {{ cat /tmp/iperf.out; false; }}"
                 ))?;
                 let kvm_after = self.kvm_counters();
                 let out = self.check("grep -E 'SUM|receiver|sender' /tmp/iperf.out")?;
@@ -611,9 +611,23 @@ impl Boot<'_> {
                 let irqs = irq_line
                     .lines()
                     .find_map(|l| l.trim().strip_prefix("GUEST_IRQS="))
-                    .and_then(|v| v.parse::<f64>().ok());
-                if let (Some(irqs), true) = (irqs, mbytes > 0.0) {
-                    self.sample(&format!("guest_irqs_per_mb_{dir}"), Some(n), irqs / mbytes);
+                    .map(guest_irqs);
+                if let (Some((all, split)), true) = (irqs, mbytes > 0.0) {
+                    self.sample(&format!("guest_irqs_per_mb_{dir}"), Some(n), all / mbytes);
+                    // Per queue direction where the lines tell it (virtio-pci names each
+                    // vector virtioN-input.Q / -output.Q; virtio-mmio has one line).
+                    if let Some((input, output)) = split {
+                        self.sample(
+                            &format!("guest_rx_irqs_per_mb_{dir}"),
+                            Some(n),
+                            input / mbytes,
+                        );
+                        self.sample(
+                            &format!("guest_tx_irqs_per_mb_{dir}"),
+                            Some(n),
+                            output / mbytes,
+                        );
+                    }
                 }
                 if let Some(before) = before {
                     let after = self.metrics_line()?;
@@ -897,9 +911,31 @@ pub fn run(opts: &Options, path: &Path, progress: &mut dyn FnMut(&str)) -> Resul
     Ok(())
 }
 
+/// The guest's virtio interrupts over a run, `ALL INPUT OUTPUT` as the guest printed them:
+/// all, and (receive queues, transmit queues) where the interrupt lines tell them apart.
+fn guest_irqs(line: &str) -> (f64, Option<(f64, f64)>) {
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|x| x.parse::<f64>().ok())
+        .collect();
+    let all = v.first().copied().unwrap_or(0.0);
+    match (v.get(1), v.get(2)) {
+        (Some(&i), Some(&o)) if i + o > 0.0 => (all, Some((i, o))),
+        _ => (all, None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_interrupts_split_by_queue_direction_only_where_the_lines_tell() {
+        assert_eq!(guest_irqs("120 70 50"), (120.0, Some((70.0, 50.0))));
+        // virtio-mmio: one line for every queue, neither input nor output.
+        assert_eq!(guest_irqs("120 0 0"), (120.0, None));
+        assert_eq!(guest_irqs("7"), (7.0, None));
+    }
 
     #[test]
     fn iperf_summary_is_read_from_the_receiver_sum() {

@@ -731,7 +731,7 @@ mmio_exits, instructions KVM emulated and completed itself: under L1's shadow pa
 show (an MMIO page fault KVM emulates; KVM keeps no ioeventfd counter), together with the guest's writes to its \
 write-protected page tables; mqvmm's own kick counter tells the kicks apart. irq injections: irq_injections, every \
 interrupt KVM injected (virtio MSIs, timer, IPIs). halts: halt_exits. Guest virtio irqs: the guest's /proc/interrupts \
-virtio lines over the same run; device kicks and irqs: mqvmm's own counters (SIGUSR1 metrics) over the same run.";
+virtio lines over the same run (rx / tx queues: the virtioN-input.Q / virtioN-output.Q lines of virtio-pci's per-queue vectors); device kicks and irqs: mqvmm's own counters (SIGUSR1 metrics) over the same run.";
 
 /// The per-MB figures of one (direction, pairs, VMM): KVM's counters and the guest's and
 /// mqvmm's own, all over the same iperf3 runs.
@@ -756,6 +756,12 @@ pub struct ExitsRow {
     pub kvm_halt_exits_per_mb: Option<Summary>,
     /// The guest's virtio interrupts per MB (/proc/interrupts).
     pub guest_irqs_per_mb: Option<Summary>,
+    /// Of those, the receive queues' (virtio-pci: `virtioN-input.Q` lines).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_rx_irqs_per_mb: Option<Summary>,
+    /// And the transmit queues' (`virtioN-output.Q`: transmit completions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_tx_irqs_per_mb: Option<Summary>,
     /// Kicks the device counted per MB (mqvmm only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vmm_kicks_per_mb: Option<Summary>,
@@ -799,6 +805,8 @@ pub fn exits_rows(data: &Data) -> Vec<ExitsRow> {
                     kvm_irq_injections_per_mb: summary("kvm_irq_injections_per_mb"),
                     kvm_halt_exits_per_mb: summary("kvm_halt_exits_per_mb"),
                     guest_irqs_per_mb: summary("guest_irqs_per_mb"),
+                    guest_rx_irqs_per_mb: summary("guest_rx_irqs_per_mb"),
+                    guest_tx_irqs_per_mb: summary("guest_tx_irqs_per_mb"),
                     vmm_kicks_per_mb: summary("vmm_kicks_per_mb"),
                     vmm_irqs_per_mb: summary("vmm_irqs_per_mb"),
                 };
@@ -817,8 +825,8 @@ pub fn exits_table(rows: &[ExitsRow]) -> String {
         return String::new();
     }
     let mut s = String::from(
-        "| dir | pairs | VMM | exits | MMIO/PIO to VMM | emulated in KVM (ioeventfd kicks, PT writes) | irq injections | halts | guest virtio irqs | device kicks | device irqs |\n\
-         |---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        "| dir | pairs | VMM | exits | MMIO/PIO to VMM | emulated in KVM (ioeventfd kicks, PT writes) | irq injections | halts | guest virtio irqs | of which rx queues | of which tx queues | device kicks | device irqs |\n\
+         |---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for r in rows {
         let dir = if r.dir == "up" {
@@ -828,7 +836,7 @@ pub fn exits_table(rows: &[ExitsRow]) -> String {
         };
         let _ = writeln!(
             s,
-            "| {dir} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {dir} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.pairs,
             r.vmm,
             cell(&r.kvm_exits_per_mb, 1),
@@ -837,6 +845,8 @@ pub fn exits_table(rows: &[ExitsRow]) -> String {
             cell(&r.kvm_irq_injections_per_mb, 1),
             cell(&r.kvm_halt_exits_per_mb, 1),
             cell(&r.guest_irqs_per_mb, 1),
+            cell(&r.guest_rx_irqs_per_mb, 1),
+            cell(&r.guest_tx_irqs_per_mb, 1),
             cell(&r.vmm_kicks_per_mb, 1),
             cell(&r.vmm_irqs_per_mb, 1),
         );
@@ -1426,6 +1436,8 @@ mod tests {
             }
         }
         without.push(guest("mqvmm", 1, "vmm_kicks_per_mb_up", Some(2), 30.0));
+        without.push(guest("qemu-vhost-off", 1, "guest_rx_irqs_per_mb_up", Some(1), 2.5));
+        without.push(guest("qemu-vhost-off", 1, "guest_tx_irqs_per_mb_up", Some(1), 3.5));
         let mut with = without.clone();
         for (vmm, exits) in [("mqvmm", 400.0), ("qemu-vhost-off", 250.0)] {
             for p in 1..=2 {
@@ -1446,11 +1458,11 @@ mod tests {
         assert_eq!(rows.len(), 4, "{rows:?}");
         let table = exits_table(&rows);
         assert!(
-            table.contains("| guest→host | 2 | mqvmm | 800.0 ±0% | 1.5 ±0% | 31.0 ±0% | 20.0 ±0% | 9.0 ±0% | 12.0 ±0% | 30.0 ±0% | – |"),
+            table.contains("| guest→host | 2 | mqvmm | 800.0 ±0% | 1.5 ±0% | 31.0 ±0% | 20.0 ±0% | 9.0 ±0% | 12.0 ±0% | – | – | 30.0 ±0% | – |"),
             "{table}"
         );
         assert!(
-            table.contains("| guest→host | 1 | qemu-vhost-off | 250.0 ±0% | 1.5 ±0% | 31.0 ±0% | 20.0 ±0% | 9.0 ±0% | 6.0 ±0% | – | – |"),
+            table.contains("| guest→host | 1 | qemu-vhost-off | 250.0 ±0% | 1.5 ±0% | 31.0 ±0% | 20.0 ±0% | 9.0 ±0% | 6.0 ±0% | 2.5 ±0% | 3.5 ±0% | – | – |"),
             "{table}"
         );
         let md = |d: &Data| markdown(d, &[], &guest_rows(d), &exits_rows(d));
