@@ -14,7 +14,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::backend::Backend;
-use crate::chain::{chain_iov, read_at, write_at, ChainError, MAX_IOV};
+use crate::chain::{chain_iov_host, read_at, write_at, ChainError, HostMem, MAX_IOV};
 use crate::coalesce::{Coalesce, Coalescer};
 use crate::features::{Negotiated, NUM_BUFFERS_OFFSET, VNET_HDR_LEN_V1};
 use crate::filter::{RxFilter, FILTER_HEAD_LEN};
@@ -195,6 +195,8 @@ pub struct QueuePair {
     rx: Ring,
     tx: Ring,
     mem: GuestMemoryMmap,
+    /// `mem` with its regions' host addresses resolved, for chains and rings.
+    host: HostMem,
     interrupt: Arc<dyn Interrupt>,
     metrics: Arc<NetMetrics>,
     path: PathConfig,
@@ -232,11 +234,13 @@ impl QueuePair {
     ) -> Self {
         let rx_chains = usize::from(rx.size());
         let (rx_notified_at, tx_notified_at) = (rx.next_used(), tx.next_used());
+        let host = HostMem::new(&mem);
         QueuePair {
             pair,
-            rx: Ring::new(rx),
-            tx: Ring::new(tx),
+            rx: Ring::with_host(rx, &host),
+            tx: Ring::with_host(tx, &host),
             mem,
+            host,
             interrupt,
             metrics,
             path,
@@ -320,14 +324,14 @@ impl QueuePair {
         if rx {
             let cfg = self.rx_coal.get();
             self.rx_notified_at = queue.next_used();
-            self.rx = Ring::new(queue);
+            self.rx = Ring::with_host(queue, &self.host);
             self.rx_buf.clear();
             self.rx_coal.set(cfg);
             self.rx_live = true;
         } else {
             let cfg = self.tx_coal.get();
             self.tx_notified_at = queue.next_used();
-            self.tx = Ring::new(queue);
+            self.tx = Ring::with_host(queue, &self.host);
             self.tx_coal.set(cfg);
             self.tx_live = true;
         }
@@ -444,8 +448,8 @@ impl QueuePair {
                 }
                 budget -= 1;
                 self.tx_iov.clear();
-                let chain = chain_iov(
-                    &self.mem,
+                let chain = chain_iov_host(
+                    &self.host,
                     table,
                     head,
                     false,
@@ -549,8 +553,8 @@ impl QueuePair {
             };
             let iov_start = self.rx_buf.iov.len();
             let max_segments = self.rx_buf.iov_front() + MAX_IOV;
-            let result = chain_iov(
-                &self.mem,
+            let result = chain_iov_host(
+                &self.host,
                 table,
                 head,
                 true,
