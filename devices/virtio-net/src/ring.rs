@@ -26,10 +26,15 @@ struct RingHost {
     avail: usize,
     /// Used ring: flags, idx, `ring[size]` of (id, len), avail_event (4-byte aligned).
     used: usize,
+    /// `size - 1`: ring positions to slots without a division (the size is a power of two).
+    mask: u16,
 }
 
 impl RingHost {
     fn new(queue: &Queue, host: &HostMem) -> Option<Self> {
+        if !queue.size().is_power_of_two() {
+            return None;
+        }
         let size = u64::from(queue.size());
         let avail = host.host(GuestAddress(queue.avail_ring()), 6 + 2 * size)? as usize;
         let used = host.host(GuestAddress(queue.used_ring()), 6 + 8 * size)? as usize;
@@ -37,6 +42,7 @@ impl RingHost {
             _mem: host.clone(),
             avail,
             used,
+            mask: queue.size() - 1,
         })
     }
 
@@ -141,6 +147,7 @@ impl Ring {
     /// every entry up to the last value read has been popped, so `None` always means a fresh
     /// read found nothing new. An index more than a queue size ahead is an error, as in
     /// virtio-queue's iterator.
+    #[inline]
     pub fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<u16>, Error> {
         let queue = &mut self.queue;
         let next = queue.next_avail();
@@ -158,11 +165,14 @@ impl Ring {
                 return Ok(None);
             }
         }
-        let slot = u64::from(next % queue.size().max(1));
         let head: u16 = match &self.host {
-            // SAFETY: `slot < size`, so `4 + 2 * slot` is an even offset inside the area.
-            Some(h) => unsafe { h.avail_u16(4 + 2 * slot) }.load(Ordering::Acquire),
+            Some(h) => {
+                let offset = 4 + 2 * u64::from(next & h.mask);
+                // SAFETY: `next & mask < size`, so the offset is even and inside the area.
+                unsafe { h.avail_u16(offset) }.load(Ordering::Acquire)
+            }
             None => {
+                let slot = u64::from(next % queue.size().max(1));
                 let addr = queue
                     .avail_ring()
                     .checked_add(4 + 2 * slot)
@@ -185,6 +195,7 @@ impl Ring {
     /// stored here but by [`Ring::publish`], once per batch and always before a notification
     /// decision, so the driver sees the entries no later than the interrupt (and one index
     /// store serves a whole batch).
+    #[inline]
     pub fn put(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32) -> Result<(), Error> {
         let queue = &mut self.queue;
         let size = queue.size();
@@ -192,9 +203,9 @@ impl Ring {
             return Err(Error::InvalidDescriptorIndex);
         }
         let next = queue.next_used();
-        let offset = 4 + 8 * u64::from(next % size);
         if let Some(h) = &self.host {
-            // SAFETY: `next % size < size`: the element's two u32 lie at offsets that are
+            let offset = 4 + 8 * u64::from(next & h.mask);
+            // SAFETY: `next & mask < size`: the element's two u32 lie at offsets that are
             // multiples of 4 and at most `8 * size`. Relaxed: `publish` stores the used index
             // with release ordering before the driver may look at the element.
             unsafe {
@@ -205,7 +216,7 @@ impl Ring {
         } else {
             let addr = queue
                 .used_ring()
-                .checked_add(offset)
+                .checked_add(4 + 8 * u64::from(next % size))
                 .map(GuestAddress)
                 .ok_or(Error::AddressOverflow)?;
             let mut elem = [0u8; 8];

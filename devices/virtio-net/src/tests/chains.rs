@@ -359,7 +359,7 @@ fn host_translation_matches_vm_memory_at_every_edge() {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         let (mut da, mut db) = (0, 0);
         let ra = chain_iov(&mem, table, i as u16, true, &mut a, 64, &mut da);
-        let rb = chain_iov_host(&host, table, i as u16, true, &mut b, 64, &mut db);
+        let rb = chain_iov_host(&host.table(table), i as u16, true, &mut b, 64, &mut db);
         assert_eq!(ra, rb, "chain {i}");
         assert_eq!(da, db, "chain {i}");
         let pairs = |v: &[libc::iovec]| -> Vec<(usize, usize)> {
