@@ -155,7 +155,7 @@ impl Ring {
             let idx = match &self.host {
                 // SAFETY: offset 2 is the avail index, inside the area.
                 Some(h) => u16::from_le(unsafe { h.avail_u16(2) }.load(Ordering::Acquire)),
-                None => queue.avail_idx(mem, Ordering::Acquire)?.0,
+                None => Self::read_avail_idx(queue, mem)?,
             };
             if idx.wrapping_sub(next) > queue.size() {
                 return Err(Error::InvalidAvailRingIndex);
@@ -171,18 +171,28 @@ impl Ring {
                 // SAFETY: `next & mask < size`, so the offset is even and inside the area.
                 unsafe { h.avail_u16(offset) }.load(Ordering::Acquire)
             }
-            None => {
-                let slot = u64::from(next % queue.size().max(1));
-                let addr = queue
-                    .avail_ring()
-                    .checked_add(4 + 2 * slot)
-                    .ok_or(Error::AddressOverflow)?;
-                mem.load(GuestAddress(addr), Ordering::Acquire)
-                    .map_err(Error::GuestMemory)?
-            }
+            None => Self::read_avail(queue, mem, next)?,
         };
         queue.set_next_avail(next.wrapping_add(1));
         Ok(Some(u16::from_le(head)))
+    }
+
+    /// `pop`'s read of the avail index through vm-memory (no host addresses resolved).
+    #[inline(never)]
+    fn read_avail_idx(queue: &Queue, mem: &GuestMemoryMmap) -> Result<u16, Error> {
+        Ok(queue.avail_idx(mem, Ordering::Acquire)?.0)
+    }
+
+    /// `pop`'s read of avail entry `next` through vm-memory (no host addresses resolved).
+    #[inline(never)]
+    fn read_avail(queue: &Queue, mem: &GuestMemoryMmap, next: u16) -> Result<u16, Error> {
+        let slot = u64::from(next % queue.size().max(1));
+        let addr = queue
+            .avail_ring()
+            .checked_add(4 + 2 * slot)
+            .ok_or(Error::AddressOverflow)?;
+        mem.load(GuestAddress(addr), Ordering::Acquire)
+            .map_err(Error::GuestMemory)
     }
 
     /// Gives the last `n` popped heads back: they are popped again next time.
@@ -198,38 +208,51 @@ impl Ring {
     #[inline]
     pub fn put(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32) -> Result<(), Error> {
         let queue = &mut self.queue;
-        let size = queue.size();
-        if head >= size {
+        if head >= queue.size() {
             return Err(Error::InvalidDescriptorIndex);
         }
         let next = queue.next_used();
-        if let Some(h) = &self.host {
-            let offset = 4 + 8 * u64::from(next & h.mask);
-            // SAFETY: `next & mask < size`: the element's two u32 lie at offsets that are
-            // multiples of 4 and at most `8 * size`. Relaxed: `publish` stores the used index
-            // with release ordering before the driver may look at the element.
-            unsafe {
-                h.used_u32(offset)
-                    .store(u32::from(head).to_le(), Ordering::Relaxed);
-                h.used_u32(offset + 4).store(len.to_le(), Ordering::Relaxed);
+        match &self.host {
+            Some(h) => {
+                let offset = 4 + 8 * u64::from(next & h.mask);
+                // SAFETY: `next & mask < size`: the element's two u32 lie at offsets that are
+                // multiples of 4 and at most `8 * size`. Relaxed: `publish` stores the used
+                // index with release ordering before the driver may look at the element.
+                unsafe {
+                    h.used_u32(offset)
+                        .store(u32::from(head).to_le(), Ordering::Relaxed);
+                    h.used_u32(offset + 4).store(len.to_le(), Ordering::Relaxed);
+                }
             }
-        } else {
-            let addr = queue
-                .used_ring()
-                .checked_add(4 + 8 * u64::from(next % size))
-                .map(GuestAddress)
-                .ok_or(Error::AddressOverflow)?;
-            let mut elem = [0u8; 8];
-            elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-            elem[4..].copy_from_slice(&len.to_le_bytes());
-            match mem.get_slice(addr, elem.len()) {
-                Ok(slot) => slot.copy_from(&elem),
-                // Not in one region (or not in memory): the general path splits or fails.
-                Err(_) => mem.write_slice(&elem, addr).map_err(Error::GuestMemory)?,
-            }
+            None => Self::write_used(queue, mem, next, head, len)?,
         }
         queue.set_next_used(next.wrapping_add(1));
         self.unsignalled = self.unsignalled.wrapping_add(1);
+        Ok(())
+    }
+
+    /// `put`'s element store through vm-memory (no host addresses resolved).
+    #[inline(never)]
+    fn write_used(
+        queue: &Queue,
+        mem: &GuestMemoryMmap,
+        next: u16,
+        head: u16,
+        len: u32,
+    ) -> Result<(), Error> {
+        let addr = queue
+            .used_ring()
+            .checked_add(4 + 8 * u64::from(next % queue.size()))
+            .map(GuestAddress)
+            .ok_or(Error::AddressOverflow)?;
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        match mem.get_slice(addr, elem.len()) {
+            Ok(slot) => slot.copy_from(&elem),
+            // Not in one region (or not in memory): the general path splits or fails.
+            Err(_) => mem.write_slice(&elem, addr).map_err(Error::GuestMemory)?,
+        }
         Ok(())
     }
 
