@@ -7,7 +7,9 @@
 //! walker reports those cases as errors so the chain is returned with length 0 instead.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, VolatileSlice,
+};
 
 /// Size of one split-ring descriptor.
 const DESC_SIZE: u64 = 16;
@@ -99,17 +101,144 @@ pub struct DescTable {
     pub indirect: bool,
 }
 
-/// The descriptor table of `entries` entries at `base` as one host slice, when it lies in one
-/// memory region (always, for a sane driver): descriptors are then read with a bounds check
-/// instead of a guest-memory lookup each. `None` sends every read the slow way, which reports
-/// exactly which entry is unreadable.
-fn table_slice(
-    mem: &GuestMemoryMmap,
+/// One guest memory region: guest start, length, host address of its first byte.
+#[derive(Debug, Clone, Copy)]
+struct HostRegion {
+    start: u64,
+    len: u64,
+    host: usize,
+}
+
+impl HostRegion {
+    #[inline]
+    fn host(&self, addr: u64, len: u64) -> Option<*mut u8> {
+        let offset = addr.checked_sub(self.start)?;
+        // `offset + len <= self.len`: inside the region's mapping.
+        (offset < self.len && len <= self.len - offset)
+            .then(|| (self.host + offset as usize) as *mut u8)
+    }
+}
+
+/// Guest memory with the host address of every region resolved once, for the data path:
+/// translating a buffer is then a compare per region (one, for most VMs) instead of a
+/// vm-memory lookup, and ring entries are read and written through plain host pointers.
+///
+/// It keeps a handle on the memory, so every host address it hands out stays mapped for as
+/// long as it lives. A range not inside one region is not translated here (`None`): callers
+/// fall back to vm-memory, which splits it or reports it.
+#[derive(Debug, Clone)]
+pub struct HostMem {
+    mem: GuestMemoryMmap,
+    /// The first region, inline: the data path touches no other cache line for it.
+    first: HostRegion,
+    /// The others.
+    rest: Vec<HostRegion>,
+}
+
+impl HostMem {
+    /// Resolves the regions of `mem` (a region without a host address is left out: ranges in
+    /// it take vm-memory's path).
+    pub fn new(mem: &GuestMemoryMmap) -> Self {
+        let mut regions = mem
+            .iter()
+            .filter_map(|r| {
+                let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
+                Some(HostRegion {
+                    start: r.start_addr().0,
+                    len: r.len(),
+                    host: host as usize,
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter();
+        // An empty region translates nothing.
+        let first = regions.next().unwrap_or(HostRegion {
+            start: 0,
+            len: 0,
+            host: 0,
+        });
+        HostMem {
+            mem: mem.clone(),
+            first,
+            rest: regions.collect(),
+        }
+    }
+
+    /// The memory this view was built from.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The host address of `len` bytes at guest address `addr`, if they lie in one region.
+    /// The address stays valid for writes and reads of `len` bytes while `self` lives.
+    #[inline]
+    pub fn host(&self, addr: GuestAddress, len: u64) -> Option<*mut u8> {
+        self.first
+            .host(addr.0, len)
+            .or_else(|| self.rest.iter().find_map(|r| r.host(addr.0, len)))
+    }
+}
+
+/// Where a chain's descriptors are read from.
+enum TableSrc<'a> {
+    /// A host pointer to the whole table, 8-byte aligned and valid for the table's entries
+    /// while the [`HostMem`] it came from is borrowed.
+    Host(*const u8),
+    /// The table as one vm-memory slice.
+    Slice(VolatileSlice<'a>),
+    /// Entry by entry through vm-memory, which reports exactly which one is unreadable.
+    Memory,
+}
+
+/// The descriptor table of `entries` entries at `base`, as directly readable as it can be:
+/// when it lies in one memory region (always, for a sane driver) descriptors are read with a
+/// bounds check instead of a guest-memory lookup each; with `host`, and the table 8-byte
+/// aligned (a driver aligns it to 16), straight from its host address.
+fn table_src<'a>(
+    mem: &'a GuestMemoryMmap,
+    host: Option<&HostMem>,
     base: GuestAddress,
     entries: u32,
-) -> Option<VolatileSlice<'_>> {
-    let len = usize::try_from(u64::from(entries) * DESC_SIZE).ok()?;
-    mem.get_slice(base, len).ok()
+) -> TableSrc<'a> {
+    let len = u64::from(entries) * DESC_SIZE;
+    if let Some(ptr) = host.and_then(|h| h.host(base, len)) {
+        if (ptr as usize).is_multiple_of(8) {
+            return TableSrc::Host(ptr);
+        }
+    }
+    match usize::try_from(len)
+        .ok()
+        .and_then(|len| mem.get_slice(base, len).ok())
+    {
+        Some(slice) => TableSrc::Slice(slice),
+        None => TableSrc::Memory,
+    }
+}
+
+/// Reads descriptor `index` of a table at host address `table`.
+///
+/// # Safety
+/// `table` must be 8-byte aligned and valid for reads of at least `index + 1` descriptors.
+unsafe fn read_desc(table: *const u8, index: u16) -> Descriptor {
+    // SAFETY: the caller guarantees the entry is inside the table and aligned; volatile
+    // because the guest shares the memory (a torn read gives garbage, which is checked like
+    // any other guest value).
+    let (a, b) = unsafe {
+        let p = table
+            .add(usize::from(index) * DESC_SIZE as usize)
+            .cast::<u64>();
+        (
+            std::ptr::read_volatile(p),
+            std::ptr::read_volatile(p.add(1)),
+        )
+    };
+    let b = u64::from_le(b);
+    Descriptor::new(
+        u64::from_le(a),
+        b as u32,
+        (b >> 32) as u16,
+        (b >> 48) as u16,
+    )
 }
 
 /// Calls `f` for every descriptor of the chain starting at `head`, following at most one
@@ -119,8 +248,17 @@ fn table_slice(
 /// together (virtio 1.x, 2.7.5.3.1: a driver must not build longer ones). That also bounds
 /// the work one chain can cost, whatever the guest put in an indirect table's length: `f`
 /// is called at most `table.size` times.
-pub fn walk<F>(
+pub fn walk<F>(mem: &GuestMemoryMmap, table: DescTable, head: u16, f: F) -> Result<(), ChainError>
+where
+    F: FnMut(&Descriptor) -> Result<(), ChainError>,
+{
+    walk_in(mem, None, table, head, f)
+}
+
+/// [`walk`], translating tables through `host` when given.
+fn walk_in<F>(
     mem: &GuestMemoryMmap,
+    host: Option<&HostMem>,
     table: DescTable,
     head: u16,
     mut f: F,
@@ -134,7 +272,7 @@ where
     let mut budget = limit;
     let mut index = head;
     let mut in_indirect = false;
-    let mut slice = table_slice(mem, base, size);
+    let mut src = table_src(mem, host, base, size);
     loop {
         if u32::from(index) >= size {
             return Err(ChainError::IndexOutOfRange { index, size });
@@ -147,11 +285,15 @@ where
             .0
             .checked_add(u64::from(index) * DESC_SIZE)
             .ok_or_else(|| unreadable.clone())?;
-        let desc: Descriptor = match &slice {
-            Some(s) => s
+        let desc: Descriptor = match &src {
+            // SAFETY: `table_src` checked that the table's `size` entries lie in one region
+            // of `host`'s memory (mapped while `host` is borrowed) and are 8-byte aligned;
+            // `index < size` was checked above.
+            TableSrc::Host(t) => unsafe { read_desc(*t, index) },
+            TableSrc::Slice(s) => s
                 .read_obj(usize::from(index) * DESC_SIZE as usize)
                 .map_err(|_| unreadable)?,
-            None => mem.read_obj(GuestAddress(addr)).map_err(|_| unreadable)?,
+            TableSrc::Memory => mem.read_obj(GuestAddress(addr)).map_err(|_| unreadable)?,
         };
 
         if desc.refers_to_indirect_table() {
@@ -171,7 +313,7 @@ where
             }
             base = desc.addr();
             size = entries;
-            slice = table_slice(mem, base, size);
+            src = table_src(mem, host, base, size);
             index = 0;
             in_indirect = true;
             continue;
@@ -204,6 +346,7 @@ fn host_iovec(slice: &VolatileSlice<'_>, writable: bool) -> libc::iovec {
 /// Appends the host iovecs of `len` bytes of guest memory at `addr`.
 fn push_segments(
     mem: &GuestMemoryMmap,
+    host: Option<&HostMem>,
     addr: GuestAddress,
     len: u32,
     writable: bool,
@@ -211,6 +354,17 @@ fn push_segments(
     max_segments: usize,
 ) -> Result<(), ChainError> {
     let out_of_memory = || ChainError::OutOfMemory { addr: addr.0, len };
+    // Fastest path: the buffer lies in one region whose host address is known.
+    if let Some(ptr) = host.and_then(|h| h.host(addr, u64::from(len))) {
+        if iov.len() >= max_segments {
+            return Err(ChainError::TooManySegments { max: max_segments });
+        }
+        iov.push(libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len as usize,
+        });
+        return Ok(());
+    }
     // Fast path: the buffer lies in one region (get_slice refuses anything else, which then
     // takes the general path below and fails or splits there).
     if let Ok(slice) = mem.get_slice(addr, len as usize) {
@@ -244,9 +398,94 @@ pub fn chain_iov(
     max_segments: usize,
     descs: &mut usize,
 ) -> Result<usize, ChainError> {
+    chain_iov_in(mem, None, table, head, writable, iov, max_segments, descs)
+}
+
+/// A queue's descriptor table in a [`HostMem`], its host address resolved once (for a batch
+/// of chains) when the whole table lies in one region, 8-byte aligned.
+#[derive(Clone, Copy)]
+pub struct HostTable<'a> {
+    host: &'a HostMem,
+    table: DescTable,
+    /// Host address of entry 0, valid for `table.size` entries while `host` is borrowed.
+    ptr: Option<*const u8>,
+}
+
+impl HostMem {
+    /// `table` with its host address resolved.
+    pub fn table(&self, table: DescTable) -> HostTable<'_> {
+        let ptr = self
+            .host(table.addr, u64::from(table.size) * DESC_SIZE)
+            .filter(|p| (*p as usize).is_multiple_of(8))
+            .map(|p| p as *const u8);
+        HostTable {
+            host: self,
+            table,
+            ptr,
+        }
+    }
+}
+
+/// [`chain_iov`] over `host`'s memory, translating through its resolved regions (what the
+/// data path uses); the same checks, the same errors.
+///
+/// The common chain, one direct descriptor whose buffer lies in one region (a mergeable
+/// receive buffer, a small transmit frame), is handled here with the same checks in the
+/// same order as [`walk`] would make them; anything else takes the general walk.
+pub fn chain_iov_host(
+    table: &HostTable<'_>,
+    head: u16,
+    writable: bool,
+    iov: &mut Vec<libc::iovec>,
+    max_segments: usize,
+    descs: &mut usize,
+) -> Result<usize, ChainError> {
+    if let Some(t) = table.ptr.filter(|_| head < table.table.size) {
+        // SAFETY: `HostMem::table` checked that the table's `size` entries lie in one region
+        // of `table.host` (borrowed, so mapped) and are 8-byte aligned; `head < size`.
+        let desc = unsafe { read_desc(t, head) };
+        let simple = !desc.has_next() && !desc.refers_to_indirect_table();
+        if simple && desc.is_write_only() == writable && desc.len() > 0 {
+            if let Some(ptr) = table.host.host(desc.addr(), u64::from(desc.len())) {
+                *descs += 1;
+                if iov.len() >= max_segments {
+                    return Err(ChainError::TooManySegments { max: max_segments });
+                }
+                iov.push(libc::iovec {
+                    iov_base: ptr.cast(),
+                    iov_len: desc.len() as usize,
+                });
+                return Ok(desc.len() as usize);
+            }
+        }
+    }
+    chain_iov_in(
+        table.host.memory(),
+        Some(table.host),
+        table.table,
+        head,
+        writable,
+        iov,
+        max_segments,
+        descs,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn chain_iov_in(
+    mem: &GuestMemoryMmap,
+    host: Option<&HostMem>,
+    table: DescTable,
+    head: u16,
+    writable: bool,
+    iov: &mut Vec<libc::iovec>,
+    max_segments: usize,
+    descs: &mut usize,
+) -> Result<usize, ChainError> {
     let start = iov.len();
     let mut total: usize = 0;
-    let result = walk(mem, table, head, |desc| {
+    let result = walk_in(mem, host, table, head, |desc| {
         *descs += 1;
         if desc.is_write_only() != writable {
             return Err(if writable {
@@ -258,7 +497,15 @@ pub fn chain_iov(
         if desc.len() == 0 {
             return Ok(());
         }
-        push_segments(mem, desc.addr(), desc.len(), writable, iov, max_segments)?;
+        push_segments(
+            mem,
+            host,
+            desc.addr(),
+            desc.len(),
+            writable,
+            iov,
+            max_segments,
+        )?;
         total += desc.len() as usize;
         Ok(())
     });

@@ -9,13 +9,75 @@
 //! errors, never panics.
 
 use std::num::Wrapping;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
 
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Error, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::chain::DescTable;
+use crate::chain::{DescTable, HostMem};
+
+/// Host addresses of a ring's avail and used areas (each in one region, aligned as the spec
+/// wants them), and the memory handle that keeps them mapped.
+#[derive(Debug)]
+struct RingHost {
+    _mem: HostMem,
+    /// Avail ring: flags, idx, `ring[size]`, used_event (2-byte aligned).
+    avail: usize,
+    /// Used ring: flags, idx, `ring[size]` of (id, len), avail_event (4-byte aligned).
+    used: usize,
+    /// `size - 1`: ring positions to slots without a division (the size is a power of two).
+    mask: u16,
+}
+
+impl RingHost {
+    fn new(queue: &Queue, host: &HostMem) -> Option<Self> {
+        if !queue.size().is_power_of_two() {
+            return None;
+        }
+        let size = u64::from(queue.size());
+        let avail = host.host(GuestAddress(queue.avail_ring()), 6 + 2 * size)? as usize;
+        let used = host.host(GuestAddress(queue.used_ring()), 6 + 8 * size)? as usize;
+        (avail.is_multiple_of(2) && used.is_multiple_of(4)).then(|| RingHost {
+            _mem: host.clone(),
+            avail,
+            used,
+            mask: queue.size() - 1,
+        })
+    }
+
+    /// The avail ring's u16 at byte `offset`.
+    ///
+    /// # Safety
+    /// `offset` must be even and at most `4 + 2 * size` (the used_event field).
+    unsafe fn avail_u16(&self, offset: u64) -> &AtomicU16 {
+        // SAFETY: `avail` is the host address of the avail area, `6 + 2 * size` bytes in one
+        // region mapped while `_mem` lives, and 2-byte aligned; the caller keeps `offset`
+        // even and inside it. Atomic: the guest shares the memory.
+        unsafe { AtomicU16::from_ptr((self.avail + offset as usize) as *mut u16) }
+    }
+
+    /// The used ring's u16 at byte `offset`.
+    ///
+    /// # Safety
+    /// `offset` must be even and at most `4 + 8 * size` (the avail_event field).
+    unsafe fn used_u16(&self, offset: u64) -> &AtomicU16 {
+        // SAFETY: as for `avail_u16`, for the used area (`6 + 8 * size` bytes, 4-byte
+        // aligned).
+        unsafe { AtomicU16::from_ptr((self.used + offset as usize) as *mut u16) }
+    }
+
+    /// The used ring's u32 at byte `offset`.
+    ///
+    /// # Safety
+    /// `offset` must be a multiple of 4 and at most `8 * size` (the second half of the last
+    /// used element).
+    unsafe fn used_u32(&self, offset: u64) -> &AtomicU32 {
+        // SAFETY: as for `used_u16`; the area is 4-byte aligned and the caller keeps
+        // `offset` a multiple of 4 and the u32 inside it.
+        unsafe { AtomicU32::from_ptr((self.used + offset as usize) as *mut u32) }
+    }
+}
 
 /// One split virtqueue as the device sees it.
 #[derive(Debug)]
@@ -26,6 +88,9 @@ pub struct Ring {
     avail_seen: u16,
     /// Used entries put since the last [`Ring::publish`].
     unsignalled: u16,
+    /// The avail and used areas' host addresses, when resolved ([`Ring::with_host`]); else
+    /// every access goes through vm-memory.
+    host: Option<RingHost>,
 }
 
 impl Ring {
@@ -35,7 +100,17 @@ impl Ring {
             avail_seen: queue.next_avail(),
             queue,
             unsignalled: 0,
+            host: None,
         }
+    }
+
+    /// The same, reading and writing the avail and used rings through their host addresses
+    /// in `host` (resolved once here) when each lies in one region, as a driver lays them
+    /// out. The `mem` passed to the other methods must be the memory of `host`.
+    pub fn with_host(queue: Queue, host: &HostMem) -> Self {
+        let mut ring = Ring::new(queue);
+        ring.host = RingHost::new(&ring.queue, host);
+        ring
     }
 
     /// The underlying queue (its addresses, size and indices).
@@ -72,11 +147,16 @@ impl Ring {
     /// every entry up to the last value read has been popped, so `None` always means a fresh
     /// read found nothing new. An index more than a queue size ahead is an error, as in
     /// virtio-queue's iterator.
+    #[inline]
     pub fn pop(&mut self, mem: &GuestMemoryMmap) -> Result<Option<u16>, Error> {
         let queue = &mut self.queue;
         let next = queue.next_avail();
         if next == self.avail_seen {
-            let idx = queue.avail_idx(mem, Ordering::Acquire)?.0;
+            let idx = match &self.host {
+                // SAFETY: offset 2 is the avail index, inside the area.
+                Some(h) => u16::from_le(unsafe { h.avail_u16(2) }.load(Ordering::Acquire)),
+                None => Self::read_avail_idx(queue, mem)?,
+            };
             if idx.wrapping_sub(next) > queue.size() {
                 return Err(Error::InvalidAvailRingIndex);
             }
@@ -85,16 +165,34 @@ impl Ring {
                 return Ok(None);
             }
         }
+        let head: u16 = match &self.host {
+            Some(h) => {
+                let offset = 4 + 2 * u64::from(next & h.mask);
+                // SAFETY: `next & mask < size`, so the offset is even and inside the area.
+                unsafe { h.avail_u16(offset) }.load(Ordering::Acquire)
+            }
+            None => Self::read_avail(queue, mem, next)?,
+        };
+        queue.set_next_avail(next.wrapping_add(1));
+        Ok(Some(u16::from_le(head)))
+    }
+
+    /// `pop`'s read of the avail index through vm-memory (no host addresses resolved).
+    #[inline(never)]
+    fn read_avail_idx(queue: &Queue, mem: &GuestMemoryMmap) -> Result<u16, Error> {
+        Ok(queue.avail_idx(mem, Ordering::Acquire)?.0)
+    }
+
+    /// `pop`'s read of avail entry `next` through vm-memory (no host addresses resolved).
+    #[inline(never)]
+    fn read_avail(queue: &Queue, mem: &GuestMemoryMmap, next: u16) -> Result<u16, Error> {
         let slot = u64::from(next % queue.size().max(1));
         let addr = queue
             .avail_ring()
             .checked_add(4 + 2 * slot)
             .ok_or(Error::AddressOverflow)?;
-        let head: u16 = mem
-            .load(GuestAddress(addr), Ordering::Acquire)
-            .map_err(Error::GuestMemory)?;
-        queue.set_next_avail(next.wrapping_add(1));
-        Ok(Some(u16::from_le(head)))
+        mem.load(GuestAddress(addr), Ordering::Acquire)
+            .map_err(Error::GuestMemory)
     }
 
     /// Gives the last `n` popped heads back: they are popped again next time.
@@ -107,16 +205,44 @@ impl Ring {
     /// stored here but by [`Ring::publish`], once per batch and always before a notification
     /// decision, so the driver sees the entries no later than the interrupt (and one index
     /// store serves a whole batch).
+    #[inline]
     pub fn put(&mut self, mem: &GuestMemoryMmap, head: u16, len: u32) -> Result<(), Error> {
         let queue = &mut self.queue;
-        let size = queue.size();
-        if head >= size {
+        if head >= queue.size() {
             return Err(Error::InvalidDescriptorIndex);
         }
         let next = queue.next_used();
+        match &self.host {
+            Some(h) => {
+                let offset = 4 + 8 * u64::from(next & h.mask);
+                // SAFETY: `next & mask < size`: the element's two u32 lie at offsets that are
+                // multiples of 4 and at most `8 * size`. Relaxed: `publish` stores the used
+                // index with release ordering before the driver may look at the element.
+                unsafe {
+                    h.used_u32(offset)
+                        .store(u32::from(head).to_le(), Ordering::Relaxed);
+                    h.used_u32(offset + 4).store(len.to_le(), Ordering::Relaxed);
+                }
+            }
+            None => Self::write_used(queue, mem, next, head, len)?,
+        }
+        queue.set_next_used(next.wrapping_add(1));
+        self.unsignalled = self.unsignalled.wrapping_add(1);
+        Ok(())
+    }
+
+    /// `put`'s element store through vm-memory (no host addresses resolved).
+    #[inline(never)]
+    fn write_used(
+        queue: &Queue,
+        mem: &GuestMemoryMmap,
+        next: u16,
+        head: u16,
+        len: u32,
+    ) -> Result<(), Error> {
         let addr = queue
             .used_ring()
-            .checked_add(4 + 8 * u64::from(next % size))
+            .checked_add(4 + 8 * u64::from(next % queue.size()))
             .map(GuestAddress)
             .ok_or(Error::AddressOverflow)?;
         let mut elem = [0u8; 8];
@@ -127,8 +253,6 @@ impl Ring {
             // Not in one region (or not in memory): the general path splits or fails.
             Err(_) => mem.write_slice(&elem, addr).map_err(Error::GuestMemory)?,
         }
-        queue.set_next_used(next.wrapping_add(1));
-        self.unsignalled = self.unsignalled.wrapping_add(1);
         Ok(())
     }
 
@@ -146,10 +270,17 @@ impl Ring {
         let new = queue.next_used();
         let old = new.wrapping_sub(self.unsignalled);
         self.unsignalled = 0;
-        let published = queue.used_ring().checked_add(2).is_some_and(|at| {
-            mem.store(new.to_le(), GuestAddress(at), Ordering::Release)
-                .is_ok()
-        });
+        let published = match &self.host {
+            Some(h) => {
+                // SAFETY: offset 2 is the used index, inside the area.
+                unsafe { h.used_u16(2) }.store(new.to_le(), Ordering::Release);
+                true
+            }
+            None => queue.used_ring().checked_add(2).is_some_and(|at| {
+                mem.store(new.to_le(), GuestAddress(at), Ordering::Release)
+                    .is_ok()
+            }),
+        };
         // The index store must be visible before the driver's event index or flags are read.
         fence(Ordering::SeqCst);
         if !published {
@@ -167,10 +298,15 @@ impl Ring {
         let queue = &self.queue;
         let (new, old) = (queue.next_used(), since);
         if queue.event_idx_enabled() {
-            let used_event = queue
-                .avail_ring()
-                .checked_add(4 + 2 * u64::from(queue.size()))
-                .and_then(|at| mem.load::<u16>(GuestAddress(at), Ordering::Acquire).ok());
+            let offset = 4 + 2 * u64::from(queue.size());
+            let used_event = match &self.host {
+                // SAFETY: `4 + 2 * size` is used_event, the area's last u16.
+                Some(h) => Some(unsafe { h.avail_u16(offset) }.load(Ordering::Acquire)),
+                None => queue
+                    .avail_ring()
+                    .checked_add(offset)
+                    .and_then(|at| mem.load::<u16>(GuestAddress(at), Ordering::Acquire).ok()),
+            };
             return match used_event {
                 // The EVENT_IDX test (virtio 1.x, 2.7.10): did new - old entries cross used_event?
                 Some(event) => {

@@ -14,7 +14,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use crate::backend::Backend;
-use crate::chain::{chain_iov, read_at, write_at, ChainError, MAX_IOV};
+use crate::chain::{chain_iov_host, read_at, write_at, ChainError, HostMem, HostTable, MAX_IOV};
 use crate::coalesce::{Coalesce, Coalescer};
 use crate::features::{Negotiated, NUM_BUFFERS_OFFSET, VNET_HDR_LEN_V1};
 use crate::filter::{RxFilter, FILTER_HEAD_LEN};
@@ -195,6 +195,9 @@ pub struct QueuePair {
     rx: Ring,
     tx: Ring,
     mem: GuestMemoryMmap,
+    /// `mem` with its regions' host addresses resolved, for chains and rings (shared, so a
+    /// call can hold its descriptor table while it updates the pair).
+    host: Arc<HostMem>,
     interrupt: Arc<dyn Interrupt>,
     metrics: Arc<NetMetrics>,
     path: PathConfig,
@@ -232,11 +235,13 @@ impl QueuePair {
     ) -> Self {
         let rx_chains = usize::from(rx.size());
         let (rx_notified_at, tx_notified_at) = (rx.next_used(), tx.next_used());
+        let host = Arc::new(HostMem::new(&mem));
         QueuePair {
             pair,
-            rx: Ring::new(rx),
-            tx: Ring::new(tx),
+            rx: Ring::with_host(rx, &host),
+            tx: Ring::with_host(tx, &host),
             mem,
+            host,
             interrupt,
             metrics,
             path,
@@ -320,14 +325,14 @@ impl QueuePair {
         if rx {
             let cfg = self.rx_coal.get();
             self.rx_notified_at = queue.next_used();
-            self.rx = Ring::new(queue);
+            self.rx = Ring::with_host(queue, &self.host);
             self.rx_buf.clear();
             self.rx_coal.set(cfg);
             self.rx_live = true;
         } else {
             let cfg = self.tx_coal.get();
             self.tx_notified_at = queue.next_used();
-            self.tx = Ring::new(queue);
+            self.tx = Ring::with_host(queue, &self.host);
             self.tx_coal.set(cfg);
             self.tx_live = true;
         }
@@ -412,7 +417,8 @@ impl QueuePair {
             return Work::Done;
         }
         let mut tally = Tally::default();
-        let table = self.tx.table(self.path.indirect);
+        let host = Arc::clone(&self.host);
+        let table = host.table(self.tx.table(self.path.indirect));
         let mut budget = TX_BUDGET;
         let mut descs = 0usize;
         let mut used = 0usize;
@@ -444,15 +450,8 @@ impl QueuePair {
                 }
                 budget -= 1;
                 self.tx_iov.clear();
-                let chain = chain_iov(
-                    &self.mem,
-                    table,
-                    head,
-                    false,
-                    &mut self.tx_iov,
-                    MAX_IOV,
-                    &mut descs,
-                );
+                let chain =
+                    chain_iov_host(&table, head, false, &mut self.tx_iov, MAX_IOV, &mut descs);
                 match chain {
                     Ok(len) if len < self.path.hdr_len => {
                         debug!("virtio-net: tx chain {head} too short ({len} bytes)");
@@ -510,8 +509,13 @@ impl QueuePair {
     /// malformed, counts against `budget`; once it is spent, no new frame is started, and a
     /// frame being gathered is read with the space held so far once twice the descriptor
     /// budget is reached (a legitimate gather is far below it).
-    fn fill_rx(&mut self, tally: &mut Tally, used: &mut usize, budget: &mut RxBudget) -> Fill {
-        let table = self.rx.table(self.path.indirect);
+    fn fill_rx(
+        &mut self,
+        table: &HostTable<'_>,
+        tally: &mut Tally,
+        used: &mut usize,
+        budget: &mut RxBudget,
+    ) -> Fill {
         loop {
             let enough = if self.path.mrg_rxbuf {
                 self.rx_buf.cap >= self.path.rx_frame_max
@@ -549,8 +553,7 @@ impl QueuePair {
             };
             let iov_start = self.rx_buf.iov.len();
             let max_segments = self.rx_buf.iov_front() + MAX_IOV;
-            let result = chain_iov(
-                &self.mem,
+            let result = chain_iov_host(
                 table,
                 head,
                 true,
@@ -624,11 +627,13 @@ impl QueuePair {
             chains: 0,
             descs: 0,
         };
+        let host = Arc::clone(&self.host);
+        let table = host.table(self.rx.table(self.path.indirect));
         let state = loop {
             if budget.chains >= RX_BUDGET {
                 break RxState::More;
             }
-            match self.fill_rx(&mut tally, &mut used, &mut budget) {
+            match self.fill_rx(&table, &mut tally, &mut used, &mut budget) {
                 Fill::Ready => {}
                 Fill::OutOfBudget => break RxState::More,
                 Fill::Broken => break RxState::QueueBroken,
@@ -706,20 +711,24 @@ impl QueuePair {
             tally.drops += 1;
             return;
         }
+        // Return the chains the frame filled, in order: all of a chain's space but the last
+        // one's, which holds the rest.
         let first = self.rx_buf.front;
-        let mut count = 1;
-        if self.path.mrg_rxbuf {
-            let mut left = n;
-            count = 0;
-            for c in &self.rx_buf.chains[first..] {
-                count += 1;
-                if left <= c.cap {
-                    break;
-                }
-                left -= c.cap;
+        let mut left = n;
+        let mut count = 0;
+        for c in &self.rx_buf.chains[first..] {
+            let len = left.min(c.cap);
+            left -= len;
+            count += 1;
+            if self.rx.put(&self.mem, c.head, len as u32).is_ok() {
+                *used += 1;
+            }
+            if left == 0 || !self.path.mrg_rxbuf {
+                break;
             }
         }
         if hdr_len == VNET_HDR_LEN_V1 {
+            // Written before `publish` makes the entries visible.
             let c = self.rx_buf.chains[first];
             let num_buffers = (count as u16).to_le_bytes();
             // SAFETY: the iovecs of held chains were built by `chain_iov` (writable) from
@@ -732,15 +741,6 @@ impl QueuePair {
                     &num_buffers,
                 )
             };
-        }
-        let mut left = n;
-        for i in first..first + count {
-            let c = self.rx_buf.chains[i];
-            let len = left.min(c.cap);
-            left -= len;
-            if self.rx.put(&self.mem, c.head, len as u32).is_ok() {
-                *used += 1;
-            }
         }
         self.rx_buf.consume(count);
         tally.packets += 1;

@@ -298,3 +298,73 @@ fn indirect_tables_across_regions_or_past_memory_are_read_entry_by_entry() {
         })
     );
 }
+
+#[test]
+fn host_translation_matches_vm_memory_at_every_edge() {
+    use crate::chain::{chain_iov, chain_iov_host, HostMem};
+    let mem = guest_memory();
+    let host = HostMem::new(&mem);
+    // Inside one region up to its last byte; not across the split, past the end or wrapping.
+    for (addr, len, inside) in [
+        (0, 1, true),
+        (REGION_SPLIT - 8, 8, true),
+        (REGION_SPLIT - 8, 9, false),
+        (REGION_SPLIT, MEM_END - REGION_SPLIT, true),
+        (MEM_END - 1, 1, true),
+        (MEM_END - 1, 2, false),
+        (MEM_END, 1, false),
+        (u64::MAX, 2, false),
+        (REGION_SPLIT + 4, u64::MAX, false),
+    ] {
+        let got = host.host(GuestAddress(addr), len);
+        assert_eq!(got.is_some(), inside, "{addr:#x} + {len}");
+        if let Some(p) = got {
+            let want =
+                vm_memory::GuestMemoryBackend::get_slice(&mem, GuestAddress(addr), len as usize)
+                    .unwrap()
+                    .ptr_guard_mut()
+                    .as_ptr();
+            assert_eq!(p, want, "{addr:#x}");
+        }
+    }
+
+    // Whole chains: the same iovecs, lengths and errors either way, whether tables and
+    // buffers lie in one region, straddle the split, sit unaligned or run past memory.
+    let q = TestQueue::new(&mem, 0, 16);
+    let table = DescTable {
+        addr: GuestAddress(0),
+        size: 16,
+        indirect: true,
+    };
+    let chains: Vec<(u64, Vec<(u64, u32)>)> = vec![
+        (0x9000, vec![(BUF, 100), (BUF + 0x1000, 4096)]),
+        (REGION_SPLIT - 16, vec![(BUF, 10), (REGION_SPLIT - 10, 20)]),
+        (0x9003, vec![(BUF, 10), (BUF + 0x3000, 30)]),
+        (0xa000, vec![(MEM_END - 10, 20)]),
+        (0xb000, vec![(BUF, 0), (BUF + 64, 64)]),
+    ];
+    for (i, (at, segs)) in chains.iter().enumerate() {
+        for (j, (addr, len)) in segs.iter().enumerate() {
+            let last = j + 1 == segs.len();
+            let desc = Descriptor::new(
+                *addr,
+                *len,
+                WRITE | if last { 0 } else { NEXT },
+                if last { 0 } else { j as u16 + 1 },
+            );
+            mem.write_obj(desc, GuestAddress(at + 16 * j as u64))
+                .unwrap();
+        }
+        q.store(i as u16, *at, 16 * segs.len() as u32, IND, 0);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let (mut da, mut db) = (0, 0);
+        let ra = chain_iov(&mem, table, i as u16, true, &mut a, 64, &mut da);
+        let rb = chain_iov_host(&host.table(table), i as u16, true, &mut b, 64, &mut db);
+        assert_eq!(ra, rb, "chain {i}");
+        assert_eq!(da, db, "chain {i}");
+        let pairs = |v: &[libc::iovec]| -> Vec<(usize, usize)> {
+            v.iter().map(|s| (s.iov_base as usize, s.iov_len)).collect()
+        };
+        assert_eq!(pairs(&a), pairs(&b), "chain {i}");
+    }
+}
