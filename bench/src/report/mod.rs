@@ -1436,8 +1436,20 @@ mod tests {
             }
         }
         without.push(guest("mqvmm", 1, "vmm_kicks_per_mb_up", Some(2), 30.0));
-        without.push(guest("qemu-vhost-off", 1, "guest_rx_irqs_per_mb_up", Some(1), 2.5));
-        without.push(guest("qemu-vhost-off", 1, "guest_tx_irqs_per_mb_up", Some(1), 3.5));
+        without.push(guest(
+            "qemu-vhost-off",
+            1,
+            "guest_rx_irqs_per_mb_up",
+            Some(1),
+            2.5,
+        ));
+        without.push(guest(
+            "qemu-vhost-off",
+            1,
+            "guest_tx_irqs_per_mb_up",
+            Some(1),
+            3.5,
+        ));
         let mut with = without.clone();
         for (vmm, exits) in [("mqvmm", 400.0), ("qemu-vhost-off", 250.0)] {
             for p in 1..=2 {
