@@ -445,7 +445,10 @@ impl Vm {
                     auto_io_threads(pairs, usize::from(config.cpus), cpus)
                 }
             };
-            log::info!("virtio-net: {pairs} queue pairs served by {threads} worker threads");
+            log::info!(
+                "virtio-net: {pairs} queue pair(s) on {threads} worker thread(s){}",
+                if net.io_threads.is_none() { " (io-threads=auto)" } else { "" }
+            );
             device.set_io_threads(threads);
             // The device starts its threads at activation, on a vCPU; they are created by the
             // spawner thread instead, so each enters its own filter (see seccomp).
