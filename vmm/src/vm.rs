@@ -447,7 +447,11 @@ impl Vm {
             };
             log::info!(
                 "virtio-net: {pairs} queue pair(s) on {threads} worker thread(s){}",
-                if net.io_threads.is_none() { " (io-threads=auto)" } else { "" }
+                if net.io_threads.is_none() {
+                    " (io-threads=auto)"
+                } else {
+                    ""
+                }
             );
             device.set_io_threads(threads);
             // The device starts its threads at activation, on a vCPU; they are created by the
