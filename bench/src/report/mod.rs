@@ -1547,7 +1547,7 @@ mod tests {
         let published = Published::parse(path, text).unwrap();
         let keys: Vec<String> = published.meta.keys().cloned().collect();
         let data = Data::from_records(published.into_records());
-        assert_eq!((data.device.len(), data.guest.len()), (180, 330));
+        assert_eq!((data.device.len(), data.guest.len()), (180, 1458));
         let again = Published::of(&data);
         let (dev, guest) = (&again.device.summary, &again.guest.summary);
         assert_eq!(
