@@ -557,7 +557,7 @@ impl Boot<'_> {
         }
         self.sync_shell()?;
         self.check(
-            "nowns() { { read -r _; read -r _; read -r _ _ n _; } </proc/timer_list; echo $n; }; irqs() { awk -v p=\"$1\" '/virtio/ && $NF ~ p { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i } END { print s + 0 }' /proc/interrupts; }",
+            "nowns() { { read -r _; read -r _; read -r _ _ n _; } </proc/timer_list; echo $n; }; irqs() { awk '/virtio/ { s = 0; for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) s += $i; a += s; if ($NF ~ /input/) n += s; if ($NF ~ /output/) o += s } END { print a + 0, n + 0, o + 0 }' /proc/interrupts; }",
         )?;
         let kernel = self.check("uname -r")?;
         self.out.push(Record::meta(
@@ -594,7 +594,7 @@ impl Boot<'_> {
                 // iperf3's report goes to a file and is shown after the second reading of
                 // KVM's counters: every byte on the serial console is several port-I/O exits.
                 let irq_line = self.check(&format!(
-                    "i0=$(irqs); n0=$(irqs input); o0=$(irqs output); iperf3 -c {HOST_IP} -P {p} -t {secs} -f m{extra} >/tmp/iperf.out 2>&1; r=$?; i1=$(irqs); n1=$(irqs input); o1=$(irqs output); echo GUEST_IRQS=$((i1-i0)) $((n1-n0)) $((o1-o0)); [ $r = 0 ] || {{ cat /tmp/iperf.out; false; }}"
+                    "set -- $(irqs); a0=$1 n0=$2 o0=$3; iperf3 -c {HOST_IP} -P {p} -t {secs} -f m{extra} >/tmp/iperf.out 2>&1; r=$?; set -- $(irqs); echo GUEST_IRQS=$(($1-a0)) $(($2-n0)) $(($3-o0)); [ $r = 0 ] || {{ cat /tmp/iperf.out; false; }}"
                 ))?;
                 let kvm_after = self.kvm_counters();
                 let out = self.check("grep -E 'SUM|receiver|sender' /tmp/iperf.out")?;

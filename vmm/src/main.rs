@@ -209,6 +209,14 @@ fn parse_log_level(s: &str) -> Result<LevelFilter, String> {
         .ok_or_else(|| format!("unknown log level {s:?} (error, warn, info, debug, trace, off)"))
 }
 
+/// A count from 1 to the most queue pairs the device has (`queues=`, `io-threads=`).
+fn pair_count(value: &str) -> Option<u16> {
+    value
+        .parse::<u16>()
+        .ok()
+        .filter(|&n| n >= 1 && usize::from(n) <= MAX_QUEUE_PAIRS)
+}
+
 fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
     let mut fds = None;
     let mut tap = None;
@@ -255,18 +263,12 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
                 tap = Some(value.to_string());
             }
             "queues" => {
-                queues = Some(
-                    value
-                        .parse::<u16>()
-                        .ok()
-                        .filter(|&q| q >= 1 && usize::from(q) <= MAX_QUEUE_PAIRS)
-                        .ok_or_else(|| {
-                            format!(
-                                "queues={value} is not a number from 1 to {MAX_QUEUE_PAIRS} \
-                                 (the most queue pairs the virtio-net device has)"
-                            )
-                        })?,
-                )
+                queues = Some(pair_count(value).ok_or_else(|| {
+                    format!(
+                        "queues={value} is not a number from 1 to {MAX_QUEUE_PAIRS} \
+                         (the most queue pairs the virtio-net device has)"
+                    )
+                })?)
             }
             "mac" => mac = Some(value.parse::<MacAddr>().map_err(|e| format!("mac: {e}"))?),
             "mtu" => {
@@ -312,18 +314,12 @@ fn parse_net_spec(s: &str) -> Result<NetSpec, String> {
             "io-threads" => {
                 io_threads = match value {
                     "auto" => None,
-                    _ => Some(
-                        value
-                            .parse::<u16>()
-                            .ok()
-                            .filter(|&n| n >= 1 && usize::from(n) <= MAX_QUEUE_PAIRS)
-                            .ok_or_else(|| {
-                                format!(
-                                    "io-threads={value} is not auto or a number from 1 to \
-                                     {MAX_QUEUE_PAIRS}"
-                                )
-                            })?,
-                    ),
+                    _ => Some(pair_count(value).ok_or_else(|| {
+                        format!(
+                            "io-threads={value} is not auto or a number from 1 to \
+                             {MAX_QUEUE_PAIRS}"
+                        )
+                    })?),
                 }
             }
             _ => return Err(format!("unknown --net option {key:?}")),

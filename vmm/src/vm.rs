@@ -437,23 +437,11 @@ impl Vm {
                 steering,
             )
             .map_err(Error::Net)?;
-            let pairs = usize::from(device.max_queue_pairs());
-            let threads = match net.io_threads {
-                Some(n) => n.clamp(1, pairs.max(1)),
-                None => {
-                    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-                    auto_io_threads(pairs, usize::from(config.cpus), cpus)
-                }
-            };
-            log::info!(
-                "virtio-net: {pairs} queue pair(s) on {threads} worker thread(s){}",
-                if net.io_threads.is_none() {
-                    " (io-threads=auto)"
-                } else {
-                    ""
-                }
-            );
-            device.set_io_threads(threads);
+            // The device clamps the count to the pairs it runs and says what it chose.
+            device.set_io_threads(net.io_threads.unwrap_or_else(|| {
+                let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+                auto_io_threads(device.max_queue_pairs().into(), config.cpus.into(), cpus)
+            }));
             // The device starts its threads at activation, on a vCPU; they are created by the
             // spawner thread instead, so each enters its own filter (see seccomp).
             device.set_thread_spawner(Arc::new(Spawner::start(config.sandbox.clone())?));

@@ -268,7 +268,7 @@ impl<B: Backend + 'static> Net<B> {
     /// with few CPUs beyond the vCPUs: one thread serving several busy queues batches their
     /// work instead of waking a thread per kick and competing with the vCPUs for a CPU.
     pub fn set_io_threads(&mut self, threads: usize) {
-        self.io_threads = Some(threads.max(1));
+        self.io_threads = Some(threads);
     }
 
     /// Number of queue pairs (max_virtqueue_pairs).
@@ -397,6 +397,7 @@ impl<B: Backend + 'static> Net<B> {
             ctrl: None,
         };
         let threads = self.io_threads.unwrap_or(pairs).clamp(1, pairs.max(1));
+        info!("virtio-net: {pairs} queue pair(s) on {threads} worker thread(s)");
         let mut groups: Vec<Vec<WorkerStart<B>>> = (0..threads).map(|_| Vec::new()).collect();
         for pair in 0..pairs {
             let rx_index = (2 * pair) as u16;
