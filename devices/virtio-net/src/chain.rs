@@ -139,18 +139,14 @@ impl HostMem {
     /// Resolves the regions of `mem` (a region without a host address is left out: ranges in
     /// it take vm-memory's path).
     pub fn new(mem: &GuestMemoryMmap) -> Self {
-        let mut regions = mem
-            .iter()
-            .filter_map(|r| {
-                let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
-                Some(HostRegion {
-                    start: r.start_addr().0,
-                    len: r.len(),
-                    host: host as usize,
-                })
+        let mut regions = mem.iter().filter_map(|r| {
+            let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?;
+            Some(HostRegion {
+                start: r.start_addr().0,
+                len: r.len(),
+                host: host as usize,
             })
-            .collect::<Vec<_>>()
-            .into_iter();
+        });
         // An empty region translates nothing.
         let first = regions.next().unwrap_or(HostRegion {
             start: 0,
@@ -331,16 +327,30 @@ where
     }
 }
 
-fn host_iovec(slice: &VolatileSlice<'_>, writable: bool) -> libc::iovec {
-    let base = if writable {
+/// The host address of `slice`, for an iovec the kernel writes (`writable`) or reads.
+fn slice_base(slice: &VolatileSlice<'_>, writable: bool) -> *mut u8 {
+    if writable {
         slice.ptr_guard_mut().as_ptr()
     } else {
         slice.ptr_guard().as_ptr() as *mut u8
-    };
-    libc::iovec {
-        iov_base: base.cast(),
-        iov_len: slice.len(),
     }
+}
+
+/// Appends one iovec of `len` bytes at host address `base`, within `max_segments` in all.
+fn push_iov(
+    iov: &mut Vec<libc::iovec>,
+    base: *mut u8,
+    len: usize,
+    max_segments: usize,
+) -> Result<(), ChainError> {
+    if iov.len() >= max_segments {
+        return Err(ChainError::TooManySegments { max: max_segments });
+    }
+    iov.push(libc::iovec {
+        iov_base: base.cast(),
+        iov_len: len,
+    });
+    Ok(())
 }
 
 /// Appends the host iovecs of `len` bytes of guest memory at `addr`.
@@ -356,30 +366,16 @@ fn push_segments(
     let out_of_memory = || ChainError::OutOfMemory { addr: addr.0, len };
     // Fastest path: the buffer lies in one region whose host address is known.
     if let Some(ptr) = host.and_then(|h| h.host(addr, u64::from(len))) {
-        if iov.len() >= max_segments {
-            return Err(ChainError::TooManySegments { max: max_segments });
-        }
-        iov.push(libc::iovec {
-            iov_base: ptr.cast(),
-            iov_len: len as usize,
-        });
-        return Ok(());
+        return push_iov(iov, ptr, len as usize, max_segments);
     }
     // Fast path: the buffer lies in one region (get_slice refuses anything else, which then
     // takes the general path below and fails or splits there).
     if let Ok(slice) = mem.get_slice(addr, len as usize) {
-        if iov.len() >= max_segments {
-            return Err(ChainError::TooManySegments { max: max_segments });
-        }
-        iov.push(host_iovec(&slice, writable));
-        return Ok(());
+        return push_iov(iov, slice_base(&slice, writable), slice.len(), max_segments);
     }
     for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
         let slice = slice.map_err(|_| out_of_memory())?;
-        if iov.len() >= max_segments {
-            return Err(ChainError::TooManySegments { max: max_segments });
-        }
-        iov.push(host_iovec(&slice, writable));
+        push_iov(iov, slice_base(&slice, writable), slice.len(), max_segments)?;
     }
     Ok(())
 }
@@ -448,13 +444,7 @@ pub fn chain_iov_host(
         if simple && desc.is_write_only() == writable && desc.len() > 0 {
             if let Some(ptr) = table.host.host(desc.addr(), u64::from(desc.len())) {
                 *descs += 1;
-                if iov.len() >= max_segments {
-                    return Err(ChainError::TooManySegments { max: max_segments });
-                }
-                iov.push(libc::iovec {
-                    iov_base: ptr.cast(),
-                    iov_len: desc.len() as usize,
-                });
+                push_iov(iov, ptr, desc.len() as usize, max_segments)?;
                 return Ok(desc.len() as usize);
             }
         }

@@ -10,6 +10,7 @@
 
 use std::num::Wrapping;
 use std::sync::atomic::{fence, AtomicU16, AtomicU32, Ordering};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
 use virtio_queue::{Error, Queue, QueueT};
@@ -21,7 +22,7 @@ use crate::chain::{DescTable, HostMem};
 /// wants them), and the memory handle that keeps them mapped.
 #[derive(Debug)]
 struct RingHost {
-    _mem: HostMem,
+    _mem: Arc<HostMem>,
     /// Avail ring: flags, idx, `ring[size]`, used_event (2-byte aligned).
     avail: usize,
     /// Used ring: flags, idx, `ring[size]` of (id, len), avail_event (4-byte aligned).
@@ -31,7 +32,7 @@ struct RingHost {
 }
 
 impl RingHost {
-    fn new(queue: &Queue, host: &HostMem) -> Option<Self> {
+    fn new(queue: &Queue, host: &Arc<HostMem>) -> Option<Self> {
         if !queue.size().is_power_of_two() {
             return None;
         }
@@ -39,7 +40,7 @@ impl RingHost {
         let avail = host.host(GuestAddress(queue.avail_ring()), 6 + 2 * size)? as usize;
         let used = host.host(GuestAddress(queue.used_ring()), 6 + 8 * size)? as usize;
         (avail.is_multiple_of(2) && used.is_multiple_of(4)).then(|| RingHost {
-            _mem: host.clone(),
+            _mem: Arc::clone(host),
             avail,
             used,
             mask: queue.size() - 1,
@@ -107,7 +108,7 @@ impl Ring {
     /// The same, reading and writing the avail and used rings through their host addresses
     /// in `host` (resolved once here) when each lies in one region, as a driver lays them
     /// out. The `mem` passed to the other methods must be the memory of `host`.
-    pub fn with_host(queue: Queue, host: &HostMem) -> Self {
+    pub fn with_host(queue: Queue, host: &Arc<HostMem>) -> Self {
         let mut ring = Ring::new(queue);
         ring.host = RingHost::new(&ring.queue, host);
         ring

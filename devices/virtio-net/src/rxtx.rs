@@ -194,9 +194,8 @@ pub struct QueuePair {
     pair: u16,
     rx: Ring,
     tx: Ring,
-    mem: GuestMemoryMmap,
-    /// `mem` with its regions' host addresses resolved, for chains and rings (shared, so a
-    /// call can hold its descriptor table while it updates the pair).
+    /// Guest memory with its regions' host addresses resolved, for chains and rings (shared,
+    /// so a call can hold its descriptor table while it updates the pair).
     host: Arc<HostMem>,
     interrupt: Arc<dyn Interrupt>,
     metrics: Arc<NetMetrics>,
@@ -240,7 +239,6 @@ impl QueuePair {
             pair,
             rx: Ring::with_host(rx, &host),
             tx: Ring::with_host(tx, &host),
-            mem,
             host,
             interrupt,
             metrics,
@@ -271,7 +269,7 @@ impl QueuePair {
     /// coalescing parameters let it go now.
     fn publish_tx(&mut self, tally: &mut Tally) {
         let used = u32::from(self.tx.unpublished());
-        let wanted = self.tx.publish(&self.mem);
+        let wanted = self.tx.publish(self.host.memory());
         if self.tx_coal.publish(used, wanted, Instant::now) {
             self.notify_tx(tally);
         }
@@ -280,7 +278,7 @@ impl QueuePair {
     /// The same for the receive queue.
     fn publish_rx(&mut self, tally: &mut Tally) {
         let used = u32::from(self.rx.unpublished());
-        let wanted = self.rx.publish(&self.mem);
+        let wanted = self.rx.publish(self.host.memory());
         if self.rx_coal.publish(used, wanted, Instant::now) {
             self.notify_rx(tally);
         }
@@ -289,7 +287,11 @@ impl QueuePair {
     /// Sends the transmit queue's notification. One that was held back (coalescing) goes
     /// out only if the driver still wants it for what was used since the last one.
     fn notify_tx(&mut self, tally: &mut Tally) {
-        if self.tx_coal.get().is_off() || self.tx.driver_wants(&self.mem, self.tx_notified_at) {
+        if self.tx_coal.get().is_off()
+            || self
+                .tx
+                .driver_wants(self.host.memory(), self.tx_notified_at)
+        {
             self.signal(self.tx_index(), tally);
         }
         self.tx_notified_at = self.tx.queue().next_used();
@@ -297,7 +299,11 @@ impl QueuePair {
 
     /// The same for the receive queue.
     fn notify_rx(&mut self, tally: &mut Tally) {
-        if self.rx_coal.get().is_off() || self.rx.driver_wants(&self.mem, self.rx_notified_at) {
+        if self.rx_coal.get().is_off()
+            || self
+                .rx
+                .driver_wants(self.host.memory(), self.rx_notified_at)
+        {
             self.signal(self.rx_index(), tally);
         }
         self.rx_notified_at = self.rx.queue().next_used();
@@ -424,12 +430,12 @@ impl QueuePair {
         let mut used = 0usize;
         let mut work = Work::Done;
         // No kicks while draining; asked for again below.
-        self.tx.suppress_kicks(&self.mem);
+        self.tx.suppress_kicks(self.host.memory());
         let mut empty_rounds = 0;
         'drain: loop {
             let mut popped = false;
             loop {
-                let head = match self.tx.pop(&self.mem) {
+                let head = match self.tx.pop(self.host.memory()) {
                     Ok(Some(head)) => {
                         popped = true;
                         head
@@ -459,9 +465,9 @@ impl QueuePair {
                     }
                     Ok(len) => match backend {
                         Some(b) if link_up => {
-                            // SAFETY: the iovecs were built by `chain_iov` from vm-memory
-                            // slices of `self.mem`, which stays mapped for the call; the
-                            // backend only reads them.
+                            // SAFETY: the iovecs were built by `chain_iov_host` inside
+                            // `self.host`'s memory, which it keeps mapped; the backend only
+                            // reads them.
                             match unsafe { b.writev(&self.tx_iov) } {
                                 Ok(_) => {
                                     tally.packets += 1;
@@ -481,7 +487,7 @@ impl QueuePair {
                     }
                 }
                 self.tx_iov.clear();
-                if self.tx.put(&self.mem, head, 0).is_ok() {
+                if self.tx.put(self.host.memory(), head, 0).is_ok() {
                     used += 1;
                 }
                 if used >= SIGNAL_BATCH {
@@ -490,11 +496,11 @@ impl QueuePair {
                 }
             }
             empty_rounds = if popped { 0 } else { empty_rounds + 1 };
-            match self.tx.enable_kicks(&self.mem) {
+            match self.tx.enable_kicks(self.host.memory()) {
                 // "More available" twice in a row with nothing to pop: the driver placed the
                 // used flags over the avail index, so our own flag writes change it. Stop
                 // instead of spinning; the next kick starts over.
-                Ok(true) if empty_rounds < 2 => self.tx.suppress_kicks(&self.mem),
+                Ok(true) if empty_rounds < 2 => self.tx.suppress_kicks(self.host.memory()),
                 Ok(_) | Err(_) => break,
             }
         }
@@ -531,7 +537,7 @@ impl QueuePair {
             if budget.descs >= 2 * DESC_BUDGET {
                 return Fill::Ready;
             }
-            let head = match self.rx.pop(&self.mem) {
+            let head = match self.rx.pop(self.host.memory()) {
                 Ok(Some(head)) => head,
                 Ok(None) => {
                     // The whole ring is ours and still short of a maximal frame: read anyway
@@ -594,7 +600,7 @@ impl QueuePair {
                     debug!("virtio-net: bad rx chain {head}: {e}");
                     tally.bad_chains += 1;
                     budget.chains += 1;
-                    if self.rx.put(&self.mem, head, 0).is_ok() {
+                    if self.rx.put(self.host.memory(), head, 0).is_ok() {
                         *used += 1;
                     }
                 }
@@ -639,7 +645,7 @@ impl QueuePair {
                 Fill::Broken => break RxState::QueueBroken,
                 Fill::Empty { avail_seen } => {
                     self.release_rx();
-                    if self.rx.arm_kick(&self.mem, avail_seen) {
+                    if self.rx.arm_kick(self.host.memory(), avail_seen) {
                         continue;
                     }
                     self.rx_waiting = true;
@@ -648,7 +654,7 @@ impl QueuePair {
             }
             if self.rx_waiting {
                 self.rx_waiting = false;
-                self.rx.suppress_kicks(&self.mem);
+                self.rx.suppress_kicks(self.host.memory());
             }
             let iov = if self.path.mrg_rxbuf {
                 &self.rx_buf.iov[self.rx_buf.iov_front()..]
@@ -656,16 +662,16 @@ impl QueuePair {
                 let c = self.rx_buf.chains[self.rx_buf.front];
                 &self.rx_buf.iov[c.iov_start..c.iov_end]
             };
-            // SAFETY: the iovecs were built by `chain_iov` (writable) from vm-memory slices
-            // of `self.mem`, which stays mapped for the call.
+            // SAFETY: the iovecs were built by `chain_iov_host` (writable) inside
+            // `self.host`'s memory, which it keeps mapped.
             match unsafe { backend.readv(iov) } {
                 Ok(n) => {
                     budget.chains += 1;
                     if let Some(filter) = &self.filter {
                         let mut head = [0u8; FILTER_HEAD_LEN];
                         let want = n.saturating_sub(self.path.hdr_len).min(head.len());
-                        // SAFETY: `iov` was built by `chain_iov` from vm-memory slices of
-                        // `self.mem`, which is alive; readv just wrote these bytes.
+                        // SAFETY: `iov` was built by `chain_iov_host` inside `self.host`'s
+                        // memory, which it keeps mapped; readv just wrote these bytes.
                         let got = unsafe { read_at(iov, self.path.hdr_len, &mut head[..want]) };
                         if !filter.accepts(&head[..got]) {
                             // Not for this guest: its chains take the next frame.
@@ -720,7 +726,7 @@ impl QueuePair {
             let len = left.min(c.cap);
             left -= len;
             count += 1;
-            if self.rx.put(&self.mem, c.head, len as u32).is_ok() {
+            if self.rx.put(self.host.memory(), c.head, len as u32).is_ok() {
                 *used += 1;
             }
             if left == 0 || !self.path.mrg_rxbuf {
@@ -731,8 +737,8 @@ impl QueuePair {
             // Written before `publish` makes the entries visible.
             let c = self.rx_buf.chains[first];
             let num_buffers = (count as u16).to_le_bytes();
-            // SAFETY: the iovecs of held chains were built by `chain_iov` (writable) from
-            // vm-memory slices of `self.mem`, which is alive; the chain holds at least the
+            // SAFETY: the iovecs of held chains were built by `chain_iov_host` (writable)
+            // inside `self.host`'s memory, which it keeps mapped; the chain holds at least the
             // header (checked when it was popped).
             unsafe {
                 write_at(
