@@ -60,23 +60,12 @@ pub(super) fn rig_over<B: Backend + 'static>(
     acked: u64,
     ready: impl Fn(usize) -> bool,
 ) -> Result<Rig<'_, B>, Error> {
-    rig_over_steered(mem, backends, cfg, acked, ready, None)
+    rig_over_with(mem, backends, cfg, acked, ready, None, None)
 }
 
-/// The same, with the tap's steering written through `steering`.
-pub(super) fn rig_over_steered<B: Backend + 'static>(
-    mem: &GuestMemoryMmap,
-    backends: Vec<B>,
-    cfg: NetConfig,
-    acked: u64,
-    ready: impl Fn(usize) -> bool,
-    steering: Option<Arc<dyn crate::steer::Steering>>,
-) -> Result<Rig<'_, B>, Error> {
-    rig_over_threads(mem, backends, cfg, acked, ready, steering, None)
-}
-
-/// The same, with the pairs on `io_threads` worker threads (`None`: one per pair).
-fn rig_over_threads<B: Backend + 'static>(
+/// The same, with the tap's steering written through `steering` and the pairs on
+/// `io_threads` worker threads (`None`: one per pair).
+pub(super) fn rig_over_with<B: Backend + 'static>(
     mem: &GuestMemoryMmap,
     backends: Vec<B>,
     cfg: NetConfig,
@@ -417,8 +406,7 @@ fn pairs_sharing_worker_threads_each_carry_frames_and_switch() {
             queue_size: QSIZE,
             ..Default::default()
         };
-        let mut rig =
-            rig_over_threads(&mem, b, cfg, f_mq(), |_| true, None, Some(threads)).unwrap();
+        let mut rig = rig_over_with(&mem, b, cfg, f_mq(), |_| true, None, Some(threads)).unwrap();
         rig.peers = peers;
         rig.journal = journal;
         let running = thread_names();

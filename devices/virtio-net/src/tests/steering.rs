@@ -11,7 +11,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_RSS,
 };
 
-use super::device::{f_mq, rig_over_steered, Rig, QSIZE};
+use super::device::{f_mq, rig_over_with, Rig, QSIZE};
 use super::*;
 use crate::ctrl::{ACK_ERR, ACK_OK};
 use crate::features::bit;
@@ -51,7 +51,8 @@ fn steered_rig_with(mem: &GuestMemoryMmap, pairs: u16, acked: u64) -> (Rig<'_>, 
         queue_size: QSIZE,
         ..Default::default()
     };
-    let mut rig = rig_over_steered(mem, b, cfg, acked, |_| true, Some(steering.clone())).unwrap();
+    let mut rig =
+        rig_over_with(mem, b, cfg, acked, |_| true, Some(steering.clone()), None).unwrap();
     rig.peers = peers;
     rig.journal = journal;
     (rig, steering)
